@@ -1,0 +1,751 @@
+//! Configuration: the TOML file every instance starts from.
+//!
+//! The structs below are the reference: every key has a `///` saying what it does, units
+//! are in the names, defaults come from named functions, and [`Config::validate`] checks
+//! what serde cannot, naming the key that is wrong. Secrets are never written in the file:
+//! a value of the form `${VAR}` is read from the environment when the file is loaded, and
+//! held as a [`Secret`] that prints as `***`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("invalid config: `{key}` refers to environment variable `{var}`, which is not set")]
+    MissingEnv { key: String, var: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-level settings: HTTP endpoints, shutdown.
+    #[serde(default)]
+    pub service: ServiceConfig,
+    /// The Kafka cluster, topics and consumer-group behaviour.
+    pub kafka: KafkaConfig,
+    /// Skipping of duplicate, unchanged and stale events.
+    #[serde(default)]
+    pub diff: DiffConfig,
+    /// Backoff of retryable CRM failures.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// One entry per CRM tenant. Events name their tenant in the `tenant` field.
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Address of the HTTP server for `/metrics`, `/health/live` and `/health/ready`.
+    /// Port 0 picks a free port.
+    #[serde(default = "default_http_addr")]
+    pub http_addr: String,
+    /// How long a graceful shutdown may take to drain in-flight events and commit, before
+    /// the process exits anyway.
+    #[serde(default = "default_shutdown_deadline_ms")]
+    pub shutdown_deadline_ms: u64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            http_addr: default_http_addr(),
+            shutdown_deadline_ms: default_shutdown_deadline_ms(),
+        }
+    }
+}
+
+fn default_http_addr() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_shutdown_deadline_ms() -> u64 {
+    15_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list of brokers.
+    pub bootstrap_servers: String,
+    /// Consumer group shared by every instance; scaling out is starting another instance
+    /// with the same group id.
+    pub group_id: String,
+    /// Topics carrying change events.
+    pub input_topics: Vec<String>,
+    /// Dead-letter topic: original message plus error-context headers.
+    pub dlq_topic: String,
+    /// Failures topic: one JSON event per terminal failure.
+    pub failures_topic: String,
+    /// Consumer-group session timeout. A member that misses heartbeats this long is
+    /// removed from the group.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// How often stored offsets are committed.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// How long a revoked partition may take to finish its in-flight events before its
+    /// offsets are committed and it is handed over. Must be below `session_timeout_ms`.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// Events of one partition that may be undecided at once; at this number the partition
+    /// is paused until outcomes come back.
+    #[serde(default = "default_max_in_flight_per_partition")]
+    pub max_in_flight_per_partition: usize,
+    /// Messages larger than this many bytes are dead-lettered as `too_large`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Create missing input, DLQ and failures topics through the Admin API at start.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+    /// Partition count for topics created at start.
+    #[serde(default = "default_topic_partitions")]
+    pub topic_partitions: i32,
+    /// Replication factor for topics created at start.
+    #[serde(default = "default_topic_replication")]
+    pub topic_replication: i32,
+    /// Extra librdkafka properties for every client (security.protocol, sasl.*, ...).
+    /// Values may be `${VAR}` references; they are never logged.
+    #[serde(default)]
+    pub client: BTreeMap<String, Secret>,
+}
+
+fn default_session_timeout_ms() -> u64 {
+    10_000
+}
+fn default_commit_interval_ms() -> u64 {
+    1_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_in_flight_per_partition() -> usize {
+    10_000
+}
+fn default_max_message_bytes() -> usize {
+    1_048_576
+}
+fn default_true() -> bool {
+    true
+}
+fn default_topic_partitions() -> i32 {
+    12
+}
+fn default_topic_replication() -> i32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffConfig {
+    /// Skip duplicates, unchanged payloads and stale versions. Off only for benchmarks.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Records whose last confirmed state is remembered. Past this, the least recently
+    /// used are forgotten: a forgotten record costs one extra write, and its stale
+    /// versions are no longer recognised (see README, "Diff").
+    #[serde(default = "default_diff_capacity")]
+    pub capacity: usize,
+}
+
+impl Default for DiffConfig {
+    fn default() -> Self {
+        DiffConfig {
+            enabled: true,
+            capacity: default_diff_capacity(),
+        }
+    }
+}
+
+fn default_diff_capacity() -> usize {
+    1_000_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per event, the first included, before it is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles with each further attempt (full jitter).
+    #[serde(default = "default_base_delay_ms")]
+    pub base_delay_ms: u64,
+    /// Upper bound of one backoff delay, and the pause after `REQUEST_LIMIT_EXCEEDED`.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// Longest time an event may wait in memory for retries, counted from its first
+    /// failure. A waiting retry holds its partition's committed offset, so this bounds
+    /// how far commits can fall behind. Past it the event is dead-lettered.
+    #[serde(default = "default_max_age_ms")]
+    pub max_age_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_max_attempts(),
+            base_delay_ms: default_base_delay_ms(),
+            max_delay_ms: default_max_delay_ms(),
+            max_age_ms: default_max_age_ms(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    8
+}
+fn default_base_delay_ms() -> u64 {
+    200
+}
+fn default_max_delay_ms() -> u64 {
+    30_000
+}
+fn default_max_age_ms() -> u64 {
+    300_000
+}
+
+/// Which CRM a tenant lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CrmKind {
+    Salesforce,
+}
+
+impl CrmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrmKind::Salesforce => "salesforce",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant name as it appears in the events' `tenant` field; also a metric label.
+    pub name: String,
+    /// The CRM this tenant's records go to.
+    pub crm: CrmKind,
+    /// Ceiling on CRM requests per second for this tenant.
+    #[serde(default = "default_rate_limit_per_sec")]
+    pub rate_limit_per_sec: f64,
+    /// Ceiling on CRM requests in flight at once for this tenant.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Timeout of one CRM HTTP request (each attempt separately).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Salesforce connection; required when `crm = "salesforce"`.
+    pub salesforce: Option<SalesforceConfig>,
+    /// Entity name (the events' `entity` field) to CRM object and field mapping.
+    pub entities: BTreeMap<String, EntityConfig>,
+}
+
+fn default_rate_limit_per_sec() -> f64 {
+    100.0
+}
+fn default_max_concurrency() -> usize {
+    8
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceConfig {
+    /// The org's My Domain URL, e.g. `https://acme.my.salesforce.com`. The
+    /// client-credentials flow only works there, not on login.salesforce.com.
+    pub base_url: String,
+    /// REST API version without the `v`, e.g. `60.0`.
+    #[serde(default = "default_sf_api_version")]
+    pub api_version: String,
+    /// Connected app consumer key; use a `${VAR}` reference.
+    pub client_id: Secret,
+    /// Connected app consumer secret; use a `${VAR}` reference.
+    pub client_secret: Secret,
+}
+
+fn default_sf_api_version() -> String {
+    "60.0".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityConfig {
+    /// CRM object name, e.g. the sObject `Contact`.
+    pub object: String,
+    /// CRM field holding the event's `key` (an External ID field in Salesforce).
+    pub external_id_field: String,
+    /// CRM field name to event `data` path (dot-separated for nested objects). A path
+    /// absent from an event leaves the CRM field untouched; an explicit `null` clears it.
+    pub fields: BTreeMap<String, String>,
+}
+
+/// A secret value: resolved from the environment at load time, printed as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+impl Config {
+    /// Reads, parses, resolves `${VAR}` references and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses, resolves `${VAR}` references and validates config text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, |var| std::env::var(var).ok())
+    }
+
+    /// Like [`from_toml`](Self::from_toml), with `${VAR}` looked up in `env`.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(e.message().to_string() + &location(text, &e)))?;
+        config.resolve_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Replaces `${VAR}` references in secret-bearing keys by the variables' values.
+    pub fn resolve_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for (name, value) in self.kafka.client.iter_mut() {
+            resolve_secret(&format!("kafka.client.{name}"), value, &env)?;
+        }
+        for (i, tenant) in self.tenants.iter_mut().enumerate() {
+            if let Some(sf) = tenant.salesforce.as_mut() {
+                resolve_secret(
+                    &format!("tenants[{i}].salesforce.client_id"),
+                    &mut sf.client_id,
+                    &env,
+                )?;
+                resolve_secret(
+                    &format!("tenants[{i}].salesforce.client_secret"),
+                    &mut sf.client_secret,
+                    &env,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cross-field checks; the error names the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka.bootstrap_servers",
+                "must not be empty",
+            ));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
+        }
+        if k.input_topics.is_empty() || k.input_topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::invalid(
+                "kafka.input_topics",
+                "must list at least one non-empty topic",
+            ));
+        }
+        for (key, topic) in [
+            ("kafka.dlq_topic", &k.dlq_topic),
+            ("kafka.failures_topic", &k.failures_topic),
+        ] {
+            if topic.trim().is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+            if k.input_topics.contains(topic) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must not be one of kafka.input_topics",
+                ));
+            }
+        }
+        if k.drain_timeout_ms >= k.session_timeout_ms {
+            return Err(ConfigError::invalid(
+                "kafka.drain_timeout_ms",
+                format!(
+                    "must be below kafka.session_timeout_ms ({})",
+                    k.session_timeout_ms
+                ),
+            ));
+        }
+        if k.session_timeout_ms < 1_000 {
+            return Err(ConfigError::invalid(
+                "kafka.session_timeout_ms",
+                "must be at least 1000",
+            ));
+        }
+        if k.commit_interval_ms == 0 {
+            return Err(ConfigError::invalid(
+                "kafka.commit_interval_ms",
+                "must be positive",
+            ));
+        }
+        if k.max_in_flight_per_partition == 0 {
+            return Err(ConfigError::invalid(
+                "kafka.max_in_flight_per_partition",
+                "must be positive",
+            ));
+        }
+        if k.max_message_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "kafka.max_message_bytes",
+                "must be positive",
+            ));
+        }
+        if k.topic_partitions < 1 {
+            return Err(ConfigError::invalid(
+                "kafka.topic_partitions",
+                "must be at least 1",
+            ));
+        }
+        if k.topic_replication < 1 {
+            return Err(ConfigError::invalid(
+                "kafka.topic_replication",
+                "must be at least 1",
+            ));
+        }
+        for reserved in [
+            "group.id",
+            "bootstrap.servers",
+            "enable.auto.offset.store",
+            "enable.auto.commit",
+        ] {
+            if k.client.contains_key(reserved) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.client.\"{reserved}\""),
+                    "is set by crm-sync itself and cannot be overridden",
+                ));
+            }
+        }
+        if self.diff.capacity == 0 {
+            return Err(ConfigError::invalid("diff.capacity", "must be positive"));
+        }
+        let r = &self.retry;
+        if r.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "retry.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if r.base_delay_ms == 0 {
+            return Err(ConfigError::invalid(
+                "retry.base_delay_ms",
+                "must be positive",
+            ));
+        }
+        if r.max_delay_ms < r.base_delay_ms {
+            return Err(ConfigError::invalid(
+                "retry.max_delay_ms",
+                "must be at least retry.base_delay_ms",
+            ));
+        }
+        if r.max_age_ms < r.base_delay_ms {
+            return Err(ConfigError::invalid(
+                "retry.max_age_ms",
+                "must be at least retry.base_delay_ms",
+            ));
+        }
+        if self.tenants.is_empty() {
+            return Err(ConfigError::invalid(
+                "tenants",
+                "must configure at least one tenant",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let key = |field: &str| format!("tenants[{i}].{field}");
+            if t.name.trim().is_empty() {
+                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("tenant `{}` is configured twice", t.name),
+                ));
+            }
+            if !(t.rate_limit_per_sec > 0.0 && t.rate_limit_per_sec.is_finite()) {
+                return Err(ConfigError::invalid(
+                    key("rate_limit_per_sec"),
+                    "must be a positive number",
+                ));
+            }
+            if t.max_concurrency == 0 {
+                return Err(ConfigError::invalid(
+                    key("max_concurrency"),
+                    "must be at least 1",
+                ));
+            }
+            if t.request_timeout_ms == 0 {
+                return Err(ConfigError::invalid(
+                    key("request_timeout_ms"),
+                    "must be positive",
+                ));
+            }
+            match t.crm {
+                CrmKind::Salesforce => {
+                    let Some(sf) = &t.salesforce else {
+                        return Err(ConfigError::invalid(
+                            key("salesforce"),
+                            "is required when crm = \"salesforce\"",
+                        ));
+                    };
+                    if !(sf.base_url.starts_with("https://") || sf.base_url.starts_with("http://"))
+                    {
+                        return Err(ConfigError::invalid(
+                            key("salesforce.base_url"),
+                            "must be an http(s) URL",
+                        ));
+                    }
+                    let host = sf.base_url.split("://").nth(1).unwrap_or_default();
+                    if host.starts_with("login.salesforce.com")
+                        || host.starts_with("test.salesforce.com")
+                    {
+                        return Err(ConfigError::invalid(
+                            key("salesforce.base_url"),
+                            "the client-credentials flow needs the org's My Domain URL, not login/test.salesforce.com",
+                        ));
+                    }
+                    let version_ok = sf
+                        .api_version
+                        .split_once('.')
+                        .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
+                    if !version_ok {
+                        return Err(ConfigError::invalid(
+                            key("salesforce.api_version"),
+                            "must look like `60.0`",
+                        ));
+                    }
+                    if sf.client_id.expose().is_empty() {
+                        return Err(ConfigError::invalid(
+                            key("salesforce.client_id"),
+                            "must not be empty",
+                        ));
+                    }
+                    if sf.client_secret.expose().is_empty() {
+                        return Err(ConfigError::invalid(
+                            key("salesforce.client_secret"),
+                            "must not be empty",
+                        ));
+                    }
+                }
+            }
+            if t.entities.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("entities"),
+                    "must map at least one entity",
+                ));
+            }
+            for (name, e) in &t.entities {
+                let ekey = |field: &str| format!("tenants[{i}].entities.{name}.{field}");
+                if e.object.trim().is_empty() {
+                    return Err(ConfigError::invalid(ekey("object"), "must not be empty"));
+                }
+                if e.external_id_field.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        ekey("external_id_field"),
+                        "must not be empty",
+                    ));
+                }
+                if e.fields.is_empty() {
+                    return Err(ConfigError::invalid(
+                        ekey("fields"),
+                        "must map at least one field",
+                    ));
+                }
+                for (field, path) in &e.fields {
+                    if path.split('.').any(str::is_empty) {
+                        return Err(ConfigError::invalid(
+                            format!("tenants[{i}].entities.{name}.fields.{field}"),
+                            format!("`{path}` is not a valid data path"),
+                        ));
+                    }
+                    if field == &e.external_id_field {
+                        return Err(ConfigError::invalid(
+                            format!("tenants[{i}].entities.{name}.fields.{field}"),
+                            "the external id field is set from the event key and cannot be mapped",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+impl KafkaConfig {
+    pub fn session_timeout(&self) -> Duration {
+        Duration::from_millis(self.session_timeout_ms)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+fn resolve_secret(
+    key: &str,
+    value: &mut Secret,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let raw = value.expose();
+    if let Some(var) = raw.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+        let resolved = env(var).ok_or_else(|| ConfigError::MissingEnv {
+            key: key.to_string(),
+            var: var.to_string(),
+        })?;
+        *value = Secret(resolved);
+    }
+    Ok(())
+}
+
+fn location(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].lines().count().max(1);
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        bootstrap_servers = "localhost:9092"
+        group_id = "g"
+        input_topics = ["in"]
+        dlq_topic = "dlq"
+        failures_topic = "failures"
+
+        [[tenants]]
+        name = "acme"
+        crm = "salesforce"
+        [tenants.salesforce]
+        base_url = "https://acme.my.salesforce.com"
+        client_id = "${SF_ID}"
+        client_secret = "${SF_SECRET}"
+        [tenants.entities.contact]
+        object = "Contact"
+        external_id_field = "External_Id__c"
+        fields = { LastName = "last_name" }
+    "#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, |v| {
+            env.iter()
+                .find(|(k, _)| *k == v)
+                .map(|(_, x)| x.to_string())
+        })
+    }
+
+    #[test]
+    fn resolves_secrets_from_env_and_hides_them_in_debug() {
+        let c = parse(MINIMAL, &[("SF_ID", "id-123"), ("SF_SECRET", "s3cr3t")]).unwrap();
+        let sf = c.tenants[0].salesforce.as_ref().unwrap();
+        assert_eq!(sf.client_secret.expose(), "s3cr3t");
+        let printed = format!("{c:?}");
+        assert!(
+            !printed.contains("s3cr3t") && !printed.contains("id-123"),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn missing_env_var_names_the_key() {
+        let err = parse(MINIMAL, &[("SF_ID", "x")]).unwrap_err().to_string();
+        assert!(
+            err.contains("tenants[0].salesforce.client_secret") && err.contains("SF_SECRET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn drain_timeout_must_be_below_session_timeout() {
+        let text = MINIMAL.replace(
+            "failures_topic = \"failures\"",
+            "failures_topic = \"failures\"\ndrain_timeout_ms = 20000",
+        );
+        let err = parse(&text, &[("SF_ID", "x"), ("SF_SECRET", "y")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.drain_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\ngroup_idd = \"h\"");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("group_idd"), "{err}");
+    }
+
+    #[test]
+    fn login_host_is_rejected_for_client_credentials() {
+        let text = MINIMAL.replace(
+            "https://acme.my.salesforce.com",
+            "https://login.salesforce.com",
+        );
+        let err = parse(&text, &[("SF_ID", "x"), ("SF_SECRET", "y")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenants[0].salesforce.base_url"), "{err}");
+    }
+}

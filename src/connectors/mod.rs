@@ -1,0 +1,152 @@
+//! Connectors: the CRM clients, behind one [`Connector`] trait the tenant drives.
+//!
+//! A connector turns a [`WriteRequest`] into the CRM's own API calls and answers with a
+//! [`WriteOk`] or a [`DeliveryError`] classified by the CRM's semantics — not by HTTP
+//! status alone — as retryable or permanent, with the CRM's `Retry-After` when it gave
+//! one. Every write is idempotent: upserts and deletes are keyed by an external id.
+
+pub mod salesforce;
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+
+use crate::event::Op;
+
+/// One record write, already mapped to CRM field names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteRequest {
+    pub op: Op,
+    /// CRM object, e.g. the sObject `Contact`.
+    pub object: String,
+    /// Field the record is matched on, e.g. `External_Id__c`.
+    pub external_id_field: String,
+    /// The event key.
+    pub external_id: String,
+    /// Fields to set; empty for deletes.
+    pub fields: Map<String, Value>,
+}
+
+/// A write the CRM accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOk {
+    Created,
+    Updated,
+    Deleted,
+    /// A delete of a record the CRM does not have: already done.
+    AlreadyAbsent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Worth trying again later: throttling, outages, timeouts, row locks.
+    Retryable,
+    /// Trying again will fail the same way: validation errors, bad mapping, no access.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Retryable => "retryable",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+/// Stable, bounded error codes for DLQ headers and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    CrmValidation,
+    CrmNotFound,
+    CrmMultipleMatches,
+    CrmAuth,
+    CrmRateLimited,
+    CrmRowLock,
+    CrmServerError,
+    CrmTimeout,
+    CrmConnection,
+    CrmUnexpected,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::CrmValidation => "crm_validation",
+            ErrorCode::CrmNotFound => "crm_not_found",
+            ErrorCode::CrmMultipleMatches => "crm_multiple_matches",
+            ErrorCode::CrmAuth => "crm_auth",
+            ErrorCode::CrmRateLimited => "crm_rate_limited",
+            ErrorCode::CrmRowLock => "crm_row_lock",
+            ErrorCode::CrmServerError => "crm_server_error",
+            ErrorCode::CrmTimeout => "crm_timeout",
+            ErrorCode::CrmConnection => "crm_connection",
+            ErrorCode::CrmUnexpected => "crm_unexpected",
+        }
+    }
+}
+
+/// A failed write, classified.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct DeliveryError {
+    pub class: ErrorClass,
+    pub code: ErrorCode,
+    /// HTTP status, when the CRM answered.
+    pub http_status: Option<u16>,
+    /// The CRM's own error code, e.g. `REQUIRED_FIELD_MISSING` (DLQ headers only).
+    pub crm_code: Option<String>,
+    /// The CRM's message, or what went wrong on the way (never contains credentials).
+    pub message: String,
+    /// How long the CRM asked us to wait (`Retry-After`), or a connector's own pause for
+    /// a throttle signal that carries none.
+    pub retry_after: Option<Duration>,
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.class.as_str(), self.code.as_str())?;
+        if let Some(s) = self.http_status {
+            write!(f, " (HTTP {s}")?;
+            if let Some(c) = &self.crm_code {
+                write!(f, " {c}")?;
+            }
+            write!(f, ")")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl DeliveryError {
+    pub fn is_retryable(&self) -> bool {
+        self.class == ErrorClass::Retryable
+    }
+
+    /// Classifies a transport failure (no HTTP answer). Always retryable.
+    pub fn from_transport(e: reqwest::Error) -> Self {
+        let code = if e.is_timeout() {
+            ErrorCode::CrmTimeout
+        } else {
+            ErrorCode::CrmConnection
+        };
+        DeliveryError {
+            class: ErrorClass::Retryable,
+            code,
+            http_status: None,
+            crm_code: None,
+            // The URL is left out: it carries record keys, which are noise in a DLQ header.
+            message: e.without_url().to_string(),
+            retry_after: None,
+        }
+    }
+}
+
+/// A CRM client for one tenant.
+pub trait Connector: Send + Sync + 'static {
+    /// Short CRM name for labels: `salesforce`.
+    fn crm(&self) -> &'static str;
+
+    /// Performs one idempotent write.
+    fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>>;
+}

@@ -1,0 +1,114 @@
+//! Salesforce OAuth 2.0 client-credentials flow.
+//!
+//! `POST {My Domain}/services/oauth2/token` with a form body; the response has an
+//! `access_token` and the `instance_url` to call, and no `expires_in`: Salesforce tokens
+//! live as long as the org's session timeout, so a token is cached until a request gets
+//! 401 `INVALID_SESSION_ID`, then replaced ([`TokenSource::invalidate`]).
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::errors;
+use crate::config::Secret;
+use crate::connectors::DeliveryError;
+use crate::telemetry::metric;
+
+/// A bearer token and where to use it.
+#[derive(Debug)]
+pub struct Token {
+    pub access_token: Secret,
+    pub instance_url: String,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    instance_url: String,
+}
+
+pub struct TokenSource {
+    http: reqwest::Client,
+    token_url: String,
+    client_id: Secret,
+    client_secret: Secret,
+    tenant: Arc<str>,
+    /// The cached token. An async mutex, so that concurrent requests that find it missing
+    /// wait for one fetch instead of each fetching their own.
+    current: Mutex<Option<Arc<Token>>>,
+}
+
+impl TokenSource {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: &str,
+        client_id: Secret,
+        client_secret: Secret,
+        tenant: Arc<str>,
+    ) -> Self {
+        TokenSource {
+            http,
+            token_url: format!("{}/services/oauth2/token", base_url.trim_end_matches('/')),
+            client_id,
+            client_secret,
+            tenant,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The cached token, or a new one.
+    pub async fn get(&self) -> Result<Arc<Token>, DeliveryError> {
+        let mut current = self.current.lock().await;
+        if let Some(token) = current.as_ref() {
+            return Ok(token.clone());
+        }
+        let token = Arc::new(self.fetch().await?);
+        *current = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Drops `stale` so that the next [`get`](Self::get) fetches a new token; a token
+    /// another request already replaced is left alone.
+    pub async fn invalidate(&self, stale: &Arc<Token>) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|t| Arc::ptr_eq(t, stale)) {
+            *current = None;
+        }
+    }
+
+    async fn fetch(&self) -> Result<Token, DeliveryError> {
+        metrics::counter!(metric::TOKEN_REFRESHES, "tenant" => self.tenant.to_string(), "crm" => "salesforce")
+            .increment(1);
+        let response = self
+            .http
+            .post(&self.token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.client_id.expose()),
+                ("client_secret", self.client_secret.expose()),
+            ])
+            .send()
+            .await
+            .map_err(DeliveryError::from_transport)?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(DeliveryError::from_transport)?;
+        if !status.is_success() {
+            return Err(errors::classify_token_error(status.as_u16(), &body));
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            errors::unexpected(
+                status.as_u16(),
+                format!("token response is not understood: {e}"),
+            )
+        })?;
+        tracing::info!(tenant = %self.tenant, "Fetched a Salesforce access token.");
+        Ok(Token {
+            access_token: Secret::new(parsed.access_token),
+            instance_url: parsed.instance_url.trim_end_matches('/').to_string(),
+        })
+    }
+}

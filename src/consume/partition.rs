@@ -1,0 +1,405 @@
+//! One supervised [`PartitionActor`] per assigned partition.
+//!
+//! It takes the partition's messages in offset order, one at a time: decode (a bad
+//! message is dead-lettered and the partition moves on), an early diff check (duplicates
+//! and stale versions end here), then hand-off to the event's tenant with
+//! `send().await`, so a slow tenant slows intake instead of growing memory. Outcomes come
+//! back in any order; the [`OffsetTracker`] turns them into the watermark the consumer
+//! thread stores and commits. At `max_in_flight_per_partition` undecided events the
+//! partition asks to be paused.
+//!
+//! On restart the actor forgets what it held and asks the consumer thread to seek the
+//! partition back to its last watermark: everything undecided is read from Kafka again
+//! (messages still in the mailbox from before the seek are ignored until the consumer's
+//! [`Resync`] marker arrives).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::SystemTime;
+
+use actix::prelude::*;
+use actix::WeakRecipient;
+
+use super::offsets::OffsetTracker;
+use super::ConsumerCommand;
+use crate::diff::{Check, CheckMode, DiffActor, SkipReason, Verdict};
+use crate::event::{self, event_id_fingerprint, Event, Routes};
+use crate::notify::{DeadLetters, Failure, SourceMessage};
+use crate::supervise::{self, InjectPanic};
+use crate::telemetry::{metric, outcome};
+use crate::tenant::{Deliver, TenantActor, Work};
+
+/// The final outcome of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    Delivered,
+    Skipped(SkipReason),
+    DeadLettered,
+}
+
+impl OutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Delivered => outcome::DELIVERED,
+            OutcomeKind::Skipped(r) => r.as_str(),
+            OutcomeKind::DeadLettered => outcome::DEAD_LETTERED,
+        }
+    }
+}
+
+/// An event's outcome, back at its partition.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Outcome {
+    pub generation: u64,
+    pub offset: i64,
+    pub kind: OutcomeKind,
+}
+
+/// Where an event's outcome goes. Weak, so a retired partition is not kept alive (or
+/// restarted by its supervisor) by events still out with a tenant.
+#[derive(Debug, Clone)]
+pub struct PartitionLink {
+    pub recipient: WeakRecipient<Outcome>,
+    pub generation: u64,
+    pub offset: i64,
+}
+
+impl PartitionLink {
+    pub fn send(&self, kind: OutcomeKind) {
+        if let Some(r) = self.recipient.upgrade() {
+            r.do_send(Outcome {
+                generation: self.generation,
+                offset: self.offset,
+                kind,
+            });
+        }
+    }
+}
+
+/// A tenant restarted: hand it this partition's undecided events again.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Redispatch {
+    pub tenant: Arc<str>,
+}
+
+/// A message from Kafka.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Record(pub SourceMessage);
+
+/// Sent by the consumer thread after it seeked the partition for generation `generation`;
+/// messages before it predate the seek.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Resync {
+    pub generation: u64,
+}
+
+/// Answer on `done` once nothing is undecided (the consumer thread bounds the wait).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Drain {
+    pub done: mpsc::Sender<()>,
+}
+
+/// Stop for good: the partition was revoked or the service is shutting down.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+/// State shared between a partition actor and the consumer thread.
+#[derive(Debug, Default)]
+pub struct PartitionShared {
+    /// Next offset to commit; -1 before the first outcome.
+    pub watermark: AtomicI64,
+    /// Set while the in-flight window is full; the consumer thread pauses the partition.
+    pub pause_wanted: AtomicBool,
+    pub in_flight: AtomicUsize,
+}
+
+/// What every partition actor needs.
+pub struct PartitionDeps {
+    pub routes: Arc<dyn Routes + Send + Sync>,
+    pub tenants: HashMap<Arc<str>, Addr<TenantActor>>,
+    pub diff: Addr<DiffActor>,
+    pub dead_letters: DeadLetters,
+    pub max_message_bytes: usize,
+    pub max_in_flight: usize,
+    /// Requests to the consumer thread (seek after restart).
+    pub commands: mpsc::Sender<ConsumerCommand>,
+}
+
+pub struct PartitionActor {
+    topic: Arc<str>,
+    partition: i32,
+    deps: Arc<PartitionDeps>,
+    shared: Arc<PartitionShared>,
+    /// Bumped on every restart; outcomes of an older generation are ignored.
+    generation: u64,
+    /// After a restart: ignore messages until the consumer's `Resync` for this generation.
+    awaiting_resync: bool,
+    tracker: OffsetTracker,
+    /// Undecided events already handed to a tenant, for re-dispatch after its restart.
+    dispatched: BTreeMap<i64, Work>,
+    /// Drain requests to answer once nothing is undecided. Dropping them answers "gone".
+    drain_waiters: Vec<mpsc::Sender<()>>,
+    retired: bool,
+    panic_next: bool,
+}
+
+impl PartitionActor {
+    pub fn new(
+        topic: Arc<str>,
+        partition: i32,
+        deps: Arc<PartitionDeps>,
+        shared: Arc<PartitionShared>,
+    ) -> Self {
+        PartitionActor {
+            topic,
+            partition,
+            deps,
+            shared,
+            generation: 0,
+            awaiting_resync: false,
+            tracker: OffsetTracker::new(),
+            dispatched: BTreeMap::new(),
+            drain_waiters: Vec::new(),
+            retired: false,
+            panic_next: false,
+        }
+    }
+
+    fn link(&self, ctx: &Context<Self>, offset: i64) -> PartitionLink {
+        PartitionLink {
+            recipient: ctx.address().downgrade().recipient(),
+            generation: self.generation,
+            offset,
+        }
+    }
+
+    /// Records a final outcome and publishes the new watermark.
+    fn finish(&mut self, offset: i64) {
+        if self.tracker.finished(offset) {
+            self.dispatched.remove(&offset);
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        if let Some(wm) = self.tracker.watermark() {
+            self.shared.watermark.store(wm, Ordering::Release);
+        }
+        let in_flight = self.tracker.in_flight();
+        self.shared.in_flight.store(in_flight, Ordering::Relaxed);
+        let full = in_flight >= self.deps.max_in_flight;
+        let low = in_flight <= self.deps.max_in_flight / 2;
+        if full {
+            self.shared.pause_wanted.store(true, Ordering::Relaxed);
+        } else if low {
+            self.shared.pause_wanted.store(false, Ordering::Relaxed);
+        }
+        let partition = self.partition.to_string();
+        metrics::gauge!(metric::IN_FLIGHT, "topic" => self.topic.to_string(), "partition" => partition)
+            .set(in_flight as f64);
+        if in_flight == 0 {
+            for waiter in self.drain_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+impl Actor for PartitionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(256);
+    }
+}
+
+impl Supervised for PartitionActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        if self.retired {
+            return;
+        }
+        supervise::restarted("partition");
+        self.generation += 1;
+        self.tracker = OffsetTracker::new();
+        self.dispatched.clear();
+        self.panic_next = false;
+        let watermark = self.shared.watermark.load(Ordering::Acquire);
+        self.shared.in_flight.store(0, Ordering::Relaxed);
+        self.shared.pause_wanted.store(false, Ordering::Relaxed);
+        if watermark >= 0 {
+            // Read everything undecided again from Kafka.
+            self.awaiting_resync = true;
+            let _ = self.deps.commands.send(ConsumerCommand::Seek {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                offset: watermark,
+                generation: self.generation,
+            });
+        }
+    }
+}
+
+impl Handler<Record> for PartitionActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, Record(message): Record, ctx: &mut Self::Context) -> Self::Result {
+        let offset = message.offset;
+        if self.awaiting_resync || self.retired || !self.tracker.received(offset) {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        }
+        metrics::counter!(metric::EVENTS_CONSUMED, "topic" => self.topic.to_string()).increment(1);
+        let inject_panic = std::mem::take(&mut self.panic_next);
+        let decoded = event::decode(
+            message.payload.as_deref(),
+            self.deps.max_message_bytes,
+            &*self.deps.routes,
+        );
+        let source = Arc::new(message);
+        let link = self.link(ctx, offset);
+        let deps = self.deps.clone();
+        let work = async move {
+            if inject_panic {
+                panic!("injected panic in partition actor");
+            }
+            let event = match decoded {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
+                    let now = SystemTime::now();
+                    let failure = Failure {
+                        stage: "decode",
+                        code: e.code(),
+                        class: "permanent",
+                        http_status: None,
+                        crm_code: None,
+                        message: e.to_string(),
+                        attempts: 0,
+                        first_failure: now,
+                        last_failure: now,
+                    };
+                    deps.dead_letters.dead_letter(&source, None, &failure).await;
+                    return Step::Done(OutcomeKind::DeadLettered, None);
+                }
+            };
+            let check = Check {
+                record: event.record.clone(),
+                mode: CheckMode::Early,
+                op: event.op,
+                version: event.version,
+                event: event_id_fingerprint(&event.event_id),
+                payload: None,
+            };
+            if let Ok(Verdict::Skip(reason)) = deps.diff.send(check).await {
+                return Step::Done(OutcomeKind::Skipped(reason), Some(event));
+            }
+            let Some(tenant) = deps.tenants.get(&event.record.tenant) else {
+                unreachable!("decode only accepts configured tenants")
+            };
+            let work = Work {
+                event,
+                source,
+                reply: link,
+            };
+            // send().await: a full tenant mailbox holds this partition back.
+            match tenant.send(Deliver(work.clone())).await {
+                Ok(()) => Step::Dispatched(work),
+                // The tenant is restarting; it will ask for a re-dispatch.
+                Err(_) => Step::Dispatched(work),
+            }
+        };
+        let guarded = supervise::catch_future("partition", work);
+        AtomicResponse::new(Box::pin(guarded.into_actor(self).map(move |step, act, ctx| match step {
+            Ok(Step::Done(kind, event)) => {
+                if let (OutcomeKind::Skipped(_), Some(e)) = (kind, event) {
+                    metrics::counter!(metric::OUTCOMES, "tenant" => e.record.tenant.to_string(), "outcome" => kind.as_str())
+                        .increment(1);
+                }
+                act.finish(offset);
+            }
+            Ok(Step::Dispatched(work)) => {
+                if act.tracker.is_pending(offset) {
+                    act.dispatched.insert(offset, work);
+                }
+                act.publish();
+            }
+            Err(_) => ctx.stop(),
+        })))
+    }
+}
+
+enum Step {
+    Done(OutcomeKind, Option<Arc<Event>>),
+    Dispatched(Work),
+}
+
+impl Handler<Outcome> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Outcome, _: &mut Self::Context) {
+        if msg.generation == self.generation {
+            self.finish(msg.offset);
+        }
+    }
+}
+
+impl Handler<Redispatch> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Redispatch, _: &mut Self::Context) {
+        let Some(tenant) = self.deps.tenants.get(&msg.tenant) else {
+            return;
+        };
+        for work in self.dispatched.values() {
+            if work.event.record.tenant == msg.tenant {
+                // do_send: this is recovery of a bounded set, not intake.
+                tenant.do_send(Deliver(work.clone()));
+            }
+        }
+    }
+}
+
+impl Handler<Resync> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Resync, _: &mut Self::Context) {
+        if msg.generation == self.generation {
+            self.awaiting_resync = false;
+        }
+    }
+}
+
+impl Handler<Drain> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drain, _: &mut Self::Context) {
+        if self.tracker.in_flight() == 0 {
+            let _ = msg.done.send(());
+        } else {
+            self.drain_waiters.push(msg.done);
+        }
+    }
+}
+
+impl Handler<Retire> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        self.retired = true;
+        ctx.stop();
+    }
+}
+
+impl Handler<InjectPanic> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectPanic, _: &mut Self::Context) {
+        self.panic_next = true;
+    }
+}

@@ -1,0 +1,428 @@
+//! Diff stage: spends no API call on a change the CRM already has.
+//!
+//! The [`DiffActor`] remembers, per record, what the CRM last *confirmed*: the newest
+//! version applied, the hash of the mapped payload it holds (none after a delete: a
+//! tombstone that keeps the version), and a fingerprint of the event that did it. State is
+//! written only after the CRM accepted a write ([`Confirm`]); a check never writes,
+//! except that an unchanged newer version advances the version (the CRM already holds
+//! that payload).
+//!
+//! Checks come in two strengths. Partitions ask early ([`CheckMode::Early`]) and drop
+//! exact duplicates and versions older than the confirmed one. Whether a payload is
+//! unchanged is only decided by the tenant, when no other write of the record is in
+//! flight ([`CheckMode::Full`]), because an earlier write still on its way could change
+//! what the CRM holds.
+//!
+//! Memory is bounded by `capacity` records: two generations of maps, the older dropped
+//! wholesale when the newer fills half the capacity (an approximate LRU; a hit in the old
+//! generation moves the record to the new one). A forgotten record costs one extra write.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+
+use crate::event::{Op, PayloadHash, RecordKey};
+use crate::supervise::{self, InjectPanic};
+use crate::telemetry::metric;
+
+/// What the CRM last confirmed for one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordState {
+    pub version: u64,
+    /// `None` is a tombstone: the record was deleted at `version`.
+    pub payload: Option<PayloadHash>,
+    pub event: u64,
+}
+
+/// Why an event needs no write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The same event was already applied.
+    Duplicate,
+    /// The CRM already holds exactly this payload (or the record is already deleted).
+    Unchanged,
+    /// A newer version was already applied.
+    Stale,
+    /// A newer version of the record arrived while this one waited.
+    Superseded,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Duplicate => "duplicate",
+            SkipReason::Unchanged => "unchanged",
+            SkipReason::Stale => "stale",
+            SkipReason::Superseded => "superseded",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Write,
+    Skip(SkipReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckMode {
+    /// Duplicates and stale versions only.
+    Early,
+    /// Also unchanged payloads; only valid when no write of the record is in flight.
+    Full,
+}
+
+/// The pure decision, given what was confirmed.
+pub fn verdict(
+    confirmed: Option<&RecordState>,
+    mode: CheckMode,
+    op: Op,
+    version: u64,
+    event: u64,
+    payload: Option<PayloadHash>,
+) -> Verdict {
+    let Some(state) = confirmed else {
+        return Verdict::Write;
+    };
+    if state.event == event {
+        return Verdict::Skip(SkipReason::Duplicate);
+    }
+    if version < state.version {
+        return Verdict::Skip(SkipReason::Stale);
+    }
+    if mode == CheckMode::Full {
+        let unchanged = match op {
+            Op::Upsert => payload.is_some() && state.payload == payload,
+            Op::Delete => state.payload.is_none(),
+        };
+        if unchanged {
+            return Verdict::Skip(SkipReason::Unchanged);
+        }
+    }
+    Verdict::Write
+}
+
+/// Bounded two-generation map of confirmed states.
+#[derive(Debug)]
+pub struct DiffCache {
+    capacity: usize,
+    young: HashMap<RecordKey, RecordState>,
+    old: HashMap<RecordKey, RecordState>,
+}
+
+impl DiffCache {
+    pub fn new(capacity: usize) -> Self {
+        DiffCache {
+            capacity: capacity.max(2),
+            young: HashMap::new(),
+            old: HashMap::new(),
+        }
+    }
+
+    pub fn get(&mut self, key: &RecordKey) -> Option<RecordState> {
+        if let Some(s) = self.young.get(key) {
+            return Some(*s);
+        }
+        let s = self.old.remove(key)?;
+        self.insert(key.clone(), s);
+        Some(s)
+    }
+
+    fn insert(&mut self, key: RecordKey, state: RecordState) {
+        if self.young.len() >= self.capacity / 2 && !self.young.contains_key(&key) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, state);
+    }
+
+    /// Records a confirmed write; never moves a record back to an older version.
+    pub fn confirm(&mut self, key: &RecordKey, state: RecordState) {
+        match self.get(key) {
+            Some(current) if current.version > state.version => {}
+            _ => self.insert(key.clone(), state),
+        }
+    }
+
+    /// Checks an event; an unchanged newer version advances the stored version.
+    pub fn check(
+        &mut self,
+        key: &RecordKey,
+        mode: CheckMode,
+        op: Op,
+        version: u64,
+        event: u64,
+        payload: Option<PayloadHash>,
+    ) -> Verdict {
+        let current = self.get(key);
+        let v = verdict(current.as_ref(), mode, op, version, event, payload);
+        if let (Verdict::Skip(SkipReason::Unchanged), Some(mut s)) = (v, current) {
+            if version > s.version {
+                s.version = version;
+                s.event = event;
+                self.insert(key.clone(), s);
+            }
+        }
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Ask whether an event needs a write.
+#[derive(Debug, Message)]
+#[rtype(result = "Verdict")]
+pub struct Check {
+    pub record: RecordKey,
+    pub mode: CheckMode,
+    pub op: Op,
+    pub version: u64,
+    pub event: u64,
+    pub payload: Option<PayloadHash>,
+}
+
+/// The CRM accepted a write: remember what it now holds.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Confirm {
+    pub record: RecordKey,
+    pub state: RecordState,
+}
+
+pub struct DiffActor {
+    /// `false` turns every check into `Write` (benchmarks measure the saving this way).
+    enabled: bool,
+    capacity: usize,
+    cache: DiffCache,
+    /// Set by [`InjectPanic`]; the next check panics.
+    panic_next: bool,
+}
+
+impl DiffActor {
+    pub fn new(enabled: bool, capacity: usize) -> Self {
+        DiffActor {
+            enabled,
+            capacity,
+            cache: DiffCache::new(capacity),
+            panic_next: false,
+        }
+    }
+}
+
+impl Actor for DiffActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Supervised for DiffActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        supervise::restarted("diff");
+        // Fresh state: a forgotten record costs one extra (idempotent) write.
+        self.cache = DiffCache::new(self.capacity);
+        self.panic_next = false;
+    }
+}
+
+impl Handler<Check> for DiffActor {
+    type Result = MessageResult<Check>;
+
+    fn handle(&mut self, msg: Check, ctx: &mut Self::Context) -> Self::Result {
+        let result = supervise::catch("diff", || {
+            if std::mem::take(&mut self.panic_next) {
+                panic!("injected panic in diff actor");
+            }
+            if !self.enabled {
+                return Verdict::Write;
+            }
+            self.cache.check(
+                &msg.record,
+                msg.mode,
+                msg.op,
+                msg.version,
+                msg.event,
+                msg.payload,
+            )
+        });
+        match result {
+            Ok(v) => MessageResult(v),
+            Err(_) => {
+                ctx.stop();
+                // Writing is always safe (writes are idempotent); skipping might not be.
+                MessageResult(Verdict::Write)
+            }
+        }
+    }
+}
+
+impl Handler<Confirm> for DiffActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Confirm, ctx: &mut Self::Context) {
+        if supervise::catch("diff", || self.cache.confirm(&msg.record, msg.state)).is_err() {
+            ctx.stop();
+        }
+        metrics::gauge!(metric::DIFF_RECORDS).set(self.cache.len() as f64);
+    }
+}
+
+impl Handler<InjectPanic> for DiffActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectPanic, _: &mut Self::Context) {
+        self.panic_next = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> RecordKey {
+        RecordKey {
+            tenant: "t".into(),
+            entity: "contact".into(),
+            key: k.into(),
+        }
+    }
+    const A: Option<PayloadHash> = Some(PayloadHash([1; 16]));
+    const B: Option<PayloadHash> = Some(PayloadHash([2; 16]));
+
+    #[test]
+    fn duplicate_stale_and_unchanged_are_skipped() {
+        let mut c = DiffCache::new(100);
+        let k = key("1");
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 10, A),
+            Verdict::Write
+        );
+        c.confirm(
+            &k,
+            RecordState {
+                version: 1,
+                payload: A,
+                event: 10,
+            },
+        );
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 10, A),
+            Verdict::Skip(SkipReason::Duplicate)
+        );
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 2, 11, A),
+            Verdict::Skip(SkipReason::Unchanged)
+        );
+        // The unchanged v2 advanced the version: a late v1' is now stale.
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 12, B),
+            Verdict::Skip(SkipReason::Stale)
+        );
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 3, 13, B),
+            Verdict::Write
+        );
+    }
+
+    #[test]
+    fn early_check_never_decides_unchanged() {
+        let mut c = DiffCache::new(100);
+        let k = key("1");
+        c.confirm(
+            &k,
+            RecordState {
+                version: 1,
+                payload: A,
+                event: 10,
+            },
+        );
+        assert_eq!(
+            c.check(&k, CheckMode::Early, Op::Upsert, 2, 11, A),
+            Verdict::Write
+        );
+    }
+
+    #[test]
+    fn tombstone_keeps_version_but_not_payload() {
+        let mut c = DiffCache::new(100);
+        let k = key("1");
+        c.confirm(
+            &k,
+            RecordState {
+                version: 1,
+                payload: A,
+                event: 10,
+            },
+        );
+        c.confirm(
+            &k,
+            RecordState {
+                version: 2,
+                payload: None,
+                event: 11,
+            },
+        );
+        // A late older upsert cannot resurrect the record...
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 12, A),
+            Verdict::Skip(SkipReason::Stale)
+        );
+        // ...a repeated delete costs nothing...
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Delete, 3, 13, None),
+            Verdict::Skip(SkipReason::Unchanged)
+        );
+        // ...and a re-create with the old payload is sent.
+        assert_eq!(
+            c.check(&k, CheckMode::Full, Op::Upsert, 4, 14, A),
+            Verdict::Write
+        );
+    }
+
+    #[test]
+    fn confirm_never_moves_back_a_version() {
+        let mut c = DiffCache::new(100);
+        let k = key("1");
+        c.confirm(
+            &k,
+            RecordState {
+                version: 5,
+                payload: A,
+                event: 1,
+            },
+        );
+        c.confirm(
+            &k,
+            RecordState {
+                version: 4,
+                payload: B,
+                event: 2,
+            },
+        );
+        assert_eq!(c.get(&k).unwrap().payload, A);
+    }
+
+    #[test]
+    fn memory_is_bounded_by_capacity() {
+        let mut c = DiffCache::new(100);
+        for i in 0..10_000 {
+            c.confirm(
+                &key(&i.to_string()),
+                RecordState {
+                    version: 1,
+                    payload: A,
+                    event: i,
+                },
+            );
+            assert!(c.len() <= 100, "{} records held", c.len());
+        }
+        // The most recent records are still known.
+        assert!(c.get(&key("9999")).is_some());
+    }
+}

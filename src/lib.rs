@@ -1,0 +1,41 @@
+//! crm-sync keeps CRM platforms in step with business change events that flow through
+//! Apache Kafka, without losing an event, without letting an old version overwrite a new
+//! one, and without spending an API call on a change the CRM already has.
+//!
+//! # Data flow
+//!
+//! The modules below are listed in the order an event travels through them.
+//!
+//! - [`consume`]: the Kafka consumer thread (group membership, rebalances, pause/resume,
+//!   offset storing and commits) and one supervised [`consume::PartitionActor`] per
+//!   assigned partition with its offset watermark ([`consume::offsets`]).
+//! - [`event`]: decoding and validating the JSON envelope; a bad message becomes a
+//!   [`event::DecodeError`] with a stable code that goes to the dead-letter topic.
+//! - [`diff`]: the [`diff::DiffActor`] and its bounded cache of what each CRM last
+//!   confirmed, which drops duplicates, unchanged payloads and stale versions.
+//! - [`tenant`]: one supervised [`tenant::TenantActor`] per CRM tenant: field mapping,
+//!   one write in flight per record, rate and concurrency limits, in-memory retries.
+//! - [`connectors`]: the CRM clients behind one [`connectors::Connector`] trait, each of
+//!   which classifies failures by the CRM's own semantics.
+//! - [`retry`]: the backoff policy and the supervised [`retry::RetryQueueActor`] that
+//!   hands retryable writes back to their tenant when they are due.
+//! - [`notify`]: the dead-letter topic and the failures topic for terminal failures.
+//!
+//! Cross-cutting: [`config`], [`telemetry`] (metrics, health), [`supervise`] (turning
+//! panics into supervised restarts), [`shutdown`], [`pipeline`] (wiring it all into a
+//! running service), [`sandbox`] (local stand-ins for Kafka and the CRMs) and [`demo`].
+
+pub mod config;
+pub mod connectors;
+pub mod consume;
+pub mod demo;
+pub mod diff;
+pub mod event;
+pub mod notify;
+pub mod pipeline;
+pub mod retry;
+pub mod sandbox;
+pub mod shutdown;
+pub mod supervise;
+pub mod telemetry;
+pub mod tenant;

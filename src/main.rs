@@ -1,0 +1,206 @@
+//! `crm-sync`: the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use crm_sync::config::Config;
+use crm_sync::consume::StopMode;
+use crm_sync::sandbox::kafka::KafkaSandbox;
+use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
+use crm_sync::{demo, pipeline, shutdown};
+
+/// Keeps Salesforce in step with business change events flowing through Apache Kafka.
+#[derive(Parser)]
+#[command(name = "crm-sync", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service: consume the input topics and keep the configured CRMs in step.
+    ///
+    /// Stops gracefully on SIGTERM or SIGINT: stops fetching, drains in-flight events
+    /// within service.shutdown_deadline_ms, commits, leaves the consumer group.
+    Run {
+        /// Path to the TOML configuration (see config/crm-sync.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline on this machine with an embedded Kafka-protocol broker and
+    /// an embedded Salesforce sandbox, on a synthetic stream, and check the result.
+    Demo {
+        /// Number of distinct records in the synthetic stream.
+        #[arg(long, default_value_t = 2_000)]
+        records: usize,
+        /// Address for /metrics while the demo runs.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_addr: String,
+    },
+    /// Check a configuration file and report every problem with the key at fault.
+    CheckConfig {
+        /// Path to the TOML configuration.
+        file: PathBuf,
+    },
+    /// Run a local stand-in for a system crm-sync talks to.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// A Salesforce REST sandbox (OAuth token endpoint, upsert/delete by external id,
+    /// faults, /__sandbox/records and /__sandbox/stats). Runs until stopped.
+    Salesforce {
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+        /// Connected-app client id the token endpoint accepts.
+        #[arg(long, default_value = "sandbox-client-id")]
+        client_id: String,
+        /// Environment variable holding the client secret the token endpoint accepts
+        /// (the secret itself is never taken on the command line).
+        #[arg(long, default_value = "SANDBOX_SF_CLIENT_SECRET")]
+        client_secret_env: String,
+    },
+    /// librdkafka's in-memory mock Kafka cluster in this process. Prints its bootstrap
+    /// address and stays up until stopped (SIGTERM/SIGINT). Data is not persisted.
+    Kafka {
+        /// Partitions of each topic created at start.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Topics to create at start.
+        #[arg(long = "topic", default_values_t = ["crm-events".to_string(), "crm-sync.dlq".to_string(), "crm-sync.failures".to_string()])]
+        topics: Vec<String>,
+        /// Number of mock brokers.
+        #[arg(long, default_value_t = 1)]
+        brokers: u32,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own progress; its logs would only interleave with it.
+    init_logging(match cli.command {
+        Command::Demo { .. } => "warn,librdkafka=error,rdkafka=error",
+        _ => "info,librdkafka=warn,rdkafka=warn",
+    });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let service = pipeline::start(config).context("starting the service")?;
+            tracing::info!(http = %service.http_addr(), "crm-sync running.");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let signal = runtime.block_on(shutdown::signal())?;
+            tracing::info!(signal, "Stopping: draining and committing.");
+            let report = service.stop(StopMode::Graceful);
+            if !report.closed {
+                tracing::warn!(
+                    "The Kafka client did not close within the deadline; exiting anyway."
+                );
+            }
+            Ok(if report.committed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Demo {
+            records,
+            metrics_addr,
+        } => {
+            let converged = demo::run(&demo::DemoOptions {
+                records,
+                metrics_addr,
+            })?;
+            Ok(if converged {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: OK ({} tenant(s), input topics {:?})",
+                    file.display(),
+                    config.tenants.len(),
+                    config.kafka.input_topics
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Sandbox(SandboxCommand::Salesforce {
+            port,
+            bind,
+            client_id,
+            client_secret_env,
+        }) => {
+            let secret = std::env::var(&client_secret_env).with_context(|| {
+                format!("environment variable {client_secret_env} (the client secret) is not set")
+            })?;
+            let sandbox = SalesforceSandbox::start(
+                &format!("{bind}:{port}"),
+                SandboxOrg::standard(&client_id, &secret),
+            )?;
+            println!("salesforce sandbox listening on {}", sandbox.base_url());
+            wait_for_signal()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox(SandboxCommand::Kafka {
+            partitions,
+            topics,
+            brokers,
+        }) => {
+            if partitions < 1 {
+                anyhow::bail!("--partitions must be at least 1");
+            }
+            let kafka = KafkaSandbox::start(brokers)?;
+            for topic in &topics {
+                kafka.create_topic(topic, partitions)?;
+            }
+            println!("{}", kafka.bootstrap_servers());
+            wait_for_signal()?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn wait_for_signal() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(shutdown::signal())?;
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The running service: wires the stages together and bounds how it stops.
+//!
+//! [`start`] runs the actor system on its own thread (arbiters for the partitions, the
+//! tenants and retry queue, and the diff cache), the consumer on another, and returns a
+//! [`ServiceHandle`]. The same entry point serves `crm-sync run`, the demo, the tests and
+//! the load tests.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use actix::prelude::*;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+
+use crate::config::{Config, CrmKind, KafkaConfig};
+use crate::connectors::salesforce::SalesforceConnector;
+use crate::connectors::Connector;
+use crate::consume::{
+    self, ConsumerCommand, ConsumerSetup, PartitionDeps, PartitionDirectory, StopMode, StopSignal,
+};
+use crate::diff::DiffActor;
+use crate::event::Routes;
+use crate::notify::DeadLetters;
+use crate::retry::{RetryPolicy, RetryQueueActor, TenantDirectory, TenantLink};
+use crate::supervise::InjectPanic;
+use crate::telemetry::{self, Health};
+use crate::tenant::{TenantActor, TenantDeps};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Http {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot build HTTP client for tenant {tenant}: {source}")]
+    HttpClient {
+        tenant: String,
+        source: reqwest::Error,
+    },
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the service thread ended before it started")]
+    Vanished,
+}
+
+/// Tenants and the entities each maps, for the decoder.
+struct RouteTable(HashMap<String, HashSet<String>>);
+
+impl Routes for RouteTable {
+    fn has_tenant(&self, tenant: &str) -> bool {
+        self.0.contains_key(tenant)
+    }
+    fn has_entity(&self, tenant: &str, entity: &str) -> bool {
+        self.0.get(tenant).is_some_and(|e| e.contains(entity))
+    }
+}
+
+/// Which actor a fault is injected into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActorKind {
+    /// One of the live partition actors.
+    Partition,
+    Tenant(String),
+    Diff,
+    RetryQueue,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopReport {
+    /// Partitions were drained (or their deadline passed) and their offsets committed.
+    pub committed: bool,
+    /// The consumer closed and the actor system ended within the deadline.
+    pub closed: bool,
+}
+
+struct Control {
+    diff: Addr<DiffActor>,
+    retry: Addr<RetryQueueActor>,
+    tenants: HashMap<String, Addr<TenantActor>>,
+    commands: mpsc::Sender<ConsumerCommand>,
+    http_addr: SocketAddr,
+}
+
+/// A running service.
+pub struct ServiceHandle {
+    control: Control,
+    stop: StopSignal,
+    /// Set by the consumer thread once its final commit is done.
+    committed: Arc<AtomicBool>,
+    /// Receives once the service thread has ended; never received if librdkafka's close
+    /// hangs, which is why `stop` waits on it with a deadline.
+    finished: mpsc::Receiver<()>,
+    stop_deadline: Duration,
+}
+
+impl ServiceHandle {
+    /// Address of the `/metrics` and health server.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.control.http_addr
+    }
+
+    /// Makes one actor panic inside its next handler (fault injection).
+    pub fn inject_panic(&self, target: ActorKind) {
+        match target {
+            ActorKind::Partition => {
+                let _ = self.control.commands.send(ConsumerCommand::InjectPanic);
+            }
+            ActorKind::Tenant(name) => {
+                if let Some(t) = self.control.tenants.get(&name) {
+                    t.do_send(InjectPanic);
+                }
+            }
+            ActorKind::Diff => self.control.diff.do_send(InjectPanic),
+            ActorKind::RetryQueue => self.control.retry.do_send(InjectPanic),
+        }
+    }
+
+    /// Stops the service: `Graceful` drains, commits and leaves the group; `Abort` stops
+    /// at once and commits nothing. Returns within the shutdown deadline plus a margin,
+    /// even if librdkafka's close hangs.
+    pub fn stop(self, mode: StopMode) -> StopReport {
+        self.stop.request(mode);
+        let closed = self
+            .finished
+            .recv_timeout(self.stop_deadline + Duration::from_secs(3))
+            .is_ok();
+        StopReport {
+            committed: self.committed.load(Ordering::SeqCst),
+            closed,
+        }
+    }
+}
+
+fn kafka_client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in &kafka.client {
+        c.set(k, v.expose());
+    }
+    c.set("bootstrap.servers", &kafka.bootstrap_servers);
+    c
+}
+
+/// Creates missing topics through the Admin API. A broker that refuses (or, like the
+/// mock cluster, does not implement it) is logged, not fatal: the topics may be managed
+/// elsewhere.
+async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = kafka_client_config(kafka).create()?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: HashSet<&str> = metadata.topics().iter().map(|t| t.name()).collect();
+    let wanted: Vec<&String> = kafka
+        .input_topics
+        .iter()
+        .chain([&kafka.dlq_topic, &kafka.failures_topic])
+        .filter(|t| !existing.contains(t.as_str()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let new: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                kafka.topic_partitions,
+                TopicReplication::Fixed(kafka.topic_replication),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, "Created topic."),
+            Err((topic, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(topic, "Topic already exists.")
+            }
+            Err((topic, code)) => tracing::warn!(topic, error = %code, "Could not create topic."),
+        }
+    }
+    Ok(())
+}
+
+fn build_connector(
+    config: &Config,
+    tenant: &crate::config::TenantConfig,
+) -> Result<Arc<dyn Connector>, StartError> {
+    let limit_pause = Duration::from_millis(config.retry.max_delay_ms);
+    match tenant.crm {
+        CrmKind::Salesforce => {
+            let sf = tenant
+                .salesforce
+                .as_ref()
+                .expect("validate() requires [salesforce] for crm = salesforce");
+            let connector =
+                SalesforceConnector::new(tenant, sf, limit_pause).map_err(|source| {
+                    StartError::HttpClient {
+                        tenant: tenant.name.clone(),
+                        source,
+                    }
+                })?;
+            Ok(Arc::new(connector))
+        }
+    }
+}
+
+/// Starts the service described by `config` (which must have passed `validate`).
+pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
+    let (started_tx, started_rx) = mpsc::channel::<Result<Control, StartError>>();
+    let (finished_tx, finished_rx) = mpsc::channel();
+    let stop = StopSignal::default();
+    let committed = Arc::new(AtomicBool::new(false));
+    let stop_deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
+    let thread_stop = stop.clone();
+    let thread_committed = committed.clone();
+    std::thread::Builder::new()
+        .name("crm-sync-actors".into())
+        .spawn(move || {
+            let system = System::new();
+            system.block_on(run_service(
+                config,
+                thread_stop,
+                thread_committed,
+                started_tx,
+            ));
+            drop(system);
+            let _ = finished_tx.send(());
+        })
+        .map_err(StartError::Thread)?;
+    let control = started_rx.recv().map_err(|_| StartError::Vanished)??;
+    Ok(ServiceHandle {
+        control,
+        stop,
+        committed,
+        finished: finished_rx,
+        stop_deadline,
+    })
+}
+
+async fn run_service(
+    config: Config,
+    stop: StopSignal,
+    committed: Arc<AtomicBool>,
+    started: mpsc::Sender<Result<Control, StartError>>,
+) {
+    let health = Health::default();
+    let (http_addr, http_task) =
+        match telemetry::serve(&config.service.http_addr, health.clone()).await {
+            Ok(v) => v,
+            Err(source) => {
+                let _ = started.send(Err(StartError::Http {
+                    addr: config.service.http_addr.clone(),
+                    source,
+                }));
+                return;
+            }
+        };
+    if config.kafka.create_topics {
+        if let Err(e) = ensure_topics(&config.kafka).await {
+            tracing::warn!(error = %e, "Could not check or create topics.");
+        }
+    }
+    match wire(&config, health, stop, committed, http_addr) {
+        Ok((control, consumer_thread, arbiters)) => {
+            let _ = started.send(Ok(control));
+            match tokio::task::spawn_blocking(move || consumer_thread.join()).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "Kafka consumer failed."),
+                _ => tracing::error!("Kafka consumer thread panicked."),
+            }
+            for arbiter in arbiters {
+                arbiter.stop();
+            }
+        }
+        Err(e) => {
+            let _ = started.send(Err(e));
+        }
+    }
+    http_task.abort();
+}
+
+type Wired = (
+    Control,
+    std::thread::JoinHandle<Result<(), rdkafka::error::KafkaError>>,
+    Vec<Arbiter>,
+);
+
+fn wire(
+    config: &Config,
+    health: Health,
+    stop: StopSignal,
+    committed: Arc<AtomicBool>,
+    http_addr: SocketAddr,
+) -> Result<Wired, StartError> {
+    let producer: FutureProducer = kafka_client_config(&config.kafka)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()?;
+    let dead_letters = DeadLetters::new(
+        producer,
+        &config.kafka.dlq_topic,
+        &config.kafka.failures_topic,
+    );
+
+    let partition_arbiter = Arbiter::new();
+    let tenant_arbiter = Arbiter::new();
+    let diff_arbiter = Arbiter::new();
+
+    let (enabled, capacity) = (config.diff.enabled, config.diff.capacity);
+    let diff = Supervisor::start_in_arbiter(&diff_arbiter.handle(), move |_| {
+        DiffActor::new(enabled, capacity)
+    });
+    let tenant_directory = TenantDirectory::default();
+    let directory_for_retry = tenant_directory.clone();
+    let retry = Supervisor::start_in_arbiter(&tenant_arbiter.handle(), move |_| {
+        RetryQueueActor::new(directory_for_retry)
+    });
+    let partitions = PartitionDirectory::default();
+
+    let mut tenants = HashMap::new();
+    let mut routes = HashMap::new();
+    for tenant in &config.tenants {
+        let connector = build_connector(config, tenant)?;
+        let deps = TenantDeps {
+            diff: diff.clone(),
+            retry: retry.clone(),
+            dead_letters: dead_letters.clone(),
+            partitions: partitions.clone(),
+            policy: RetryPolicy::from(&config.retry),
+        };
+        let tenant_config = Arc::new(tenant.clone());
+        let addr = Supervisor::start_in_arbiter(&tenant_arbiter.handle(), move |_| {
+            TenantActor::new(tenant_config, connector, deps)
+        });
+        let name: Arc<str> = tenant.name.as_str().into();
+        tenant_directory.insert(
+            name.clone(),
+            TenantLink {
+                due: addr.clone().recipient(),
+                rearm: addr.clone().recipient(),
+            },
+        );
+        tenants.insert(name, addr);
+        routes.insert(
+            tenant.name.clone(),
+            tenant.entities.keys().cloned().collect(),
+        );
+    }
+
+    let (commands_tx, commands_rx) = mpsc::channel();
+    let deps = Arc::new(PartitionDeps {
+        routes: Arc::new(RouteTable(routes)),
+        tenants: tenants.clone(),
+        diff: diff.clone(),
+        dead_letters,
+        max_message_bytes: config.kafka.max_message_bytes,
+        max_in_flight: config.kafka.max_in_flight_per_partition,
+        commands: commands_tx.clone(),
+    });
+    let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
+    let setup = ConsumerSetup {
+        kafka: config.kafka.clone(),
+        directory: partitions,
+        deps,
+        arbiter: partition_arbiter.handle(),
+        health,
+        commands: commands_rx,
+        stop,
+        // Leave time for the commit and the close after the drain.
+        shutdown_drain: deadline
+            .saturating_sub(Duration::from_secs(2))
+            .max(Duration::from_millis(500)),
+    };
+    let consumer_thread = std::thread::Builder::new()
+        .name("crm-sync-consumer".into())
+        .spawn(move || consume::run(setup, &committed))
+        .map_err(StartError::Thread)?;
+    let control = Control {
+        diff,
+        retry,
+        tenants: tenants
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        commands: commands_tx,
+        http_addr,
+    };
+    Ok((
+        control,
+        consumer_thread,
+        vec![partition_arbiter, tenant_arbiter, diff_arbiter],
+    ))
+}

@@ -1,0 +1,245 @@
+//! Retry stage: when to try a retryable CRM write again, and the actor that waits.
+//!
+//! Classification (is this failure retryable?) belongs to each connector; the policy here
+//! decides when and how often, for every CRM alike. Backoff is exponential with jitter, a
+//! CRM's `Retry-After` wins over it, and an event never waits longer than `max_age_ms`
+//! from its first failure: a waiting retry holds its partition's committed offset, so the
+//! age bound is also the bound on how far commits can fall behind.
+//!
+//! The [`RetryQueueActor`] only keeps timers. The tenant keeps the event itself (the write
+//! stays "in flight" for its record), so a restart of this actor loses nothing: it asks
+//! every tenant to re-arm its waiting retries.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use rand::Rng;
+
+use crate::config::RetryConfig;
+use crate::event::RecordKey;
+use crate::supervise::{self, InjectPanic};
+
+/// The shared backoff policy.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub max_age: Duration,
+}
+
+impl From<&RetryConfig> for RetryPolicy {
+    fn from(c: &RetryConfig) -> Self {
+        RetryPolicy {
+            max_attempts: c.max_attempts,
+            base_delay: Duration::from_millis(c.base_delay_ms),
+            max_delay: Duration::from_millis(c.max_delay_ms),
+            max_age: Duration::from_millis(c.max_age_ms),
+        }
+    }
+}
+
+/// What to do after a retryable failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryDecision {
+    RetryAfter(Duration),
+    /// Dead-letter: the attempts or the age bound are used up.
+    GiveUp(GiveUpReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUpReason {
+    Attempts,
+    MaxAge,
+}
+
+impl RetryPolicy {
+    /// Backoff before attempt `attempts_made + 1`: exponential from `base_delay`, capped
+    /// at `max_delay`, with "equal jitter" (half fixed, half random) so that many records
+    /// failing together do not retry together.
+    pub fn backoff(&self, attempts_made: u32, rng: &mut impl Rng) -> Duration {
+        let exp = attempts_made.saturating_sub(1).min(30);
+        let ceiling = self
+            .base_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay);
+        let half = ceiling / 2;
+        half + half.mul_f64(rng.gen::<f64>())
+    }
+
+    /// Decides after `attempts_made` failed attempts, the first of which failed at
+    /// `first_failure`. A `retry_after` from the CRM replaces the backoff.
+    pub fn decide(
+        &self,
+        attempts_made: u32,
+        first_failure: Instant,
+        now: Instant,
+        retry_after: Option<Duration>,
+        rng: &mut impl Rng,
+    ) -> RetryDecision {
+        if attempts_made >= self.max_attempts {
+            return RetryDecision::GiveUp(GiveUpReason::Attempts);
+        }
+        let delay = retry_after.unwrap_or_else(|| self.backoff(attempts_made, rng));
+        if now.saturating_duration_since(first_failure) + delay > self.max_age {
+            return RetryDecision::GiveUp(GiveUpReason::MaxAge);
+        }
+        RetryDecision::RetryAfter(delay)
+    }
+}
+
+/// A retry that is due: the tenant looks the record up and writes its newest waiting
+/// version. `ticket` tells a current retry from one armed before a restart.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct RetryDue {
+    pub record: RecordKey,
+    pub ticket: u64,
+}
+
+/// Sent to every tenant when the retry queue restarted and forgot its timers.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct RearmRetries;
+
+/// How the retry queue reaches a tenant.
+#[derive(Clone)]
+pub struct TenantLink {
+    pub due: Recipient<RetryDue>,
+    pub rearm: Recipient<RearmRetries>,
+}
+
+/// Tenants by name; filled as tenant actors start, read by the retry queue.
+pub type TenantDirectory = Arc<DashMap<Arc<str>, TenantLink>>;
+
+/// Wait `delay`, then hand `due` to `tenant`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Schedule {
+    pub tenant: Arc<str>,
+    pub delay: Duration,
+    pub due: RetryDue,
+}
+
+pub struct RetryQueueActor {
+    /// Where due retries go. Shared with the pipeline, which adds each tenant.
+    tenants: TenantDirectory,
+    /// Set by [`InjectPanic`]; the next `Schedule` panics.
+    panic_next: bool,
+}
+
+impl RetryQueueActor {
+    pub fn new(tenants: TenantDirectory) -> Self {
+        RetryQueueActor {
+            tenants,
+            panic_next: false,
+        }
+    }
+}
+
+impl Actor for RetryQueueActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl Supervised for RetryQueueActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        supervise::restarted("retry_queue");
+        self.panic_next = false;
+        // The timers died with the old context; the tenants still hold the events.
+        for link in self.tenants.iter() {
+            link.rearm.do_send(RearmRetries);
+        }
+    }
+}
+
+impl Handler<Schedule> for RetryQueueActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Schedule, ctx: &mut Self::Context) {
+        let outcome = supervise::catch("retry_queue", || {
+            if std::mem::take(&mut self.panic_next) {
+                panic!("injected panic in retry queue");
+            }
+        });
+        if outcome.is_err() {
+            // The message is lost with the panic; the restart re-arms every tenant's retries.
+            ctx.stop();
+            return;
+        }
+        ctx.run_later(msg.delay, move |act, _| {
+            if let Some(link) = act.tenants.get(&msg.tenant) {
+                link.due.do_send(msg.due);
+            }
+        });
+    }
+}
+
+impl Handler<InjectPanic> for RetryQueueActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectPanic, _: &mut Self::Context) {
+        self.panic_next = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(2_000),
+            max_age: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn retry_after_wins_over_backoff() {
+        let now = Instant::now();
+        let d = policy().decide(
+            1,
+            now,
+            now,
+            Some(Duration::from_secs(7)),
+            &mut StdRng::seed_from_u64(1),
+        );
+        assert_eq!(d, RetryDecision::RetryAfter(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn gives_up_after_max_attempts_or_max_age() {
+        let now = Instant::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(
+            policy().decide(5, now, now, None, &mut rng),
+            RetryDecision::GiveUp(GiveUpReason::Attempts)
+        );
+        let later = now + Duration::from_secs(59);
+        assert_eq!(
+            policy().decide(2, now, later, Some(Duration::from_secs(5)), &mut rng),
+            RetryDecision::GiveUp(GiveUpReason::MaxAge)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_grows_within_bounds(attempt in 1u32..40, seed in any::<u64>()) {
+            let p = policy();
+            let mut rng = StdRng::seed_from_u64(seed);
+            let d = p.backoff(attempt, &mut rng);
+            let ceiling = (p.base_delay * 2u32.pow((attempt - 1).min(30))).min(p.max_delay);
+            prop_assert!(d >= ceiling / 2 && d <= ceiling, "{:?} not in [{:?}, {:?}]", d, ceiling / 2, ceiling);
+        }
+    }
+}

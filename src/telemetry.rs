@@ -1,0 +1,198 @@
+//! Telemetry: metric names in one place, the Prometheus recorder, and the HTTP server for
+//! `/metrics`, `/health/live` and `/health/ready`.
+//!
+//! Labels come from bounded sets only (tenant, crm, outcome, error code, actor kind,
+//! topic and partition), never record keys, event ids or messages.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Every metric name the service emits.
+pub mod metric {
+    pub const EVENTS_CONSUMED: &str = "crm_sync_events_consumed_total";
+    pub const OUTCOMES: &str = "crm_sync_outcomes_total";
+    pub const DECODE_ERRORS: &str = "crm_sync_decode_errors_total";
+    pub const CRM_REQUESTS: &str = "crm_sync_crm_requests_total";
+    pub const CRM_REQUEST_DURATION: &str = "crm_sync_crm_request_duration_seconds";
+    pub const CRM_API_USAGE: &str = "crm_sync_crm_api_usage_ratio";
+    pub const TOKEN_REFRESHES: &str = "crm_sync_crm_token_refreshes_total";
+    pub const IN_FLIGHT: &str = "crm_sync_in_flight_events";
+    pub const CONSUMER_LAG: &str = "crm_sync_consumer_lag_messages";
+    pub const COMMITTED_OFFSET: &str = "crm_sync_committed_offset";
+    pub const PARTITION_PAUSES: &str = "crm_sync_partition_pauses_total";
+    pub const ACTOR_RESTARTS: &str = "crm_sync_actor_restarts_total";
+    pub const DIFF_RECORDS: &str = "crm_sync_diff_cache_records";
+    pub const DLQ_WRITE_FAILURES: &str = "crm_sync_dlq_write_failures_total";
+    pub const COMMIT_FAILURES: &str = "crm_sync_commit_failures_total";
+}
+
+/// Final and intermediate outcomes of an event (the `outcome` label of
+/// `crm_sync_outcomes_total`).
+pub mod outcome {
+    pub const DELIVERED: &str = "delivered";
+    pub const RETRIED: &str = "retried";
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+}
+
+fn describe() {
+    use metric::*;
+    describe_counter!(
+        EVENTS_CONSUMED,
+        Unit::Count,
+        "Messages read from the input topics."
+    );
+    describe_counter!(
+        OUTCOMES,
+        Unit::Count,
+        "Event outcomes by tenant and outcome: delivered, duplicate, unchanged, stale, superseded, retried (one per retry), dead_lettered."
+    );
+    describe_counter!(
+        DECODE_ERRORS,
+        Unit::Count,
+        "Messages dead-lettered before routing, by reason code."
+    );
+    describe_counter!(
+        CRM_REQUESTS,
+        Unit::Count,
+        "CRM HTTP requests by tenant, crm and status class (2xx, 4xx, 5xx, error)."
+    );
+    describe_histogram!(
+        CRM_REQUEST_DURATION,
+        Unit::Seconds,
+        "CRM HTTP request duration by tenant and crm."
+    );
+    describe_gauge!(
+        CRM_API_USAGE,
+        "Share of the CRM's API allocation used, as the CRM last reported it (Sforce-Limit-Info)."
+    );
+    describe_counter!(
+        TOKEN_REFRESHES,
+        Unit::Count,
+        "Access tokens fetched, by tenant."
+    );
+    describe_gauge!(
+        IN_FLIGHT,
+        Unit::Count,
+        "Events received and not yet final, by topic and partition."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "High watermark minus committed position, by topic and partition."
+    );
+    describe_gauge!(
+        COMMITTED_OFFSET,
+        Unit::Count,
+        "Offset stored for commit (next to consume), by topic and partition."
+    );
+    describe_counter!(
+        PARTITION_PAUSES,
+        Unit::Count,
+        "Times a partition was paused because its in-flight window was full."
+    );
+    describe_counter!(
+        ACTOR_RESTARTS,
+        Unit::Count,
+        "Supervised actor restarts by actor kind."
+    );
+    describe_gauge!(
+        DIFF_RECORDS,
+        Unit::Count,
+        "Records whose confirmed state the diff cache holds."
+    );
+    describe_counter!(
+        DLQ_WRITE_FAILURES,
+        Unit::Count,
+        "Failed attempts to write the DLQ or failures topic (retried until they succeed)."
+    );
+    describe_counter!(
+        COMMIT_FAILURES,
+        Unit::Count,
+        "Offset commits the broker refused (the events will be re-delivered, not lost)."
+    );
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
+                )
+                .expect("the bucket list is a non-empty constant");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); ours still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Readiness: set once the consumer has joined its group, cleared on shutdown.
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics` and the health endpoints until the returned task is aborted.
+pub async fn serve(
+    addr: &str,
+    health: Health,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let handle = prometheus();
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let h = handle.clone();
+                async move {
+                    h.run_upkeep();
+                    ([("content-type", "text/plain; version=0.0.4")], h.render())
+                }
+            }),
+        )
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready))
+        .with_state(health);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "Metrics server stopped.");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}

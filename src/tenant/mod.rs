@@ -1,0 +1,558 @@
+//! Tenant stage: one supervised [`TenantActor`] per CRM tenant.
+//!
+//! Promises:
+//! - **One write per record in flight.** A record's active write (sending, or waiting
+//!   for a retry) holds its slot; the newest version that arrives meanwhile waits behind
+//!   it and supersedes older waiting ones, so two versions never race to the CRM, and an
+//!   older version than the active one is stale.
+//! - **No call for what the CRM has.** Before a record's write starts, the diff actor is
+//!   asked with [`CheckMode::Full`]; after the CRM accepts a write, it is told
+//!   ([`Confirm`]) — never before.
+//! - **Paced.** Requests go out through the rate limit, then the concurrency limit, then
+//!   the connector (whose client applies the per-attempt timeout); retries go through the
+//!   retry queue and the same path again. A CRM that asks for a pause pauses only this
+//!   tenant.
+//! - **Every event ends.** Each event handed in gets exactly one final outcome sent back
+//!   to its partition (delivered, skipped with a reason, or dead-lettered).
+//!
+//! On restart the actor forgets everything and asks every partition to hand its
+//! undecided events for this tenant in again ([`Redispatch`]); nothing of them was
+//! committed, so nothing is lost.
+
+pub mod mapping;
+pub mod pacing;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use actix::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::config::TenantConfig;
+use crate::connectors::{Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
+use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
+use crate::diff::{Check, CheckMode, Confirm, DiffActor, RecordState, SkipReason, Verdict};
+use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
+use crate::notify::{DeadLetters, Failure, SourceMessage};
+use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
+use crate::supervise::{self, InjectPanic};
+use crate::telemetry::{metric, outcome};
+use pacing::Pacer;
+
+/// An event on its way to the CRM, and where its outcome goes.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub event: Arc<Event>,
+    pub source: Arc<SourceMessage>,
+    pub reply: PartitionLink,
+}
+
+/// Hand an event to its tenant.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Work);
+
+/// What a tenant actor needs from the rest of the pipeline.
+#[derive(Clone)]
+pub struct TenantDeps {
+    pub diff: Addr<DiffActor>,
+    pub retry: Addr<RetryQueueActor>,
+    pub dead_letters: DeadLetters,
+    /// Every live partition, to ask for re-dispatch after a restart.
+    pub partitions: PartitionDirectory,
+    pub policy: RetryPolicy,
+}
+
+/// An event and the partitions to tell about it (a re-delivered copy of the same event
+/// joins the one already here instead of being written twice).
+struct Pending {
+    work: Work,
+    also: Vec<PartitionLink>,
+}
+
+enum ActiveState {
+    /// Asking the diff actor whether a write is needed.
+    Checking,
+    /// Waiting for a rate/concurrency permit.
+    Ready,
+    Sending,
+    /// Waiting for the retry queue; `ticket` tells this wait from an older one.
+    Backoff {
+        ticket: u64,
+    },
+    /// Being written to the DLQ.
+    DeadLettering,
+}
+
+struct Active {
+    pending: Pending,
+    request: WriteRequest,
+    payload: Option<PayloadHash>,
+    attempts: u32,
+    first_failure: Option<(Instant, SystemTime)>,
+    last_error: Option<DeliveryError>,
+    state: ActiveState,
+}
+
+struct Slot {
+    active: Active,
+    /// The newest version that arrived while `active` was under way.
+    waiting: Option<Pending>,
+}
+
+pub struct TenantActor {
+    name: Arc<str>,
+    config: Arc<TenantConfig>,
+    connector: Arc<dyn Connector>,
+    deps: TenantDeps,
+    records: HashMap<RecordKey, Slot>,
+    /// Records whose write waits for a permit, oldest first.
+    ready: VecDeque<RecordKey>,
+    requests_in_flight: usize,
+    pacer: Pacer,
+    /// Whether a timer to resume pumping after a pacing wait is already set.
+    wake_scheduled: bool,
+    next_ticket: u64,
+    rng: StdRng,
+    /// Set by [`InjectPanic`]; the next delivery panics.
+    panic_next: bool,
+}
+
+impl TenantActor {
+    pub fn new(config: Arc<TenantConfig>, connector: Arc<dyn Connector>, deps: TenantDeps) -> Self {
+        TenantActor {
+            name: config.name.as_str().into(),
+            pacer: Pacer::new(config.rate_limit_per_sec, Instant::now()),
+            config,
+            connector,
+            deps,
+            records: HashMap::new(),
+            ready: VecDeque::new(),
+            requests_in_flight: 0,
+            wake_scheduled: false,
+            next_ticket: 0,
+            rng: StdRng::from_entropy(),
+            panic_next: false,
+        }
+    }
+
+    /// Runs a step; a panic in it stops the actor so that its supervisor restarts it.
+    fn guarded(
+        &mut self,
+        ctx: &mut Context<Self>,
+        step: impl FnOnce(&mut Self, &mut Context<Self>),
+    ) -> bool {
+        match supervise::catch("tenant", || step(self, ctx)) {
+            Ok(()) => true,
+            Err(_) => {
+                ctx.stop();
+                false
+            }
+        }
+    }
+
+    fn deliver(&mut self, work: Work, ctx: &mut Context<Self>) {
+        if std::mem::take(&mut self.panic_next) {
+            panic!("injected panic in tenant actor");
+        }
+        let key = work.event.record.clone();
+        let Some(slot) = self.records.get_mut(&key) else {
+            self.start(
+                key,
+                Pending {
+                    work,
+                    also: Vec::new(),
+                },
+                ctx,
+            );
+            return;
+        };
+        let active = &mut slot.active.pending;
+        if same_event(&active.work.event, &work.event) {
+            active.also.push(work.reply);
+            return;
+        }
+        if work.event.version <= active.work.event.version {
+            self.report(
+                Pending {
+                    work,
+                    also: Vec::new(),
+                },
+                OutcomeKind::Skipped(SkipReason::Stale),
+            );
+            return;
+        }
+        let to_skip = match &mut slot.waiting {
+            None => {
+                slot.waiting = Some(Pending {
+                    work,
+                    also: Vec::new(),
+                });
+                None
+            }
+            Some(w) if same_event(&w.work.event, &work.event) => {
+                w.also.push(work.reply);
+                None
+            }
+            Some(w) if work.event.version > w.work.event.version => Some((
+                std::mem::replace(
+                    w,
+                    Pending {
+                        work,
+                        also: Vec::new(),
+                    },
+                ),
+                SkipReason::Superseded,
+            )),
+            Some(_) => Some((
+                Pending {
+                    work,
+                    also: Vec::new(),
+                },
+                SkipReason::Stale,
+            )),
+        };
+        if let Some((pending, reason)) = to_skip {
+            self.report(pending, OutcomeKind::Skipped(reason));
+        }
+    }
+
+    /// Takes a record's slot for `pending` and asks the diff actor whether to write.
+    fn start(&mut self, key: RecordKey, pending: Pending, ctx: &mut Context<Self>) {
+        let event = pending.work.event.clone();
+        let (request, payload) = self.build_request(&event);
+        let check = Check {
+            record: key.clone(),
+            mode: CheckMode::Full,
+            op: event.op,
+            version: event.version,
+            event: event_id_fingerprint(&event.event_id),
+            payload,
+        };
+        self.records.insert(
+            key.clone(),
+            Slot {
+                active: Active {
+                    pending,
+                    request,
+                    payload,
+                    attempts: 0,
+                    first_failure: None,
+                    last_error: None,
+                    state: ActiveState::Checking,
+                },
+                waiting: None,
+            },
+        );
+        // `wait`: no other message is handled until the verdict is in, so the record's
+        // state cannot change under the check.
+        ctx.wait(
+            self.deps
+                .diff
+                .send(check)
+                .into_actor(self)
+                .map(move |verdict, act, ctx| {
+                    // Without an answer, write: writes are idempotent, skipping might lose one.
+                    let verdict = verdict.unwrap_or(Verdict::Write);
+                    act.guarded(ctx, |act, ctx| act.after_check(key, verdict, ctx));
+                }),
+        );
+    }
+
+    fn build_request(&self, event: &Event) -> (WriteRequest, Option<PayloadHash>) {
+        let entity = &self.config.entities[&*event.record.entity];
+        let fields = match event.op {
+            Op::Upsert => mapping::map_fields(&event.data, &entity.fields),
+            Op::Delete => serde_json::Map::new(),
+        };
+        let payload = (event.op == Op::Upsert).then(|| canonical_hash(&fields));
+        let request = WriteRequest {
+            op: event.op,
+            object: entity.object.clone(),
+            external_id_field: entity.external_id_field.clone(),
+            external_id: event.record.key.to_string(),
+            fields,
+        };
+        (request, payload)
+    }
+
+    fn after_check(&mut self, key: RecordKey, verdict: Verdict, ctx: &mut Context<Self>) {
+        match verdict {
+            Verdict::Skip(reason) => self.complete(key, OutcomeKind::Skipped(reason), ctx),
+            Verdict::Write => {
+                if let Some(slot) = self.records.get_mut(&key) {
+                    slot.active.state = ActiveState::Ready;
+                    self.ready.push_back(key);
+                    self.pump(ctx);
+                }
+            }
+        }
+    }
+
+    /// Starts as many ready writes as the rate and concurrency limits allow.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while self.requests_in_flight < self.config.max_concurrency {
+            let Some(key) = self.ready.front() else { break };
+            let is_ready = self
+                .records
+                .get(key)
+                .is_some_and(|s| matches!(s.active.state, ActiveState::Ready));
+            if !is_ready {
+                self.ready.pop_front();
+                continue;
+            }
+            match self.pacer.try_acquire(Instant::now()) {
+                Ok(()) => {
+                    let key = self.ready.pop_front().expect("front() was Some just above");
+                    self.send(key, ctx);
+                }
+                Err(wait) => {
+                    if !self.wake_scheduled {
+                        self.wake_scheduled = true;
+                        ctx.run_later(wait, |act, ctx| {
+                            act.wake_scheduled = false;
+                            act.guarded(ctx, |act, ctx| act.pump(ctx));
+                        });
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
+        let Some(slot) = self.records.get_mut(&key) else {
+            return;
+        };
+        slot.active.state = ActiveState::Sending;
+        slot.active.attempts += 1;
+        self.requests_in_flight += 1;
+        let write = self.connector.write(slot.active.request.clone());
+        ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
+            act.requests_in_flight -= 1;
+            if act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
+                act.guarded(ctx, |act, ctx| act.pump(ctx));
+            }
+        }));
+    }
+
+    fn on_result(
+        &mut self,
+        key: RecordKey,
+        result: Result<WriteOk, DeliveryError>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(slot) = self.records.get_mut(&key) else {
+            return;
+        };
+        let active = &mut slot.active;
+        match result {
+            Ok(_) => {
+                let event = &active.pending.work.event;
+                self.deps.diff.do_send(Confirm {
+                    record: key.clone(),
+                    state: RecordState {
+                        version: event.version,
+                        payload: active.payload,
+                        event: event_id_fingerprint(&event.event_id),
+                    },
+                });
+                self.complete(key, OutcomeKind::Delivered, ctx);
+            }
+            Err(error) => {
+                let now = Instant::now();
+                let (first, _) = *active.first_failure.get_or_insert((now, SystemTime::now()));
+                if error.code == ErrorCode::CrmRateLimited {
+                    if let Some(pause) = error.retry_after {
+                        self.pacer.pause(now, pause);
+                    }
+                }
+                let retryable = error.is_retryable();
+                let decision = retryable.then(|| {
+                    self.deps.policy.decide(
+                        active.attempts,
+                        first,
+                        now,
+                        error.retry_after,
+                        &mut self.rng,
+                    )
+                });
+                tracing::debug!(tenant = %self.name, error = %error, "CRM write failed.");
+                active.last_error = Some(error);
+                if slot.waiting.is_some() {
+                    // A newer version is waiting: it replaces this one, failed or not.
+                    self.complete(key, OutcomeKind::Skipped(SkipReason::Superseded), ctx);
+                    return;
+                }
+                match decision {
+                    Some(RetryDecision::RetryAfter(delay)) => {
+                        self.next_ticket += 1;
+                        let ticket = self.next_ticket;
+                        active.state = ActiveState::Backoff { ticket };
+                        metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => outcome::RETRIED)
+                            .increment(1);
+                        self.deps.retry.do_send(Schedule {
+                            tenant: self.name.clone(),
+                            delay,
+                            due: RetryDue {
+                                record: key,
+                                ticket,
+                            },
+                        });
+                    }
+                    Some(RetryDecision::GiveUp(_)) | None => self.dead_letter(key, ctx),
+                }
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
+        let Some(slot) = self.records.get_mut(&key) else {
+            return;
+        };
+        let active = &mut slot.active;
+        active.state = ActiveState::DeadLettering;
+        let Some(error) = active.last_error.clone() else {
+            return;
+        };
+        let (_, first_failure) = active
+            .first_failure
+            .unwrap_or((Instant::now(), SystemTime::now()));
+        let failure = Failure {
+            stage: "deliver",
+            code: error.code.as_str(),
+            class: error.class.as_str(),
+            http_status: error.http_status,
+            crm_code: error.crm_code.clone(),
+            message: error.message.clone(),
+            attempts: active.attempts,
+            first_failure,
+            last_failure: SystemTime::now(),
+        };
+        tracing::debug!(tenant = %self.name, record = %key, error = %error, "Dead-lettering event.");
+        let sink = self.deps.dead_letters.clone();
+        let source = active.pending.work.source.clone();
+        let event = active.pending.work.event.clone();
+        let write = async move { sink.dead_letter(&source, Some(&event), &failure).await };
+        ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
+            act.guarded(ctx, |act, ctx| {
+                act.complete(key, OutcomeKind::DeadLettered, ctx)
+            });
+        }));
+    }
+
+    /// Ends the record's active event with `kind` and starts the one waiting, if any.
+    fn complete(&mut self, key: RecordKey, kind: OutcomeKind, ctx: &mut Context<Self>) {
+        let Some(slot) = self.records.remove(&key) else {
+            return;
+        };
+        self.report(slot.active.pending, kind);
+        if let Some(next) = slot.waiting {
+            self.start(key, next, ctx);
+        }
+    }
+
+    fn report(&self, pending: Pending, kind: OutcomeKind) {
+        metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => kind.as_str()).increment(1);
+        pending.work.reply.send(kind);
+        for link in pending.also {
+            link.send(kind);
+        }
+    }
+}
+
+fn same_event(a: &Event, b: &Event) -> bool {
+    a.event_id == b.event_id && a.version == b.version
+}
+
+impl Actor for TenantActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1024);
+    }
+}
+
+impl Supervised for TenantActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        supervise::restarted("tenant");
+        self.records.clear();
+        self.ready.clear();
+        self.requests_in_flight = 0;
+        self.wake_scheduled = false;
+        self.panic_next = false;
+        self.pacer = Pacer::new(self.config.rate_limit_per_sec, Instant::now());
+        // Everything this actor held is still undecided at its partitions.
+        for entry in self.deps.partitions.iter() {
+            entry.redispatch.do_send(Redispatch {
+                tenant: self.name.clone(),
+            });
+        }
+    }
+}
+
+impl Handler<Deliver> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        self.guarded(ctx, |act, ctx| act.deliver(msg.0, ctx));
+    }
+}
+
+impl Handler<RetryDue> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RetryDue, ctx: &mut Self::Context) {
+        self.guarded(ctx, |act, ctx| {
+            let Some(slot) = act.records.get_mut(&msg.record) else {
+                return;
+            };
+            if !matches!(slot.active.state, ActiveState::Backoff { ticket } if ticket == msg.ticket)
+            {
+                return;
+            }
+            if slot.waiting.is_some() {
+                act.complete(
+                    msg.record,
+                    OutcomeKind::Skipped(SkipReason::Superseded),
+                    ctx,
+                );
+            } else {
+                slot.active.state = ActiveState::Ready;
+                act.ready.push_back(msg.record);
+                act.pump(ctx);
+            }
+        });
+    }
+}
+
+impl Handler<RearmRetries> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, _: RearmRetries, _: &mut Self::Context) {
+        for (key, slot) in self.records.iter_mut() {
+            if let ActiveState::Backoff { ticket } = &mut slot.active.state {
+                self.next_ticket += 1;
+                *ticket = self.next_ticket;
+                self.deps.retry.do_send(Schedule {
+                    tenant: self.name.clone(),
+                    delay: self.deps.policy.base_delay,
+                    due: RetryDue {
+                        record: key.clone(),
+                        ticket: self.next_ticket,
+                    },
+                });
+            }
+        }
+    }
+}
+
+impl Handler<InjectPanic> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, _: InjectPanic, _: &mut Self::Context) {
+        self.panic_next = true;
+    }
+}
