@@ -197,7 +197,6 @@ pub struct Confirm {
 pub struct DiffActor {
     /// `false` turns every check into `Write` (benchmarks measure the saving this way).
     enabled: bool,
-    capacity: usize,
     cache: DiffCache,
     /// Set by [`InjectPanic`]; the next check panics.
     panic_next: bool,
@@ -207,7 +206,6 @@ impl DiffActor {
     pub fn new(enabled: bool, capacity: usize) -> Self {
         DiffActor {
             enabled,
-            capacity,
             cache: DiffCache::new(capacity),
             panic_next: false,
         }
@@ -225,8 +223,10 @@ impl Actor for DiffActor {
 impl Supervised for DiffActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         supervise::restarted("diff");
-        // Fresh state: a forgotten record costs one extra (idempotent) write.
-        self.cache = DiffCache::new(self.capacity);
+        // The cache survives the restart on purpose. It is not scratch state of one
+        // handler but the service's memory of what the CRM confirmed, and nothing in
+        // Kafka can rebuild it; each change to it is one map operation, so a panic cannot
+        // leave an entry half-written. Wiping it would let a late stale version through.
         self.panic_next = false;
     }
 }

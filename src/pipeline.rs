@@ -84,6 +84,7 @@ pub struct StopReport {
 }
 
 struct Control {
+    partitions: PartitionDirectory,
     diff: Addr<DiffActor>,
     retry: Addr<RetryQueueActor>,
     tenants: HashMap<String, Addr<TenantActor>>,
@@ -107,6 +108,11 @@ impl ServiceHandle {
     /// Address of the `/metrics` and health server.
     pub fn http_addr(&self) -> SocketAddr {
         self.control.http_addr
+    }
+
+    /// Partitions this instance currently owns.
+    pub fn assigned_partitions(&self) -> usize {
+        self.control.partitions.len()
     }
 
     /// Makes one actor panic inside its next handler (fault injection).
@@ -371,7 +377,7 @@ fn wire(
     let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
     let setup = ConsumerSetup {
         kafka: config.kafka.clone(),
-        directory: partitions,
+        directory: partitions.clone(),
         deps,
         arbiter: partition_arbiter.handle(),
         health,
@@ -387,6 +393,7 @@ fn wire(
         .spawn(move || consume::run(setup, &committed))
         .map_err(StartError::Thread)?;
     let control = Control {
+        partitions,
         diff,
         retry,
         tenants: tenants

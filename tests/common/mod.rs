@@ -1,0 +1,183 @@
+//! Shared test environment: a mock Kafka cluster and a Salesforce sandbox on ephemeral
+//! ports, random topic and group names, and waits with deadlines.
+
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crm_sync::config::Config;
+use crm_sync::demo::workload::{envelope, kafka_key, RecordId};
+use crm_sync::sandbox::kafka::tools::{self, ReadMessage};
+use crm_sync::sandbox::kafka::KafkaSandbox;
+use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
+use serde_json::{json, Map, Value};
+
+pub const CLIENT_ID: &str = "test-client";
+pub const CLIENT_SECRET: &str = "test-secret-do-not-log";
+
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), rand::random::<u32>())
+}
+
+pub struct Env {
+    pub kafka: KafkaSandbox,
+    pub bootstrap: String,
+    pub topic: String,
+    pub dlq: String,
+    pub failures: String,
+    pub group: String,
+    pub partitions: i32,
+    pub sf: SalesforceSandbox,
+}
+
+impl Env {
+    pub fn new(partitions: i32) -> Env {
+        let kafka = KafkaSandbox::start(1).expect("mock cluster");
+        let bootstrap = kafka.bootstrap_servers();
+        Env::with_broker(kafka, bootstrap, partitions)
+    }
+
+    pub fn with_broker(kafka: KafkaSandbox, bootstrap: String, partitions: i32) -> Env {
+        let topic = unique("events");
+        let dlq = unique("dlq");
+        let failures = unique("failures");
+        kafka.create_topic(&topic, partitions).unwrap();
+        kafka.create_topic(&dlq, 1).unwrap();
+        kafka.create_topic(&failures, 1).unwrap();
+        let sf = SalesforceSandbox::start("127.0.0.1:0", SandboxOrg::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+        Env {
+            kafka,
+            bootstrap,
+            topic,
+            dlq,
+            failures,
+            group: unique("group"),
+            partitions,
+            sf,
+        }
+    }
+
+    /// Config text for this environment; the secret comes from `SF_SECRET`.
+    pub fn config_toml(&self) -> String {
+        format!(
+            r#"
+[service]
+http_addr = "127.0.0.1:0"
+shutdown_deadline_ms = 8000
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+input_topics = ["{topic}"]
+dlq_topic = "{dlq}"
+failures_topic = "{failures}"
+session_timeout_ms = 3000
+commit_interval_ms = 200
+drain_timeout_ms = 2000
+max_in_flight_per_partition = 500
+create_topics = false
+
+[retry]
+max_attempts = 6
+base_delay_ms = 20
+max_delay_ms = 200
+max_age_ms = 20000
+
+[[tenants]]
+name = "acme"
+crm = "salesforce"
+rate_limit_per_sec = 5000
+max_concurrency = 8
+request_timeout_ms = 5000
+[tenants.salesforce]
+base_url = "{sf}"
+api_version = "60.0"
+client_id = "{client_id}"
+client_secret = "${{SF_SECRET}}"
+[tenants.entities.contact]
+object = "Contact"
+external_id_field = "External_Id__c"
+fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
+"#,
+            bootstrap = self.bootstrap,
+            group = self.group,
+            topic = self.topic,
+            dlq = self.dlq,
+            failures = self.failures,
+            sf = self.sf.base_url(),
+            client_id = CLIENT_ID,
+        )
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_toml_with_env(&self.config_toml(), |v| (v == "SF_SECRET").then(|| CLIENT_SECRET.to_string()))
+            .expect("test config is valid")
+    }
+
+    pub fn produce(&self, messages: &[(String, Vec<u8>)]) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(tools::produce(&self.bootstrap, &self.topic, messages)).expect("produce");
+    }
+
+    /// Waits until the group has committed every message of the input topic.
+    pub fn wait_all_committed(&self, within: Duration) -> bool {
+        let ends = tools::end_offsets(&self.bootstrap, &self.topic, self.partitions).unwrap();
+        wait_until(within, || {
+            let committed = tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions).unwrap_or_default();
+            committed.len() == ends.len() && committed.iter().zip(&ends).all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
+        })
+    }
+
+    pub fn read_dlq(&self) -> Vec<ReadMessage> {
+        tools::read_all(&self.bootstrap, &self.dlq, 1, Duration::from_secs(20)).unwrap()
+    }
+
+    pub fn read_failures(&self) -> Vec<ReadMessage> {
+        tools::read_all(&self.bootstrap, &self.failures, 1, Duration::from_secs(20)).unwrap()
+    }
+
+    pub fn contact(&self, key: &str) -> Option<Map<String, Value>> {
+        self.sf.find("Contact", "External_Id__c", key).map(|r| r.fields)
+    }
+
+    pub fn sandboxes(&self) -> HashMap<String, &SalesforceSandbox> {
+        [("acme".to_string(), &self.sf)].into()
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `within` passes.
+pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn contact_data(first: &str, last: Option<&str>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("first_name".into(), json!(first));
+    if let Some(l) = last {
+        m.insert("last_name".into(), json!(l));
+    }
+    m.insert("email".into(), json!(format!("{}@example.com", first.to_lowercase())));
+    m
+}
+
+/// One contact event for tenant acme.
+pub fn contact_event(event_id: &str, key: &str, op: &str, version: u64, data: Option<&Map<String, Value>>) -> (String, Vec<u8>) {
+    let id: RecordId = ("acme".into(), "contact".into(), key.into());
+    (kafka_key(&id.0, &id.1, &id.2), envelope(event_id, &id, op, version, data))
+}
+
+pub fn upsert(event_id: &str, key: &str, version: u64, first: &str, last: &str) -> (String, Vec<u8>) {
+    contact_event(event_id, key, "upsert", version, Some(&contact_data(first, Some(last))))
+}

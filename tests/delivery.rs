@@ -1,0 +1,177 @@
+//! Delivery through the whole pipeline, against the mock Kafka cluster and the
+//! Salesforce sandbox: what the CRM receives, and what Kafka holds afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use crm_sync::consume::StopMode;
+use crm_sync::pipeline;
+use crm_sync::sandbox::salesforce::{Faults, Scripted};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn delivers_creates_updates_and_deletes() {
+    let env = Env::new(3);
+    // 1. Create three contacts, update one, delete another.
+    env.produce(&[
+        upsert("e1", "C-1", 1, "Ada", "Lovelace"),
+        upsert("e2", "C-2", 1, "Grace", "Hopper"),
+        upsert("e3", "C-3", 1, "Alan", "Turing"),
+        upsert("e4", "C-1", 2, "Ada", "King"),
+        contact_event("e5", "C-2", "delete", 2, None),
+    ]);
+    let service = pipeline::start(env.config()).unwrap();
+    // 2. Everything is committed only once every event has its outcome.
+    assert!(env.wait_all_committed(WAIT), "not all offsets committed");
+    assert_eq!(env.contact("C-1").unwrap()["LastName"], "King");
+    assert!(env.contact("C-2").is_none(), "deleted contact still present");
+    assert_eq!(env.contact("C-3").unwrap()["FirstName"], "Alan");
+    // 3. A delete of a record the CRM does not have is done, not an error.
+    env.produce(&[contact_event("e6", "C-404", "delete", 1, None)]);
+    assert!(env.wait_all_committed(WAIT));
+    assert!(env.read_dlq().is_empty(), "nothing should be dead-lettered");
+    assert!(service.stop(StopMode::Graceful).committed);
+}
+
+#[test]
+fn duplicate_unchanged_and_stale_events_cost_no_api_call() {
+    let env = Env::new(2);
+    let service = pipeline::start(env.config()).unwrap();
+    // 1. Version 2 of a record is delivered.
+    let v2 = upsert("e2", "C-1", 2, "Ada", "Lovelace");
+    env.produce(&[v2.clone()]);
+    assert!(env.wait_all_committed(WAIT));
+    let before = env.sf.stats().api_requests;
+    assert_eq!(before, 1);
+    // 2. The same event again, the same payload under version 3, and a late version 1.
+    env.produce(&[
+        v2,
+        upsert("e3", "C-1", 3, "Ada", "Lovelace"),
+        upsert("e1", "C-1", 1, "Old", "Version"),
+    ]);
+    assert!(env.wait_all_committed(WAIT));
+    // 3. None of them reached the CRM, and the CRM still holds version 2's data.
+    assert_eq!(env.sf.stats().api_requests, before);
+    assert_eq!(env.contact("C-1").unwrap()["FirstName"], "Ada");
+    // 4. A real change is still sent.
+    env.produce(&[upsert("e4", "C-1", 4, "Ada", "Byron")]);
+    assert!(env.wait_all_committed(WAIT));
+    assert_eq!(env.sf.stats().api_requests, before + 1);
+    assert_eq!(env.contact("C-1").unwrap()["LastName"], "Byron");
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn retries_server_errors_and_row_locks_then_delivers() {
+    let env = Env::new(1);
+    env.sf.script([Scripted::ServerError, Scripted::LockError, Scripted::ServerError]);
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    let stats = env.sf.stats();
+    assert_eq!(stats.rejected.get(&503), Some(&2));
+    assert_eq!(stats.rejected.get(&400), Some(&1));
+    assert_eq!(stats.upserts_applied, 1);
+    assert_eq!(env.contact("C-1").unwrap()["LastName"], "Lovelace");
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn pauses_on_request_limit_exceeded_then_delivers() {
+    let env = Env::new(1);
+    env.sf.script([Scripted::RequestLimit]);
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    assert_eq!(env.sf.stats().rejected.get(&403), Some(&1));
+    assert!(env.contact("C-1").is_some());
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn refreshes_an_expired_token_and_replays_the_request() {
+    let env = Env::new(1);
+    let service = pipeline::start(env.config()).unwrap();
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    assert!(env.wait_all_committed(WAIT));
+    assert_eq!(env.sf.stats().token_requests, 1);
+    // 1. The org's session times out.
+    env.sf.expire_tokens();
+    env.produce(&[upsert("e2", "C-1", 2, "Ada", "King")]);
+    assert!(env.wait_all_committed(WAIT));
+    // 2. One 401, one new token, one replay, delivered; nothing dead-lettered.
+    let stats = env.sf.stats();
+    assert_eq!(stats.token_requests, 2);
+    assert_eq!(stats.rejected.get(&401), Some(&1));
+    assert_eq!(env.contact("C-1").unwrap()["LastName"], "King");
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn dead_letters_permanent_errors_and_malformed_input_while_later_events_flow() {
+    let env = Env::new(1);
+    env.produce(&[
+        (String::from("garbage"), b"{not json".to_vec()),
+        // Salesforce requires Contact.LastName.
+        contact_event("e1", "C-1", "upsert", 1, Some(&contact_data("Ada", None))),
+        upsert("e2", "C-2", 1, "Grace", "Hopper"),
+    ]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    // 1. The good event behind both failures was delivered.
+    assert_eq!(env.contact("C-2").unwrap()["LastName"], "Hopper");
+    assert!(env.contact("C-1").is_none());
+    // 2. Both failures are in the DLQ with their original key, value and context.
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    let malformed = dlq.iter().find(|m| m.key.as_deref() == Some(b"garbage".as_slice())).unwrap();
+    assert_eq!(malformed.payload.as_deref(), Some(b"{not json".as_slice()));
+    assert_eq!(malformed.header("crm-sync.error.code"), Some("invalid_json"));
+    assert_eq!(malformed.header("crm-sync.stage"), Some("decode"));
+    assert_eq!(malformed.header("crm-sync.source.topic"), Some(env.topic.as_str()));
+    assert_eq!(malformed.header("crm-sync.source.offset"), Some("0"));
+    let rejected = dlq.iter().find(|m| m.header("crm-sync.stage") == Some("deliver")).unwrap();
+    assert_eq!(rejected.header("crm-sync.error.code"), Some("crm_validation"));
+    assert_eq!(rejected.header("crm-sync.error.class"), Some("permanent"));
+    assert_eq!(rejected.header("crm-sync.crm.code"), Some("REQUIRED_FIELD_MISSING"));
+    assert_eq!(rejected.header("crm-sync.crm.status"), Some("400"));
+    assert_eq!(rejected.header("crm-sync.attempts"), Some("1"));
+    assert_eq!(rejected.header("crm-sync.source.offset"), Some("1"));
+    assert!(rejected.header("crm-sync.first-failure").is_some() && rejected.header("crm-sync.last-failure").is_some());
+    // 3. One failure event each, and no secret anywhere.
+    let failures = env.read_failures();
+    assert_eq!(failures.len(), 2);
+    let event: serde_json::Value = serde_json::from_slice(failures.iter().find(|f| {
+        String::from_utf8_lossy(f.payload.as_deref().unwrap_or_default()).contains("REQUIRED_FIELD_MISSING")
+    }).unwrap().payload.as_deref().unwrap()).unwrap();
+    assert_eq!(event["key"], "C-1");
+    assert_eq!(event["error_code"], "crm_validation");
+    assert_eq!(event["source"]["offset"], 1);
+    for m in dlq.iter().chain(&failures) {
+        let all = format!("{:?} {:?}", m.headers, String::from_utf8_lossy(m.payload.as_deref().unwrap_or_default()));
+        assert!(!all.contains(CLIENT_SECRET), "secret leaked: {all}");
+    }
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn exhausted_retries_are_dead_lettered() {
+    let env = Env::new(1);
+    env.sf.set_faults(Faults { server_error_rate: 1.0, ..Faults::default() });
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header("crm-sync.error.class"), Some("retryable"));
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_server_error"));
+    // max_attempts = 6 in the test config.
+    assert_eq!(dlq[0].header("crm-sync.attempts"), Some("6"));
+    assert_eq!(env.sf.stats().rejected.get(&503), Some(&6));
+    service.stop(StopMode::Graceful);
+}
