@@ -749,3 +749,29 @@ mod tests {
         assert!(err.contains("tenants[0].salesforce.base_url"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    #[test]
+    fn the_commented_reference_config_parses() {
+        let text = include_str!("../config/crm-sync.toml");
+        let env = |v: &str| Some(format!("value-of-{v}"));
+        let c = Config::from_toml_with_env(text, env).unwrap();
+        assert_eq!(c.tenants[0].entities.len(), 2);
+        assert_eq!(
+            c.kafka.client["sasl.password"].expose(),
+            "value-of-KAFKA_SASL_PASSWORD"
+        );
+    }
+
+    #[test]
+    fn the_demo_config_parses() {
+        let c = Config::from_toml_with_env(include_str!("../config/demo.toml"), |v| {
+            Some(v.to_string())
+        })
+        .unwrap();
+        assert_eq!(c.tenants.len(), 3);
+    }
+}

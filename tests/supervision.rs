@@ -14,18 +14,38 @@ use crm_sync::sandbox::salesforce::Faults;
 use crm_sync::telemetry::metric;
 
 fn scrape(addr: std::net::SocketAddr) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async { reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap() })
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
 }
 
 #[test]
 fn restarts_each_actor_kind_after_an_injected_panic_and_loses_nothing() {
     let env = Env::new(3);
     // Retryable faults, so that the retry queue has work to panic in.
-    env.sf.set_faults(Faults { server_error_rate: 0.1, seed: 9, ..Faults::default() });
+    env.sf.set_faults(Faults {
+        server_error_rate: 0.1,
+        seed: 9,
+        ..Faults::default()
+    });
     let spec = WorkloadSpec {
         stale_ratio: 0.1,
-        ..WorkloadSpec::small(vec![TenantSpec { name: "acme".into(), entities: vec!["contact".into()] }], 600)
+        ..WorkloadSpec::small(
+            vec![TenantSpec {
+                name: "acme".into(),
+                entities: vec!["contact".into()],
+            }],
+            600,
+        )
     };
     let workload = generate(&spec);
     let (first, second) = workload.messages.split_at(workload.messages.len() / 2);
@@ -33,16 +53,28 @@ fn restarts_each_actor_kind_after_an_injected_panic_and_loses_nothing() {
     // 1. Half the stream, and the service working on it.
     env.produce(first);
     let service = pipeline::start(env.config()).unwrap();
-    assert!(wait_until(Duration::from_secs(30), || env.sf.stats().upserts_applied > 100));
+    assert!(wait_until(Duration::from_secs(30), || env
+        .sf
+        .stats()
+        .upserts_applied
+        > 100));
 
     // 2. A panic in each actor kind, mid-stream.
-    for kind in [ActorKind::Partition, ActorKind::Tenant("acme".into()), ActorKind::Diff, ActorKind::RetryQueue] {
+    for kind in [
+        ActorKind::Partition,
+        ActorKind::Tenant("acme".into()),
+        ActorKind::Diff,
+        ActorKind::RetryQueue,
+    ] {
         service.inject_panic(kind);
     }
 
     // 3. The rest of the stream; every offset gets committed.
     env.produce(second);
-    assert!(env.wait_all_committed(Duration::from_secs(90)), "pipeline stalled after the panics");
+    assert!(
+        env.wait_all_committed(Duration::from_secs(90)),
+        "pipeline stalled after the panics"
+    );
 
     // 4. Every actor kind was restarted...
     let text = scrape(service.http_addr());
@@ -54,6 +86,11 @@ fn restarts_each_actor_kind_after_an_injected_panic_and_loses_nothing() {
     }
     // 5. ...and the CRM holds the newest version of every record.
     let mismatches = verify(&env.config(), &workload.expected, &env.sandboxes());
-    assert!(mismatches.is_empty(), "{} records differ: {:?}", mismatches.len(), &mismatches[..mismatches.len().min(5)]);
+    assert!(
+        mismatches.is_empty(),
+        "{} records differ: {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(5)]
+    );
     service.stop(StopMode::Graceful);
 }

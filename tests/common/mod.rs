@@ -19,11 +19,17 @@ pub const CLIENT_SECRET: &str = "test-secret-do-not-log";
 
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), rand::random::<u32>())
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    )
 }
 
 pub struct Env {
-    pub kafka: KafkaSandbox,
+    /// The in-process broker; `None` when the broker runs in another process.
+    pub kafka: Option<KafkaSandbox>,
     pub bootstrap: String,
     pub topic: String,
     pub dlq: String,
@@ -41,13 +47,28 @@ impl Env {
     }
 
     pub fn with_broker(kafka: KafkaSandbox, bootstrap: String, partitions: i32) -> Env {
-        let topic = unique("events");
-        let dlq = unique("dlq");
-        let failures = unique("failures");
+        let (topic, dlq, failures) = (unique("events"), unique("dlq"), unique("failures"));
         kafka.create_topic(&topic, partitions).unwrap();
         kafka.create_topic(&dlq, 1).unwrap();
         kafka.create_topic(&failures, 1).unwrap();
-        let sf = SalesforceSandbox::start("127.0.0.1:0", SandboxOrg::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+        Env::external(Some(kafka), bootstrap, topic, dlq, failures, partitions)
+    }
+
+    /// An environment on a broker whose topics exist already (DLQ and failures topics
+    /// with one partition).
+    pub fn external(
+        kafka: Option<KafkaSandbox>,
+        bootstrap: String,
+        topic: String,
+        dlq: String,
+        failures: String,
+        partitions: i32,
+    ) -> Env {
+        let sf = SalesforceSandbox::start(
+            "127.0.0.1:0",
+            SandboxOrg::standard(CLIENT_ID, CLIENT_SECRET),
+        )
+        .unwrap();
         Env {
             kafka,
             bootstrap,
@@ -113,21 +134,33 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
     }
 
     pub fn config(&self) -> Config {
-        Config::from_toml_with_env(&self.config_toml(), |v| (v == "SF_SECRET").then(|| CLIENT_SECRET.to_string()))
-            .expect("test config is valid")
+        Config::from_toml_with_env(&self.config_toml(), |v| {
+            (v == "SF_SECRET").then(|| CLIENT_SECRET.to_string())
+        })
+        .expect("test config is valid")
     }
 
     pub fn produce(&self, messages: &[(String, Vec<u8>)]) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(tools::produce(&self.bootstrap, &self.topic, messages)).expect("produce");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(tools::produce(&self.bootstrap, &self.topic, messages))
+            .expect("produce");
     }
 
     /// Waits until the group has committed every message of the input topic.
     pub fn wait_all_committed(&self, within: Duration) -> bool {
         let ends = tools::end_offsets(&self.bootstrap, &self.topic, self.partitions).unwrap();
         wait_until(within, || {
-            let committed = tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions).unwrap_or_default();
-            committed.len() == ends.len() && committed.iter().zip(&ends).all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
+            let committed =
+                tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions)
+                    .unwrap_or_default();
+            committed.len() == ends.len()
+                && committed
+                    .iter()
+                    .zip(&ends)
+                    .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
         })
     }
 
@@ -140,7 +173,9 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
     }
 
     pub fn contact(&self, key: &str) -> Option<Map<String, Value>> {
-        self.sf.find("Contact", "External_Id__c", key).map(|r| r.fields)
+        self.sf
+            .find("Contact", "External_Id__c", key)
+            .map(|r| r.fields)
     }
 
     pub fn sandboxes(&self) -> HashMap<String, &SalesforceSandbox> {
@@ -168,16 +203,40 @@ pub fn contact_data(first: &str, last: Option<&str>) -> Map<String, Value> {
     if let Some(l) = last {
         m.insert("last_name".into(), json!(l));
     }
-    m.insert("email".into(), json!(format!("{}@example.com", first.to_lowercase())));
+    m.insert(
+        "email".into(),
+        json!(format!("{}@example.com", first.to_lowercase())),
+    );
     m
 }
 
 /// One contact event for tenant acme.
-pub fn contact_event(event_id: &str, key: &str, op: &str, version: u64, data: Option<&Map<String, Value>>) -> (String, Vec<u8>) {
+pub fn contact_event(
+    event_id: &str,
+    key: &str,
+    op: &str,
+    version: u64,
+    data: Option<&Map<String, Value>>,
+) -> (String, Vec<u8>) {
     let id: RecordId = ("acme".into(), "contact".into(), key.into());
-    (kafka_key(&id.0, &id.1, &id.2), envelope(event_id, &id, op, version, data))
+    (
+        kafka_key(&id.0, &id.1, &id.2),
+        envelope(event_id, &id, op, version, data),
+    )
 }
 
-pub fn upsert(event_id: &str, key: &str, version: u64, first: &str, last: &str) -> (String, Vec<u8>) {
-    contact_event(event_id, key, "upsert", version, Some(&contact_data(first, Some(last))))
+pub fn upsert(
+    event_id: &str,
+    key: &str,
+    version: u64,
+    first: &str,
+    last: &str,
+) -> (String, Vec<u8>) {
+    contact_event(
+        event_id,
+        key,
+        "upsert",
+        version,
+        Some(&contact_data(first, Some(last))),
+    )
 }

@@ -1,0 +1,208 @@
+//! The `crm-sync` binary as operators run it: the CLI, a `kill -9` mid-stream while the
+//! broker lives on in a `crm-sync sandbox kafka` process, and a graceful SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use crm_sync::demo::verify;
+use crm_sync::demo::workload::{generate, TenantSpec, WorkloadSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_crm-sync");
+
+/// A child process that is killed when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Waits for the process to exit, up to `within`.
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn crm_sync(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+#[test]
+fn cli_misuse_prints_usage() {
+    let out = crm_sync(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage: crm-sync"));
+    let out = crm_sync(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
+
+#[test]
+fn check_config_accepts_the_reference_and_names_the_wrong_key() {
+    let out = Command::new(BIN)
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml"),
+        ])
+        .envs([
+            ("KAFKA_SASL_PASSWORD", "x"),
+            ("ACME_SF_CLIENT_ID", "id"),
+            ("ACME_SF_CLIENT_SECRET", "secret"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml"))
+            .unwrap();
+    std::fs::write(
+        &path,
+        reference.replace("drain_timeout_ms = 5000", "drain_timeout_ms = 50000"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", path.to_str().unwrap()])
+        .envs([
+            ("KAFKA_SASL_PASSWORD", "x"),
+            ("ACME_SF_CLIENT_ID", "id"),
+            ("ACME_SF_CLIENT_SECRET", "s"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kafka.drain_timeout_ms"));
+
+    // A secret the environment does not provide is named, not guessed.
+    let out = Command::new(BIN)
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml"),
+        ])
+        .env_remove("KAFKA_SASL_PASSWORD")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KAFKA_SASL_PASSWORD"));
+}
+
+fn start_service(config: &std::path::Path) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("SF_SECRET", CLIENT_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
+    // 1. A broker in its own process, so it outlives the killed service.
+    let (topic, dlq, failures) = (unique("events"), unique("dlq"), unique("failures"));
+    let mut broker = Proc(
+        Command::new(BIN)
+            .args([
+                "sandbox",
+                "kafka",
+                "--partitions",
+                "3",
+                "--topic",
+                &topic,
+                "--topic",
+                &dlq,
+                "--topic",
+                &failures,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut bootstrap = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut bootstrap)
+        .unwrap();
+    let env = Env::external(None, bootstrap.trim().to_string(), topic, dlq, failures, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("crm-sync.toml");
+    std::fs::write(&config, env.config_toml()).unwrap();
+
+    let w = generate(&WorkloadSpec {
+        seed: 21,
+        ..WorkloadSpec::small(
+            vec![TenantSpec {
+                name: "acme".into(),
+                entities: vec!["contact".into()],
+            }],
+            1500,
+        )
+    });
+    env.produce(&w.messages);
+
+    // 2. The service is killed with SIGKILL mid-stream.
+    let mut service = start_service(&config);
+    assert!(wait_until(Duration::from_secs(60), || env
+        .sf
+        .stats()
+        .upserts_applied
+        > 300));
+    service.0.kill().unwrap();
+    service.0.wait().unwrap();
+    assert!(
+        env.sf.stats().upserts_applied < w.messages.len() as u64,
+        "the kill came too late to be mid-stream"
+    );
+
+    // 3. Restarted, it resumes from the committed offsets and the CRM converges.
+    let mut service = start_service(&config);
+    assert!(
+        env.wait_all_committed(Duration::from_secs(90)),
+        "not everything was committed after the restart"
+    );
+    let mismatches = verify(&env.config(), &w.expected, &env.sandboxes());
+    assert!(
+        mismatches.is_empty(),
+        "{} differ: {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(5)]
+    );
+
+    // 4. SIGTERM: drain, commit, leave the group, exit 0 within the deadline (8 s) + a few.
+    let pid = service.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = service
+        .wait_exit(Duration::from_secs(15))
+        .expect("did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    drop(broker);
+}
