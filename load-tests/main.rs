@@ -1,1 +1,469 @@
-fn main() {}
+//! Load-test harness: runs the real pipeline against the sandboxes and reports figures.
+//!
+//! The broker (`crm-sync sandbox kafka`) and the Salesforce sandbox (`crm-sync sandbox
+//! salesforce`) run as child processes, so the CPU time and memory reported here are the
+//! pipeline's own (plus the test's producer, which runs before the timed window).
+//!
+//! Scenarios:
+//! - `throughput`: every event a real change (one single-record upsert each), diff on.
+//! - `diff`: 80% of events repeat an unchanged payload; the same stream with diffing on
+//!   and off, so the saving is a ratio measured in one run.
+//! - `backlog`: a large backlog waits in Kafka while a rate-limited tenant drains it
+//!   slowly; resident memory is sampled to show it stays flat.
+//!
+//! Run: `cargo run --release --bin load-test -- --scenario all` (see load-tests/README.md).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use crm_sync::config::Config;
+use crm_sync::consume::StopMode;
+use crm_sync::demo::metric_total;
+use crm_sync::demo::workload::{envelope, kafka_key, RecordId};
+use crm_sync::pipeline;
+use crm_sync::sandbox::kafka::tools;
+use crm_sync::telemetry::{self, metric};
+use serde_json::{json, Map, Value};
+
+#[derive(Parser)]
+#[command(about = "crm-sync load tests: figures, not pass/fail")]
+struct Args {
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    scenario: Scenario,
+    /// Events in the throughput and diff scenarios.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Events in the backlog scenario.
+    #[arg(long, default_value_t = 500_000)]
+    backlog_events: usize,
+    /// How long to sample memory in the backlog scenario.
+    #[arg(long, default_value_t = 30)]
+    backlog_seconds: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    All,
+    Throughput,
+    Diff,
+    Backlog,
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sibling_binary() -> std::path::PathBuf {
+    let me = std::env::current_exe().expect("current exe");
+    me.with_file_name("crm-sync")
+}
+
+/// Starts a child and returns it with the first line it prints.
+fn spawn_reading_first_line(args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let mut child = Command::new(sibling_binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("crm-sync binary next to load-test (build with --release --bins)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("first line");
+    (Proc(child), line.trim().to_string())
+}
+
+struct Sandboxes {
+    broker: Proc,
+    bootstrap: String,
+    sf: Proc,
+    sf_url: String,
+}
+
+impl Sandboxes {
+    fn child_cpu(&self) -> (f64, f64) {
+        (
+            cpu_seconds_of(&self.broker.0.id().to_string()),
+            cpu_seconds_of(&self.sf.0.id().to_string()),
+        )
+    }
+}
+
+const TOPIC: &str = "load-events";
+
+fn start_sandboxes(partitions: i32, latency_ms: u64) -> Sandboxes {
+    let partitions = partitions.to_string();
+    let (broker, bootstrap) = spawn_reading_first_line(
+        &[
+            "sandbox",
+            "kafka",
+            "--partitions",
+            &partitions,
+            "--topic",
+            TOPIC,
+            "--topic",
+            "load-dlq",
+            "--topic",
+            "load-failures",
+        ],
+        &[],
+    );
+    let (sf, line) = spawn_reading_first_line(
+        &[
+            "sandbox",
+            "salesforce",
+            "--port",
+            "0",
+            "--client-id",
+            "load",
+        ],
+        &[("SANDBOX_SF_CLIENT_SECRET", "load-secret")],
+    );
+    let sf_url = line.rsplit(' ').next().unwrap_or_default().to_string();
+    if latency_ms > 0 {
+        let rt = runtime();
+        rt.block_on(async {
+            reqwest::Client::new()
+                .post(format!("{sf_url}/__sandbox/faults"))
+                .json(&json!({"latency_ms": latency_ms}))
+                .send()
+                .await
+                .expect("set faults");
+        });
+    }
+    Sandboxes {
+        broker,
+        bootstrap,
+        sf,
+        sf_url,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn sf_api_requests(url: &str) -> u64 {
+    runtime().block_on(async {
+        let stats: Value = reqwest::get(format!("{url}/__sandbox/stats"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["api_requests"].as_u64().unwrap_or_default()
+    })
+}
+
+fn config(s: &Sandboxes, group: &str, diff: bool, rate: f64, concurrency: usize) -> Config {
+    let text = format!(
+        r#"
+[service]
+http_addr = "127.0.0.1:0"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+input_topics = ["{TOPIC}"]
+dlq_topic = "load-dlq"
+failures_topic = "load-failures"
+session_timeout_ms = 6000
+drain_timeout_ms = 4000
+commit_interval_ms = 500
+max_in_flight_per_partition = 2000
+create_topics = false
+[diff]
+enabled = {diff}
+[[tenants]]
+name = "bench"
+crm = "salesforce"
+rate_limit_per_sec = {rate}
+max_concurrency = {concurrency}
+[tenants.salesforce]
+base_url = "{url}"
+client_id = "load"
+client_secret = "load-secret"
+[tenants.entities.contact]
+object = "Contact"
+external_id_field = "External_Id__c"
+fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
+"#,
+        bootstrap = s.bootstrap,
+        url = s.sf_url,
+    );
+    Config::from_toml(&text).expect("load-test config")
+}
+
+/// `records` records, `versions` events each, interleaved; in `unchanged` mode every
+/// version after the first repeats the first payload.
+fn stream(records: usize, versions: usize, unchanged: bool) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::with_capacity(records * versions);
+    for v in 1..=versions {
+        for r in 0..records {
+            let id: RecordId = ("bench".into(), "contact".into(), format!("B-{r:07}"));
+            let n = if unchanged { 1 } else { v };
+            let mut data = Map::new();
+            data.insert("first_name".into(), json!(format!("First{n}")));
+            data.insert("last_name".into(), json!(format!("Last{r}")));
+            data.insert("email".into(), json!(format!("b{r}.{n}@example.com")));
+            out.push((
+                kafka_key(&id.0, &id.1, &id.2),
+                envelope(&format!("ev-{r}-{v}"), &id, "upsert", v as u64, Some(&data)),
+            ));
+        }
+    }
+    out
+}
+
+fn cpu_seconds() -> f64 {
+    cpu_seconds_of("self")
+}
+
+/// utime + stime of a process, from /proc, in seconds (clock ticks, USER_HZ = 100).
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn status_kib(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+struct RunFigures {
+    events: usize,
+    seconds: f64,
+    cpu_seconds: f64,
+    crm_calls: u64,
+    skipped: f64,
+    delivered: f64,
+    rss_peak_mib: f64,
+    broker_cpu_seconds: f64,
+    sandbox_cpu_seconds: f64,
+}
+
+/// Runs the pipeline on the topic from the start until every offset is committed.
+fn run_pipeline(s: &Sandboxes, config: Config, partitions: i32, events: usize) -> RunFigures {
+    let group = config.kafka.group_id.clone();
+    let prometheus = telemetry::prometheus();
+    let before = prometheus.render();
+    let calls_before = sf_api_requests(&s.sf_url);
+    let ends = tools::end_offsets(&s.bootstrap, TOPIC, partitions).expect("end offsets");
+    let cpu0 = cpu_seconds();
+    let (broker0, sandbox0) = s.child_cpu();
+    let t0 = Instant::now();
+    let service = pipeline::start(config).expect("start");
+    loop {
+        let committed =
+            tools::committed(&s.bootstrap, &group, TOPIC, partitions).unwrap_or_default();
+        if committed.len() == ends.len()
+            && committed
+                .iter()
+                .zip(&ends)
+                .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
+        {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(900) {
+            panic!("pipeline did not finish within 900 s");
+        }
+        std::thread::sleep(Duration::from_millis(100)); // completion polling cadence
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    let (broker1, sandbox1) = s.child_cpu();
+    service.stop(StopMode::Graceful);
+    let after = prometheus.render();
+    let delta = |name: &str, label: Option<(&str, &str)>| {
+        metric_total(&after, name, label) - metric_total(&before, name, label)
+    };
+    let skipped = ["duplicate", "unchanged", "stale", "superseded"]
+        .iter()
+        .map(|r| delta(metric::OUTCOMES, Some(("outcome", r))))
+        .sum();
+    RunFigures {
+        events,
+        seconds,
+        cpu_seconds: cpu,
+        crm_calls: sf_api_requests(&s.sf_url) - calls_before,
+        skipped,
+        delivered: delta(metric::OUTCOMES, Some(("outcome", "delivered"))),
+        rss_peak_mib: status_kib("VmHWM:") as f64 / 1024.0,
+        broker_cpu_seconds: broker1 - broker0,
+        sandbox_cpu_seconds: sandbox1 - sandbox0,
+    }
+}
+
+fn print_run(name: &str, f: &RunFigures, changed_records: usize) {
+    println!(
+        "| {name} | {} | {:.1} | {:.0} | {:.2} | {:.0} | {} | {:.3} | {:.1}% |",
+        f.events,
+        f.seconds,
+        f.events as f64 / f.seconds,
+        f.cpu_seconds * 100_000.0 / f.events as f64,
+        f.rss_peak_mib,
+        f.crm_calls,
+        f.crm_calls as f64 / changed_records.max(1) as f64,
+        100.0 * f.skipped / f.events as f64,
+    );
+    eprintln!(
+        "  ({name}: delivered {} skipped {})",
+        f.delivered, f.skipped
+    );
+    println!(
+        "|   ↳ where the CPU went | | | | pipeline {:.1} s, Salesforce sandbox {:.1} s, Kafka broker {:.1} s (of {:.1} s × 2 cores) | | | | |",
+        f.cpu_seconds, f.sandbox_cpu_seconds, f.broker_cpu_seconds, f.seconds
+    );
+}
+
+const HEADER: &str = "| run | events | seconds | events/s | CPU s per 100k events | peak RSS MiB | CRM calls | calls per changed record | skipped |\n|---|---|---|---|---|---|---|---|---|";
+
+fn throughput(args: &Args) {
+    let partitions = 12;
+    let s = start_sandboxes(partitions, 0);
+    // Every event a change to a different record: one single-record upsert each, none
+    // superseded by a newer version waiting behind it.
+    let messages = stream(args.events, 1, false);
+    runtime()
+        .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
+        .expect("produce");
+    let f = run_pipeline(
+        &s,
+        config(&s, "load-throughput", true, 1e6, 32),
+        partitions,
+        messages.len(),
+    );
+    println!("\n### throughput: every event changes its record (single-record upserts, zero latency)\n\n{HEADER}");
+    print_run("all changed, diff on", &f, messages.len());
+}
+
+fn diff(args: &Args) {
+    let partitions = 12;
+    // 80% of events repeat an unchanged payload: each record 1 create + 4 repeats.
+    let records = args.events / 5;
+    let messages = stream(records, 5, true);
+    println!("\n### diff: 80% of events repeat an unchanged payload (same stream, diff on vs off)\n\n{HEADER}");
+    let mut figures = Vec::new();
+    for enabled in [true, false] {
+        // A fresh sandbox per run, so each starts with an empty org.
+        let s = start_sandboxes(partitions, 0);
+        runtime()
+            .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
+            .expect("produce");
+        let f = run_pipeline(
+            &s,
+            config(&s, "load-diff", enabled, 1e6, 32),
+            partitions,
+            messages.len(),
+        );
+        print_run(
+            if enabled {
+                "80% unchanged, diff on"
+            } else {
+                "80% unchanged, diff off"
+            },
+            &f,
+            records,
+        );
+        figures.push(f);
+    }
+    println!(
+        "\nCRM calls with diff off ÷ with diff on: {:.2}× ({} vs {}); records changed: {records}",
+        figures[1].crm_calls as f64 / figures[0].crm_calls.max(1) as f64,
+        figures[1].crm_calls,
+        figures[0].crm_calls
+    );
+}
+
+fn backlog(args: &Args) {
+    // ~5 MiB retention per mock partition: 500k × ~220 B needs ≥ 25 partitions.
+    let partitions = 48;
+    let s = start_sandboxes(partitions, 0);
+    let messages = stream(args.backlog_events / 2, 2, false);
+    runtime()
+        .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
+        .expect("produce");
+    let ends: i64 = tools::end_offsets(&s.bootstrap, TOPIC, partitions)
+        .expect("ends")
+        .iter()
+        .sum();
+    println!("\n### backlog: {} events wait in Kafka ({} retained), tenant limited to 2,000 requests/s\n", messages.len(), ends);
+    let rss_before = status_kib("VmRSS:");
+    let service = pipeline::start(config(&s, "load-backlog", true, 2000.0, 16)).expect("start");
+    println!("| second | RSS MiB | committed | lag |\n|---|---|---|---|");
+    let mut samples = Vec::new();
+    for second in 1..=args.backlog_seconds {
+        std::thread::sleep(Duration::from_secs(1)); // sampling cadence
+        let committed: i64 = tools::committed(&s.bootstrap, "load-backlog", TOPIC, partitions)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.unwrap_or(0))
+            .sum();
+        let rss = status_kib("VmRSS:") as f64 / 1024.0;
+        samples.push(rss);
+        if second % 5 == 0 || second == 1 {
+            println!(
+                "| {second} | {rss:.1} | {committed} | {} |",
+                ends - committed
+            );
+        }
+    }
+    service.stop(StopMode::Graceful);
+    let warm = &samples[samples.len().min(5)..];
+    let (min, max) = warm
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    println!(
+        "\nRSS before start {:.1} MiB; after 5 s warm-up min {:.1} MiB, max {:.1} MiB (growth {:.1} MiB) while the backlog drained at the tenant's rate",
+        rss_before as f64 / 1024.0,
+        min,
+        max,
+        max - min
+    );
+}
+
+fn main() {
+    let args = Args::parse();
+    println!(
+        "crm-sync load test — {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    if matches!(args.scenario, Scenario::All | Scenario::Throughput) {
+        throughput(&args);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Diff) {
+        diff(&args);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Backlog) {
+        backlog(&args);
+    }
+}

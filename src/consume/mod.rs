@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use actix::dev::SendError;
 use actix::prelude::*;
 use dashmap::DashMap;
 use rdkafka::config::ClientConfig;
@@ -359,8 +360,11 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
                     .get(&key)
                     .map(|e| e.addr.clone());
                 if let Some(addr) = addr {
-                    // Blocks while the partition's mailbox is full: intake follows processing.
-                    let _ = futures::executor::block_on(addr.send(Record(source)));
+                    // Fast path without a thread park; when the partition's mailbox is full,
+                    // block until it has room, so intake follows processing.
+                    if let Err(SendError::Full(record)) = addr.try_send(Record(source)) {
+                        let _ = futures::executor::block_on(addr.send(record));
+                    }
                 }
             }
         }
