@@ -182,7 +182,7 @@ failures_topic = "load-failures"
 session_timeout_ms = 6000
 drain_timeout_ms = 4000
 commit_interval_ms = 500
-max_in_flight_per_partition = 2000
+max_in_flight_per_partition = 1000
 create_topics = false
 [diff]
 enabled = {diff}
@@ -434,6 +434,14 @@ fn backlog(args: &Args) {
             );
         }
     }
+    let text = telemetry::prometheus().render();
+    eprintln!(
+        "  (backlog: in flight {} | partition pauses {} | delivered {} | skipped {})",
+        metric_total(&text, metric::IN_FLIGHT, None),
+        metric_total(&text, metric::PARTITION_PAUSES, None),
+        metric_total(&text, metric::OUTCOMES, Some(("outcome", "delivered"))),
+        metric_total(&text, metric::OUTCOMES, Some(("outcome", "superseded")))
+    );
     service.stop(StopMode::Graceful);
     let warm = &samples[samples.len().min(5)..];
     let (min, max) = warm

@@ -112,7 +112,8 @@ pub struct KafkaConfig {
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
     /// Events of one partition that may be undecided at once; at this number the partition
-    /// is paused until outcomes come back.
+    /// is paused until half of them are decided. Memory held by the pipeline is about
+    /// assigned partitions × this × 4 KiB (for ~250-byte events).
     #[serde(default = "default_max_in_flight_per_partition")]
     pub max_in_flight_per_partition: usize,
     /// Messages larger than this many bytes are dead-lettered as `too_large`.
@@ -143,7 +144,7 @@ fn default_drain_timeout_ms() -> u64 {
     5_000
 }
 fn default_max_in_flight_per_partition() -> usize {
-    10_000
+    1_000
 }
 fn default_max_message_bytes() -> usize {
     1_048_576

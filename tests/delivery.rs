@@ -45,7 +45,7 @@ fn duplicate_unchanged_and_stale_events_cost_no_api_call() {
     let service = pipeline::start(env.config()).unwrap();
     // 1. Version 2 of a record is delivered.
     let v2 = upsert("e2", "C-1", 2, "Ada", "Lovelace");
-    env.produce(&[v2.clone()]);
+    env.produce(std::slice::from_ref(&v2));
     assert!(env.wait_all_committed(WAIT));
     let before = env.sf.stats().api_requests;
     assert_eq!(before, 1);

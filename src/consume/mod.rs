@@ -18,7 +18,7 @@
 pub mod offsets;
 mod partition;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,8 +111,11 @@ pub struct LoopContext {
     arbiter: ArbiterHandle,
     drain_timeout: Duration,
     health: Health,
-    /// Partitions currently paused because their window is full.
-    paused: Mutex<HashSet<(Arc<str>, i32)>>,
+    /// Partitions currently paused because their window is full, each with the first
+    /// offset that arrived after the pause (librdkafka still hands out what it had
+    /// prefetched). Such messages are not delivered; the partition is seeked back to that
+    /// offset before it resumes, so the window really bounds memory and nothing is skipped.
+    paused: Mutex<HashMap<(Arc<str>, i32), Option<i64>>>,
 }
 
 impl ClientContext for LoopContext {
@@ -294,7 +297,10 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", heartbeat.to_string())
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Bound librdkafka's prefetch; the in-flight windows bound the rest.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "10000");
     c
 }
 
@@ -307,7 +313,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         arbiter: setup.arbiter.clone(),
         drain_timeout: setup.kafka.drain_timeout(),
         health: setup.health.clone(),
-        paused: Mutex::new(HashSet::new()),
+        paused: Mutex::new(HashMap::new()),
     };
     let consumer: BaseConsumer<LoopContext> =
         consumer_config(&setup.kafka).create_with_context(context)?;
@@ -339,6 +345,9 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
             Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error."),
             Some(Ok(message)) => {
                 let key = (Arc::<str>::from(message.topic()), message.partition());
+                if hold_back(&consumer, &key, message.offset()) {
+                    continue;
+                }
                 let source = SourceMessage {
                     topic: key.0.clone(),
                     partition: message.partition(),
@@ -416,6 +425,16 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
             else {
                 return;
             };
+            // This seek supersedes a resume position held back while paused.
+            if let Some(first) = consumer
+                .context()
+                .paused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&(topic.clone(), partition))
+            {
+                *first = Some(offset);
+            }
             if let Err(e) = consumer.seek(
                 &topic,
                 partition,
@@ -441,20 +460,44 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
     for entry in ctx.directory.iter() {
         let key = entry.key().clone();
         let wanted = entry.shared.pause_wanted.load(Ordering::Relaxed);
-        if wanted == paused.contains(&key) {
+        if wanted == paused.contains_key(&key) {
             continue;
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&key.0, key.1);
         if wanted {
             if consumer.pause(&tpl).is_ok() {
-                metrics::counter!(metric::PARTITION_PAUSES, "topic" => key.0.to_string())
-                    .increment(1);
-                paused.insert(key);
+                metrics::counter!(metric::PARTITION_PAUSES, "topic" => key.0.to_string()).increment(1);
+                paused.insert(key, None);
             }
-        } else if consumer.resume(&tpl).is_ok() {
-            paused.remove(&key);
+        } else {
+            if let Some(Some(first_held_back)) = paused.get(&key) {
+                let at = Offset::Offset(*first_held_back);
+                if let Err(e) = consumer.seek(&key.0, key.1, at, Duration::from_secs(5)) {
+                    // Resuming without the seek would skip what was held back: stay paused.
+                    tracing::warn!(topic = %key.0, partition = key.1, error = %e, "Seek before resume failed; retrying.");
+                    continue;
+                }
+            }
+            if consumer.resume(&tpl).is_ok() {
+                paused.remove(&key);
+            }
         }
+    }
+}
+
+/// Whether a message must be held back because its partition is paused; remembers the
+/// first such offset so the partition resumes from there.
+fn hold_back(consumer: &BaseConsumer<LoopContext>, key: &(Arc<str>, i32), offset: i64) -> bool {
+    let mut paused = consumer.context().paused.lock().unwrap_or_else(|p| p.into_inner());
+    match paused.get_mut(key) {
+        Some(first) => {
+            if first.is_none() {
+                *first = Some(offset);
+            }
+            true
+        }
+        None => false,
     }
 }
 
