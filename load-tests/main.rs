@@ -115,18 +115,13 @@ fn start_sandboxes(partitions: i32, latency_ms: u64) -> Sandboxes {
             "load-dlq",
             "--topic",
             "load-failures",
+            "--topic",
+            "load-state",
         ],
         &[],
     );
     let (sf, line) = spawn_reading_first_line(
-        &[
-            "sandbox",
-            "salesforce",
-            "--port",
-            "0",
-            "--client-id",
-            "load",
-        ],
+        &["sandbox", "salesforce", "--port", "0", "--client-id", "load"],
         &[("SANDBOX_SF_CLIENT_SECRET", "load-secret")],
     );
     let sf_url = line.rsplit(' ').next().unwrap_or_default().to_string();
@@ -236,12 +231,7 @@ fn cpu_seconds_of(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_name = stat.rsplit(')').next().unwrap_or_default();
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -280,8 +270,7 @@ fn run_pipeline(s: &Sandboxes, config: Config, partitions: i32, events: usize) -
     let t0 = Instant::now();
     let service = pipeline::start(config).expect("start");
     loop {
-        let committed =
-            tools::committed(&s.bootstrap, &group, TOPIC, partitions).unwrap_or_default();
+        let committed = tools::committed(&s.bootstrap, &group, TOPIC, partitions).unwrap_or_default();
         if committed.len() == ends.len()
             && committed
                 .iter()
@@ -332,10 +321,7 @@ fn print_run(name: &str, f: &RunFigures, changed_records: usize) {
         f.crm_calls as f64 / changed_records.max(1) as f64,
         100.0 * f.skipped / f.events as f64,
     );
-    eprintln!(
-        "  ({name}: delivered {} skipped {})",
-        f.delivered, f.skipped
-    );
+    eprintln!("  ({name}: delivered {} skipped {})", f.delivered, f.skipped);
     println!(
         "|   ↳ where the CPU went | | | | pipeline {:.1} s, Salesforce sandbox {:.1} s, Kafka broker {:.1} s (of {:.1} s × 2 cores) | | | | |",
         f.cpu_seconds, f.sandbox_cpu_seconds, f.broker_cpu_seconds, f.seconds
@@ -413,7 +399,11 @@ fn backlog(args: &Args) {
         .expect("ends")
         .iter()
         .sum();
-    println!("\n### backlog: {} events wait in Kafka ({} retained), tenant limited to 2,000 requests/s\n", messages.len(), ends);
+    println!(
+        "\n### backlog: {} events wait in Kafka ({} retained), tenant limited to 2,000 requests/s\n",
+        messages.len(),
+        ends
+    );
     let rss_before = status_kib("VmRSS:");
     let service = pipeline::start(config(&s, "load-backlog", true, 2000.0, 16)).expect("start");
     println!("| second | RSS MiB | committed | lag |\n|---|---|---|---|");
@@ -428,10 +418,7 @@ fn backlog(args: &Args) {
         let rss = status_kib("VmRSS:") as f64 / 1024.0;
         samples.push(rss);
         if second % 5 == 0 || second == 1 {
-            println!(
-                "| {second} | {rss:.1} | {committed} | {} |",
-                ends - committed
-            );
+            println!("| {second} | {rss:.1} | {committed} | {} |", ends - committed);
         }
     }
     let text = telemetry::prometheus().render();
@@ -460,9 +447,7 @@ fn main() {
     let args = Args::parse();
     println!(
         "crm-sync load test — {} cores, {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     );
     if matches!(args.scenario, Scenario::All | Scenario::Throughput) {

@@ -17,10 +17,7 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("invalid config: {0}")]
     Parse(String),
     #[error("invalid config: `{key}`: {reason}")]
@@ -100,6 +97,10 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     /// Failures topic: one JSON event per terminal failure.
     pub failures_topic: String,
+    /// State topic (compacted): each record's last confirmed version and payload hash, so
+    /// that a partition's next owner still recognises stale versions and unchanged
+    /// payloads. Needs at least as many partitions as the input topic with the most.
+    pub state_topic: String,
     /// Consumer-group session timeout. A member that misses heartbeats this long is
     /// removed from the group.
     #[serde(default = "default_session_timeout_ms")]
@@ -348,12 +349,9 @@ impl Config {
     }
 
     /// Like [`from_toml`](Self::from_toml), with `${VAR}` looked up in `env`.
-    pub fn from_toml_with_env(
-        text: &str,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(e.message().to_string() + &location(text, &e)))?;
+    pub fn from_toml_with_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string() + &location(text, &e)))?;
         config.resolve_env(env)?;
         config.validate()?;
         Ok(config)
@@ -366,11 +364,7 @@ impl Config {
         }
         for (i, tenant) in self.tenants.iter_mut().enumerate() {
             if let Some(sf) = tenant.salesforce.as_mut() {
-                resolve_secret(
-                    &format!("tenants[{i}].salesforce.client_id"),
-                    &mut sf.client_id,
-                    &env,
-                )?;
+                resolve_secret(&format!("tenants[{i}].salesforce.client_id"), &mut sf.client_id, &env)?;
                 resolve_secret(
                     &format!("tenants[{i}].salesforce.client_secret"),
                     &mut sf.client_secret,
@@ -385,10 +379,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
         if k.bootstrap_servers.trim().is_empty() {
-            return Err(ConfigError::invalid(
-                "kafka.bootstrap_servers",
-                "must not be empty",
-            ));
+            return Err(ConfigError::invalid("kafka.bootstrap_servers", "must not be empty"));
         }
         if k.group_id.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
@@ -407,19 +398,19 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must not be empty"));
             }
             if k.input_topics.contains(topic) {
-                return Err(ConfigError::invalid(
-                    key,
-                    "must not be one of kafka.input_topics",
-                ));
+                return Err(ConfigError::invalid(key, "must not be one of kafka.input_topics"));
             }
+        }
+        if k.state_topic == k.dlq_topic || k.state_topic == k.failures_topic {
+            return Err(ConfigError::invalid(
+                "kafka.state_topic",
+                "must differ from the DLQ and failures topics",
+            ));
         }
         if k.drain_timeout_ms >= k.session_timeout_ms {
             return Err(ConfigError::invalid(
                 "kafka.drain_timeout_ms",
-                format!(
-                    "must be below kafka.session_timeout_ms ({})",
-                    k.session_timeout_ms
-                ),
+                format!("must be below kafka.session_timeout_ms ({})", k.session_timeout_ms),
             ));
         }
         if k.session_timeout_ms < 1_000 {
@@ -429,10 +420,7 @@ impl Config {
             ));
         }
         if k.commit_interval_ms == 0 {
-            return Err(ConfigError::invalid(
-                "kafka.commit_interval_ms",
-                "must be positive",
-            ));
+            return Err(ConfigError::invalid("kafka.commit_interval_ms", "must be positive"));
         }
         if k.max_in_flight_per_partition == 0 {
             return Err(ConfigError::invalid(
@@ -441,22 +429,13 @@ impl Config {
             ));
         }
         if k.max_message_bytes == 0 {
-            return Err(ConfigError::invalid(
-                "kafka.max_message_bytes",
-                "must be positive",
-            ));
+            return Err(ConfigError::invalid("kafka.max_message_bytes", "must be positive"));
         }
         if k.topic_partitions < 1 {
-            return Err(ConfigError::invalid(
-                "kafka.topic_partitions",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("kafka.topic_partitions", "must be at least 1"));
         }
         if k.topic_replication < 1 {
-            return Err(ConfigError::invalid(
-                "kafka.topic_replication",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("kafka.topic_replication", "must be at least 1"));
         }
         for reserved in [
             "group.id",
@@ -476,16 +455,10 @@ impl Config {
         }
         let r = &self.retry;
         if r.max_attempts == 0 {
-            return Err(ConfigError::invalid(
-                "retry.max_attempts",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::invalid("retry.max_attempts", "must be at least 1"));
         }
         if r.base_delay_ms == 0 {
-            return Err(ConfigError::invalid(
-                "retry.base_delay_ms",
-                "must be positive",
-            ));
+            return Err(ConfigError::invalid("retry.base_delay_ms", "must be positive"));
         }
         if r.max_delay_ms < r.base_delay_ms {
             return Err(ConfigError::invalid(
@@ -500,10 +473,7 @@ impl Config {
             ));
         }
         if self.tenants.is_empty() {
-            return Err(ConfigError::invalid(
-                "tenants",
-                "must configure at least one tenant",
-            ));
+            return Err(ConfigError::invalid("tenants", "must configure at least one tenant"));
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
@@ -524,16 +494,10 @@ impl Config {
                 ));
             }
             if t.max_concurrency == 0 {
-                return Err(ConfigError::invalid(
-                    key("max_concurrency"),
-                    "must be at least 1",
-                ));
+                return Err(ConfigError::invalid(key("max_concurrency"), "must be at least 1"));
             }
             if t.request_timeout_ms == 0 {
-                return Err(ConfigError::invalid(
-                    key("request_timeout_ms"),
-                    "must be positive",
-                ));
+                return Err(ConfigError::invalid(key("request_timeout_ms"), "must be positive"));
             }
             match t.crm {
                 CrmKind::Salesforce => {
@@ -543,17 +507,14 @@ impl Config {
                             "is required when crm = \"salesforce\"",
                         ));
                     };
-                    if !(sf.base_url.starts_with("https://") || sf.base_url.starts_with("http://"))
-                    {
+                    if !(sf.base_url.starts_with("https://") || sf.base_url.starts_with("http://")) {
                         return Err(ConfigError::invalid(
                             key("salesforce.base_url"),
                             "must be an http(s) URL",
                         ));
                     }
                     let host = sf.base_url.split("://").nth(1).unwrap_or_default();
-                    if host.starts_with("login.salesforce.com")
-                        || host.starts_with("test.salesforce.com")
-                    {
+                    if host.starts_with("login.salesforce.com") || host.starts_with("test.salesforce.com") {
                         return Err(ConfigError::invalid(
                             key("salesforce.base_url"),
                             "the client-credentials flow needs the org's My Domain URL, not login/test.salesforce.com",
@@ -570,10 +531,7 @@ impl Config {
                         ));
                     }
                     if sf.client_id.expose().is_empty() {
-                        return Err(ConfigError::invalid(
-                            key("salesforce.client_id"),
-                            "must not be empty",
-                        ));
+                        return Err(ConfigError::invalid(key("salesforce.client_id"), "must not be empty"));
                     }
                     if sf.client_secret.expose().is_empty() {
                         return Err(ConfigError::invalid(
@@ -584,10 +542,7 @@ impl Config {
                 }
             }
             if t.entities.is_empty() {
-                return Err(ConfigError::invalid(
-                    key("entities"),
-                    "must map at least one entity",
-                ));
+                return Err(ConfigError::invalid(key("entities"), "must map at least one entity"));
             }
             for (name, e) in &t.entities {
                 let ekey = |field: &str| format!("tenants[{i}].entities.{name}.{field}");
@@ -595,16 +550,10 @@ impl Config {
                     return Err(ConfigError::invalid(ekey("object"), "must not be empty"));
                 }
                 if e.external_id_field.trim().is_empty() {
-                    return Err(ConfigError::invalid(
-                        ekey("external_id_field"),
-                        "must not be empty",
-                    ));
+                    return Err(ConfigError::invalid(ekey("external_id_field"), "must not be empty"));
                 }
                 if e.fields.is_empty() {
-                    return Err(ConfigError::invalid(
-                        ekey("fields"),
-                        "must map at least one field",
-                    ));
+                    return Err(ConfigError::invalid(ekey("fields"), "must map at least one field"));
                 }
                 for (field, path) in &e.fields {
                     if path.split('.').any(str::is_empty) {
@@ -639,11 +588,7 @@ impl KafkaConfig {
     }
 }
 
-fn resolve_secret(
-    key: &str,
-    value: &mut Secret,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), ConfigError> {
+fn resolve_secret(key: &str, value: &mut Secret, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
     let raw = value.expose();
     if let Some(var) = raw.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
         let resolved = env(var).ok_or_else(|| ConfigError::MissingEnv {
@@ -676,6 +621,7 @@ mod tests {
         input_topics = ["in"]
         dlq_topic = "dlq"
         failures_topic = "failures"
+        state_topic = "state"
 
         [[tenants]]
         name = "acme"
@@ -691,11 +637,7 @@ mod tests {
     "#;
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_toml_with_env(text, |v| {
-            env.iter()
-                .find(|(k, _)| *k == v)
-                .map(|(_, x)| x.to_string())
-        })
+        Config::from_toml_with_env(text, |v| env.iter().find(|(k, _)| *k == v).map(|(_, x)| x.to_string()))
     }
 
     #[test]
@@ -704,10 +646,7 @@ mod tests {
         let sf = c.tenants[0].salesforce.as_ref().unwrap();
         assert_eq!(sf.client_secret.expose(), "s3cr3t");
         let printed = format!("{c:?}");
-        assert!(
-            !printed.contains("s3cr3t") && !printed.contains("id-123"),
-            "{printed}"
-        );
+        assert!(!printed.contains("s3cr3t") && !printed.contains("id-123"), "{printed}");
     }
 
     #[test]
@@ -740,10 +679,7 @@ mod tests {
 
     #[test]
     fn login_host_is_rejected_for_client_credentials() {
-        let text = MINIMAL.replace(
-            "https://acme.my.salesforce.com",
-            "https://login.salesforce.com",
-        );
+        let text = MINIMAL.replace("https://acme.my.salesforce.com", "https://login.salesforce.com");
         let err = parse(&text, &[("SF_ID", "x"), ("SF_SECRET", "y")])
             .unwrap_err()
             .to_string();
@@ -761,18 +697,12 @@ mod reference_tests {
         let env = |v: &str| Some(format!("value-of-{v}"));
         let c = Config::from_toml_with_env(text, env).unwrap();
         assert_eq!(c.tenants[0].entities.len(), 2);
-        assert_eq!(
-            c.kafka.client["sasl.password"].expose(),
-            "value-of-KAFKA_SASL_PASSWORD"
-        );
+        assert_eq!(c.kafka.client["sasl.password"].expose(), "value-of-KAFKA_SASL_PASSWORD");
     }
 
     #[test]
     fn the_demo_config_parses() {
-        let c = Config::from_toml_with_env(include_str!("../config/demo.toml"), |v| {
-            Some(v.to_string())
-        })
-        .unwrap();
+        let c = Config::from_toml_with_env(include_str!("../config/demo.toml"), |v| Some(v.to_string())).unwrap();
         assert_eq!(c.tenants.len(), 3);
     }
 }

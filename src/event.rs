@@ -106,11 +106,7 @@ pub trait Routes {
 }
 
 /// Decodes and validates one message value.
-pub fn decode(
-    bytes: Option<&[u8]>,
-    max_bytes: usize,
-    routes: &dyn Routes,
-) -> Result<Event, DecodeError> {
+pub fn decode(bytes: Option<&[u8]>, max_bytes: usize, routes: &dyn Routes) -> Result<Event, DecodeError> {
     let bytes = bytes.filter(|b| !b.is_empty()).ok_or(DecodeError::Empty)?;
     if bytes.len() > max_bytes {
         return Err(DecodeError::TooLarge {
@@ -119,8 +115,7 @@ pub fn decode(
         });
     }
     let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8)?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
     let Value::Object(mut obj) = value else {
         return Err(DecodeError::NotAnObject);
     };
@@ -301,30 +296,19 @@ mod tests {
             assert_eq!(decode(bytes, 10_000, &AllRoutes).unwrap_err().code(), code);
         }
         let cases = [
-            (
-                GOOD.replace("\"version\":7", "\"version\":\"7\""),
-                "wrong_type",
-            ),
-            (
-                GOOD.replace("\"version\":7", "\"version\":-1"),
-                "wrong_type",
-            ),
+            (GOOD.replace("\"version\":7", "\"version\":\"7\""), "wrong_type"),
+            (GOOD.replace("\"version\":7", "\"version\":-1"), "wrong_type"),
             (GOOD.replace("upsert", "merge"), "unknown_op"),
             (GOOD.replace("acme", "nobody"), "unknown_tenant"),
             (GOOD.replace("\"contact\"", "\"lead\""), "unknown_entity"),
-            (
-                GOOD.replace("2026-11-29T10:00:00Z", "yesterday"),
-                "wrong_type",
-            ),
+            (GOOD.replace("2026-11-29T10:00:00Z", "yesterday"), "wrong_type"),
             (GOOD.replace(",\"data\":{\"a\":1}", ""), "missing_field"),
         ];
         for (text, code) in cases {
             assert_eq!(decode_str(&text).unwrap_err().code(), code, "{text}");
         }
         assert_eq!(
-            decode(Some(GOOD.as_bytes()), 10, &AllRoutes)
-                .unwrap_err()
-                .code(),
+            decode(Some(GOOD.as_bytes()), 10, &AllRoutes).unwrap_err().code(),
             "too_large"
         );
     }
@@ -360,20 +344,11 @@ mod tests {
                 keys.reverse();
                 let parts: Vec<String> = keys
                     .iter()
-                    .map(|k| {
-                        format!(
-                            "  {} :\n {}",
-                            serde_json::to_string(k).unwrap(),
-                            reordered(&map[*k])
-                        )
-                    })
+                    .map(|k| format!("  {} :\n {}", serde_json::to_string(k).unwrap(), reordered(&map[*k])))
                     .collect();
                 format!("{{ {} }}", parts.join(" ,\t"))
             }
-            Value::Array(items) => format!(
-                "[ {} ]",
-                items.iter().map(reordered).collect::<Vec<_>>().join(" , ")
-            ),
+            Value::Array(items) => format!("[ {} ]", items.iter().map(reordered).collect::<Vec<_>>().join(" , ")),
             other => other.to_string(),
         }
     }

@@ -76,7 +76,7 @@ enum SandboxCommand {
         #[arg(long, default_value_t = 6)]
         partitions: i32,
         /// Topics to create at start.
-        #[arg(long = "topic", default_values_t = ["crm-events".to_string(), "crm-sync.dlq".to_string(), "crm-sync.failures".to_string()])]
+        #[arg(long = "topic", default_values_t = ["crm-events".to_string(), "crm-sync.dlq".to_string(), "crm-sync.failures".to_string(), "crm-sync.state".to_string()])]
         topics: Vec<String>,
         /// Number of mock brokers.
         #[arg(long, default_value_t = 1)]
@@ -115,16 +115,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(&config)?;
             let service = pipeline::start(config).context("starting the service")?;
             tracing::info!(http = %service.http_addr(), "crm-sync running.");
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let signal = runtime.block_on(shutdown::signal())?;
             tracing::info!(signal, "Stopping: draining and committing.");
             let report = service.stop(StopMode::Graceful);
             if !report.closed {
-                tracing::warn!(
-                    "The Kafka client did not close within the deadline; exiting anyway."
-                );
+                tracing::warn!("The Kafka client did not close within the deadline; exiting anyway.");
             }
             Ok(if report.committed {
                 ExitCode::SUCCESS
@@ -132,14 +128,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Demo {
-            records,
-            metrics_addr,
-        } => {
-            let converged = demo::run(&demo::DemoOptions {
-                records,
-                metrics_addr,
-            })?;
+        Command::Demo { records, metrics_addr } => {
+            let converged = demo::run(&demo::DemoOptions { records, metrics_addr })?;
             Ok(if converged {
                 ExitCode::SUCCESS
             } else {
@@ -167,13 +157,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client_id,
             client_secret_env,
         }) => {
-            let secret = std::env::var(&client_secret_env).with_context(|| {
-                format!("environment variable {client_secret_env} (the client secret) is not set")
-            })?;
-            let sandbox = SalesforceSandbox::start(
-                &format!("{bind}:{port}"),
-                SandboxOrg::standard(&client_id, &secret),
-            )?;
+            let secret = std::env::var(&client_secret_env)
+                .with_context(|| format!("environment variable {client_secret_env} (the client secret) is not set"))?;
+            let sandbox =
+                SalesforceSandbox::start(&format!("{bind}:{port}"), SandboxOrg::standard(&client_id, &secret))?;
             println!("salesforce sandbox listening on {}", sandbox.base_url());
             wait_for_signal()?;
             Ok(ExitCode::SUCCESS)
@@ -198,9 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn wait_for_signal() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(shutdown::signal())?;
     Ok(())
 }

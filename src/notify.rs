@@ -67,12 +67,7 @@ impl DeadLetters {
     }
 
     /// Writes the DLQ record and the failure event, retrying until both are acknowledged.
-    pub async fn dead_letter(
-        &self,
-        source: &SourceMessage,
-        event: Option<&Event>,
-        failure: &Failure,
-    ) {
+    pub async fn dead_letter(&self, source: &SourceMessage, event: Option<&Event>, failure: &Failure) {
         let mut headers = OwnedHeaders::new_with_capacity(source.headers.len() + 14);
         for (k, v) in &source.headers {
             headers = headers.insert(Header {
@@ -169,8 +164,7 @@ impl DeadLetters {
             match self.producer.send(record, Duration::from_secs(30)).await {
                 Ok(_) => return,
                 Err((e, _)) => {
-                    metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string())
-                        .increment(1);
+                    metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
                     tracing::error!(topic, error = %e, "Could not write a dead-letter record; retrying.");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));

@@ -14,15 +14,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
 
 use crate::config::{Config, CrmKind, KafkaConfig};
 use crate::connectors::salesforce::SalesforceConnector;
 use crate::connectors::Connector;
-use crate::consume::{
-    self, ConsumerCommand, ConsumerSetup, PartitionDeps, PartitionDirectory, StopMode, StopSignal,
-};
+use crate::consume::{self, ConsumerCommand, ConsumerSetup, PartitionDeps, PartitionDirectory, StopMode, StopSignal};
+use crate::diff::store::StateStore;
 use crate::diff::DiffActor;
 use crate::event::Routes;
 use crate::notify::DeadLetters;
@@ -35,17 +33,13 @@ use crate::tenant::{TenantActor, TenantDeps};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot serve metrics on {addr}: {source}")]
-    Http {
-        addr: String,
-        source: std::io::Error,
-    },
+    Http { addr: String, source: std::io::Error },
     #[error("cannot create Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot build HTTP client for tenant {tenant}: {source}")]
-    HttpClient {
-        tenant: String,
-        source: reqwest::Error,
-    },
+    HttpClient { tenant: String, source: reqwest::Error },
+    #[error("{0}")]
+    StateTopic(String),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("the service thread ended before it started")]
@@ -147,28 +141,17 @@ impl ServiceHandle {
     }
 }
 
-fn kafka_client_config(kafka: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    for (k, v) in &kafka.client {
-        c.set(k, v.expose());
-    }
-    c.set("bootstrap.servers", &kafka.bootstrap_servers);
-    c
-}
-
-/// Creates missing topics through the Admin API. A broker that refuses (or, like the
-/// mock cluster, does not implement it) is logged, not fatal: the topics may be managed
-/// elsewhere.
+/// Creates missing topics through the Admin API (the state topic compacted). A broker
+/// that refuses (or, like the mock cluster, does not implement it) is logged, not fatal:
+/// the topics may be managed elsewhere.
 async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = kafka_client_config(kafka).create()?;
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(10))?;
+    let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
     let existing: HashSet<&str> = metadata.topics().iter().map(|t| t.name()).collect();
     let wanted: Vec<&String> = kafka
         .input_topics
         .iter()
-        .chain([&kafka.dlq_topic, &kafka.failures_topic])
+        .chain([&kafka.dlq_topic, &kafka.failures_topic, &kafka.state_topic])
         .filter(|t| !existing.contains(t.as_str()))
         .collect();
     if wanted.is_empty() {
@@ -177,11 +160,16 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
     let new: Vec<NewTopic<'_>> = wanted
         .iter()
         .map(|t| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 t,
                 kafka.topic_partitions,
                 TopicReplication::Fixed(kafka.topic_replication),
-            )
+            );
+            if *t == &kafka.state_topic {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -197,10 +185,38 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
     Ok(())
 }
 
-fn build_connector(
-    config: &Config,
-    tenant: &crate::config::TenantConfig,
-) -> Result<Arc<dyn Connector>, StartError> {
+/// The state topic must have a partition for every input partition number, since each
+/// record's state goes to its source partition's number.
+fn check_state_topic(kafka: &KafkaConfig) -> Result<(), StartError> {
+    let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let partitions = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map(|t| t.partitions().len())
+    };
+    let needed = kafka
+        .input_topics
+        .iter()
+        .filter_map(|t| partitions(t))
+        .max()
+        .unwrap_or(0);
+    match partitions(&kafka.state_topic) {
+        Some(have) if have >= needed => Ok(()),
+        Some(have) => Err(StartError::StateTopic(format!(
+            "`kafka.state_topic` ({}) has {have} partitions; it needs at least {needed}, as many as the largest input topic",
+            kafka.state_topic
+        ))),
+        None => Err(StartError::StateTopic(format!(
+            "`kafka.state_topic` ({}) does not exist; create it (compacted) or set kafka.create_topics",
+            kafka.state_topic
+        ))),
+    }
+}
+
+fn build_connector(config: &Config, tenant: &crate::config::TenantConfig) -> Result<Arc<dyn Connector>, StartError> {
     let limit_pause = Duration::from_millis(config.retry.max_delay_ms);
     match tenant.crm {
         CrmKind::Salesforce => {
@@ -209,11 +225,9 @@ fn build_connector(
                 .as_ref()
                 .expect("validate() requires [salesforce] for crm = salesforce");
             let connector =
-                SalesforceConnector::new(tenant, sf, limit_pause).map_err(|source| {
-                    StartError::HttpClient {
-                        tenant: tenant.name.clone(),
-                        source,
-                    }
+                SalesforceConnector::new(tenant, sf, limit_pause).map_err(|source| StartError::HttpClient {
+                    tenant: tenant.name.clone(),
+                    source,
                 })?;
             Ok(Arc::new(connector))
         }
@@ -233,12 +247,7 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
         .name("crm-sync-actors".into())
         .spawn(move || {
             let system = System::new();
-            system.block_on(run_service(
-                config,
-                thread_stop,
-                thread_committed,
-                started_tx,
-            ));
+            system.block_on(run_service(config, thread_stop, thread_committed, started_tx));
             drop(system);
             let _ = finished_tx.send(());
         })
@@ -260,21 +269,25 @@ async fn run_service(
     started: mpsc::Sender<Result<Control, StartError>>,
 ) {
     let health = Health::default();
-    let (http_addr, http_task) =
-        match telemetry::serve(&config.service.http_addr, health.clone()).await {
-            Ok(v) => v,
-            Err(source) => {
-                let _ = started.send(Err(StartError::Http {
-                    addr: config.service.http_addr.clone(),
-                    source,
-                }));
-                return;
-            }
-        };
+    let (http_addr, http_task) = match telemetry::serve(&config.service.http_addr, health.clone()).await {
+        Ok(v) => v,
+        Err(source) => {
+            let _ = started.send(Err(StartError::Http {
+                addr: config.service.http_addr.clone(),
+                source,
+            }));
+            return;
+        }
+    };
     if config.kafka.create_topics {
         if let Err(e) = ensure_topics(&config.kafka).await {
             tracing::warn!(error = %e, "Could not check or create topics.");
         }
+    }
+    if let Err(e) = check_state_topic(&config.kafka) {
+        let _ = started.send(Err(e));
+        http_task.abort();
+        return;
     }
     match wire(&config, health, stop, committed, http_addr) {
         Ok((control, consumer_thread, arbiters)) => {
@@ -308,25 +321,20 @@ fn wire(
     committed: Arc<AtomicBool>,
     http_addr: SocketAddr,
 ) -> Result<Wired, StartError> {
-    let producer: FutureProducer = kafka_client_config(&config.kafka)
+    let producer: FutureProducer = consume::client_config(&config.kafka)
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
         .create()?;
-    let dead_letters = DeadLetters::new(
-        producer,
-        &config.kafka.dlq_topic,
-        &config.kafka.failures_topic,
-    );
+    let state = StateStore::new(producer.clone(), &config.kafka.state_topic);
+    let dead_letters = DeadLetters::new(producer, &config.kafka.dlq_topic, &config.kafka.failures_topic);
 
     let partition_arbiter = Arbiter::new();
     let tenant_arbiter = Arbiter::new();
     let diff_arbiter = Arbiter::new();
 
     let (enabled, capacity) = (config.diff.enabled, config.diff.capacity);
-    let diff = Supervisor::start_in_arbiter(&diff_arbiter.handle(), move |_| {
-        DiffActor::new(enabled, capacity)
-    });
+    let diff = Supervisor::start_in_arbiter(&diff_arbiter.handle(), move |_| DiffActor::new(enabled, capacity));
     let tenant_directory = TenantDirectory::default();
     let directory_for_retry = tenant_directory.clone();
     let retry = Supervisor::start_in_arbiter(&tenant_arbiter.handle(), move |_| {
@@ -342,6 +350,7 @@ fn wire(
             diff: diff.clone(),
             retry: retry.clone(),
             dead_letters: dead_letters.clone(),
+            state: state.clone(),
             partitions: partitions.clone(),
             policy: RetryPolicy::from(&config.retry),
         };
@@ -358,10 +367,7 @@ fn wire(
             },
         );
         tenants.insert(name, addr);
-        routes.insert(
-            tenant.name.clone(),
-            tenant.entities.keys().cloned().collect(),
-        );
+        routes.insert(tenant.name.clone(), tenant.entities.keys().cloned().collect());
     }
 
     let (commands_tx, commands_rx) = mpsc::channel();
@@ -396,10 +402,7 @@ fn wire(
         partitions,
         diff,
         retry,
-        tenants: tenants
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+        tenants: tenants.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         commands: commands_tx,
         http_addr,
     };

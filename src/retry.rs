@@ -61,10 +61,7 @@ impl RetryPolicy {
     /// failing together do not retry together.
     pub fn backoff(&self, attempts_made: u32, rng: &mut impl Rng) -> Duration {
         let exp = attempts_made.saturating_sub(1).min(30);
-        let ceiling = self
-            .base_delay
-            .saturating_mul(1u32 << exp)
-            .min(self.max_delay);
+        let ceiling = self.base_delay.saturating_mul(1u32 << exp).min(self.max_delay);
         let half = ceiling / 2;
         half + half.mul_f64(rng.gen::<f64>())
     }
@@ -207,13 +204,7 @@ mod tests {
     #[test]
     fn retry_after_wins_over_backoff() {
         let now = Instant::now();
-        let d = policy().decide(
-            1,
-            now,
-            now,
-            Some(Duration::from_secs(7)),
-            &mut StdRng::seed_from_u64(1),
-        );
+        let d = policy().decide(1, now, now, Some(Duration::from_secs(7)), &mut StdRng::seed_from_u64(1));
         assert_eq!(d, RetryDecision::RetryAfter(Duration::from_secs(7)));
     }
 

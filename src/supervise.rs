@@ -20,15 +20,11 @@ pub struct Panicked;
 
 /// Runs a handler body, catching a panic.
 pub fn catch<R>(actor: &'static str, body: impl FnOnce() -> R) -> Result<R, Panicked> {
-    std::panic::catch_unwind(AssertUnwindSafe(body))
-        .map_err(|payload| report(actor, payload.as_ref()))
+    std::panic::catch_unwind(AssertUnwindSafe(body)).map_err(|payload| report(actor, payload.as_ref()))
 }
 
 /// Runs a handler future, catching a panic in any of its polls.
-pub async fn catch_future<R>(
-    actor: &'static str,
-    fut: impl Future<Output = R>,
-) -> Result<R, Panicked> {
+pub async fn catch_future<R>(actor: &'static str, fut: impl Future<Output = R>) -> Result<R, Panicked> {
     AssertUnwindSafe(fut)
         .catch_unwind()
         .await

@@ -32,6 +32,8 @@ pub mod metric {
     pub const DIFF_RECORDS: &str = "crm_sync_diff_cache_records";
     pub const DLQ_WRITE_FAILURES: &str = "crm_sync_dlq_write_failures_total";
     pub const COMMIT_FAILURES: &str = "crm_sync_commit_failures_total";
+    pub const STATE_WRITE_FAILURES: &str = "crm_sync_state_write_failures_total";
+    pub const STATE_RESTORED: &str = "crm_sync_state_restored_records_total";
 }
 
 /// Final and intermediate outcomes of an event (the `outcome` label of
@@ -44,11 +46,7 @@ pub mod outcome {
 
 fn describe() {
     use metric::*;
-    describe_counter!(
-        EVENTS_CONSUMED,
-        Unit::Count,
-        "Messages read from the input topics."
-    );
+    describe_counter!(EVENTS_CONSUMED, Unit::Count, "Messages read from the input topics.");
     describe_counter!(
         OUTCOMES,
         Unit::Count,
@@ -73,11 +71,7 @@ fn describe() {
         CRM_API_USAGE,
         "Share of the CRM's API allocation used, as the CRM last reported it (Sforce-Limit-Info)."
     );
-    describe_counter!(
-        TOKEN_REFRESHES,
-        Unit::Count,
-        "Access tokens fetched, by tenant."
-    );
+    describe_counter!(TOKEN_REFRESHES, Unit::Count, "Access tokens fetched, by tenant.");
     describe_gauge!(
         IN_FLIGHT,
         Unit::Count,
@@ -98,11 +92,7 @@ fn describe() {
         Unit::Count,
         "Times a partition was paused because its in-flight window was full."
     );
-    describe_counter!(
-        ACTOR_RESTARTS,
-        Unit::Count,
-        "Supervised actor restarts by actor kind."
-    );
+    describe_counter!(ACTOR_RESTARTS, Unit::Count, "Supervised actor restarts by actor kind.");
     describe_gauge!(
         DIFF_RECORDS,
         Unit::Count,
@@ -129,9 +119,7 @@ pub fn prometheus() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-                    &[
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    ],
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
                 )
                 .expect("the bucket list is a non-empty constant");
             let recorder = builder.build_recorder();
@@ -160,10 +148,7 @@ impl Health {
 }
 
 /// Serves `/metrics` and the health endpoints until the returned task is aborted.
-pub async fn serve(
-    addr: &str,
-    health: Health,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(addr: &str, health: Health) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let handle = prometheus();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;

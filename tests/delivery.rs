@@ -27,10 +27,7 @@ fn delivers_creates_updates_and_deletes() {
     // 2. Everything is committed only once every event has its outcome.
     assert!(env.wait_all_committed(WAIT), "not all offsets committed");
     assert_eq!(env.contact("C-1").unwrap()["LastName"], "King");
-    assert!(
-        env.contact("C-2").is_none(),
-        "deleted contact still present"
-    );
+    assert!(env.contact("C-2").is_none(), "deleted contact still present");
     assert_eq!(env.contact("C-3").unwrap()["FirstName"], "Alan");
     // 3. A delete of a record the CRM does not have is done, not an error.
     env.produce(&[contact_event("e6", "C-404", "delete", 1, None)]);
@@ -70,11 +67,8 @@ fn duplicate_unchanged_and_stale_events_cost_no_api_call() {
 #[test]
 fn retries_server_errors_and_row_locks_then_delivers() {
     let env = Env::new(1);
-    env.sf.script([
-        Scripted::ServerError,
-        Scripted::LockError,
-        Scripted::ServerError,
-    ]);
+    env.sf
+        .script([Scripted::ServerError, Scripted::LockError, Scripted::ServerError]);
     env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
     let service = pipeline::start(env.config()).unwrap();
     assert!(env.wait_all_committed(WAIT));
@@ -141,36 +135,21 @@ fn dead_letters_permanent_errors_and_malformed_input_while_later_events_flow() {
         .find(|m| m.key.as_deref() == Some(b"garbage".as_slice()))
         .unwrap();
     assert_eq!(malformed.payload.as_deref(), Some(b"{not json".as_slice()));
-    assert_eq!(
-        malformed.header("crm-sync.error.code"),
-        Some("invalid_json")
-    );
+    assert_eq!(malformed.header("crm-sync.error.code"), Some("invalid_json"));
     assert_eq!(malformed.header("crm-sync.stage"), Some("decode"));
-    assert_eq!(
-        malformed.header("crm-sync.source.topic"),
-        Some(env.topic.as_str())
-    );
+    assert_eq!(malformed.header("crm-sync.source.topic"), Some(env.topic.as_str()));
     assert_eq!(malformed.header("crm-sync.source.offset"), Some("0"));
     let rejected = dlq
         .iter()
         .find(|m| m.header("crm-sync.stage") == Some("deliver"))
         .unwrap();
-    assert_eq!(
-        rejected.header("crm-sync.error.code"),
-        Some("crm_validation")
-    );
+    assert_eq!(rejected.header("crm-sync.error.code"), Some("crm_validation"));
     assert_eq!(rejected.header("crm-sync.error.class"), Some("permanent"));
-    assert_eq!(
-        rejected.header("crm-sync.crm.code"),
-        Some("REQUIRED_FIELD_MISSING")
-    );
+    assert_eq!(rejected.header("crm-sync.crm.code"), Some("REQUIRED_FIELD_MISSING"));
     assert_eq!(rejected.header("crm-sync.crm.status"), Some("400"));
     assert_eq!(rejected.header("crm-sync.attempts"), Some("1"));
     assert_eq!(rejected.header("crm-sync.source.offset"), Some("1"));
-    assert!(
-        rejected.header("crm-sync.first-failure").is_some()
-            && rejected.header("crm-sync.last-failure").is_some()
-    );
+    assert!(rejected.header("crm-sync.first-failure").is_some() && rejected.header("crm-sync.last-failure").is_some());
     // 3. One failure event each, and no secret anywhere.
     let failures = env.read_failures();
     assert_eq!(failures.len(), 2);
@@ -178,8 +157,7 @@ fn dead_letters_permanent_errors_and_malformed_input_while_later_events_flow() {
         failures
             .iter()
             .find(|f| {
-                String::from_utf8_lossy(f.payload.as_deref().unwrap_or_default())
-                    .contains("REQUIRED_FIELD_MISSING")
+                String::from_utf8_lossy(f.payload.as_deref().unwrap_or_default()).contains("REQUIRED_FIELD_MISSING")
             })
             .unwrap()
             .payload
@@ -214,10 +192,7 @@ fn exhausted_retries_are_dead_lettered() {
     let dlq = env.read_dlq();
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].header("crm-sync.error.class"), Some("retryable"));
-    assert_eq!(
-        dlq[0].header("crm-sync.error.code"),
-        Some("crm_server_error")
-    );
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_server_error"));
     // max_attempts = 6 in the test config.
     assert_eq!(dlq[0].header("crm-sync.attempts"), Some("6"));
     assert_eq!(env.sf.stats().rejected.get(&503), Some(&6));

@@ -67,17 +67,11 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let reference =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml"))
-            .unwrap();
+    let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml")).unwrap();
     std::fs::write(
         &path,
         reference.replace("drain_timeout_ms = 5000", "drain_timeout_ms = 50000"),
@@ -124,21 +118,14 @@ fn start_service(config: &std::path::Path) -> Proc {
 #[test]
 fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
     // 1. A broker in its own process, so it outlives the killed service.
-    let (topic, dlq, failures) = (unique("events"), unique("dlq"), unique("failures"));
+    let topics = [unique("events"), unique("dlq"), unique("failures"), unique("state")];
+    let mut args = vec!["sandbox".to_string(), "kafka".into(), "--partitions".into(), "3".into()];
+    for t in &topics {
+        args.extend(["--topic".to_string(), t.clone()]);
+    }
     let mut broker = Proc(
         Command::new(BIN)
-            .args([
-                "sandbox",
-                "kafka",
-                "--partitions",
-                "3",
-                "--topic",
-                &topic,
-                "--topic",
-                &dlq,
-                "--topic",
-                &failures,
-            ])
+            .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -148,7 +135,7 @@ fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
     BufReader::new(broker.0.stdout.take().unwrap())
         .read_line(&mut bootstrap)
         .unwrap();
-    let env = Env::external(None, bootstrap.trim().to_string(), topic, dlq, failures, 3);
+    let env = Env::external(None, bootstrap.trim().to_string(), topics, 3);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("crm-sync.toml");
     std::fs::write(&config, env.config_toml()).unwrap();
@@ -167,11 +154,7 @@ fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
 
     // 2. The service is killed with SIGKILL mid-stream.
     let mut service = start_service(&config);
-    assert!(wait_until(Duration::from_secs(60), || env
-        .sf
-        .stats()
-        .upserts_applied
-        > 300));
+    assert!(wait_until(Duration::from_secs(60), || env.sf.stats().upserts_applied > 300));
     service.0.kill().unwrap();
     service.0.wait().unwrap();
     assert!(
@@ -195,11 +178,7 @@ fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
 
     // 4. SIGTERM: drain, commit, leave the group, exit 0 within the deadline (8 s) + a few.
     let pid = service.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = service
         .wait_exit(Duration::from_secs(15))
         .expect("did not exit after SIGTERM");

@@ -30,11 +30,7 @@ fn resumes_from_committed_offsets_after_an_abrupt_stop() {
     env.produce(&w.messages);
     // 1. The service dies mid-stream without draining or committing.
     let service = pipeline::start(env.config()).unwrap();
-    assert!(wait_until(Duration::from_secs(30), || env
-        .sf
-        .stats()
-        .upserts_applied
-        > 200));
+    assert!(wait_until(Duration::from_secs(30), || env.sf.stats().upserts_applied > 200));
     let report = service.stop(StopMode::Abort);
     assert!(!report.committed);
     let applied_before = env.sf.stats().upserts_applied;
@@ -46,11 +42,7 @@ fn resumes_from_committed_offsets_after_an_abrupt_stop() {
     let service = pipeline::start(env.config()).unwrap();
     assert!(env.wait_all_committed(Duration::from_secs(60)));
     let mismatches = verify(&env.config(), &w.expected, &env.sandboxes());
-    assert!(
-        mismatches.is_empty(),
-        "{:?}",
-        &mismatches[..mismatches.len().min(5)]
-    );
+    assert!(mismatches.is_empty(), "{:?}", &mismatches[..mismatches.len().min(5)]);
     service.stop(StopMode::Graceful);
 }
 
@@ -60,9 +52,7 @@ fn two_instances_split_partitions_and_the_survivor_finishes_when_one_leaves() {
     let w = workload(1500, 12);
     // 1. Two members of one group share the partitions.
     let a = pipeline::start(env.config()).unwrap();
-    assert!(wait_until(Duration::from_secs(20), || a
-        .assigned_partitions()
-        == 4));
+    assert!(wait_until(Duration::from_secs(20), || a.assigned_partitions() == 4));
     let b = pipeline::start(env.config()).unwrap();
     assert!(
         wait_until(Duration::from_secs(30), || a.assigned_partitions() == 2
@@ -73,23 +63,13 @@ fn two_instances_split_partitions_and_the_survivor_finishes_when_one_leaves() {
     );
     // 2. The stream flows through both; then one leaves mid-stream.
     env.produce(&w.messages);
-    assert!(wait_until(Duration::from_secs(30), || env
-        .sf
-        .stats()
-        .upserts_applied
-        > 100));
+    assert!(wait_until(Duration::from_secs(30), || env.sf.stats().upserts_applied > 100));
     let report = b.stop(StopMode::Graceful);
     assert!(report.committed);
     // 3. The other takes its partitions back and finishes; nothing is lost.
-    assert!(wait_until(Duration::from_secs(30), || a
-        .assigned_partitions()
-        == 4));
+    assert!(wait_until(Duration::from_secs(30), || a.assigned_partitions() == 4));
     assert!(env.wait_all_committed(Duration::from_secs(60)));
     let mismatches = verify(&env.config(), &w.expected, &env.sandboxes());
-    assert!(
-        mismatches.is_empty(),
-        "{:?}",
-        &mismatches[..mismatches.len().min(5)]
-    );
+    assert!(mismatches.is_empty(), "{:?}", &mismatches[..mismatches.len().min(5)]);
     a.stop(StopMode::Graceful);
 }

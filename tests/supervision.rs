@@ -53,11 +53,7 @@ fn restarts_each_actor_kind_after_an_injected_panic_and_loses_nothing() {
     // 1. Half the stream, and the service working on it.
     env.produce(first);
     let service = pipeline::start(env.config()).unwrap();
-    assert!(wait_until(Duration::from_secs(30), || env
-        .sf
-        .stats()
-        .upserts_applied
-        > 100));
+    assert!(wait_until(Duration::from_secs(30), || env.sf.stats().upserts_applied > 100));
 
     // 2. A panic in each actor kind, mid-stream.
     for kind in [

@@ -34,11 +34,13 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 pub use partition::{
-    Drain, Outcome, OutcomeKind, PartitionActor, PartitionDeps, PartitionLink, PartitionShared,
-    Record, Redispatch, Resync, Retire,
+    Drain, Outcome, OutcomeKind, PartitionActor, PartitionDeps, PartitionLink, PartitionShared, Record, Redispatch,
+    Resync, Retire,
 };
 
 use crate::config::KafkaConfig;
+use crate::diff::store;
+use crate::diff::Restore;
 use crate::notify::SourceMessage;
 use crate::supervise::InjectPanic;
 use crate::telemetry::{metric, Health};
@@ -111,6 +113,10 @@ pub struct LoopContext {
     arbiter: ArbiterHandle,
     drain_timeout: Duration,
     health: Health,
+    /// Where confirmed states are read back from when partitions are assigned.
+    state_topic: String,
+    /// Connection settings for the state-restore reader.
+    client: ClientConfig,
     /// Partitions currently paused because their window is full, each with the first
     /// offset that arrived after the pause (librdkafka still hands out what it had
     /// prefetched). Such messages are not delivered; the partition is seeked back to that
@@ -137,10 +143,7 @@ impl ConsumerContext for LoopContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let revoked = keys_of(tpl);
-                tracing::info!(
-                    partitions = revoked.len(),
-                    "Partitions revoked; draining them."
-                );
+                tracing::info!(partitions = revoked.len(), "Partitions revoked; draining them.");
                 self.drain_commit_retire(consumer, &revoked, self.drain_timeout);
             }
             Rebalance::Assign(_) => {}
@@ -152,6 +155,7 @@ impl ConsumerContext for LoopContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = keys_of(tpl);
             tracing::info!(partitions = assigned.len(), "Partitions assigned.");
+            self.restore_state(&assigned);
             for (topic, partition) in assigned {
                 self.start_partition(topic, partition);
             }
@@ -181,6 +185,26 @@ fn keys_of(tpl: &TopicPartitionList) -> Vec<(Arc<str>, i32)> {
 }
 
 impl LoopContext {
+    /// Reads back the confirmed states of the newly assigned partitions (before any of
+    /// their messages is handled: this runs on the consumer thread, inside the rebalance).
+    fn restore_state(&self, assigned: &[(Arc<str>, i32)]) {
+        let partitions: std::collections::BTreeSet<i32> = assigned.iter().map(|(_, p)| *p).collect();
+        for partition in partitions {
+            match store::restore(&self.client, &self.state_topic, partition, Duration::from_secs(30)) {
+                Ok(states) => {
+                    tracing::debug!(partition, records = states.len(), "Restored confirmed states.");
+                    self.deps.diff.do_send(Restore(states));
+                }
+                Err(e) => tracing::error!(
+                    topic = %self.state_topic,
+                    partition,
+                    error = %e,
+                    "Could not read confirmed states back; stale versions of this partition's records may be written."
+                ),
+            }
+        }
+    }
+
     fn start_partition(&self, topic: Arc<str>, partition: i32) {
         let key = (topic.clone(), partition);
         if self.directory.contains_key(&key) {
@@ -206,12 +230,7 @@ impl LoopContext {
 
     /// Waits (up to `timeout` in all) for the partitions to finish their in-flight events,
     /// commits their watermarks synchronously, and retires their actors.
-    fn drain_commit_retire(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        keys: &[(Arc<str>, i32)],
-        timeout: Duration,
-    ) {
+    fn drain_commit_retire(&self, consumer: &BaseConsumer<Self>, keys: &[(Arc<str>, i32)], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut waiting = Vec::new();
         for key in keys {
@@ -282,15 +301,21 @@ pub struct ConsumerSetup {
     pub shutdown_drain: Duration,
 }
 
-/// librdkafka settings of the service's consumer.
-pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+/// Connection settings every Kafka client of the service shares.
+pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &kafka.client {
         c.set(k, v.expose());
     }
+    c.set("bootstrap.servers", &kafka.bootstrap_servers);
+    c
+}
+
+/// librdkafka settings of the service's consumer.
+pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(kafka);
     let heartbeat = (kafka.session_timeout_ms / 3).max(100);
-    c.set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", &kafka.group_id)
+    c.set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -313,16 +338,12 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         arbiter: setup.arbiter.clone(),
         drain_timeout: setup.kafka.drain_timeout(),
         health: setup.health.clone(),
+        state_topic: setup.kafka.state_topic.clone(),
+        client: client_config(&setup.kafka),
         paused: Mutex::new(HashMap::new()),
     };
-    let consumer: BaseConsumer<LoopContext> =
-        consumer_config(&setup.kafka).create_with_context(context)?;
-    let topics: Vec<&str> = setup
-        .kafka
-        .input_topics
-        .iter()
-        .map(String::as_str)
-        .collect();
+    let consumer: BaseConsumer<LoopContext> = consumer_config(&setup.kafka).create_with_context(context)?;
+    let topics: Vec<&str> = setup.kafka.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(topics = ?topics, group = %setup.kafka.group_id, "Consumer subscribed.");
 
@@ -363,11 +384,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
                         })
                         .unwrap_or_default(),
                 };
-                let addr = consumer
-                    .context()
-                    .directory
-                    .get(&key)
-                    .map(|e| e.addr.clone());
+                let addr = consumer.context().directory.get(&key).map(|e| e.addr.clone());
                 if let Some(addr) = addr {
                     // Fast path without a thread park; when the partition's mailbox is full,
                     // block until it has room, so intake follows processing.
@@ -383,10 +400,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
     let keys: Vec<(Arc<str>, i32)> = ctx.directory.iter().map(|e| e.key().clone()).collect();
     match mode {
         StopMode::Graceful => {
-            tracing::info!(
-                partitions = keys.len(),
-                "Shutting down: draining partitions."
-            );
+            tracing::info!(partitions = keys.len(), "Shutting down: draining partitions.");
             if let Ok(assignment) = consumer.assignment() {
                 let _ = consumer.pause(&assignment);
             }
@@ -435,12 +449,7 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
             {
                 *first = Some(offset);
             }
-            if let Err(e) = consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(5),
-            ) {
+            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
                 tracing::error!(topic = %topic, partition, error = %e, "Seek after partition restart failed.");
             }
             // Everything sent to the actor before this marker predates the seek.

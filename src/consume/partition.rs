@@ -23,7 +23,7 @@ use actix::WeakRecipient;
 
 use super::offsets::OffsetTracker;
 use super::ConsumerCommand;
-use crate::diff::{Check, CheckMode, DiffActor, SkipReason, Verdict};
+use crate::diff::{Check, CheckMode, CheckResult, DiffActor, SkipReason, Verdict};
 use crate::event::{self, event_id_fingerprint, Event, Routes};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::supervise::{self, InjectPanic};
@@ -151,12 +151,7 @@ pub struct PartitionActor {
 }
 
 impl PartitionActor {
-    pub fn new(
-        topic: Arc<str>,
-        partition: i32,
-        deps: Arc<PartitionDeps>,
-        shared: Arc<PartitionShared>,
-    ) -> Self {
+    pub fn new(topic: Arc<str>, partition: i32, deps: Arc<PartitionDeps>, shared: Arc<PartitionShared>) -> Self {
         PartitionActor {
             topic,
             partition,
@@ -296,7 +291,11 @@ impl Handler<Record> for PartitionActor {
                 event: event_id_fingerprint(&event.event_id),
                 payload: None,
             };
-            if let Ok(Verdict::Skip(reason)) = deps.diff.send(check).await {
+            if let Ok(CheckResult {
+                verdict: Verdict::Skip(reason),
+                ..
+            }) = deps.diff.send(check).await
+            {
                 return Step::Done(OutcomeKind::Skipped(reason), Some(event));
             }
             let Some(tenant) = deps.tenants.get(&event.record.tenant) else {

@@ -140,8 +140,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
 
     // 1. The broker and the topics.
     let kafka = KafkaSandbox::start(1).map_err(setup("starting the mock Kafka cluster"))?;
-    let mut config =
-        Config::from_toml_with_env(DEMO_CONFIG, demo_secret).map_err(setup("demo config"))?;
+    let mut config = Config::from_toml_with_env(DEMO_CONFIG, demo_secret).map_err(setup("demo config"))?;
     let bootstrap = kafka.bootstrap_servers();
     config.kafka.bootstrap_servers = bootstrap.clone();
     config.service.http_addr = options.metrics_addr.clone();
@@ -154,6 +153,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         .map_err(setup("creating topics"))?;
     kafka
         .create_topic(&config.kafka.failures_topic, 1)
+        .map_err(setup("creating topics"))?;
+    kafka
+        .create_topic(&config.kafka.state_topic, INPUT_PARTITIONS)
         .map_err(setup("creating topics"))?;
 
     // 2. One sandbox org per tenant, each with its own faults.
@@ -199,17 +201,13 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .find(|(n, _)| *n == tenant.name)
             .map(|(_, f)| f.clone())
             .unwrap_or_default();
-        let sandbox = SalesforceSandbox::start("127.0.0.1:0", org)
-            .map_err(setup("starting a Salesforce sandbox"))?;
+        let sandbox = SalesforceSandbox::start("127.0.0.1:0", org).map_err(setup("starting a Salesforce sandbox"))?;
         sf.base_url = sandbox.base_url();
         println!(
             "  tenant {:<8} → Salesforce sandbox {} (faults: {:?})",
             tenant.name,
             sandbox.base_url(),
-            fault_plan
-                .iter()
-                .find(|(n, _)| *n == tenant.name)
-                .map(|(_, f)| f)
+            fault_plan.iter().find(|(n, _)| *n == tenant.name).map(|(_, f)| f)
         );
         sandboxes.push((tenant.name.clone(), sandbox));
     }
@@ -260,19 +258,14 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
 
     // 4. The service, exactly as `crm-sync run` starts it.
     let service = pipeline::start(config.clone()).map_err(setup("starting the service"))?;
-    println!(
-        "  service running; metrics at http://{}/metrics\n",
-        service.http_addr()
-    );
-    let ends = tools::end_offsets(&bootstrap, &input, INPUT_PARTITIONS)
-        .map_err(setup("reading end offsets"))?;
+    println!("  service running; metrics at http://{}/metrics\n", service.http_addr());
+    let ends = tools::end_offsets(&bootstrap, &input, INPUT_PARTITIONS).map_err(setup("reading end offsets"))?;
     let prometheus = telemetry::prometheus();
     let deadline = Duration::from_secs(120);
     let mut last_print = Instant::now() - Duration::from_secs(1);
     let finished = loop {
         let committed =
-            tools::committed(&bootstrap, &config.kafka.group_id, &input, INPUT_PARTITIONS)
-                .unwrap_or_default();
+            tools::committed(&bootstrap, &config.kafka.group_id, &input, INPUT_PARTITIONS).unwrap_or_default();
         let done = committed.len() == ends.len()
             && committed
                 .iter()
@@ -297,22 +290,11 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
 
     // 5. The summary and the check.
     let text = prometheus.render();
-    let dlq = tools::read_all(
-        &bootstrap,
-        &config.kafka.dlq_topic,
-        1,
-        Duration::from_secs(20),
-    )
-    .map_err(setup("reading the DLQ"))?;
-    let failures = tools::read_all(
-        &bootstrap,
-        &config.kafka.failures_topic,
-        1,
-        Duration::from_secs(20),
-    )
-    .map_err(setup("reading the failures topic"))?;
-    let refs: HashMap<String, &SalesforceSandbox> =
-        sandboxes.iter().map(|(n, s)| (n.clone(), s)).collect();
+    let dlq = tools::read_all(&bootstrap, &config.kafka.dlq_topic, 1, Duration::from_secs(20))
+        .map_err(setup("reading the DLQ"))?;
+    let failures = tools::read_all(&bootstrap, &config.kafka.failures_topic, 1, Duration::from_secs(20))
+        .map_err(setup("reading the failures topic"))?;
+    let refs: HashMap<String, &SalesforceSandbox> = sandboxes.iter().map(|(n, s)| (n.clone(), s)).collect();
     let mismatches = verify(&config, &expected, &refs);
 
     println!("\nSummary ({:.1} s)", started.elapsed().as_secs_f64());
@@ -356,10 +338,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             name, s.api_requests, s.token_requests, s.upserts_applied, s.deletes_applied, s.rejected
         );
     }
-    println!(
-        "  shutdown: committed={} closed={}",
-        report.committed, report.closed
-    );
+    println!("  shutdown: committed={} closed={}", report.committed, report.closed);
     if mismatches.is_empty() {
         println!(
             "\nCHECK PASSED: every sandbox holds the newest version of every one of {} records.",

@@ -96,13 +96,7 @@ pub fn kafka_key(tenant: &str, entity: &str, key: &str) -> String {
 }
 
 /// An event envelope as producers write it.
-pub fn envelope(
-    event_id: &str,
-    id: &RecordId,
-    op: &str,
-    version: u64,
-    data: Option<&Map<String, Value>>,
-) -> Vec<u8> {
+pub fn envelope(event_id: &str, id: &RecordId, op: &str, version: u64, data: Option<&Map<String, Value>>) -> Vec<u8> {
     let mut e = json!({
         "event_id": event_id,
         "tenant": id.0,
@@ -121,9 +115,7 @@ pub fn envelope(
 /// Source fields for an entity; `with_required` false leaves out what the CRM requires.
 pub fn sample_data(entity: &str, rng: &mut StdRng, with_required: bool) -> Map<String, Value> {
     const FIRST: [&str; 6] = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken"];
-    const LAST: [&str; 6] = [
-        "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson",
-    ];
+    const LAST: [&str; 6] = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson"];
     const CITY: [&str; 5] = ["London", "Arlington", "Manchester", "Austin", "Boston"];
     let n: u32 = rng.gen_range(0..1_000_000);
     let mut m = Map::new();
@@ -137,10 +129,7 @@ pub fn sample_data(entity: &str, rng: &mut StdRng, with_required: bool) -> Map<S
         );
         m.insert("employees".into(), json!(n % 5000));
     } else {
-        m.insert(
-            "first_name".into(),
-            json!(FIRST.choose(rng).copied().unwrap_or("Ada")),
-        );
+        m.insert("first_name".into(), json!(FIRST.choose(rng).copied().unwrap_or("Ada")));
         if with_required {
             m.insert(
                 "last_name".into(),
@@ -178,13 +167,7 @@ pub fn generate(spec: &WorkloadSpec) -> Workload {
             let mut events: Vec<Vec<u8>> = Vec::new();
             let mut data = sample_data(entity, &mut rng, !invalid);
             let mut version = 1u64;
-            events.push(envelope(
-                &event_id(&mut rng),
-                &id,
-                "upsert",
-                version,
-                Some(&data),
-            ));
+            events.push(envelope(&event_id(&mut rng), &id, "upsert", version, Some(&data)));
             let mut previous_data = data.clone();
             for _ in 0..spec.updates_per_record {
                 version += 1;
@@ -194,13 +177,7 @@ pub fn generate(spec: &WorkloadSpec) -> Workload {
                     previous_data = data.clone();
                     data = sample_data(entity, &mut rng, !invalid);
                 }
-                events.push(envelope(
-                    &event_id(&mut rng),
-                    &id,
-                    "upsert",
-                    version,
-                    Some(&data),
-                ));
+                events.push(envelope(&event_id(&mut rng), &id, "upsert", version, Some(&data)));
             }
             if rng.gen_bool(spec.stale_ratio) {
                 // An older version arrives late, with other data: it must not win.
@@ -254,11 +231,7 @@ pub fn generate(spec: &WorkloadSpec) -> Workload {
         }
     }
 
-    let tenant0 = spec
-        .tenants
-        .first()
-        .map(|t| t.name.clone())
-        .unwrap_or_default();
+    let tenant0 = spec.tenants.first().map(|t| t.name.clone()).unwrap_or_default();
     for i in 0..spec.malformed {
         let body: Vec<u8> = match i % 4 {
             0 => b"{this is not json".to_vec(),

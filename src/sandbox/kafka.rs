@@ -26,9 +26,7 @@ impl KafkaSandbox {
         // asked for one) and stays alive as long as `self.owner`; the call only sets an
         // integer in the mock's configuration.
         unsafe {
-            let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(
-                sandbox.owner.client().native_ptr(),
-            );
+            let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(sandbox.owner.client().native_ptr());
             if !cluster.is_null() {
                 // The mock waits 3 s before a group's first rebalance by default.
                 rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0);
@@ -92,11 +90,7 @@ pub mod tools {
     }
 
     /// Produces `(key, value)` messages in order, waiting for every acknowledgement.
-    pub async fn produce(
-        bootstrap: &str,
-        topic: &str,
-        messages: &[(String, Vec<u8>)],
-    ) -> KafkaResult<()> {
+    pub async fn produce(bootstrap: &str, topic: &str, messages: &[(String, Vec<u8>)]) -> KafkaResult<()> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("linger.ms", "5")
@@ -108,10 +102,7 @@ pub mod tools {
         // the next, so per-key order holds (one in flight per connection).
         for chunk in messages.chunks(5_000) {
             let sends = chunk.iter().map(|(key, value)| {
-                producer.send(
-                    FutureRecord::to(topic).key(key).payload(value),
-                    Duration::from_secs(30),
-                )
+                producer.send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(30))
             });
             for result in futures::future::join_all(sends).await {
                 result.map_err(|(e, _)| e)?;
@@ -121,12 +112,7 @@ pub mod tools {
     }
 
     /// Offsets committed by `group` on `topic`'s partitions (`None` where none).
-    pub fn committed(
-        bootstrap: &str,
-        group: &str,
-        topic: &str,
-        partitions: i32,
-    ) -> KafkaResult<Vec<Option<i64>>> {
+    pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> KafkaResult<Vec<Option<i64>>> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", group)
@@ -138,20 +124,16 @@ pub mod tools {
         }
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
         Ok((0..partitions)
-            .map(
-                |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => Some(o),
-                    _ => None,
-                },
-            )
+            .map(|p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            })
             .collect())
     }
 
     /// High watermarks (offset after the last message) of `topic`'s partitions.
     pub fn end_offsets(bootstrap: &str, topic: &str, partitions: i32) -> KafkaResult<Vec<i64>> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .create()?;
+        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
         (0..partitions)
             .map(|p| {
                 consumer
@@ -162,12 +144,7 @@ pub mod tools {
     }
 
     /// Reads every message of `topic` from the beginning to the end offsets seen at start.
-    pub fn read_all(
-        bootstrap: &str,
-        topic: &str,
-        partitions: i32,
-        timeout: Duration,
-    ) -> KafkaResult<Vec<ReadMessage>> {
+    pub fn read_all(bootstrap: &str, topic: &str, partitions: i32, timeout: Duration) -> KafkaResult<Vec<ReadMessage>> {
         let ends = end_offsets(bootstrap, topic, partitions)?;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -207,8 +184,7 @@ pub mod tools {
                             .map(|h| {
                                 (
                                     h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
                                 )
                             })
                             .collect()

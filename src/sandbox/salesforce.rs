@@ -200,12 +200,7 @@ impl SalesforceSandbox {
 
     pub fn records(&self, sobject: &str) -> Vec<StoredRecord> {
         let org = lock(&self.org);
-        let mut out: Vec<StoredRecord> = org
-            .records
-            .values()
-            .filter(|r| r.sobject == sobject)
-            .cloned()
-            .collect();
+        let mut out: Vec<StoredRecord> = org.records.values().filter(|r| r.sobject == sobject).cloned().collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
@@ -260,12 +255,7 @@ impl Org {
         let prefix = if sobject == "Account" { "001" } else { "003" };
         let id = format!("{prefix}SBX{:012}", self.next_id);
         self.next_id += 1;
-        let ext_fields = self
-            .setup
-            .external_ids
-            .get(sobject)
-            .cloned()
-            .unwrap_or_default();
+        let ext_fields = self.setup.external_ids.get(sobject).cloned().unwrap_or_default();
         for field in ext_fields {
             if let Some(v) = fields.get(&field).and_then(value_text) {
                 self.index
@@ -296,10 +286,7 @@ impl Org {
     }
 
     fn limit_info(&self) -> String {
-        format!(
-            "api-usage={}/{}",
-            self.stats.api_requests, self.setup.daily_limit
-        )
+        format!("api-usage={}/{}", self.stats.api_requests, self.setup.daily_limit)
     }
 }
 
@@ -326,13 +313,7 @@ fn router(org: Shared) -> Router {
         .with_state(org)
 }
 
-fn rest_error(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    fields: &[String],
-    limit: Option<String>,
-) -> Response {
+fn rest_error(status: StatusCode, code: &str, message: &str, fields: &[String], limit: Option<String>) -> Response {
     let body = json!([{ "message": message, "errorCode": code, "fields": fields }]);
     let mut response = (status, Json(body)).into_response();
     if let Some(l) = limit.and_then(|l| HeaderValue::from_str(&l).ok()) {
@@ -355,10 +336,7 @@ async fn token(State(org): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     };
     let mut org = lock(&org);
     org.stats.token_requests += 1;
-    let host = headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or_default();
     if host.starts_with("login.salesforce.com") || host.starts_with("test.salesforce.com") {
         return token_error("invalid_grant", "request not supported on this domain");
     }
@@ -417,14 +395,8 @@ fn serde_urlencoded_from(body: &[u8]) -> Option<TokenForm> {
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(value)
-        .ok()?;
+    let value = headers.get("authorization")?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(value).ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (id, secret) = text.split_once(':')?;
     Some((id.to_string(), secret.to_string()))
@@ -450,9 +422,7 @@ async fn by_external_id(
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
     let mut org = lock(&shared);
-    let response = handle_record(
-        &mut org, &method, &version, &sobject, &field, &value, &headers, &body,
-    );
+    let response = handle_record(&mut org, &method, &version, &sobject, &field, &value, &headers, &body);
     let status = response.status().as_u16();
     if !(200..300).contains(&status) {
         *org.stats.rejected.entry(status).or_default() += 1;
@@ -476,11 +446,7 @@ fn handle_record(
         .get("authorization")
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "));
-    let lifetime = org
-        .setup
-        .faults
-        .token_lifetime_ms
-        .map(Duration::from_millis);
+    let lifetime = org.setup.faults.token_lifetime_ms.map(Duration::from_millis);
     let valid = bearer
         .and_then(|t| org.tokens.get(t))
         .is_some_and(|issued| lifetime.is_none_or(|l| issued.elapsed() < l));
@@ -509,9 +475,7 @@ fn handle_record(
     let faults = org.setup.faults.clone();
     let roll_server: f64 = org.rng.gen();
     let roll_lock: f64 = org.rng.gen();
-    if scripted == Some(Scripted::ServerError)
-        || (scripted.is_none() && roll_server < faults.server_error_rate)
-    {
+    if scripted == Some(Scripted::ServerError) || (scripted.is_none() && roll_server < faults.server_error_rate) {
         return rest_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "SERVER_UNAVAILABLE",
@@ -529,17 +493,9 @@ fn handle_record(
             limit,
         );
     }
-    if scripted == Some(Scripted::LockError)
-        || (scripted.is_none() && roll_lock < faults.lock_error_rate)
-    {
+    if scripted == Some(Scripted::LockError) || (scripted.is_none() && roll_lock < faults.lock_error_rate) {
         let message = "unable to obtain exclusive access to this record or 1 records: 003SBX";
-        return rest_error(
-            StatusCode::BAD_REQUEST,
-            "UNABLE_TO_LOCK_ROW",
-            message,
-            &[],
-            limit,
-        );
+        return rest_error(StatusCode::BAD_REQUEST, "UNABLE_TO_LOCK_ROW", message, &[], limit);
     }
     let Some(api_version) = version
         .strip_prefix('v')
@@ -578,10 +534,7 @@ fn handle_record(
             .iter()
             .map(|id| format!("/services/data/{version}/sobjects/{sobject}/{id}"))
             .collect();
-        return with_limit(
-            (StatusCode::MULTIPLE_CHOICES, Json(json!(urls))).into_response(),
-            limit,
-        );
+        return with_limit((StatusCode::MULTIPLE_CHOICES, Json(json!(urls))).into_response(), limit);
     }
     if method == Method::DELETE {
         return match matches.first() {
@@ -613,8 +566,7 @@ fn handle_record(
         }
     };
     if fields.contains_key(field) {
-        let message =
-            format!("The external id field {field} may not be set in the body of an upsert by it");
+        let message = format!("The external id field {field} may not be set in the body of an upsert by it");
         return rest_error(
             StatusCode::BAD_REQUEST,
             "INVALID_FIELD",

@@ -18,10 +18,7 @@ pub fn lookup<'a>(data: &'a Map<String, Value>, path: &str) -> Option<&'a Value>
 }
 
 /// Builds the CRM field map from `fields` (CRM field → data path).
-pub fn map_fields(
-    data: &Map<String, Value>,
-    fields: &BTreeMap<String, String>,
-) -> Map<String, Value> {
+pub fn map_fields(data: &Map<String, Value>, fields: &BTreeMap<String, String>) -> Map<String, Value> {
     let mut out = Map::new();
     for (crm_field, path) in fields {
         if let Some(v) = lookup(data, path) {

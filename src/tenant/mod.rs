@@ -33,7 +33,8 @@ use rand::SeedableRng;
 use crate::config::TenantConfig;
 use crate::connectors::{Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
-use crate::diff::{Check, CheckMode, Confirm, DiffActor, RecordState, SkipReason, Verdict};
+use crate::diff::store::StateStore;
+use crate::diff::{Check, CheckMode, CheckResult, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
@@ -60,6 +61,8 @@ pub struct TenantDeps {
     pub diff: Addr<DiffActor>,
     pub retry: Addr<RetryQueueActor>,
     pub dead_letters: DeadLetters,
+    /// Where confirmed states become durable before an outcome is reported.
+    pub state: StateStore,
     /// Every live partition, to ask for re-dispatch after a restart.
     pub partitions: PartitionDirectory,
     pub policy: RetryPolicy,
@@ -139,11 +142,7 @@ impl TenantActor {
     }
 
     /// Runs a step; a panic in it stops the actor so that its supervisor restarts it.
-    fn guarded(
-        &mut self,
-        ctx: &mut Context<Self>,
-        step: impl FnOnce(&mut Self, &mut Context<Self>),
-    ) -> bool {
+    fn guarded(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Self, &mut Context<Self>)) -> bool {
         match supervise::catch("tenant", || step(self, ctx)) {
             Ok(()) => true,
             Err(_) => {
@@ -159,14 +158,7 @@ impl TenantActor {
         }
         let key = work.event.record.clone();
         let Some(slot) = self.records.get_mut(&key) else {
-            self.start(
-                key,
-                Pending {
-                    work,
-                    also: Vec::new(),
-                },
-                ctx,
-            );
+            self.start(key, Pending { work, also: Vec::new() }, ctx);
             return;
         };
         let active = &mut slot.active.pending;
@@ -176,20 +168,14 @@ impl TenantActor {
         }
         if work.event.version <= active.work.event.version {
             self.report(
-                Pending {
-                    work,
-                    also: Vec::new(),
-                },
+                Pending { work, also: Vec::new() },
                 OutcomeKind::Skipped(SkipReason::Stale),
             );
             return;
         }
         let to_skip = match &mut slot.waiting {
             None => {
-                slot.waiting = Some(Pending {
-                    work,
-                    also: Vec::new(),
-                });
+                slot.waiting = Some(Pending { work, also: Vec::new() });
                 None
             }
             Some(w) if same_event(&w.work.event, &work.event) => {
@@ -197,22 +183,10 @@ impl TenantActor {
                 None
             }
             Some(w) if work.event.version > w.work.event.version => Some((
-                std::mem::replace(
-                    w,
-                    Pending {
-                        work,
-                        also: Vec::new(),
-                    },
-                ),
+                std::mem::replace(w, Pending { work, also: Vec::new() }),
                 SkipReason::Superseded,
             )),
-            Some(_) => Some((
-                Pending {
-                    work,
-                    also: Vec::new(),
-                },
-                SkipReason::Stale,
-            )),
+            Some(_) => Some((Pending { work, also: Vec::new() }, SkipReason::Stale)),
         };
         if let Some((pending, reason)) = to_skip {
             self.report(pending, OutcomeKind::Skipped(reason));
@@ -253,10 +227,13 @@ impl TenantActor {
                 .diff
                 .send(check)
                 .into_actor(self)
-                .map(move |verdict, act, ctx| {
+                .map(move |result, act, ctx| {
                     // Without an answer, write: writes are idempotent, skipping might lose one.
-                    let verdict = verdict.unwrap_or(Verdict::Write);
-                    act.guarded(ctx, |act, ctx| act.after_check(key, verdict, ctx));
+                    let result = result.unwrap_or(CheckResult {
+                        verdict: Verdict::Write,
+                        changed: None,
+                    });
+                    act.guarded(ctx, |act, ctx| act.after_check(key, result, ctx));
                 }),
         );
     }
@@ -278,9 +255,22 @@ impl TenantActor {
         (request, payload)
     }
 
-    fn after_check(&mut self, key: RecordKey, verdict: Verdict, ctx: &mut Context<Self>) {
-        match verdict {
-            Verdict::Skip(reason) => self.complete(key, OutcomeKind::Skipped(reason), ctx),
+    fn after_check(&mut self, key: RecordKey, result: CheckResult, ctx: &mut Context<Self>) {
+        match result.verdict {
+            Verdict::Skip(reason) => match result.changed {
+                // An unchanged newer version moved the record's version: durable first.
+                Some(state) => {
+                    let Some(slot) = self.records.get(&key) else { return };
+                    let partition = slot.active.pending.work.source.partition;
+                    let store = self.deps.state.clone();
+                    let record = key.clone();
+                    let persist = async move { store.persist(partition, &record, &state).await };
+                    ctx.spawn(persist.into_actor(self).map(move |(), act, ctx| {
+                        act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Skipped(reason), ctx));
+                    }));
+                }
+                None => self.complete(key, OutcomeKind::Skipped(reason), ctx),
+            },
             Verdict::Write => {
                 if let Some(slot) = self.records.get_mut(&key) {
                     slot.active.state = ActiveState::Ready;
@@ -329,7 +319,24 @@ impl TenantActor {
         slot.active.state = ActiveState::Sending;
         slot.active.attempts += 1;
         self.requests_in_flight += 1;
+        let event = &slot.active.pending.work.event;
+        let confirmed = RecordState {
+            version: event.version,
+            payload: slot.active.payload,
+            event: event_id_fingerprint(&event.event_id),
+        };
+        let partition = slot.active.pending.work.source.partition;
+        let store = self.deps.state.clone();
+        let record = key.clone();
         let write = self.connector.write(slot.active.request.clone());
+        // The new state is durable before the outcome is reported (and the offset freed).
+        let write = async move {
+            let result = write.await;
+            if result.is_ok() {
+                store.persist(partition, &record, &confirmed).await;
+            }
+            result
+        };
         ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
             act.requests_in_flight -= 1;
             if act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
@@ -338,12 +345,7 @@ impl TenantActor {
         }));
     }
 
-    fn on_result(
-        &mut self,
-        key: RecordKey,
-        result: Result<WriteOk, DeliveryError>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn on_result(&mut self, key: RecordKey, result: Result<WriteOk, DeliveryError>, ctx: &mut Context<Self>) {
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
@@ -351,6 +353,7 @@ impl TenantActor {
         match result {
             Ok(_) => {
                 let event = &active.pending.work.event;
+                // Queued before the record's next check, in the same mailbox: in order.
                 self.deps.diff.do_send(Confirm {
                     record: key.clone(),
                     state: RecordState {
@@ -371,13 +374,9 @@ impl TenantActor {
                 }
                 let retryable = error.is_retryable();
                 let decision = retryable.then(|| {
-                    self.deps.policy.decide(
-                        active.attempts,
-                        first,
-                        now,
-                        error.retry_after,
-                        &mut self.rng,
-                    )
+                    self.deps
+                        .policy
+                        .decide(active.attempts, first, now, error.retry_after, &mut self.rng)
                 });
                 tracing::debug!(tenant = %self.name, error = %error, "CRM write failed.");
                 active.last_error = Some(error);
@@ -396,10 +395,7 @@ impl TenantActor {
                         self.deps.retry.do_send(Schedule {
                             tenant: self.name.clone(),
                             delay,
-                            due: RetryDue {
-                                record: key,
-                                ticket,
-                            },
+                            due: RetryDue { record: key, ticket },
                         });
                     }
                     Some(RetryDecision::GiveUp(_)) | None => self.dead_letter(key, ctx),
@@ -417,9 +413,7 @@ impl TenantActor {
         let Some(error) = active.last_error.clone() else {
             return;
         };
-        let (_, first_failure) = active
-            .first_failure
-            .unwrap_or((Instant::now(), SystemTime::now()));
+        let (_, first_failure) = active.first_failure.unwrap_or((Instant::now(), SystemTime::now()));
         let failure = Failure {
             stage: "deliver",
             code: error.code.as_str(),
@@ -437,9 +431,7 @@ impl TenantActor {
         let event = active.pending.work.event.clone();
         let write = async move { sink.dead_letter(&source, Some(&event), &failure).await };
         ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
-            act.guarded(ctx, |act, ctx| {
-                act.complete(key, OutcomeKind::DeadLettered, ctx)
-            });
+            act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::DeadLettered, ctx));
         }));
     }
 
@@ -509,16 +501,11 @@ impl Handler<RetryDue> for TenantActor {
             let Some(slot) = act.records.get_mut(&msg.record) else {
                 return;
             };
-            if !matches!(slot.active.state, ActiveState::Backoff { ticket } if ticket == msg.ticket)
-            {
+            if !matches!(slot.active.state, ActiveState::Backoff { ticket } if ticket == msg.ticket) {
                 return;
             }
             if slot.waiting.is_some() {
-                act.complete(
-                    msg.record,
-                    OutcomeKind::Skipped(SkipReason::Superseded),
-                    ctx,
-                );
+                act.complete(msg.record, OutcomeKind::Skipped(SkipReason::Superseded), ctx);
             } else {
                 slot.active.state = ActiveState::Ready;
                 act.ready.push_back(msg.record);

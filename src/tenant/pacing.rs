@@ -35,9 +35,7 @@ impl Pacer {
             }
             self.paused_until = None;
         }
-        let elapsed = now
-            .saturating_duration_since(self.last_refill)
-            .as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate_per_sec).min(self.burst);
         self.last_refill = now;
         if self.tokens >= 1.0 {
@@ -74,10 +72,7 @@ mod tests {
             assert!(p.try_acquire(t0).is_ok());
         }
         let wait = p.try_acquire(t0).unwrap_err();
-        assert!(
-            wait <= Duration::from_millis(100) && wait > Duration::ZERO,
-            "{wait:?}"
-        );
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO, "{wait:?}");
         assert!(p.try_acquire(t0 + Duration::from_millis(100)).is_ok());
     }
 
@@ -86,10 +81,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pacer::new(1000.0, t0);
         p.pause(t0, Duration::from_secs(5));
-        assert_eq!(
-            p.try_acquire(t0 + Duration::from_secs(1)),
-            Err(Duration::from_secs(4))
-        );
+        assert_eq!(p.try_acquire(t0 + Duration::from_secs(1)), Err(Duration::from_secs(4)));
         assert!(p.try_acquire(t0 + Duration::from_secs(5)).is_ok());
     }
 }

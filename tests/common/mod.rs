@@ -34,6 +34,7 @@ pub struct Env {
     pub topic: String,
     pub dlq: String,
     pub failures: String,
+    pub state: String,
     pub group: String,
     pub partitions: i32,
     pub sf: SalesforceSandbox,
@@ -47,34 +48,26 @@ impl Env {
     }
 
     pub fn with_broker(kafka: KafkaSandbox, bootstrap: String, partitions: i32) -> Env {
-        let (topic, dlq, failures) = (unique("events"), unique("dlq"), unique("failures"));
+        let (topic, dlq, failures, state) = (unique("events"), unique("dlq"), unique("failures"), unique("state"));
         kafka.create_topic(&topic, partitions).unwrap();
         kafka.create_topic(&dlq, 1).unwrap();
         kafka.create_topic(&failures, 1).unwrap();
-        Env::external(Some(kafka), bootstrap, topic, dlq, failures, partitions)
+        kafka.create_topic(&state, partitions).unwrap();
+        Env::external(Some(kafka), bootstrap, [topic, dlq, failures, state], partitions)
     }
 
-    /// An environment on a broker whose topics exist already (DLQ and failures topics
-    /// with one partition).
-    pub fn external(
-        kafka: Option<KafkaSandbox>,
-        bootstrap: String,
-        topic: String,
-        dlq: String,
-        failures: String,
-        partitions: i32,
-    ) -> Env {
-        let sf = SalesforceSandbox::start(
-            "127.0.0.1:0",
-            SandboxOrg::standard(CLIENT_ID, CLIENT_SECRET),
-        )
-        .unwrap();
+    /// An environment on a broker whose topics (input, DLQ, failures, state) exist
+    /// already; the DLQ and failures topics with one partition.
+    pub fn external(kafka: Option<KafkaSandbox>, bootstrap: String, topics: [String; 4], partitions: i32) -> Env {
+        let [topic, dlq, failures, state] = topics;
+        let sf = SalesforceSandbox::start("127.0.0.1:0", SandboxOrg::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
         Env {
             kafka,
             bootstrap,
             topic,
             dlq,
             failures,
+            state,
             group: unique("group"),
             partitions,
             sf,
@@ -95,6 +88,7 @@ group_id = "{group}"
 input_topics = ["{topic}"]
 dlq_topic = "{dlq}"
 failures_topic = "{failures}"
+state_topic = "{state}"
 session_timeout_ms = 3000
 commit_interval_ms = 200
 drain_timeout_ms = 2000
@@ -128,6 +122,7 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
             topic = self.topic,
             dlq = self.dlq,
             failures = self.failures,
+            state = self.state,
             sf = self.sf.base_url(),
             client_id = CLIENT_ID,
         )
@@ -154,8 +149,7 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
         let ends = tools::end_offsets(&self.bootstrap, &self.topic, self.partitions).unwrap();
         wait_until(within, || {
             let committed =
-                tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions)
-                    .unwrap_or_default();
+                tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions).unwrap_or_default();
             committed.len() == ends.len()
                 && committed
                     .iter()
@@ -173,9 +167,7 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
     }
 
     pub fn contact(&self, key: &str) -> Option<Map<String, Value>> {
-        self.sf
-            .find("Contact", "External_Id__c", key)
-            .map(|r| r.fields)
+        self.sf.find("Contact", "External_Id__c", key).map(|r| r.fields)
     }
 
     pub fn sandboxes(&self) -> HashMap<String, &SalesforceSandbox> {
@@ -203,10 +195,7 @@ pub fn contact_data(first: &str, last: Option<&str>) -> Map<String, Value> {
     if let Some(l) = last {
         m.insert("last_name".into(), json!(l));
     }
-    m.insert(
-        "email".into(),
-        json!(format!("{}@example.com", first.to_lowercase())),
-    );
+    m.insert("email".into(), json!(format!("{}@example.com", first.to_lowercase())));
     m
 }
 
@@ -225,18 +214,6 @@ pub fn contact_event(
     )
 }
 
-pub fn upsert(
-    event_id: &str,
-    key: &str,
-    version: u64,
-    first: &str,
-    last: &str,
-) -> (String, Vec<u8>) {
-    contact_event(
-        event_id,
-        key,
-        "upsert",
-        version,
-        Some(&contact_data(first, Some(last))),
-    )
+pub fn upsert(event_id: &str, key: &str, version: u64, first: &str, last: &str) -> (String, Vec<u8>) {
+    contact_event(event_id, key, "upsert", version, Some(&contact_data(first, Some(last))))
 }

@@ -92,19 +92,12 @@ impl TokenSource {
             .await
             .map_err(DeliveryError::from_transport)?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(DeliveryError::from_transport)?;
+        let body = response.bytes().await.map_err(DeliveryError::from_transport)?;
         if !status.is_success() {
             return Err(errors::classify_token_error(status.as_u16(), &body));
         }
-        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-            errors::unexpected(
-                status.as_u16(),
-                format!("token response is not understood: {e}"),
-            )
-        })?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| errors::unexpected(status.as_u16(), format!("token response is not understood: {e}")))?;
         tracing::info!(tenant = %self.tenant, "Fetched a Salesforce access token.");
         Ok(Token {
             access_token: Secret::new(parsed.access_token),

@@ -20,11 +20,7 @@ use crate::telemetry::metric;
 
 /// Characters left as they are in a path segment (RFC 3986 unreserved); everything else,
 /// `/` included, is percent-encoded, so an external id cannot change the URL's shape.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 pub struct SalesforceClient {
     pub(super) http: reqwest::Client,
@@ -75,38 +71,20 @@ impl SalesforceClient {
             let status = response.status();
             self.count(Some(status));
             self.record_limit_info(response.headers());
-            let retry_after = errors::parse_retry_after(
-                response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok()),
-            );
-            let body = response
-                .bytes()
-                .await
-                .map_err(DeliveryError::from_transport)?;
+            let retry_after =
+                errors::parse_retry_after(response.headers().get("retry-after").and_then(|v| v.to_str().ok()));
+            let body = response.bytes().await.map_err(DeliveryError::from_transport)?;
             match (req.op, status) {
                 (Op::Upsert, StatusCode::CREATED) => return Ok(WriteOk::Created),
-                (Op::Upsert, StatusCode::OK | StatusCode::NO_CONTENT) => {
-                    return Ok(WriteOk::Updated)
-                }
-                (Op::Delete, StatusCode::OK | StatusCode::NO_CONTENT) => {
-                    return Ok(WriteOk::Deleted)
-                }
+                (Op::Upsert, StatusCode::OK | StatusCode::NO_CONTENT) => return Ok(WriteOk::Updated),
+                (Op::Delete, StatusCode::OK | StatusCode::NO_CONTENT) => return Ok(WriteOk::Deleted),
                 (Op::Delete, StatusCode::NOT_FOUND) => return Ok(WriteOk::AlreadyAbsent),
                 (_, StatusCode::UNAUTHORIZED) if !replayed && errors::is_expired_session(&body) => {
                     tracing::debug!(tenant = %self.tenant, "Salesforce session expired; fetching a new token.");
                     self.auth.invalidate(&token).await;
                     replayed = true;
                 }
-                _ => {
-                    return Err(errors::classify(
-                        status.as_u16(),
-                        &body,
-                        retry_after,
-                        self.limit_pause,
-                    ))
-                }
+                _ => return Err(errors::classify(status.as_u16(), &body, retry_after, self.limit_pause)),
             }
         }
     }
@@ -163,9 +141,6 @@ mod tests {
     fn external_id_cannot_change_the_url_shape() {
         let encoded = utf8_percent_encode("A/B?c#d e", SEGMENT).to_string();
         assert_eq!(encoded, "A%2FB%3Fc%23d%20e");
-        assert_eq!(
-            utf8_percent_encode("C-1001_x.y~", SEGMENT).to_string(),
-            "C-1001_x.y~"
-        );
+        assert_eq!(utf8_percent_encode("C-1001_x.y~", SEGMENT).to_string(), "C-1001_x.y~");
     }
 }

@@ -30,30 +30,20 @@ struct TokenError {
 
 /// The first error of a REST error body, if the body is one.
 pub fn first_error(body: &[u8]) -> Option<RestError> {
-    serde_json::from_slice::<Vec<RestError>>(body)
-        .ok()?
-        .into_iter()
-        .next()
+    serde_json::from_slice::<Vec<RestError>>(body).ok()?.into_iter().next()
 }
 
 /// Whether a 401 means "get a new token and replay" (expired session), as opposed to
 /// "this app may not use the REST API", which a new token does not cure.
 pub fn is_expired_session(body: &[u8]) -> bool {
-    first_error(body)
-        .is_some_and(|e| e.error_code == "INVALID_SESSION_ID" && !blocked_for_rest(&e.message))
+    first_error(body).is_some_and(|e| e.error_code == "INVALID_SESSION_ID" && !blocked_for_rest(&e.message))
 }
 
 fn blocked_for_rest(message: &str) -> bool {
     message.contains("not valid for use with the REST API")
 }
 
-fn error(
-    class: ErrorClass,
-    code: ErrorCode,
-    status: u16,
-    crm_code: Option<String>,
-    message: String,
-) -> DeliveryError {
+fn error(class: ErrorClass, code: ErrorCode, status: u16, crm_code: Option<String>, message: String) -> DeliveryError {
     DeliveryError {
         class,
         code,
@@ -65,29 +55,15 @@ fn error(
 }
 
 pub fn unexpected(status: u16, message: String) -> DeliveryError {
-    error(
-        ErrorClass::Permanent,
-        ErrorCode::CrmUnexpected,
-        status,
-        None,
-        message,
-    )
+    error(ErrorClass::Permanent, ErrorCode::CrmUnexpected, status, None, message)
 }
 
 /// Classifies a non-success answer of a REST call.
-pub fn classify(
-    status: u16,
-    body: &[u8],
-    retry_after: Option<Duration>,
-    limit_pause: Duration,
-) -> DeliveryError {
+pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, limit_pause: Duration) -> DeliveryError {
     use ErrorClass::*;
     use ErrorCode::*;
     let first = first_error(body);
-    let crm_code = first
-        .as_ref()
-        .map(|e| e.error_code.clone())
-        .filter(|c| !c.is_empty());
+    let crm_code = first.as_ref().map(|e| e.error_code.clone()).filter(|c| !c.is_empty());
     let message = match &first {
         Some(e) => e.message.clone(),
         None => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
@@ -101,9 +77,7 @@ pub fn classify(
             Some("MULTIPLE_CHOICES".into()),
             format!("external id matches several records: {message}"),
         ),
-        400 if code_is("UNABLE_TO_LOCK_ROW") => {
-            error(Retryable, CrmRowLock, status, crm_code, message)
-        }
+        400 if code_is("UNABLE_TO_LOCK_ROW") => error(Retryable, CrmRowLock, status, crm_code, message),
         400 => error(Permanent, CrmValidation, status, crm_code, message),
         401 if blocked_for_rest(&message) => error(Permanent, CrmAuth, status, crm_code, message),
         // Still expired right after a fresh token: treat as a passing fault.
@@ -144,13 +118,7 @@ pub fn classify_token_error(status: u16, body: &[u8]) -> DeliveryError {
         );
     }
     // Wrong credentials or an app without the flow enabled: an operator must act.
-    error(
-        ErrorClass::Permanent,
-        ErrorCode::CrmAuth,
-        status,
-        crm_code,
-        message,
-    )
+    error(ErrorClass::Permanent, ErrorCode::CrmAuth, status, crm_code, message)
 }
 
 /// Parses a `Retry-After` header given in seconds (the form the CRMs use).
@@ -176,16 +144,10 @@ mod tests {
             None,
             PAUSE,
         );
-        assert_eq!(
-            (lock.class, lock.code),
-            (ErrorClass::Retryable, ErrorCode::CrmRowLock)
-        );
+        assert_eq!((lock.class, lock.code), (ErrorClass::Retryable, ErrorCode::CrmRowLock));
         let missing = classify(
             400,
-            &body(
-                "REQUIRED_FIELD_MISSING",
-                "Required fields are missing: [LastName]",
-            ),
+            &body("REQUIRED_FIELD_MISSING", "Required fields are missing: [LastName]"),
             None,
             PAUSE,
         );
@@ -200,11 +162,13 @@ mod tests {
             None,
             PAUSE,
         );
-        assert_eq!(
-            (limit.class, limit.retry_after),
-            (ErrorClass::Retryable, Some(PAUSE))
+        assert_eq!((limit.class, limit.retry_after), (ErrorClass::Retryable, Some(PAUSE)));
+        let multi = classify(
+            300,
+            br#"["/services/data/v60.0/sobjects/Contact/003A","/services/data/v60.0/sobjects/Contact/003B"]"#,
+            None,
+            PAUSE,
         );
-        let multi = classify(300, br#"["/services/data/v60.0/sobjects/Contact/003A","/services/data/v60.0/sobjects/Contact/003B"]"#, None, PAUSE);
         assert_eq!(
             (multi.class, multi.code),
             (ErrorClass::Permanent, ErrorCode::CrmMultipleMatches)
@@ -227,10 +191,7 @@ mod tests {
             "This session is not valid for use with the REST API",
         );
         assert!(!is_expired_session(&blocked));
-        assert_eq!(
-            classify(401, &blocked, None, PAUSE).class,
-            ErrorClass::Permanent
-        );
+        assert_eq!(classify(401, &blocked, None, PAUSE).class, ErrorClass::Permanent);
     }
 
     #[test]

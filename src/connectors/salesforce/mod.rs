@@ -26,11 +26,7 @@ pub struct SalesforceConnector {
 
 impl SalesforceConnector {
     /// `limit_pause` is how long the tenant waits after the org's API limit is reached.
-    pub fn new(
-        tenant: &TenantConfig,
-        sf: &SalesforceConfig,
-        limit_pause: Duration,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(tenant: &TenantConfig, sf: &SalesforceConfig, limit_pause: Duration) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(tenant.request_timeout_ms))
             .pool_max_idle_per_host(tenant.max_concurrency)

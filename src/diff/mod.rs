@@ -13,9 +13,15 @@
 //! flight ([`CheckMode::Full`]), because an earlier write still on its way could change
 //! what the CRM holds.
 //!
+//! Confirmed states are also written to a compacted state topic ([`store`]) before the
+//! event's offset is released, and read back when a partition changes owner, so a new
+//! owner still recognises stale versions and unchanged payloads.
+//!
 //! Memory is bounded by `capacity` records: two generations of maps, the older dropped
 //! wholesale when the newer fills half the capacity (an approximate LRU; a hit in the old
 //! generation moves the record to the new one). A forgotten record costs one extra write.
+
+pub mod store;
 
 use std::collections::HashMap;
 
@@ -143,7 +149,8 @@ impl DiffCache {
         }
     }
 
-    /// Checks an event; an unchanged newer version advances the stored version.
+    /// Checks an event; an unchanged newer version advances the stored version, and the
+    /// new state is returned so that it can be made durable too.
     pub fn check(
         &mut self,
         key: &RecordKey,
@@ -152,17 +159,19 @@ impl DiffCache {
         version: u64,
         event: u64,
         payload: Option<PayloadHash>,
-    ) -> Verdict {
+    ) -> CheckResult {
         let current = self.get(key);
-        let v = verdict(current.as_ref(), mode, op, version, event, payload);
-        if let (Verdict::Skip(SkipReason::Unchanged), Some(mut s)) = (v, current) {
+        let verdict = verdict(current.as_ref(), mode, op, version, event, payload);
+        let mut changed = None;
+        if let (Verdict::Skip(SkipReason::Unchanged), Some(mut s)) = (verdict, current) {
             if version > s.version {
                 s.version = version;
                 s.event = event;
                 self.insert(key.clone(), s);
+                changed = Some(s);
             }
         }
-        v
+        CheckResult { verdict, changed }
     }
 
     pub fn len(&self) -> usize {
@@ -174,9 +183,17 @@ impl DiffCache {
     }
 }
 
+/// The answer to a [`Check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckResult {
+    pub verdict: Verdict,
+    /// The record's new confirmed state, when the check changed it.
+    pub changed: Option<RecordState>,
+}
+
 /// Ask whether an event needs a write.
 #[derive(Debug, Message)]
-#[rtype(result = "Verdict")]
+#[rtype(result = "CheckResult")]
 pub struct Check {
     pub record: RecordKey,
     pub mode: CheckMode,
@@ -193,6 +210,11 @@ pub struct Confirm {
     pub record: RecordKey,
     pub state: RecordState,
 }
+
+/// States read back from the state topic for a partition this instance now owns.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Restore(pub Vec<(RecordKey, RecordState)>);
 
 pub struct DiffActor {
     /// `false` turns every check into `Write` (benchmarks measure the saving this way).
@@ -231,6 +253,11 @@ impl Supervised for DiffActor {
     }
 }
 
+const WRITE: CheckResult = CheckResult {
+    verdict: Verdict::Write,
+    changed: None,
+};
+
 impl Handler<Check> for DiffActor {
     type Result = MessageResult<Check>;
 
@@ -240,25 +267,38 @@ impl Handler<Check> for DiffActor {
                 panic!("injected panic in diff actor");
             }
             if !self.enabled {
-                return Verdict::Write;
+                return WRITE;
             }
-            self.cache.check(
-                &msg.record,
-                msg.mode,
-                msg.op,
-                msg.version,
-                msg.event,
-                msg.payload,
-            )
+            self.cache
+                .check(&msg.record, msg.mode, msg.op, msg.version, msg.event, msg.payload)
         });
         match result {
             Ok(v) => MessageResult(v),
             Err(_) => {
                 ctx.stop();
                 // Writing is always safe (writes are idempotent); skipping might not be.
-                MessageResult(Verdict::Write)
+                MessageResult(WRITE)
             }
         }
+    }
+}
+
+impl Handler<Restore> for DiffActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Restore, ctx: &mut Self::Context) {
+        let restored = msg.0.len();
+        let applied = supervise::catch("diff", || {
+            for (record, state) in &msg.0 {
+                self.cache.confirm(record, *state);
+            }
+        });
+        if applied.is_err() {
+            ctx.stop();
+            return;
+        }
+        metrics::counter!(metric::STATE_RESTORED).increment(restored as u64);
+        metrics::gauge!(metric::DIFF_RECORDS).set(self.cache.len() as f64);
     }
 }
 
@@ -300,7 +340,7 @@ mod tests {
         let mut c = DiffCache::new(100);
         let k = key("1");
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 1, 10, A),
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 10, A).verdict,
             Verdict::Write
         );
         c.confirm(
@@ -312,20 +352,20 @@ mod tests {
             },
         );
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 1, 10, A),
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 10, A).verdict,
             Verdict::Skip(SkipReason::Duplicate)
         );
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 2, 11, A),
+            c.check(&k, CheckMode::Full, Op::Upsert, 2, 11, A).verdict,
             Verdict::Skip(SkipReason::Unchanged)
         );
         // The unchanged v2 advanced the version: a late v1' is now stale.
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 1, 12, B),
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 12, B).verdict,
             Verdict::Skip(SkipReason::Stale)
         );
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 3, 13, B),
+            c.check(&k, CheckMode::Full, Op::Upsert, 3, 13, B).verdict,
             Verdict::Write
         );
     }
@@ -343,7 +383,7 @@ mod tests {
             },
         );
         assert_eq!(
-            c.check(&k, CheckMode::Early, Op::Upsert, 2, 11, A),
+            c.check(&k, CheckMode::Early, Op::Upsert, 2, 11, A).verdict,
             Verdict::Write
         );
     }
@@ -370,17 +410,17 @@ mod tests {
         );
         // A late older upsert cannot resurrect the record...
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 1, 12, A),
+            c.check(&k, CheckMode::Full, Op::Upsert, 1, 12, A).verdict,
             Verdict::Skip(SkipReason::Stale)
         );
         // ...a repeated delete costs nothing...
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Delete, 3, 13, None),
+            c.check(&k, CheckMode::Full, Op::Delete, 3, 13, None).verdict,
             Verdict::Skip(SkipReason::Unchanged)
         );
         // ...and a re-create with the old payload is sent.
         assert_eq!(
-            c.check(&k, CheckMode::Full, Op::Upsert, 4, 14, A),
+            c.check(&k, CheckMode::Full, Op::Upsert, 4, 14, A).verdict,
             Verdict::Write
         );
     }

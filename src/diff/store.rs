@@ -1,0 +1,190 @@
+//! The durable side of the diff cache: a compacted Kafka topic of confirmed states.
+//!
+//! Why: a partition's new owner (after a restart, a crash or a rebalance) starts with an
+//! empty cache. Without the record versions its predecessor confirmed, a late, older
+//! version that arrives after the committed offset would be written over a newer one,
+//! and every unchanged event would cost a call again. So every change to a record's
+//! confirmed state is written here — keyed by the record, to the same partition number
+//! as the event's source partition — and acknowledged *before* the event's offset may be
+//! committed; and a partition's new owner reads that state partition back before it
+//! handles the partition's first message.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::RecordState;
+use crate::event::{PayloadHash, RecordKey};
+use crate::telemetry::metric;
+
+#[derive(Serialize, Deserialize)]
+struct StateRecord {
+    tenant: String,
+    entity: String,
+    key: String,
+    version: u64,
+    /// Hex of the payload hash; `null` for a tombstone.
+    payload: Option<String>,
+    event: u64,
+}
+
+fn hex(h: &PayloadHash) -> String {
+    h.0.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<PayloadHash> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+    }
+    Some(PayloadHash(out))
+}
+
+/// The record identity as the state topic's message key (what compaction keeps one of).
+fn state_key(record: &RecordKey) -> String {
+    format!("{}\u{1f}{}\u{1f}{}", record.tenant, record.entity, record.key)
+}
+
+pub fn encode(record: &RecordKey, state: &RecordState) -> Vec<u8> {
+    serde_json::to_vec(&StateRecord {
+        tenant: record.tenant.to_string(),
+        entity: record.entity.to_string(),
+        key: record.key.to_string(),
+        version: state.version,
+        payload: state.payload.as_ref().map(hex),
+        event: state.event,
+    })
+    .unwrap_or_default()
+}
+
+pub fn decode(bytes: &[u8]) -> Option<(RecordKey, RecordState)> {
+    let r: StateRecord = serde_json::from_slice(bytes).ok()?;
+    let payload = match r.payload {
+        Some(h) => Some(unhex(&h)?),
+        None => None,
+    };
+    Some((
+        RecordKey {
+            tenant: r.tenant.into(),
+            entity: r.entity.into(),
+            key: r.key.into(),
+        },
+        RecordState {
+            version: r.version,
+            payload,
+            event: r.event,
+        },
+    ))
+}
+
+/// Writes confirmed states; cheap to clone.
+#[derive(Clone)]
+pub struct StateStore {
+    producer: FutureProducer,
+    topic: std::sync::Arc<str>,
+}
+
+impl StateStore {
+    pub fn new(producer: FutureProducer, topic: &str) -> Self {
+        StateStore {
+            producer,
+            topic: topic.into(),
+        }
+    }
+
+    /// Writes one record's confirmed state to `partition`, retrying until acknowledged.
+    /// Until it returns, the event's outcome is not final, so its offset stays uncommitted.
+    pub async fn persist(&self, partition: i32, record: &RecordKey, state: &RecordState) {
+        let key = state_key(record);
+        let value = encode(record, state);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let msg = FutureRecord::to(&self.topic)
+                .partition(partition)
+                .key(&key)
+                .payload(&value);
+            match self.producer.send(msg, Duration::from_secs(30)).await {
+                Ok(_) => return,
+                Err((e, _)) => {
+                    metrics::counter!(metric::STATE_WRITE_FAILURES).increment(1);
+                    tracing::error!(topic = %self.topic, error = %e, "Could not write confirmed state; retrying.");
+                    // Backoff between attempts; the event stays undecided meanwhile.
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Reads a state partition from its start to its current end.
+pub fn restore(
+    client: &ClientConfig,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> KafkaResult<Vec<(RecordKey, RecordState)>> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("enable.auto.commit", "false")
+        .set("group.id", "crm-sync-state-restore")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut next = low;
+    while next < high {
+        if std::time::Instant::now() > deadline {
+            return Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message?;
+        next = message.offset() + 1;
+        if let Some(decoded) = message.payload().and_then(decode) {
+            out.push(decoded);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_records_round_trip() {
+        let key = RecordKey {
+            tenant: "acme".into(),
+            entity: "contact".into(),
+            key: "C-1/2".into(),
+        };
+        for payload in [Some(PayloadHash([0xab; 16])), None] {
+            let state = RecordState {
+                version: 9,
+                payload,
+                event: 42,
+            };
+            assert_eq!(decode(&encode(&key, &state)), Some((key.clone(), state)));
+        }
+        assert_eq!(decode(b"{}"), None);
+    }
+}
