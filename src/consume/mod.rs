@@ -45,6 +45,9 @@ use crate::notify::SourceMessage;
 use crate::supervise::InjectPanic;
 use crate::telemetry::{metric, Health};
 
+/// A partition: (topic, partition number).
+pub type PartitionKey = (Arc<str>, i32);
+
 /// A live partition as the rest of the service sees it.
 pub struct PartitionEntry {
     pub addr: Addr<PartitionActor>,
@@ -54,7 +57,7 @@ pub struct PartitionEntry {
 
 /// Live partitions by (topic, partition); shared by the consumer thread (which adds and
 /// removes them) and the tenants (which ask them for re-dispatch).
-pub type PartitionDirectory = Arc<DashMap<(Arc<str>, i32), PartitionEntry>>;
+pub type PartitionDirectory = Arc<DashMap<PartitionKey, PartitionEntry>>;
 
 /// Requests from partition actors to the consumer thread.
 #[derive(Debug)]
@@ -121,7 +124,7 @@ pub struct LoopContext {
     /// offset that arrived after the pause (librdkafka still hands out what it had
     /// prefetched). Such messages are not delivered; the partition is seeked back to that
     /// offset before it resumes, so the window really bounds memory and nothing is skipped.
-    paused: Mutex<HashMap<(Arc<str>, i32), Option<i64>>>,
+    paused: Mutex<HashMap<PartitionKey, Option<i64>>>,
 }
 
 impl ClientContext for LoopContext {
@@ -177,7 +180,7 @@ fn is_no_offset(e: &KafkaError) -> bool {
     matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))
 }
 
-fn keys_of(tpl: &TopicPartitionList) -> Vec<(Arc<str>, i32)> {
+fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
     tpl.elements()
         .iter()
         .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
@@ -187,7 +190,7 @@ fn keys_of(tpl: &TopicPartitionList) -> Vec<(Arc<str>, i32)> {
 impl LoopContext {
     /// Reads back the confirmed states of the newly assigned partitions (before any of
     /// their messages is handled: this runs on the consumer thread, inside the rebalance).
-    fn restore_state(&self, assigned: &[(Arc<str>, i32)]) {
+    fn restore_state(&self, assigned: &[PartitionKey]) {
         let partitions: std::collections::BTreeSet<i32> = assigned.iter().map(|(_, p)| *p).collect();
         for partition in partitions {
             match store::restore(&self.client, &self.state_topic, partition, Duration::from_secs(30)) {
@@ -230,7 +233,7 @@ impl LoopContext {
 
     /// Waits (up to `timeout` in all) for the partitions to finish their in-flight events,
     /// commits their watermarks synchronously, and retires their actors.
-    fn drain_commit_retire(&self, consumer: &BaseConsumer<Self>, keys: &[(Arc<str>, i32)], timeout: Duration) {
+    fn drain_commit_retire(&self, consumer: &BaseConsumer<Self>, keys: &[PartitionKey], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut waiting = Vec::new();
         for key in keys {
@@ -397,7 +400,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
     };
 
     let ctx = consumer.context();
-    let keys: Vec<(Arc<str>, i32)> = ctx.directory.iter().map(|e| e.key().clone()).collect();
+    let keys: Vec<PartitionKey> = ctx.directory.iter().map(|e| e.key().clone()).collect();
     match mode {
         StopMode::Graceful => {
             tracing::info!(partitions = keys.len(), "Shutting down: draining partitions.");
@@ -497,7 +500,7 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
 
 /// Whether a message must be held back because its partition is paused; remembers the
 /// first such offset so the partition resumes from there.
-fn hold_back(consumer: &BaseConsumer<LoopContext>, key: &(Arc<str>, i32), offset: i64) -> bool {
+fn hold_back(consumer: &BaseConsumer<LoopContext>, key: &PartitionKey, offset: i64) -> bool {
     let mut paused = consumer.context().paused.lock().unwrap_or_else(|p| p.into_inner());
     match paused.get_mut(key) {
         Some(first) => {
