@@ -198,3 +198,52 @@ fn exhausted_retries_are_dead_lettered() {
     assert_eq!(env.sf.stats().rejected.get(&503), Some(&6));
     service.stop(StopMode::Graceful);
 }
+
+fn http_get(url: String) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+#[test]
+fn serves_prometheus_metrics_and_health() {
+    let env = Env::new(1);
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    let base = format!("http://{}", service.http_addr());
+    assert_eq!(http_get(format!("{base}/health/live")).0, 200);
+    assert_eq!(http_get(format!("{base}/health/ready")).0, 200);
+    let (status, text) = http_get(format!("{base}/metrics"));
+    assert_eq!(status, 200);
+    // 1. Every line is a comment or `name{labels} value` with a numeric value.
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            assert!(comment.starts_with("HELP ") || comment.starts_with("TYPE "), "bad comment: {line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value), "bad value: {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(name.starts_with("crm_sync_"), "unexpected metric: {line}");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name: {line}");
+    }
+    // 2. The metrics the operator needs are there.
+    for name in [
+        "crm_sync_events_consumed_total",
+        "crm_sync_outcomes_total",
+        "crm_sync_crm_requests_total",
+        "crm_sync_crm_request_duration_seconds_bucket",
+        "crm_sync_crm_api_usage_ratio",
+        "crm_sync_in_flight_events",
+        "crm_sync_committed_offset",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    assert!(text.contains(r#"crm_sync_outcomes_total{tenant="acme",outcome="delivered"}"#), "{text}");
+    // 3. No secret in the exposition.
+    assert!(!text.contains(CLIENT_SECRET));
+    service.stop(StopMode::Graceful);
+}
