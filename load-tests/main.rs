@@ -174,6 +174,7 @@ group_id = "{group}"
 input_topics = ["{TOPIC}"]
 dlq_topic = "load-dlq"
 failures_topic = "load-failures"
+state_topic = "load-state"
 session_timeout_ms = 6000
 drain_timeout_ms = 4000
 commit_interval_ms = 500
@@ -422,6 +423,11 @@ fn backlog(args: &Args) {
         }
     }
     let text = telemetry::prometheus().render();
+    if std::env::var_os("LOAD_TEST_DEBUG").is_some() {
+        for line in text.lines().filter(|l| l.starts_with(metric::IN_FLIGHT)).take(6) {
+            eprintln!("  {line}");
+        }
+    }
     eprintln!(
         "  (backlog: in flight {} | partition pauses {} | delivered {} | skipped {})",
         metric_total(&text, metric::IN_FLIGHT, None),

@@ -200,7 +200,10 @@ fn exhausted_retries_are_dead_lettered() {
 }
 
 fn http_get(url: String) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let r = reqwest::get(url).await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
@@ -221,14 +224,23 @@ fn serves_prometheus_metrics_and_health() {
     // 1. Every line is a comment or `name{labels} value` with a numeric value.
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(comment) = line.strip_prefix("# ") {
-            assert!(comment.starts_with("HELP ") || comment.starts_with("TYPE "), "bad comment: {line}");
+            assert!(
+                comment.starts_with("HELP ") || comment.starts_with("TYPE "),
+                "bad comment: {line}"
+            );
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
-        assert!(value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value), "bad value: {line}");
+        assert!(
+            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+            "bad value: {line}"
+        );
         let name = series.split('{').next().unwrap();
         assert!(name.starts_with("crm_sync_"), "unexpected metric: {line}");
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name: {line}");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad name: {line}"
+        );
     }
     // 2. The metrics the operator needs are there.
     for name in [
@@ -242,7 +254,10 @@ fn serves_prometheus_metrics_and_health() {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
-    assert!(text.contains(r#"crm_sync_outcomes_total{tenant="acme",outcome="delivered"}"#), "{text}");
+    assert!(
+        text.contains(r#"crm_sync_outcomes_total{tenant="acme",outcome="delivered"}"#),
+        "{text}"
+    );
     // 3. No secret in the exposition.
     assert!(!text.contains(CLIENT_SECRET));
     service.stop(StopMode::Graceful);

@@ -192,19 +192,24 @@ impl LoopContext {
     /// their messages is handled: this runs on the consumer thread, inside the rebalance).
     fn restore_state(&self, assigned: &[PartitionKey]) {
         let partitions: std::collections::BTreeSet<i32> = assigned.iter().map(|(_, p)| *p).collect();
-        for partition in partitions {
-            match store::restore(&self.client, &self.state_topic, partition, Duration::from_secs(30)) {
-                Ok(states) => {
-                    tracing::debug!(partition, records = states.len(), "Restored confirmed states.");
-                    self.deps.diff.do_send(Restore(states));
-                }
-                Err(e) => tracing::error!(
-                    topic = %self.state_topic,
-                    partition,
-                    error = %e,
-                    "Could not read confirmed states back; stale versions of this partition's records may be written."
-                ),
+        let partitions: Vec<i32> = partitions.into_iter().collect();
+        if partitions.is_empty() {
+            return;
+        }
+        match store::restore(&self.client, &self.state_topic, &partitions, Duration::from_secs(60)) {
+            Ok(states) => {
+                tracing::debug!(
+                    partitions = partitions.len(),
+                    records = states.len(),
+                    "Restored confirmed states."
+                );
+                self.deps.diff.do_send(Restore(states));
             }
+            Err(e) => tracing::error!(
+                topic = %self.state_topic,
+                error = %e,
+                "Could not read confirmed states back; stale versions of these partitions' records may be written."
+            ),
         }
     }
 
@@ -387,12 +392,15 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
                         })
                         .unwrap_or_default(),
                 };
-                let addr = consumer.context().directory.get(&key).map(|e| e.addr.clone());
-                if let Some(addr) = addr {
+                // The entry's own `Addr`, not a clone: every clone is a new sender, and
+                // each sender may put one message past the mailbox's capacity, which would
+                // make the mailbox (and the in-flight window behind it) unbounded. Holding
+                // the read guard while blocking is safe: only this thread changes the map.
+                if let Some(entry) = consumer.context().directory.get(&key) {
                     // Fast path without a thread park; when the partition's mailbox is full,
                     // block until it has room, so intake follows processing.
-                    if let Err(SendError::Full(record)) = addr.try_send(Record(source)) {
-                        let _ = futures::executor::block_on(addr.send(record));
+                    if let Err(SendError::Full(record)) = entry.addr.try_send(Record(source)) {
+                        let _ = futures::executor::block_on(entry.addr.send(record));
                     }
                 }
             }

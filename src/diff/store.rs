@@ -126,11 +126,11 @@ impl StateStore {
     }
 }
 
-/// Reads a state partition from its start to its current end.
+/// Reads state partitions from their start to their current end, with one client.
 pub fn restore(
     client: &ClientConfig,
     topic: &str,
-    partition: i32,
+    partitions: &[i32],
     timeout: Duration,
 ) -> KafkaResult<Vec<(RecordKey, RecordState)>> {
     let consumer: BaseConsumer = client
@@ -138,17 +138,22 @@ pub fn restore(
         .set("enable.auto.commit", "false")
         .set("group.id", "crm-sync-state-restore")
         .create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = std::collections::HashMap::new();
+    for &p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            ends.insert(p, high);
+        }
+    }
     let mut out = Vec::new();
-    if high <= low {
+    if ends.is_empty() {
         return Ok(out);
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + timeout;
-    let mut next = low;
-    while next < high {
+    while !ends.is_empty() {
         if std::time::Instant::now() > deadline {
             return Err(rdkafka::error::KafkaError::MessageConsumption(
                 rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
@@ -158,7 +163,12 @@ pub fn restore(
             continue;
         };
         let message = message?;
-        next = message.offset() + 1;
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&message.partition());
+        }
         if let Some(decoded) = message.payload().and_then(decode) {
             out.push(decoded);
         }

@@ -85,6 +85,8 @@ enum ActiveState {
     Backoff {
         ticket: u64,
     },
+    /// The CRM accepted it; its new state is being written to the state topic.
+    Persisting,
     /// Being written to the DLQ.
     DeadLettering,
 }
@@ -259,16 +261,7 @@ impl TenantActor {
         match result.verdict {
             Verdict::Skip(reason) => match result.changed {
                 // An unchanged newer version moved the record's version: durable first.
-                Some(state) => {
-                    let Some(slot) = self.records.get(&key) else { return };
-                    let partition = slot.active.pending.work.source.partition;
-                    let store = self.deps.state.clone();
-                    let record = key.clone();
-                    let persist = async move { store.persist(partition, &record, &state).await };
-                    ctx.spawn(persist.into_actor(self).map(move |(), act, ctx| {
-                        act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Skipped(reason), ctx));
-                    }));
-                }
+                Some(state) => self.persist_then_complete(key, state, OutcomeKind::Skipped(reason), ctx),
                 None => self.complete(key, OutcomeKind::Skipped(reason), ctx),
             },
             Verdict::Write => {
@@ -319,24 +312,7 @@ impl TenantActor {
         slot.active.state = ActiveState::Sending;
         slot.active.attempts += 1;
         self.requests_in_flight += 1;
-        let event = &slot.active.pending.work.event;
-        let confirmed = RecordState {
-            version: event.version,
-            payload: slot.active.payload,
-            event: event_id_fingerprint(&event.event_id),
-        };
-        let partition = slot.active.pending.work.source.partition;
-        let store = self.deps.state.clone();
-        let record = key.clone();
         let write = self.connector.write(slot.active.request.clone());
-        // The new state is durable before the outcome is reported (and the offset freed).
-        let write = async move {
-            let result = write.await;
-            if result.is_ok() {
-                store.persist(partition, &record, &confirmed).await;
-            }
-            result
-        };
         ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
             act.requests_in_flight -= 1;
             if act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
@@ -353,16 +329,18 @@ impl TenantActor {
         match result {
             Ok(_) => {
                 let event = &active.pending.work.event;
+                let state = RecordState {
+                    version: event.version,
+                    payload: active.payload,
+                    event: event_id_fingerprint(&event.event_id),
+                };
+                active.state = ActiveState::Persisting;
                 // Queued before the record's next check, in the same mailbox: in order.
                 self.deps.diff.do_send(Confirm {
                     record: key.clone(),
-                    state: RecordState {
-                        version: event.version,
-                        payload: active.payload,
-                        event: event_id_fingerprint(&event.event_id),
-                    },
+                    state,
                 });
-                self.complete(key, OutcomeKind::Delivered, ctx);
+                self.persist_then_complete(key, state, OutcomeKind::Delivered, ctx);
             }
             Err(error) => {
                 let now = Instant::now();
@@ -432,6 +410,26 @@ impl TenantActor {
         let write = async move { sink.dead_letter(&source, Some(&event), &failure).await };
         ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
             act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::DeadLettered, ctx));
+        }));
+    }
+
+    /// Writes the record's new confirmed state to the state topic, then ends its active
+    /// event with `kind`: the offset is freed only once the state is durable. The
+    /// record's slot stays taken meanwhile, but not a concurrency permit.
+    fn persist_then_complete(
+        &mut self,
+        key: RecordKey,
+        state: RecordState,
+        kind: OutcomeKind,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(slot) = self.records.get(&key) else { return };
+        let partition = slot.active.pending.work.source.partition;
+        let store = self.deps.state.clone();
+        let record = key.clone();
+        let persist = async move { store.persist(partition, &record, &state).await };
+        ctx.spawn(persist.into_actor(self).map(move |(), act, ctx| {
+            act.guarded(ctx, |act, ctx| act.complete(key, kind, ctx));
         }));
     }
 
