@@ -396,15 +396,13 @@ fn backlog(args: &Args) {
     runtime()
         .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
         .expect("produce");
+    let produced = messages.len();
+    drop(messages);
     let ends: i64 = tools::end_offsets(&s.bootstrap, TOPIC, partitions)
         .expect("ends")
         .iter()
         .sum();
-    println!(
-        "\n### backlog: {} events wait in Kafka ({} retained), tenant limited to 2,000 requests/s\n",
-        messages.len(),
-        ends
-    );
+    println!("\n### backlog: {produced} events wait in Kafka ({ends} retained), tenant limited to 2,000 requests/s\n");
     let rss_before = status_kib("VmRSS:");
     let service = pipeline::start(config(&s, "load-backlog", true, 2000.0, 16)).expect("start");
     println!("| second | RSS MiB | committed | lag |\n|---|---|---|---|");

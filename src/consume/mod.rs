@@ -281,6 +281,7 @@ impl LoopContext {
         for key in keys {
             paused.remove(key);
             if let Some((_, entry)) = self.directory.remove(key) {
+                entry.shared.retired.store(true, Ordering::Release);
                 entry.addr.do_send(Retire);
             }
         }
@@ -422,6 +423,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         StopMode::Abort => {
             for key in keys {
                 if let Some((_, entry)) = ctx.directory.remove(&key) {
+                    entry.shared.retired.store(true, Ordering::Release);
                     entry.addr.do_send(Retire);
                 }
             }

@@ -64,9 +64,18 @@ pub struct PartitionLink {
     pub recipient: WeakRecipient<Outcome>,
     pub generation: u64,
     pub offset: i64,
+    /// Tells whether this instance still owns the partition.
+    pub partition: Arc<PartitionShared>,
 }
 
 impl PartitionLink {
+    /// False once the partition was revoked (or the service is stopping): its next owner
+    /// reads the event again from the committed offset, so this instance must not write
+    /// it any more — an old write landing after the new owner's newer one would undo it.
+    pub fn is_live(&self) -> bool {
+        !self.partition.retired.load(Ordering::Acquire)
+    }
+
     pub fn send(&self, kind: OutcomeKind) {
         if let Some(r) = self.recipient.upgrade() {
             r.do_send(Outcome {
@@ -118,6 +127,8 @@ pub struct PartitionShared {
     /// Set while the in-flight window is full; the consumer thread pauses the partition.
     pub pause_wanted: AtomicBool,
     pub in_flight: AtomicUsize,
+    /// Set by the consumer thread when the partition is handed back.
+    pub retired: AtomicBool,
 }
 
 /// What every partition actor needs.
@@ -172,6 +183,7 @@ impl PartitionActor {
             recipient: ctx.address().downgrade().recipient(),
             generation: self.generation,
             offset,
+            partition: self.shared.clone(),
         }
     }
 

@@ -222,9 +222,9 @@ impl TenantActor {
                 waiting: None,
             },
         );
-        // `wait`: no other message is handled until the verdict is in, so the record's
-        // state cannot change under the check.
-        ctx.wait(
+        // `spawn`, not `wait`: other records go on meanwhile. This record's slot is taken
+        // (state `Checking`), so its later versions queue behind the check.
+        ctx.spawn(
             self.deps
                 .diff
                 .send(check)
@@ -306,6 +306,9 @@ impl TenantActor {
     }
 
     fn send(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
+        if !self.still_owned(&key, ctx) {
+            return;
+        }
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
@@ -382,7 +385,38 @@ impl TenantActor {
         }
     }
 
+    /// Whether the record's active event still belongs to a partition this instance
+    /// owns. If its partition was handed over, the event is dropped here (the new owner
+    /// re-reads it from the committed offset) — unless a copy of it came in through a
+    /// partition that is live, which then takes over.
+    fn still_owned(&mut self, key: &RecordKey, ctx: &mut Context<Self>) -> bool {
+        let Some(slot) = self.records.get_mut(key) else {
+            return false;
+        };
+        let pending = &mut slot.active.pending;
+        if pending.work.reply.is_live() {
+            return true;
+        }
+        pending.also.retain(PartitionLink::is_live);
+        if let Some(link) = pending.also.pop() {
+            pending.work.reply = link;
+            return true;
+        }
+        metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => outcome::HANDED_OVER)
+            .increment(1);
+        let Some(slot) = self.records.remove(key) else {
+            return false;
+        };
+        if let Some(next) = slot.waiting {
+            self.start(key.clone(), next, ctx);
+        }
+        false
+    }
+
     fn dead_letter(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
+        if !self.still_owned(&key, ctx) {
+            return;
+        }
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
