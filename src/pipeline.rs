@@ -329,17 +329,15 @@ fn wire(
     let state = StateStore::new(producer.clone(), &config.kafka.state_topic);
     let dead_letters = DeadLetters::new(producer, &config.kafka.dlq_topic, &config.kafka.failures_topic);
 
-    let partition_arbiter = Arbiter::new();
-    let tenant_arbiter = Arbiter::new();
-    let diff_arbiter = Arbiter::new();
+    // One arbiter for every actor: their messages to each other then cost a queue push,
+    // not a thread wake-up. CRM HTTP traffic runs on the connectors' own I/O runtime.
+    let actors = Arbiter::new();
 
     let (enabled, capacity) = (config.diff.enabled, config.diff.capacity);
-    let diff = Supervisor::start_in_arbiter(&diff_arbiter.handle(), move |_| DiffActor::new(enabled, capacity));
+    let diff = Supervisor::start_in_arbiter(&actors.handle(), move |_| DiffActor::new(enabled, capacity));
     let tenant_directory = TenantDirectory::default();
     let directory_for_retry = tenant_directory.clone();
-    let retry = Supervisor::start_in_arbiter(&tenant_arbiter.handle(), move |_| {
-        RetryQueueActor::new(directory_for_retry)
-    });
+    let retry = Supervisor::start_in_arbiter(&actors.handle(), move |_| RetryQueueActor::new(directory_for_retry));
     let partitions = PartitionDirectory::default();
 
     let mut tenants = HashMap::new();
@@ -355,7 +353,7 @@ fn wire(
             policy: RetryPolicy::from(&config.retry),
         };
         let tenant_config = Arc::new(tenant.clone());
-        let addr = Supervisor::start_in_arbiter(&tenant_arbiter.handle(), move |_| {
+        let addr = Supervisor::start_in_arbiter(&actors.handle(), move |_| {
             TenantActor::new(tenant_config, connector, deps)
         });
         let name: Arc<str> = tenant.name.as_str().into();
@@ -385,7 +383,7 @@ fn wire(
         kafka: config.kafka.clone(),
         directory: partitions.clone(),
         deps,
-        arbiter: partition_arbiter.handle(),
+        arbiter: actors.handle(),
         health,
         commands: commands_rx,
         stop,
@@ -406,9 +404,5 @@ fn wire(
         commands: commands_tx,
         http_addr,
     };
-    Ok((
-        control,
-        consumer_thread,
-        vec![partition_arbiter, tenant_arbiter, diff_arbiter],
-    ))
+    Ok((control, consumer_thread, vec![actors]))
 }

@@ -58,6 +58,6 @@ impl Connector for SalesforceConnector {
 
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>> {
         let client = self.client.clone();
-        Box::pin(async move { client.write(request).await })
+        crate::connectors::on_io_runtime(async move { client.write(request).await })
     }
 }
