@@ -1,8 +1,8 @@
 //! The running service: wires the stages together and bounds how it stops.
 //!
-//! [`start`] runs the actor system on its own thread (arbiters for the partitions, the
-//! tenants and retry queue, and the diff cache), the consumer on another, and returns a
-//! [`ServiceHandle`]. The same entry point serves `crm-sync run`, the demo, the tests and
+//! [`start`] runs the actor system on its own thread (one arbiter for all actors, so
+//! that their messages never wake another thread), the Kafka consumer on another, CRM
+//! HTTP calls on the connectors' I/O runtime, and returns a [`ServiceHandle`]. The same entry point serves `crm-sync run`, the demo, the tests and
 //! the load tests.
 
 use std::collections::{HashMap, HashSet};
