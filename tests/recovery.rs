@@ -28,16 +28,14 @@ fn resumes_from_committed_offsets_after_an_abrupt_stop() {
     let env = Env::new(3);
     let w = workload(800, 11);
     env.produce(&w.messages);
+    env.slow_crm(3);
     // 1. The service dies mid-stream without draining or committing.
     let service = pipeline::start(env.config()).unwrap();
     assert!(wait_until(Duration::from_secs(30), || env.sf.stats().upserts_applied > 200));
     let report = service.stop(StopMode::Abort);
     assert!(!report.committed);
-    let applied_before = env.sf.stats().upserts_applied;
-    assert!(
-        applied_before < w.messages.len() as u64,
-        "the stop came too late to be mid-stream"
-    );
+    assert!(!env.all_committed(), "the stop came too late to be mid-stream");
+    env.slow_crm(0);
     // 2. A new instance in the same group picks up from the committed offsets.
     let service = pipeline::start(env.config()).unwrap();
     assert!(env.wait_all_committed(Duration::from_secs(60)));
@@ -62,9 +60,12 @@ fn two_instances_split_partitions_and_the_survivor_finishes_when_one_leaves() {
         b.assigned_partitions()
     );
     // 2. The stream flows through both; then one leaves mid-stream.
+    env.slow_crm(2);
     env.produce(&w.messages);
     assert!(wait_until(Duration::from_secs(30), || env.sf.stats().upserts_applied > 100));
+    assert!(!env.all_committed(), "the stream was over before the member left");
     let report = b.stop(StopMode::Graceful);
+    env.slow_crm(0);
     assert!(report.committed);
     // 3. The other takes its partitions back and finishes; nothing is lost.
     assert!(wait_until(Duration::from_secs(30), || a.assigned_partitions() == 4));

@@ -3,13 +3,15 @@
 //! The consumer runs on its own OS thread (a librdkafka `BaseConsumer` polled in a loop),
 //! so that rebalance callbacks may block while partitions drain without stalling any
 //! actor. The thread:
-//! - on assign, starts a supervised [`PartitionActor`] per new partition;
+//! - on assign, reads the new partitions' confirmed states back from the state topic
+//!   into the diff cache, then starts a supervised [`PartitionActor`] per partition;
 //! - hands each message to its partition actor (`send`, so a busy partition slows
 //!   intake), and pauses/resumes partitions whose in-flight window is full;
 //! - stores each partition's watermark (`enable.auto.offset.store=false`) and commits
 //!   every `commit_interval_ms`;
 //! - on revoke, drains the revoked partitions (bounded by `drain_timeout_ms`, which is
-//!   below the session timeout), commits them synchronously, then retires their actors;
+//!   below the session timeout), commits them synchronously, then retires them: tenants
+//!   drop whatever of theirs is still waiting, since the next owner re-reads it;
 //! - on shutdown, stops fetching, drains everything within the deadline, commits and
 //!   leaves the group.
 //!

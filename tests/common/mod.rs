@@ -144,18 +144,29 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
             .expect("produce");
     }
 
+    /// Whether the group has committed every message of the input topic.
+    pub fn all_committed(&self) -> bool {
+        let ends = tools::end_offsets(&self.bootstrap, &self.topic, self.partitions).unwrap();
+        let committed =
+            tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions).unwrap_or_default();
+        committed.len() == ends.len()
+            && committed
+                .iter()
+                .zip(&ends)
+                .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
+    }
+
     /// Waits until the group has committed every message of the input topic.
     pub fn wait_all_committed(&self, within: Duration) -> bool {
-        let ends = tools::end_offsets(&self.bootstrap, &self.topic, self.partitions).unwrap();
-        wait_until(within, || {
-            let committed =
-                tools::committed(&self.bootstrap, &self.group, &self.topic, self.partitions).unwrap_or_default();
-            committed.len() == ends.len()
-                && committed
-                    .iter()
-                    .zip(&ends)
-                    .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
-        })
+        wait_until(within, || self.all_committed())
+    }
+
+    /// Slows every CRM call down, so that a stream takes long enough to stop mid-way.
+    pub fn slow_crm(&self, latency_ms: u64) {
+        self.sf.set_faults(crm_sync::sandbox::salesforce::Faults {
+            latency_ms,
+            ..Default::default()
+        });
     }
 
     pub fn read_dlq(&self) -> Vec<ReadMessage> {
