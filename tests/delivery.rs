@@ -262,3 +262,34 @@ fn serves_prometheus_metrics_and_health() {
     assert!(!text.contains(CLIENT_SECRET));
     service.stop(StopMode::Graceful);
 }
+
+#[test]
+fn dead_letters_an_ambiguous_external_id_without_touching_either_record() {
+    let env = Env::new(1);
+    for first in ["Twin", "Other"] {
+        let fields = serde_json::json!({"External_Id__c": "C-DUP", "FirstName": first, "LastName": "Doe"});
+        let fields = fields.as_object().unwrap().clone();
+        env.sf.seed_record("Contact", fields);
+    }
+    env.produce(&[
+        upsert("e1", "C-DUP", 1, "Ada", "Lovelace"),
+        upsert("e2", "C-OK", 1, "Grace", "Hopper"),
+    ]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_multiple_matches"));
+    assert_eq!(dlq[0].header("crm-sync.crm.status"), Some("300"));
+    assert_eq!(
+        env.sf.stats().rejected.get(&300),
+        Some(&1),
+        "a permanent error is not retried"
+    );
+    assert!(env
+        .sf
+        .records("Contact")
+        .iter()
+        .all(|r| r.fields["LastName"] == "Doe" || r.fields["LastName"] == "Hopper"));
+    service.stop(StopMode::Graceful);
+}
