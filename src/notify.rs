@@ -166,6 +166,7 @@ impl DeadLetters {
                 Err((e, _)) => {
                     metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
                     tracing::error!(topic, error = %e, "Could not write a dead-letter record; retrying.");
+                    // Backoff between attempts; the event stays undecided meanwhile.
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }

@@ -77,11 +77,15 @@ pub struct StopReport {
     pub closed: bool,
 }
 
+/// Handles on the running service, for the `ServiceHandle`'s owner.
 struct Control {
+    /// Live partitions, read for `assigned_partitions`.
     partitions: PartitionDirectory,
+    /// Actor addresses, used only for fault injection.
     diff: Addr<DiffActor>,
     retry: Addr<RetryQueueActor>,
     tenants: HashMap<String, Addr<TenantActor>>,
+    /// Requests to the consumer thread; it exits (and drops the receiver) on stop.
     commands: mpsc::Sender<ConsumerCommand>,
     http_addr: SocketAddr,
 }

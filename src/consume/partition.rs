@@ -76,6 +76,8 @@ impl PartitionLink {
         !self.partition.retired.load(Ordering::Acquire)
     }
 
+    /// `do_send`: outcomes must never wait on the partition's mailbox (the partition may
+    /// itself be waiting on the tenant's); their number is bounded by the in-flight window.
     pub fn send(&self, kind: OutcomeKind) {
         if let Some(r) = self.recipient.upgrade() {
             r.do_send(Outcome {

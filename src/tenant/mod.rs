@@ -241,6 +241,7 @@ impl TenantActor {
     }
 
     fn build_request(&self, event: &Event) -> (WriteRequest, Option<PayloadHash>) {
+        // Indexing cannot fail: decode only accepts entities this tenant maps.
         let entity = &self.config.entities[&*event.record.entity];
         let fields = match event.op {
             Op::Upsert => mapping::map_fields(&event.data, &entity.fields),
