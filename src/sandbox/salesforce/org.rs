@@ -1,0 +1,81 @@
+//! The sandbox org's state: records indexed by external id, issued tokens, the script
+//! of faults to come, and what was received.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use serde_json::{Map, Value};
+
+use super::{SandboxOrg, Scripted, Stats, StoredRecord};
+
+pub(super) struct Org {
+    pub(super) setup: SandboxOrg,
+    pub(super) base_url: String,
+    pub(super) records: HashMap<String, StoredRecord>,
+    /// (sObject, field, value) → record ids: a list, so several matches can be answered
+    /// with 300 as the real API does.
+    pub(super) index: HashMap<(String, String, String), Vec<String>>,
+    pub(super) tokens: HashMap<String, Instant>,
+    pub(super) script: VecDeque<Scripted>,
+    pub(super) stats: Stats,
+    pub(super) next_id: u64,
+    pub(super) rng: StdRng,
+}
+
+pub(super) type Shared = Arc<Mutex<Org>>;
+
+pub(super) fn lock(org: &Shared) -> std::sync::MutexGuard<'_, Org> {
+    // A panic while holding the lock cannot leave the maps half-updated in a way that
+    // matters for a simulator; keep serving.
+    org.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Org {
+    pub(super) fn insert(&mut self, sobject: &str, fields: Map<String, Value>) -> String {
+        let prefix = if sobject == "Account" { "001" } else { "003" };
+        let id = format!("{prefix}SBX{:012}", self.next_id);
+        self.next_id += 1;
+        let ext_fields = self.setup.external_ids.get(sobject).cloned().unwrap_or_default();
+        for field in ext_fields {
+            if let Some(v) = fields.get(&field).and_then(value_text) {
+                self.index
+                    .entry((sobject.to_string(), field, v))
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
+        self.records.insert(
+            id.clone(),
+            StoredRecord {
+                id: id.clone(),
+                sobject: sobject.to_string(),
+                fields,
+            },
+        );
+        id
+    }
+
+    pub(super) fn remove(&mut self, id: &str) {
+        if let Some(record) = self.records.remove(id) {
+            self.index.retain(|_, ids| {
+                ids.retain(|i| i != id);
+                !ids.is_empty()
+            });
+            drop(record);
+        }
+    }
+
+    pub(super) fn limit_info(&self) -> String {
+        format!("api-usage={}/{}", self.stats.api_requests, self.setup.daily_limit)
+    }
+}
+
+fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
