@@ -203,11 +203,15 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .unwrap_or_default();
         let sandbox = SalesforceSandbox::start("127.0.0.1:0", org).map_err(setup("starting a Salesforce sandbox"))?;
         sf.base_url = sandbox.base_url();
+        let faults = fault_plan
+            .iter()
+            .find(|(n, _)| *n == tenant.name)
+            .map(|(_, f)| f.describe());
         println!(
-            "  tenant {:<8} → Salesforce sandbox {} (faults: {:?})",
+            "  tenant {:<8} → Salesforce sandbox {} ({})",
             tenant.name,
             sandbox.base_url(),
-            fault_plan.iter().find(|(n, _)| *n == tenant.name).map(|(_, f)| f)
+            faults.unwrap_or_else(|| "no faults".into())
         );
         sandboxes.push((tenant.name.clone(), sandbox));
     }

@@ -80,6 +80,30 @@ pub struct Faults {
     pub seed: u64,
 }
 
+impl Faults {
+    /// A one-line description for people, e.g. "2% 5xx, 2% row locks, tokens live 400 ms".
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.latency_ms > 0 {
+            parts.push(format!("{} ms latency", self.latency_ms));
+        }
+        if self.server_error_rate > 0.0 {
+            parts.push(format!("{:.0}% 5xx", self.server_error_rate * 100.0));
+        }
+        if self.lock_error_rate > 0.0 {
+            parts.push(format!("{:.0}% row locks", self.lock_error_rate * 100.0));
+        }
+        if let Some(ms) = self.token_lifetime_ms {
+            parts.push(format!("tokens live {ms} ms"));
+        }
+        if parts.is_empty() {
+            "no faults".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 /// A scripted answer for one of the next API requests, taken in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
