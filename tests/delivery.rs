@@ -260,6 +260,13 @@ fn serves_prometheus_metrics_and_health() {
     );
     // 3. No secret in the exposition.
     assert!(!text.contains(CLIENT_SECRET));
+    // 4. Consumer lag comes from librdkafka's statistics, every 5 s.
+    assert!(
+        wait_until(Duration::from_secs(15), || http_get(format!("{base}/metrics"))
+            .1
+            .contains(r#"crm_sync_consumer_lag_messages{topic=""#)),
+        "no consumer lag reported"
+    );
     service.stop(StopMode::Graceful);
 }
 
