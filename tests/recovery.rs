@@ -9,6 +9,7 @@ use crm_sync::consume::StopMode;
 use crm_sync::demo::verify;
 use crm_sync::demo::workload::{generate, TenantSpec, WorkloadSpec};
 use crm_sync::pipeline;
+use crm_sync::sandbox::salesforce::Faults;
 
 fn workload(records: usize, seed: u64) -> crm_sync::demo::workload::Workload {
     generate(&WorkloadSpec {
@@ -73,4 +74,66 @@ fn two_instances_split_partitions_and_the_survivor_finishes_when_one_leaves() {
     let mismatches = verify(&env.config(), &w.expected, &env.sandboxes());
     assert!(mismatches.is_empty(), "{:?}", &mismatches[..mismatches.len().min(5)]);
     a.stop(StopMode::Graceful);
+}
+
+#[test]
+fn a_member_that_loses_partitions_drops_their_waiting_retries_and_nothing_is_lost() {
+    let env = Env::new(4);
+    let w = workload(400, 13);
+    env.produce(&w.messages);
+    // Retries that outlast the rebalance: the CRM fails everything for now.
+    let mut config = env.config();
+    config.retry.max_attempts = 10_000;
+    config.retry.max_delay_ms = 100;
+    config.retry.max_age_ms = 120_000;
+    env.sf.set_faults(Faults {
+        server_error_rate: 1.0,
+        ..Faults::default()
+    });
+    // 1. B owns all partitions; its events wait for retries.
+    let b = pipeline::start(config.clone()).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || b.assigned_partitions() == 4));
+    assert!(wait_until(Duration::from_secs(20), || env
+        .sf
+        .stats()
+        .rejected
+        .get(&503)
+        .copied()
+        .unwrap_or(0)
+        > 200));
+    // 2. A joins and takes half of them; B drains (its retries do not finish), commits, hands over.
+    let a = pipeline::start(config).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || a.assigned_partitions() == 2
+        && b.assigned_partitions() == 2));
+    // 3. The CRM recovers; B must not write the events of partitions it no longer owns.
+    env.sf.set_faults(Faults::default());
+    assert!(env.wait_all_committed(Duration::from_secs(90)));
+    let text = common_scrape(b.http_addr());
+    assert!(
+        crm_sync::demo::metric_total(
+            &text,
+            crm_sync::telemetry::metric::OUTCOMES,
+            Some(("outcome", "handed_over"))
+        ) > 0.0,
+        "no waiting retry was handed over"
+    );
+    let mismatches = verify(&env.config(), &w.expected, &env.sandboxes());
+    assert!(mismatches.is_empty(), "{:?}", &mismatches[..mismatches.len().min(5)]);
+    a.stop(StopMode::Graceful);
+    b.stop(StopMode::Graceful);
+}
+
+fn common_scrape(addr: std::net::SocketAddr) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
 }
