@@ -701,6 +701,12 @@ mod reference_tests {
     }
 
     #[test]
+    fn the_local_sandbox_config_parses() {
+        let c = Config::from_toml_with_env(include_str!("../config/local.toml"), |v| Some(v.to_string())).unwrap();
+        assert!(!c.kafka.create_topics);
+    }
+
+    #[test]
     fn the_demo_config_parses() {
         let c = Config::from_toml_with_env(include_str!("../config/demo.toml"), |v| Some(v.to_string())).unwrap();
         assert_eq!(c.tenants.len(), 3);

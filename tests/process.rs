@@ -184,3 +184,43 @@ fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
     assert!(status.success(), "exit status {status:?}");
     drop(broker);
 }
+
+#[test]
+fn produce_keys_events_by_record_identity() {
+    let mut broker = Proc(
+        Command::new(BIN)
+            .args(["sandbox", "kafka", "--partitions", "1", "--topic", "events"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut bootstrap = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut bootstrap)
+        .unwrap();
+    let bootstrap = bootstrap.trim().to_string();
+    let lines = [
+        String::from_utf8(upsert("e1", "C-1", 1, "Ada", "Lovelace").1).unwrap(),
+        "{not json".to_string(),
+    ];
+    let mut child = Command::new(BIN)
+        .args(["produce", "--bootstrap", &bootstrap, "--topic", "events"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}\n\n{}", lines[0], lines[1]).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("produced 2 message(s) to events"));
+    let read = crm_sync::sandbox::kafka::tools::read_all(&bootstrap, "events", 1, Duration::from_secs(20)).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].key.as_deref(), Some(b"acme/contact/C-1".as_slice()));
+    assert_eq!(read[0].payload.as_deref(), Some(lines[0].as_bytes()));
+    assert_eq!(read[1].key.as_deref(), Some(b"unkeyed".as_slice()));
+}
