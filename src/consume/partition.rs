@@ -264,6 +264,11 @@ impl Handler<Record> for PartitionActor {
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
         metrics::counter!(metric::EVENTS_CONSUMED, "topic" => self.topic.to_string()).increment(1);
+        if self.shared.watermark.load(Ordering::Acquire) < 0 {
+            // The first message: publish where this partition starts, so that a restart
+            // before any outcome still knows where to re-read from.
+            self.publish();
+        }
         let inject_panic = std::mem::take(&mut self.panic_next);
         let decoded = event::decode(
             message.payload.as_deref(),
