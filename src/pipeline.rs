@@ -39,7 +39,7 @@ pub enum StartError {
     #[error("cannot build HTTP client for tenant {tenant}: {source}")]
     HttpClient { tenant: String, source: reqwest::Error },
     #[error("{0}")]
-    StateTopic(String),
+    Topic(String),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("the service thread ended before it started")]
@@ -189,18 +189,34 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
     Ok(())
 }
 
-/// The state topic must have a partition for every input partition number, since each
-/// record's state goes to its source partition's number.
-fn check_state_topic(kafka: &KafkaConfig) -> Result<(), StartError> {
+/// The topics crm-sync writes to must exist (a write to a missing one would be retried
+/// forever, holding its partition), and the state topic needs a partition for every
+/// input partition number, since each record's state goes to its source partition's.
+fn check_topics(kafka: &KafkaConfig) -> Result<(), StartError> {
     let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
     let partitions = |name: &str| {
         metadata
             .topics()
             .iter()
-            .find(|t| t.name() == name)
+            .find(|t| t.name() == name && t.error().is_none())
             .map(|t| t.partitions().len())
     };
+    for (key, topic) in [
+        ("kafka.dlq_topic", &kafka.dlq_topic),
+        ("kafka.failures_topic", &kafka.failures_topic),
+    ] {
+        if partitions(topic).is_none() {
+            return Err(StartError::Topic(format!(
+                "`{key}` ({topic}) does not exist; create it or set kafka.create_topics"
+            )));
+        }
+    }
+    for topic in &kafka.input_topics {
+        if partitions(topic).is_none() {
+            tracing::warn!(topic = %topic, "Input topic does not exist (yet); waiting for it.");
+        }
+    }
     let needed = kafka
         .input_topics
         .iter()
@@ -209,11 +225,11 @@ fn check_state_topic(kafka: &KafkaConfig) -> Result<(), StartError> {
         .unwrap_or(0);
     match partitions(&kafka.state_topic) {
         Some(have) if have >= needed => Ok(()),
-        Some(have) => Err(StartError::StateTopic(format!(
+        Some(have) => Err(StartError::Topic(format!(
             "`kafka.state_topic` ({}) has {have} partitions; it needs at least {needed}, as many as the largest input topic",
             kafka.state_topic
         ))),
-        None => Err(StartError::StateTopic(format!(
+        None => Err(StartError::Topic(format!(
             "`kafka.state_topic` ({}) does not exist; create it (compacted) or set kafka.create_topics",
             kafka.state_topic
         ))),
@@ -288,7 +304,7 @@ async fn run_service(
             tracing::warn!(error = %e, "Could not check or create topics.");
         }
     }
-    if let Err(e) = check_state_topic(&config.kafka) {
+    if let Err(e) = check_topics(&config.kafka) {
         let _ = started.send(Err(e));
         http_task.abort();
         return;

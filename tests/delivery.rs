@@ -300,3 +300,16 @@ fn dead_letters_an_ambiguous_external_id_without_touching_either_record() {
         .all(|r| r.fields["LastName"] == "Doe" || r.fields["LastName"] == "Hopper"));
     service.stop(StopMode::Graceful);
 }
+
+#[test]
+fn refuses_to_start_when_a_topic_it_writes_to_is_missing() {
+    let env = Env::new(1);
+    let mut config = env.config();
+    config.kafka.dlq_topic = "no-such-dlq".into();
+    let err = pipeline::start(config).err().expect("start should fail").to_string();
+    assert!(err.contains("kafka.dlq_topic"), "{err}");
+    let mut config = env.config();
+    config.kafka.state_topic = env.dlq.clone() + "-missing";
+    let err = pipeline::start(config).err().expect("start should fail").to_string();
+    assert!(err.contains("kafka.state_topic"), "{err}");
+}
