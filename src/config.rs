@@ -260,6 +260,14 @@ pub struct TenantConfig {
     /// Timeout of one CRM HTTP request (each attempt separately).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Most records per CRM write call; capped at what the CRM allows for the operation
+    /// (Salesforce: 200 upserts through sObject Collections from API v46, deletes one by
+    /// one). 1 turns batching off.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How long a batch that is not full may wait for more records before it is sent.
+    #[serde(default = "default_batch_linger_ms")]
+    pub batch_linger_ms: u64,
     /// Salesforce connection; required when `crm = "salesforce"`.
     pub salesforce: Option<SalesforceConfig>,
     /// Entity name (the events' `entity` field) to CRM object and field mapping.
@@ -274,6 +282,12 @@ fn default_max_concurrency() -> usize {
 }
 fn default_request_timeout_ms() -> u64 {
     30_000
+}
+fn default_batch_size() -> usize {
+    200
+}
+fn default_batch_linger_ms() -> u64 {
+    20
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -495,6 +509,9 @@ impl Config {
             }
             if t.max_concurrency == 0 {
                 return Err(ConfigError::invalid(key("max_concurrency"), "must be at least 1"));
+            }
+            if t.batch_size == 0 {
+                return Err(ConfigError::invalid(key("batch_size"), "must be at least 1"));
             }
             if t.request_timeout_ms == 0 {
                 return Err(ConfigError::invalid(key("request_timeout_ms"), "must be positive"));

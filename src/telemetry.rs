@@ -23,6 +23,7 @@ pub mod metric {
     pub const CRM_REQUESTS: &str = "crm_sync_crm_requests_total";
     pub const CRM_REQUEST_DURATION: &str = "crm_sync_crm_request_duration_seconds";
     pub const CRM_API_USAGE: &str = "crm_sync_crm_api_usage_ratio";
+    pub const BATCH_SIZE: &str = "crm_sync_batch_records";
     pub const TOKEN_REFRESHES: &str = "crm_sync_crm_token_refreshes_total";
     pub const IN_FLIGHT: &str = "crm_sync_in_flight_events";
     pub const CONSUMER_LAG: &str = "crm_sync_consumer_lag_messages";

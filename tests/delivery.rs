@@ -12,6 +12,14 @@ use crm_sync::sandbox::salesforce::{Faults, Scripted};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The test config with batching off: every record gets its own call, so the answer's
+/// HTTP status is the record's own.
+fn single_record_calls(env: &Env) -> crm_sync::config::Config {
+    let mut config = env.config();
+    config.tenants[0].batch_size = 1;
+    config
+}
+
 #[test]
 fn delivers_creates_updates_and_deletes() {
     let env = Env::new(3);
@@ -122,7 +130,7 @@ fn dead_letters_permanent_errors_and_malformed_input_while_later_events_flow() {
         contact_event("e1", "C-1", "upsert", 1, Some(&contact_data("Ada", None))),
         upsert("e2", "C-2", 1, "Grace", "Hopper"),
     ]);
-    let service = pipeline::start(env.config()).unwrap();
+    let service = pipeline::start(single_record_calls(&env)).unwrap();
     assert!(env.wait_all_committed(WAIT));
     // 1. The good event behind both failures was delivered.
     assert_eq!(env.contact("C-2").unwrap()["LastName"], "Hopper");
@@ -282,7 +290,7 @@ fn dead_letters_an_ambiguous_external_id_without_touching_either_record() {
         upsert("e1", "C-DUP", 1, "Ada", "Lovelace"),
         upsert("e2", "C-OK", 1, "Grace", "Hopper"),
     ]);
-    let service = pipeline::start(env.config()).unwrap();
+    let service = pipeline::start(single_record_calls(&env)).unwrap();
     assert!(env.wait_all_committed(WAIT));
     let dlq = env.read_dlq();
     assert_eq!(dlq.len(), 1);
@@ -312,4 +320,58 @@ fn refuses_to_start_when_a_topic_it_writes_to_is_missing() {
     config.kafka.state_topic = env.dlq.clone() + "-missing";
     let err = pipeline::start(config).err().expect("start should fail").to_string();
     assert!(err.contains("kafka.state_topic"), "{err}");
+}
+
+#[test]
+fn batches_upserts_and_dead_letters_only_the_bad_record_of_a_batch() {
+    let env = Env::new(1);
+    let mut config = env.config();
+    // Long enough for all five to meet in one batch, however they arrive.
+    config.tenants[0].batch_linger_ms = 2_000;
+    config.tenants[0].batch_size = 5;
+    env.produce(&[
+        upsert("e1", "C-1", 1, "Ada", "Lovelace"),
+        upsert("e2", "C-2", 1, "Grace", "Hopper"),
+        contact_event("e3", "C-3", "upsert", 1, Some(&contact_data("Alan", None))),
+        upsert("e4", "C-4", 1, "Edsger", "Dijkstra"),
+        upsert("e5", "C-5", 1, "Barbara", "Liskov"),
+    ]);
+    let service = pipeline::start(config).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    // 1. One sObject Collections call for the five records.
+    assert_eq!(env.sf.stats().api_requests, 1);
+    // 2. The record without a LastName failed alone; its batch-mates are in the CRM.
+    for key in ["C-1", "C-2", "C-4", "C-5"] {
+        assert!(env.contact(key).is_some(), "{key} missing");
+    }
+    assert!(env.contact("C-3").is_none());
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].key.as_deref(), Some(b"acme/contact/C-3".as_slice()));
+    assert_eq!(dlq[0].header("crm-sync.crm.code"), Some("REQUIRED_FIELD_MISSING"));
+    assert_eq!(dlq[0].header("crm-sync.error.class"), Some("permanent"));
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn retries_only_the_locked_record_of_a_batch() {
+    let env = Env::new(1);
+    let mut config = env.config();
+    config.tenants[0].batch_linger_ms = 2_000;
+    config.tenants[0].batch_size = 3;
+    // The first record of the next call meets a row lock.
+    env.sf.script([crm_sync::sandbox::salesforce::Scripted::LockError]);
+    env.produce(&[
+        upsert("e1", "C-1", 1, "Ada", "Lovelace"),
+        upsert("e2", "C-2", 1, "Grace", "Hopper"),
+        upsert("e3", "C-3", 1, "Alan", "Turing"),
+    ]);
+    let service = pipeline::start(config).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    // One call for the three, then one retry for the locked record alone.
+    let stats = env.sf.stats();
+    assert_eq!(stats.api_requests, 2);
+    assert_eq!(stats.upserts_applied, 3);
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
 }

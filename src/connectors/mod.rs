@@ -144,10 +144,12 @@ impl DeliveryError {
 
 /// Runs a CRM call on the connectors' shared multi-threaded I/O runtime, so that HTTP
 /// work (TLS, parsing, serialisation) does not share a thread with the actors; the
-/// returned future only waits for the result.
+/// returned future only waits for the result. `lost` turns a task that died (it cannot
+/// panic, but the runtime may be shutting down) into the call's result.
 pub fn on_io_runtime<T: Send + 'static>(
-    call: impl std::future::Future<Output = Result<T, DeliveryError>> + Send + 'static,
-) -> BoxFuture<'static, Result<T, DeliveryError>> {
+    call: impl std::future::Future<Output = T> + Send + 'static,
+    lost: impl FnOnce(DeliveryError) -> T + Send + 'static,
+) -> BoxFuture<'static, T> {
     static IO: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
     let runtime = IO.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -163,7 +165,7 @@ pub fn on_io_runtime<T: Send + 'static>(
             let handle = rt.spawn(call);
             Box::pin(async move {
                 handle.await.unwrap_or_else(|e| {
-                    Err(DeliveryError {
+                    lost(DeliveryError {
                         class: ErrorClass::Retryable,
                         code: ErrorCode::CrmUnexpected,
                         http_status: None,
@@ -185,4 +187,17 @@ pub trait Connector: Send + Sync + 'static {
 
     /// Performs one idempotent write.
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>>;
+
+    /// Most records one call may carry for `op` (1: the CRM has no batch call for it).
+    fn max_batch(&self, _op: Op) -> usize {
+        1
+    }
+
+    /// Writes records that share their op, object and external id field, in as few calls
+    /// as the CRM's batch limit allows, with one result per request, in order: a record's
+    /// failure is its own, not its batch-mates'.
+    fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+        let writes: Vec<_> = requests.into_iter().map(|r| self.write(r)).collect();
+        Box::pin(futures::future::join_all(writes))
+    }
 }

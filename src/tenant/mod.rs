@@ -24,7 +24,7 @@ pub mod pacing;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 use rand::rngs::StdRng;
@@ -99,6 +99,8 @@ struct Active {
     first_failure: Option<(Instant, SystemTime)>,
     last_error: Option<DeliveryError>,
     state: ActiveState,
+    /// When the write last joined the queue for a permit (for the batch linger).
+    ready_since: Instant,
 }
 
 struct Slot {
@@ -218,6 +220,7 @@ impl TenantActor {
                     first_failure: None,
                     last_error: None,
                     state: ActiveState::Checking,
+                    ready_since: Instant::now(),
                 },
                 waiting: None,
             },
@@ -266,62 +269,132 @@ impl TenantActor {
                 None => self.complete(key, OutcomeKind::Skipped(reason), ctx),
             },
             Verdict::Write => {
-                if let Some(slot) = self.records.get_mut(&key) {
-                    slot.active.state = ActiveState::Ready;
-                    self.ready.push_back(key);
-                    self.pump(ctx);
-                }
+                self.make_ready(key);
+                self.pump(ctx);
             }
         }
     }
 
-    /// Starts as many ready writes as the rate and concurrency limits allow.
+    /// Puts a record's write in the queue for a permit.
+    fn make_ready(&mut self, key: RecordKey) {
+        if let Some(slot) = self.records.get_mut(&key) {
+            slot.active.state = ActiveState::Ready;
+            slot.active.ready_since = Instant::now();
+            self.ready.push_back(key);
+        }
+    }
+
+    /// Starts as many batches of ready writes as the rate and concurrency limits allow.
+    /// A batch holds records of one op, object and external id field, up to the smaller
+    /// of `batch_size` and the CRM's limit; it leaves when full, or when its oldest record
+    /// has waited `batch_linger_ms`. Each record has one slot, so two versions of a record
+    /// never share a batch.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         while self.requests_in_flight < self.config.max_concurrency {
-            let Some(key) = self.ready.front() else { break };
-            let is_ready = self
+            let Some(front) = self.ready.front() else { break };
+            let Some(first) = self
                 .records
-                .get(key)
-                .is_some_and(|s| matches!(s.active.state, ActiveState::Ready));
-            if !is_ready {
+                .get(front)
+                .filter(|s| matches!(s.active.state, ActiveState::Ready))
+            else {
                 self.ready.pop_front();
                 continue;
+            };
+            let group = batch_group(&first.active.request);
+            let max = self.config.batch_size.min(self.connector.max_batch(group.0)).max(1);
+            let oldest = first.active.ready_since;
+            let batch = self.count_ready(&group, max);
+            let now = Instant::now();
+            let linger = Duration::from_millis(self.config.batch_linger_ms);
+            if batch < max && now < oldest + linger {
+                self.wake_in(oldest + linger - now, ctx);
+                break;
             }
-            match self.pacer.try_acquire(Instant::now()) {
-                Ok(()) => {
-                    let key = self.ready.pop_front().expect("front() was Some just above");
-                    self.send(key, ctx);
-                }
-                Err(wait) => {
-                    if !self.wake_scheduled {
-                        self.wake_scheduled = true;
-                        ctx.run_later(wait, |act, ctx| {
-                            act.wake_scheduled = false;
-                            act.guarded(ctx, |act, ctx| act.pump(ctx));
-                        });
-                    }
-                    break;
-                }
+            if let Err(wait) = self.pacer.try_acquire(now) {
+                self.wake_in(wait, ctx);
+                break;
             }
+            let keys = self.take_batch_keys(&group, max);
+            self.send_batch(keys, ctx);
         }
     }
 
-    fn send(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
-        if !self.still_owned(&key, ctx) {
+    /// Counts (without taking) the ready records of `group` among the first few in line.
+    fn count_ready(&self, group: &BatchGroup, max: usize) -> usize {
+        self.ready
+            .iter()
+            .take(max.saturating_mul(4))
+            .filter(|k| {
+                self.records
+                    .get(*k)
+                    .is_some_and(|s| matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group))
+            })
+            .take(max)
+            .count()
+    }
+
+    /// Takes up to `max` ready records of `group` out of the queue, oldest first.
+    fn take_batch_keys(&mut self, group: &BatchGroup, max: usize) -> Vec<RecordKey> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.ready.len());
+        let scan = max.saturating_mul(4);
+        for (i, key) in std::mem::take(&mut self.ready).into_iter().enumerate() {
+            let fits = taken.len() < max
+                && i < scan
+                && self.records.get(&key).is_some_and(|s| {
+                    matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group)
+                });
+            if fits {
+                taken.push(key);
+            } else {
+                kept.push_back(key);
+            }
+        }
+        self.ready = kept;
+        taken
+    }
+
+    fn wake_in(&mut self, wait: Duration, ctx: &mut Context<Self>) {
+        if !self.wake_scheduled {
+            self.wake_scheduled = true;
+            ctx.run_later(wait, |act, ctx| {
+                act.wake_scheduled = false;
+                act.guarded(ctx, |act, ctx| act.pump(ctx));
+            });
+        }
+    }
+
+    /// Sends one batch (one CRM call, or as few as the connector needs) and hands each
+    /// record its own result.
+    fn send_batch(&mut self, keys: Vec<RecordKey>, ctx: &mut Context<Self>) {
+        let mut sent = Vec::with_capacity(keys.len());
+        let mut requests = Vec::with_capacity(keys.len());
+        for key in keys {
+            if !self.still_owned(&key, ctx) {
+                continue;
+            }
+            let Some(slot) = self.records.get_mut(&key) else {
+                continue;
+            };
+            slot.active.state = ActiveState::Sending;
+            slot.active.attempts += 1;
+            requests.push(slot.active.request.clone());
+            sent.push(key);
+        }
+        if sent.is_empty() {
             return;
         }
-        let Some(slot) = self.records.get_mut(&key) else {
-            return;
-        };
-        slot.active.state = ActiveState::Sending;
-        slot.active.attempts += 1;
+        metrics::histogram!(metric::BATCH_SIZE, "tenant" => self.name.to_string()).record(sent.len() as f64);
         self.requests_in_flight += 1;
-        let write = self.connector.write(slot.active.request.clone());
-        ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
+        let write = self.connector.write_batch(requests);
+        ctx.spawn(write.into_actor(self).map(move |results, act, ctx| {
             act.requests_in_flight -= 1;
-            if act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
-                act.guarded(ctx, |act, ctx| act.pump(ctx));
+            for (key, result) in sent.into_iter().zip(results) {
+                if !act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
+                    return;
+                }
             }
+            act.guarded(ctx, |act, ctx| act.pump(ctx));
         }));
     }
 
@@ -488,6 +561,17 @@ impl TenantActor {
     }
 }
 
+/// What records must share to go in one batch: op, object, external id field.
+type BatchGroup = (Op, String, String);
+
+fn batch_group(request: &WriteRequest) -> BatchGroup {
+    (request.op, request.object.clone(), request.external_id_field.clone())
+}
+
+fn in_group(request: &WriteRequest, group: &BatchGroup) -> bool {
+    request.op == group.0 && request.object == group.1 && request.external_id_field == group.2
+}
+
 fn same_event(a: &Event, b: &Event) -> bool {
     a.event_id == b.event_id && a.version == b.version
 }
@@ -540,8 +624,7 @@ impl Handler<RetryDue> for TenantActor {
             if slot.waiting.is_some() {
                 act.complete(msg.record, OutcomeKind::Skipped(SkipReason::Superseded), ctx);
             } else {
-                slot.active.state = ActiveState::Ready;
-                act.ready.push_back(msg.record);
+                act.make_ready(msg.record);
                 act.pump(ctx);
             }
         });

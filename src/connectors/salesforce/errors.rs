@@ -58,6 +58,38 @@ pub fn unexpected(status: u16, message: String) -> DeliveryError {
     error(ErrorClass::Permanent, ErrorCode::CrmUnexpected, status, None, message)
 }
 
+/// A passing, unexplained fault (a response we could not read): worth another try.
+pub fn unexpected_retryable(message: String) -> DeliveryError {
+    DeliveryError {
+        class: ErrorClass::Retryable,
+        code: ErrorCode::CrmUnexpected,
+        http_status: None,
+        crm_code: None,
+        message,
+        retry_after: None,
+    }
+}
+
+/// Classifies one record's failure inside an sObject Collections result
+/// (`errors[].statusCode`): a row lock is retryable, anything else is the record's own
+/// permanent problem.
+pub fn classify_record(status_code: &str, message: String) -> DeliveryError {
+    let (class, code) = match status_code {
+        "UNABLE_TO_LOCK_ROW" => (ErrorClass::Retryable, ErrorCode::CrmRowLock),
+        "REQUEST_LIMIT_EXCEEDED" => (ErrorClass::Retryable, ErrorCode::CrmRateLimited),
+        "DUPLICATE_EXTERNAL_ID" => (ErrorClass::Permanent, ErrorCode::CrmMultipleMatches),
+        _ => (ErrorClass::Permanent, ErrorCode::CrmValidation),
+    };
+    DeliveryError {
+        class,
+        code,
+        http_status: None,
+        crm_code: Some(status_code.to_string()).filter(|c| !c.is_empty()),
+        message,
+        retry_after: None,
+    }
+}
+
 /// Classifies a non-success answer of a REST call.
 pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, limit_pause: Duration) -> DeliveryError {
     use ErrorClass::*;

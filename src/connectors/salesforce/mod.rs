@@ -1,7 +1,8 @@
 //! Salesforce connector (REST API, sObject upsert by external id).
 //!
 //! - `auth.rs`: OAuth 2.0 client credentials against the org's My Domain, token cache.
-//! - `client.rs`: the upsert/delete calls, token replay, limit headers.
+//! - `client.rs`: the upsert/delete calls (single records, and sObject Collections for
+//!   batches of upserts), token replay, limit headers.
 //! - `errors.rs`: classification by Salesforce error codes.
 
 mod auth;
@@ -14,7 +15,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::{SalesforceConfig, TenantConfig};
-use crate::connectors::{Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::event::Op;
 
 pub use client::parse_api_usage;
 
@@ -58,6 +60,40 @@ impl Connector for SalesforceConnector {
 
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>> {
         let client = self.client.clone();
-        crate::connectors::on_io_runtime(async move { client.write(request).await })
+        on_io_runtime(async move { client.write(request).await }, Err)
+    }
+
+    /// Upserts go through sObject Collections (API v46 and later), up to 200 a call;
+    /// deletes by external id have no collection form.
+    fn max_batch(&self, op: Op) -> usize {
+        match op {
+            Op::Upsert if self.client.supports_collections() => client::COLLECTION_LIMIT,
+            _ => 1,
+        }
+    }
+
+    fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+        let client = self.client.clone();
+        let n = requests.len();
+        on_io_runtime(
+            async move {
+                if requests.len() == 1 || !client.supports_collections() || requests.iter().any(|r| r.op != Op::Upsert)
+                {
+                    let mut out = Vec::with_capacity(requests.len());
+                    for r in requests {
+                        out.push(client.write(r).await);
+                    }
+                    return out;
+                }
+                let mut out = Vec::with_capacity(requests.len());
+                let mut rest = requests;
+                while !rest.is_empty() {
+                    let chunk: Vec<WriteRequest> = rest.drain(..rest.len().min(client::COLLECTION_LIMIT)).collect();
+                    out.extend(client.upsert_collection(chunk).await);
+                }
+                out
+            },
+            move |lost| vec![Err(lost); n],
+        )
     }
 }

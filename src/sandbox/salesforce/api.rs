@@ -25,6 +25,10 @@ pub(super) fn router(org: Shared) -> Router {
             "/services/data/{version}/sobjects/{sobject}/{field}/{value}",
             axum::routing::patch(by_external_id).delete(by_external_id),
         )
+        .route(
+            "/services/data/{version}/composite/sobjects/{sobject}/{field}",
+            axum::routing::patch(collection_upsert),
+        )
         .route("/__sandbox/records", get(admin_records))
         .route("/__sandbox/stats", get(admin_stats))
         .route("/__sandbox/faults", post(admin_faults))
@@ -150,6 +154,219 @@ async fn by_external_id(
     response
 }
 
+/// A data API request that got past authentication, the allocation and the injected
+/// request-level faults.
+struct Admitted {
+    /// The `Sforce-Limit-Info` value to send back.
+    limit: String,
+    scripted: Option<Scripted>,
+    lock_rate: f64,
+    lock_roll: f64,
+}
+
+impl Admitted {
+    /// Whether the (first) record of this request meets a row lock.
+    fn lock_error(&self) -> bool {
+        self.scripted == Some(Scripted::LockError) || (self.scripted.is_none() && self.lock_roll < self.lock_rate)
+    }
+}
+
+/// Authentication (which does not count against the allocation), the daily allocation,
+/// then the injected server errors and request limits that refuse a whole request.
+fn admit(org: &mut Org, headers: &HeaderMap) -> Result<Admitted, Box<Response>> {
+    let refuse = |status, code, message, limit| Err(Box::new(rest_error(status, code, message, &[], limit)));
+    let bearer = headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let lifetime = org.setup.faults.token_lifetime_ms.map(Duration::from_millis);
+    let valid = bearer
+        .and_then(|t| org.tokens.get(t))
+        .is_some_and(|issued| lifetime.is_none_or(|l| issued.elapsed() < l));
+    if !valid {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_SESSION_ID",
+            "Session expired or invalid",
+            None,
+        );
+    }
+    let limit_exceeded = "TotalRequests Limit exceeded.";
+    if org.stats.api_requests >= org.setup.daily_limit {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "REQUEST_LIMIT_EXCEEDED",
+            limit_exceeded,
+            Some(org.limit_info()),
+        );
+    }
+    org.stats.api_requests += 1;
+    let limit = org.limit_info();
+    let scripted = org.script.pop_front();
+    let faults = org.setup.faults.clone();
+    let roll_server: f64 = org.rng.gen();
+    let lock_roll: f64 = org.rng.gen();
+    if scripted == Some(Scripted::ServerError) || (scripted.is_none() && roll_server < faults.server_error_rate) {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_UNAVAILABLE",
+            "Server unavailable",
+            Some(limit),
+        );
+    }
+    if scripted == Some(Scripted::RequestLimit) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "REQUEST_LIMIT_EXCEEDED",
+            limit_exceeded,
+            Some(limit),
+        );
+    }
+    Ok(Admitted {
+        limit,
+        scripted,
+        lock_rate: faults.lock_error_rate,
+        lock_roll,
+    })
+}
+
+/// Most records one sObject Collections request may carry.
+const COLLECTION_LIMIT: usize = 200;
+
+async fn collection_upsert(
+    State(shared): State<Shared>,
+    Path((version, sobject, field)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let latency = lock(&shared).setup.faults.latency_ms;
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let mut org = lock(&shared);
+    let response = handle_collection(&mut org, &version, &sobject, &field, &headers, &body);
+    let status = response.status().as_u16();
+    if !(200..300).contains(&status) {
+        *org.stats.rejected.entry(status).or_default() += 1;
+    }
+    response
+}
+
+/// `PATCH /composite/sobjects/{SObject}/{ExtIdField}` (v46+): `{"allOrNone": false,
+/// "records": [...]}`, at most 200 records of the named type, each carrying its external
+/// id; 200 with one result per record, in order, whatever their outcome.
+fn handle_collection(
+    org: &mut Org,
+    version: &str,
+    sobject: &str,
+    field: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let admitted = match admit(org, headers) {
+        Ok(a) => a,
+        Err(refused) => return *refused,
+    };
+    let limit = Some(admitted.limit.clone());
+    let api_version = version
+        .strip_prefix('v')
+        .and_then(|v| v.split_once('.'))
+        .and_then(|(major, _)| major.parse::<u32>().ok());
+    let declared = org
+        .setup
+        .external_ids
+        .get(sobject)
+        .is_some_and(|f| f.iter().any(|f| f == field));
+    if api_version.is_none_or(|v| v < 46) || !declared {
+        return rest_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+            &[],
+            limit,
+        );
+    }
+    let parsed: Option<(bool, Vec<Value>)> = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        let all_or_none = v.get("allOrNone").and_then(Value::as_bool).unwrap_or(false);
+        let records = v.get("records")?.as_array()?.clone();
+        Some((all_or_none, records))
+    });
+    let Some((all_or_none, records)) = parsed else {
+        return rest_error(
+            StatusCode::BAD_REQUEST,
+            "JSON_PARSER_ERROR",
+            "Expected {\"records\": [...]}",
+            &[],
+            limit,
+        );
+    };
+    if all_or_none {
+        // crm-sync never asks for it; the sandbox does not model the rollback.
+        let message = "allOrNone: true is not supported by this sandbox";
+        return rest_error(StatusCode::BAD_REQUEST, "INVALID_FIELD", message, &[], limit);
+    }
+    if records.len() > COLLECTION_LIMIT {
+        // UNVERIFIED: the exact error code for more than 200 records.
+        let message = format!("Maximum of {COLLECTION_LIMIT} records per request");
+        return rest_error(StatusCode::BAD_REQUEST, "EXCEEDED_ID_LIMIT", &message, &[], limit);
+    }
+    let mut results = Vec::with_capacity(records.len());
+    for (i, record) in records.into_iter().enumerate() {
+        let failure = |code: &str, message: String, fields: &[String]| {
+            json!({"id": null, "success": false, "created": false,
+                   "errors": [{"statusCode": code, "message": message, "fields": fields}]})
+        };
+        let Value::Object(mut fields) = record else {
+            results.push(failure("JSON_PARSER_ERROR", "record is not an object".into(), &[]));
+            continue;
+        };
+        let attributes = fields.remove("attributes");
+        if attributes.as_ref().and_then(|a| a.get("type")).and_then(Value::as_str) != Some(sobject) {
+            results.push(failure(
+                "INVALID_TYPE",
+                format!("every record must have attributes.type {sobject}"),
+                &[],
+            ));
+            continue;
+        }
+        let Some(value) = fields.remove(field).and_then(|v| v.as_str().map(str::to_string)) else {
+            results.push(failure(
+                "MISSING_ARGUMENT",
+                format!("{field} not specified"),
+                &[field.to_string()],
+            ));
+            continue;
+        };
+        // A scripted lock hits the first record; the random rate applies to each record.
+        let locked = if i == 0 {
+            admitted.lock_error()
+        } else {
+            admitted.scripted.is_none() && org.rng.gen::<f64>() < admitted.lock_rate
+        };
+        if locked {
+            let message = "unable to obtain exclusive access to this record or 1 records: 003SBX".to_string();
+            results.push(failure("UNABLE_TO_LOCK_ROW", message, &[]));
+            continue;
+        }
+        let matches = org
+            .index
+            .get(&(sobject.to_string(), field.to_string(), value.clone()))
+            .cloned()
+            .unwrap_or_default();
+        if matches.len() > 1 {
+            // UNVERIFIED: the per-record code for an external id matching several records.
+            let message = format!("{field}: more than one record found for external id field: {matches:?}");
+            results.push(failure("DUPLICATE_EXTERNAL_ID", message, &[field.to_string()]));
+            continue;
+        }
+        match org.apply_upsert(sobject, field, &value, fields, matches.first()) {
+            Ok((id, created)) => results.push(json!({"id": id, "success": true, "errors": [], "created": created})),
+            Err(e) => results.push(failure(e.code, e.message, &e.fields)),
+        }
+    }
+    with_limit((StatusCode::OK, Json(Value::Array(results))).into_response(), limit)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn handle_record(
     org: &mut Org,
@@ -161,59 +378,12 @@ fn handle_record(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    // Authentication comes first and does not count against the allocation.
-    let bearer = headers
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
-    let lifetime = org.setup.faults.token_lifetime_ms.map(Duration::from_millis);
-    let valid = bearer
-        .and_then(|t| org.tokens.get(t))
-        .is_some_and(|issued| lifetime.is_none_or(|l| issued.elapsed() < l));
-    if !valid {
-        return rest_error(
-            StatusCode::UNAUTHORIZED,
-            "INVALID_SESSION_ID",
-            "Session expired or invalid",
-            &[],
-            None,
-        );
-    }
-    if org.stats.api_requests >= org.setup.daily_limit {
-        let limit = Some(org.limit_info());
-        return rest_error(
-            StatusCode::FORBIDDEN,
-            "REQUEST_LIMIT_EXCEEDED",
-            "TotalRequests Limit exceeded.",
-            &[],
-            limit,
-        );
-    }
-    org.stats.api_requests += 1;
-    let limit = Some(org.limit_info());
-    let scripted = org.script.pop_front();
-    let faults = org.setup.faults.clone();
-    let roll_server: f64 = org.rng.gen();
-    let roll_lock: f64 = org.rng.gen();
-    if scripted == Some(Scripted::ServerError) || (scripted.is_none() && roll_server < faults.server_error_rate) {
-        return rest_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "SERVER_UNAVAILABLE",
-            "Server unavailable",
-            &[],
-            limit,
-        );
-    }
-    if scripted == Some(Scripted::RequestLimit) {
-        return rest_error(
-            StatusCode::FORBIDDEN,
-            "REQUEST_LIMIT_EXCEEDED",
-            "TotalRequests Limit exceeded.",
-            &[],
-            limit,
-        );
-    }
-    if scripted == Some(Scripted::LockError) || (scripted.is_none() && roll_lock < faults.lock_error_rate) {
+    let admitted = match admit(org, headers) {
+        Ok(a) => a,
+        Err(refused) => return *refused,
+    };
+    let limit = Some(admitted.limit.clone());
+    if admitted.lock_error() {
         let message = "unable to obtain exclusive access to this record or 1 records: 003SBX";
         return rest_error(StatusCode::BAD_REQUEST, "UNABLE_TO_LOCK_ROW", message, &[], limit);
     }
@@ -295,60 +465,20 @@ fn handle_record(
             limit,
         );
     }
-    let required = org.setup.required.get(sobject).cloned().unwrap_or_default();
-    let existing = matches
-        .first()
-        .and_then(|id| org.records.get(id))
-        .map(|r| r.fields.clone());
-    let missing: Vec<String> = required
-        .iter()
-        .filter(|f| {
-            let new = fields.get(*f);
-            let old = existing.as_ref().and_then(|e| e.get(*f));
-            match new {
-                Some(Value::Null) => true,
-                Some(_) => false,
-                None => old.is_none_or(Value::is_null),
-            }
-        })
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
-        let message = format!("Required fields are missing: [{}]", missing.join(", "));
-        return rest_error(
-            StatusCode::BAD_REQUEST,
-            "REQUIRED_FIELD_MISSING",
-            &message,
-            &missing,
-            limit,
-        );
-    }
-    org.stats.upserts_applied += 1;
-    match matches.first() {
-        None => {
-            let mut all = fields;
-            all.insert(field.to_string(), Value::String(value.to_string()));
-            let id = org.insert(sobject, all);
+    match org.apply_upsert(sobject, field, value, fields, matches.first()) {
+        Err(e) => rest_error(StatusCode::BAD_REQUEST, e.code, &e.message, &e.fields, limit),
+        Ok((id, true)) => {
             let mut body = json!({"id": id, "success": true, "errors": []});
             if api_version >= 46 {
                 body["created"] = Value::Bool(true);
             }
             with_limit((StatusCode::CREATED, Json(body)).into_response(), limit)
         }
-        Some(id) => {
-            let id = id.clone();
-            if let Some(record) = org.records.get_mut(&id) {
-                for (k, v) in fields {
-                    record.fields.insert(k, v);
-                }
-            }
-            if api_version >= 46 {
-                let body = json!({"id": id, "success": true, "errors": [], "created": false});
-                with_limit((StatusCode::OK, Json(body)).into_response(), limit)
-            } else {
-                with_limit(StatusCode::NO_CONTENT.into_response(), limit)
-            }
+        Ok((id, false)) if api_version >= 46 => {
+            let body = json!({"id": id, "success": true, "errors": [], "created": false});
+            with_limit((StatusCode::OK, Json(body)).into_response(), limit)
         }
+        Ok(_) => with_limit(StatusCode::NO_CONTENT.into_response(), limit),
     }
 }
 

@@ -9,6 +9,9 @@
 //!   delete by external id. 201 created; 200 with `created:false` from v46 (204 before);
 //!   300 with a list of record URLs when several records match; 404 `NOT_FOUND` for an
 //!   unknown object, field or (on delete) record; 400 `REQUIRED_FIELD_MISSING`.
+//! - `PATCH /services/data/vNN.N/composite/sobjects/{SObject}/{Field}` (v46+): sObject
+//!   Collections upsert of up to 200 records, 200 with a result per record in order
+//!   (`success`, `created`, `errors[].statusCode`), so one bad record fails alone.
 //! - Every API answer carries `Sforce-Limit-Info: api-usage=N/M`; past the daily
 //!   allocation, 403 `REQUEST_LIMIT_EXCEEDED`.
 //! - Faults: latency, a rate of 5xx, a rate of `UNABLE_TO_LOCK_ROW`, scripted answers for

@@ -24,6 +24,14 @@ pub(super) struct Org {
     pub(super) rng: StdRng,
 }
 
+/// A record-level failure, as Salesforce reports it (`errorCode` at the top level of a
+/// single-record call, `statusCode` inside collection results).
+pub(super) struct RecordError {
+    pub(super) code: &'static str,
+    pub(super) message: String,
+    pub(super) fields: Vec<String>,
+}
+
 pub(super) type Shared = Arc<Mutex<Org>>;
 
 pub(super) fn lock(org: &Shared) -> std::sync::MutexGuard<'_, Org> {
@@ -69,6 +77,50 @@ impl Org {
 
     pub(super) fn limit_info(&self) -> String {
         format!("api-usage={}/{}", self.stats.api_requests, self.setup.daily_limit)
+    }
+
+    /// Creates or updates the record matched by an external id (`matched`), enforcing the
+    /// object's required fields. Returns the record id and whether it was created.
+    pub(super) fn apply_upsert(
+        &mut self,
+        sobject: &str,
+        field: &str,
+        value: &str,
+        fields: Map<String, Value>,
+        matched: Option<&String>,
+    ) -> Result<(String, bool), RecordError> {
+        let required = self.setup.required.get(sobject).cloned().unwrap_or_default();
+        let existing = matched.and_then(|id| self.records.get(id)).map(|r| r.fields.clone());
+        let missing: Vec<String> = required
+            .iter()
+            .filter(|f| match fields.get(*f) {
+                Some(Value::Null) => true,
+                Some(_) => false,
+                None => existing.as_ref().and_then(|e| e.get(*f)).is_none_or(Value::is_null),
+            })
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(RecordError {
+                code: "REQUIRED_FIELD_MISSING",
+                message: format!("Required fields are missing: [{}]", missing.join(", ")),
+                fields: missing,
+            });
+        }
+        self.stats.upserts_applied += 1;
+        match matched {
+            None => {
+                let mut all = fields;
+                all.insert(field.to_string(), Value::String(value.to_string()));
+                Ok((self.insert(sobject, all), true))
+            }
+            Some(id) => {
+                if let Some(record) = self.records.get_mut(id) {
+                    record.fields.extend(fields);
+                }
+                Ok((id.clone(), false))
+            }
+        }
     }
 }
 
