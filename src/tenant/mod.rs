@@ -333,24 +333,28 @@ impl TenantActor {
             .count()
     }
 
-    /// Takes up to `max` ready records of `group` out of the queue, oldest first.
+    /// Takes up to `max` ready records of `group` out of the first `4 × max` in line,
+    /// oldest first; the rest keep their places. Only the head of the queue is touched, so
+    /// a long queue costs nothing per batch.
     fn take_batch_keys(&mut self, group: &BatchGroup, max: usize) -> Vec<RecordKey> {
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.ready.len());
-        let scan = max.saturating_mul(4);
-        for (i, key) in std::mem::take(&mut self.ready).into_iter().enumerate() {
+        let scan = max.saturating_mul(4).min(self.ready.len());
+        let head: Vec<RecordKey> = self.ready.drain(..scan).collect();
+        let mut taken = Vec::with_capacity(max);
+        let mut kept = Vec::with_capacity(scan);
+        for key in head {
             let fits = taken.len() < max
-                && i < scan
                 && self.records.get(&key).is_some_and(|s| {
                     matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group)
                 });
             if fits {
                 taken.push(key);
             } else {
-                kept.push_back(key);
+                kept.push(key);
             }
         }
-        self.ready = kept;
+        for key in kept.into_iter().rev() {
+            self.ready.push_front(key);
+        }
         taken
     }
 
