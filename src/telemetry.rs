@@ -24,6 +24,9 @@ pub mod metric {
     pub const CRM_REQUEST_DURATION: &str = "crm_sync_crm_request_duration_seconds";
     pub const CRM_API_USAGE: &str = "crm_sync_crm_api_usage_ratio";
     pub const BATCH_SIZE: &str = "crm_sync_batch_records";
+    pub const TENANT_RATE_LIMIT: &str = "crm_sync_tenant_rate_limit_per_second";
+    pub const TENANT_CONCURRENCY_LIMIT: &str = "crm_sync_tenant_concurrency_limit";
+    pub const TENANT_THROTTLES: &str = "crm_sync_tenant_throttles_total";
     pub const TOKEN_REFRESHES: &str = "crm_sync_crm_token_refreshes_total";
     pub const IN_FLIGHT: &str = "crm_sync_in_flight_events";
     pub const CONSUMER_LAG: &str = "crm_sync_consumer_lag_messages";
@@ -69,6 +72,21 @@ fn describe() {
         CRM_REQUEST_DURATION,
         Unit::Seconds,
         "CRM HTTP request duration by tenant and crm."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Records per CRM write batch, by tenant.");
+    describe_gauge!(
+        TENANT_RATE_LIMIT,
+        "CRM calls per second a tenant may make now (lowered under pressure)."
+    );
+    describe_gauge!(
+        TENANT_CONCURRENCY_LIMIT,
+        Unit::Count,
+        "CRM calls a tenant may have in flight now (lowered under pressure)."
+    );
+    describe_counter!(
+        TENANT_THROTTLES,
+        Unit::Count,
+        "Times a CRM signalled pressure (429, REQUEST_LIMIT_EXCEEDED), pausing and slowing its tenant."
     );
     describe_gauge!(
         CRM_API_USAGE,

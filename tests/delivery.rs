@@ -98,6 +98,9 @@ fn pauses_on_request_limit_exceeded_then_delivers() {
     assert!(env.wait_all_committed(WAIT));
     assert_eq!(env.sf.stats().rejected.get(&403), Some(&1));
     assert!(env.contact("C-1").is_some());
+    // The tenant was paused and slowed down (and recovers as calls succeed).
+    let (_, text) = http_get(format!("http://{}/metrics", service.http_addr()));
+    assert!(crm_sync::demo::metric_total(&text, "crm_sync_tenant_throttles_total", Some(("tenant", "acme"))) >= 1.0);
     service.stop(StopMode::Graceful);
 }
 

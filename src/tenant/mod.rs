@@ -131,7 +131,7 @@ impl TenantActor {
     pub fn new(config: Arc<TenantConfig>, connector: Arc<dyn Connector>, deps: TenantDeps) -> Self {
         TenantActor {
             name: config.name.as_str().into(),
-            pacer: Pacer::new(config.rate_limit_per_sec, Instant::now()),
+            pacer: Pacer::new(config.rate_limit_per_sec, config.max_concurrency, Instant::now()),
             config,
             connector,
             deps,
@@ -290,7 +290,7 @@ impl TenantActor {
     /// has waited `batch_linger_ms`. Each record has one slot, so two versions of a record
     /// never share a batch.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        while self.requests_in_flight < self.config.max_concurrency {
+        while self.requests_in_flight < self.pacer.concurrency() {
             let Some(front) = self.ready.front() else { break };
             let Some(first) = self
                 .records
@@ -358,6 +358,26 @@ impl TenantActor {
         taken
     }
 
+    /// Lowers the pace when the CRM throttled this call, raises it when the call went
+    /// through, and publishes the limits in force.
+    fn adapt_pace(&mut self, results: &[Result<WriteOk, DeliveryError>]) {
+        let throttle = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .find(|e| e.code == ErrorCode::CrmRateLimited);
+        let tenant = self.name.to_string();
+        match throttle {
+            Some(e) => {
+                self.pacer.on_throttle(Instant::now(), e.retry_after);
+                metrics::counter!(metric::TENANT_THROTTLES, "tenant" => tenant.clone()).increment(1);
+            }
+            None if results.iter().any(Result::is_ok) => self.pacer.on_success(),
+            None => {}
+        }
+        metrics::gauge!(metric::TENANT_RATE_LIMIT, "tenant" => tenant.clone()).set(self.pacer.rate());
+        metrics::gauge!(metric::TENANT_CONCURRENCY_LIMIT, "tenant" => tenant).set(self.pacer.concurrency() as f64);
+    }
+
     fn wake_in(&mut self, wait: Duration, ctx: &mut Context<Self>) {
         if !self.wake_scheduled {
             self.wake_scheduled = true;
@@ -393,6 +413,7 @@ impl TenantActor {
         let write = self.connector.write_batch(requests);
         ctx.spawn(write.into_actor(self).map(move |results, act, ctx| {
             act.requests_in_flight -= 1;
+            act.adapt_pace(&results);
             for (key, result) in sent.into_iter().zip(results) {
                 if !act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
                     return;
@@ -426,11 +447,6 @@ impl TenantActor {
             Err(error) => {
                 let now = Instant::now();
                 let (first, _) = *active.first_failure.get_or_insert((now, SystemTime::now()));
-                if error.code == ErrorCode::CrmRateLimited {
-                    if let Some(pause) = error.retry_after {
-                        self.pacer.pause(now, pause);
-                    }
-                }
                 let retryable = error.is_retryable();
                 let decision = retryable.then(|| {
                     self.deps
@@ -596,7 +612,11 @@ impl Supervised for TenantActor {
         self.requests_in_flight = 0;
         self.wake_scheduled = false;
         self.panic_next = false;
-        self.pacer = Pacer::new(self.config.rate_limit_per_sec, Instant::now());
+        self.pacer = Pacer::new(
+            self.config.rate_limit_per_sec,
+            self.config.max_concurrency,
+            Instant::now(),
+        );
         // Everything this actor held is still undecided at its partitions.
         for entry in self.deps.partitions.iter() {
             entry.redispatch.do_send(Redispatch {

@@ -1,33 +1,43 @@
-//! Pacing of one tenant's CRM requests: a token bucket for the request rate, plus a pause
-//! the CRM can impose (`Retry-After`, an exhausted API allocation).
+//! Pacing of one tenant's CRM calls: a request rate and a concurrency limit, both with
+//! the configured values as ceilings, lowered when the CRM signals pressure and raised
+//! again while it accepts calls (additive increase, multiplicative decrease), plus a
+//! pause the CRM can impose (`Retry-After`, an exhausted API allocation).
 //!
 //! Pure: the caller passes the time in, so tests control it.
 
 use std::time::{Duration, Instant};
 
+/// The lowest rate pressure can push a tenant to, in calls per second.
+const MIN_RATE_PER_SEC: f64 = 0.5;
+
 #[derive(Debug, Clone)]
 pub struct Pacer {
+    ceiling_rate: f64,
     rate_per_sec: f64,
-    burst: f64,
     tokens: f64,
     last_refill: Instant,
     paused_until: Option<Instant>,
+    ceiling_concurrency: usize,
+    /// Fractional, so that each successful call can add `1 / concurrency` to it.
+    concurrency: f64,
 }
 
 impl Pacer {
-    /// `rate_per_sec` requests per second on average, bursts of up to one second's worth.
-    pub fn new(rate_per_sec: f64, now: Instant) -> Self {
-        let burst = rate_per_sec.max(1.0);
+    /// At most `rate_per_sec` calls per second on average (bursts of up to one second's
+    /// worth) and `max_concurrency` calls at once.
+    pub fn new(rate_per_sec: f64, max_concurrency: usize, now: Instant) -> Self {
         Pacer {
+            ceiling_rate: rate_per_sec,
             rate_per_sec,
-            burst,
-            tokens: burst,
+            tokens: rate_per_sec.max(1.0),
             last_refill: now,
             paused_until: None,
+            ceiling_concurrency: max_concurrency.max(1),
+            concurrency: max_concurrency.max(1) as f64,
         }
     }
 
-    /// Takes a permit for one request, or says how long to wait for one.
+    /// Takes a permit for one call, or says how long to wait for one.
     pub fn try_acquire(&mut self, now: Instant) -> Result<(), Duration> {
         if let Some(until) = self.paused_until {
             if now < until {
@@ -35,8 +45,9 @@ impl Pacer {
             }
             self.paused_until = None;
         }
+        let burst = self.rate_per_sec.max(1.0);
         let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate_per_sec).min(self.burst);
+        self.tokens = (self.tokens + elapsed * self.rate_per_sec).min(burst);
         self.last_refill = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -47,7 +58,34 @@ impl Pacer {
         }
     }
 
-    /// Stops all requests until `now + pause` (a later pause wins over an earlier one).
+    /// Calls that may be in flight at once now.
+    pub fn concurrency(&self) -> usize {
+        (self.concurrency.floor() as usize).clamp(1, self.ceiling_concurrency)
+    }
+
+    /// Calls per second allowed now.
+    pub fn rate(&self) -> f64 {
+        self.rate_per_sec
+    }
+
+    /// The CRM accepted a call: recover towards the ceilings.
+    pub fn on_success(&mut self) {
+        self.rate_per_sec = (self.rate_per_sec + self.ceiling_rate / 20.0).min(self.ceiling_rate);
+        self.concurrency = (self.concurrency + 1.0 / self.concurrency).min(self.ceiling_concurrency as f64);
+    }
+
+    /// The CRM signalled pressure (429, `REQUEST_LIMIT_EXCEEDED`, …): halve the rate and
+    /// the concurrency, and pause for as long as it asked.
+    pub fn on_throttle(&mut self, now: Instant, pause: Option<Duration>) {
+        self.rate_per_sec = (self.rate_per_sec / 2.0).max(MIN_RATE_PER_SEC.min(self.ceiling_rate));
+        self.tokens = self.tokens.min(self.rate_per_sec.max(1.0));
+        self.concurrency = (self.concurrency / 2.0).max(1.0);
+        if let Some(p) = pause {
+            self.pause(now, p);
+        }
+    }
+
+    /// Stops all calls until `now + pause` (a later pause wins over an earlier one).
     pub fn pause(&mut self, now: Instant, pause: Duration) {
         let until = now + pause;
         if self.paused_until.is_none_or(|u| u < until) {
@@ -67,7 +105,7 @@ mod tests {
     #[test]
     fn allows_a_burst_then_the_rate() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(10.0, t0);
+        let mut p = Pacer::new(10.0, 4, t0);
         for _ in 0..10 {
             assert!(p.try_acquire(t0).is_ok());
         }
@@ -79,9 +117,30 @@ mod tests {
     #[test]
     fn a_pause_blocks_until_it_ends() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(1000.0, t0);
+        let mut p = Pacer::new(1000.0, 4, t0);
         p.pause(t0, Duration::from_secs(5));
         assert_eq!(p.try_acquire(t0 + Duration::from_secs(1)), Err(Duration::from_secs(4)));
         assert!(p.try_acquire(t0 + Duration::from_secs(5)).is_ok());
+    }
+
+    #[test]
+    fn pressure_halves_rate_and_concurrency_and_success_restores_them() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100.0, 16, t0);
+        p.on_throttle(t0, Some(Duration::from_secs(2)));
+        assert_eq!((p.rate(), p.concurrency()), (50.0, 8));
+        assert!(p.is_paused(t0 + Duration::from_secs(1)));
+        p.on_throttle(t0, None);
+        assert_eq!((p.rate(), p.concurrency()), (25.0, 4));
+        // Never below one call at a time, or below the minimum rate.
+        for _ in 0..20 {
+            p.on_throttle(t0, None);
+        }
+        assert_eq!((p.rate(), p.concurrency()), (MIN_RATE_PER_SEC, 1));
+        // Recovery: back to the ceilings, never past them.
+        for _ in 0..1_000 {
+            p.on_success();
+        }
+        assert_eq!((p.rate(), p.concurrency()), (100.0, 16));
     }
 }
