@@ -6,6 +6,8 @@
 //!
 //! Scenarios:
 //! - `throughput`: every event a real change (one single-record upsert each), diff on.
+//! - `latency`: batched upserts against a sandbox answering after 50 ms, against the
+//!   ideal concurrency × batch size ÷ latency.
 //! - `diff`: 80% of events repeat an unchanged payload; the same stream with diffing on
 //!   and off, so the saving is a ratio measured in one run.
 //! - `backlog`: a large backlog waits in Kafka while a rate-limited tenant drains it
@@ -47,6 +49,7 @@ struct Args {
 enum Scenario {
     All,
     Throughput,
+    Latency,
     Diff,
     Backlog,
 }
@@ -359,6 +362,28 @@ fn throughput(args: &Args) {
     }
 }
 
+/// Batched upserts against a sandbox that answers every call after 50 ms: throughput
+/// against the ideal concurrency × batch size ÷ latency.
+fn latency(args: &Args) {
+    let partitions = 12;
+    let (latency_ms, concurrency, batch) = (50u64, 2usize, 200usize);
+    let messages = stream(args.events, 1, false);
+    let s = start_sandboxes(partitions, latency_ms);
+    runtime()
+        .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
+        .expect("produce");
+    let config = config(&s, "load-latency", true, 1e6, concurrency, batch);
+    let f = run_pipeline(&s, config, partitions, messages.len());
+    println!("\n### latency: batched upserts, {latency_ms} ms per CRM call, {concurrency} calls in flight\n\n{HEADER}");
+    print_run("batched, 50 ms latency", &f, messages.len());
+    let ideal = (concurrency * batch) as f64 / (latency_ms as f64 / 1000.0);
+    let measured = f.events as f64 / f.seconds;
+    println!(
+        "\nIdeal concurrency × batch ÷ latency = {ideal:.0} events/s; measured {measured:.0} events/s = {:.0}% of ideal.",
+        100.0 * measured / ideal
+    );
+}
+
 fn diff(args: &Args) {
     let partitions = 12;
     // 80% of events repeat an unchanged payload: each record 1 create + 4 repeats.
@@ -465,6 +490,9 @@ fn main() {
     );
     if matches!(args.scenario, Scenario::All | Scenario::Throughput) {
         throughput(&args);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Latency) {
+        latency(&args);
     }
     if matches!(args.scenario, Scenario::All | Scenario::Diff) {
         diff(&args);
