@@ -210,17 +210,6 @@ fn exhausted_retries_are_dead_lettered() {
     service.stop(StopMode::Graceful);
 }
 
-fn http_get(url: String) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::get(url).await.unwrap();
-        (r.status().as_u16(), r.text().await.unwrap())
-    })
-}
-
 #[test]
 fn serves_prometheus_metrics_and_health() {
     let env = Env::new(1);

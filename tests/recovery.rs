@@ -108,7 +108,7 @@ fn a_member_that_loses_partitions_drops_their_waiting_retries_and_nothing_is_los
     // 3. The CRM recovers; B must not write the events of partitions it no longer owns.
     env.sf.set_faults(Faults::default());
     assert!(env.wait_all_committed(Duration::from_secs(90)));
-    let text = common_scrape(b.http_addr());
+    let text = scrape(b.http_addr());
     assert!(
         crm_sync::demo::metric_total(
             &text,
@@ -121,19 +121,4 @@ fn a_member_that_loses_partitions_drops_their_waiting_retries_and_nothing_is_los
     assert!(mismatches.is_empty(), "{:?}", &mismatches[..mismatches.len().min(5)]);
     a.stop(StopMode::Graceful);
     b.stop(StopMode::Graceful);
-}
-
-fn common_scrape(addr: std::net::SocketAddr) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    })
 }

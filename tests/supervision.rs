@@ -13,21 +13,6 @@ use crm_sync::pipeline::{self, ActorKind};
 use crm_sync::sandbox::salesforce::Faults;
 use crm_sync::telemetry::metric;
 
-fn scrape(addr: std::net::SocketAddr) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    })
-}
-
 #[test]
 fn restarts_each_actor_kind_after_an_injected_panic_and_loses_nothing() {
     let env = Env::new(3);

@@ -12,21 +12,6 @@ use crm_sync::demo::metric_total;
 use crm_sync::pipeline::{self, ActorKind};
 use crm_sync::telemetry::metric;
 
-fn scrape(addr: std::net::SocketAddr) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        reqwest::get(format!("http://{addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    })
-}
-
 #[test]
 fn a_panic_on_a_partitions_very_first_message_loses_nothing() {
     let env = Env::new(1);

@@ -186,6 +186,23 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
     }
 }
 
+/// GET a URL; status and body.
+pub fn http_get(url: String) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+/// The service's `/metrics` exposition.
+pub fn scrape(addr: std::net::SocketAddr) -> String {
+    http_get(format!("http://{addr}/metrics")).1
+}
+
 /// Polls `condition` every 20 ms until it holds or `within` passes.
 pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;

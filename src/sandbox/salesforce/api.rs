@@ -141,12 +141,22 @@ async fn by_external_id(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let latency = lock(&shared).setup.faults.latency_ms;
+    serve_data(&shared, |org| {
+        handle_record(org, &method, &version, &sobject, &field, &value, &headers, &body)
+    })
+    .await
+}
+
+/// Waits the injected latency, runs a data API handler on the org, and counts an answer
+/// other than 2xx as rejected.
+async fn serve_data(shared: &Shared, handle: impl FnOnce(&mut Org) -> Response) -> Response {
+    let latency = lock(shared).setup.faults.latency_ms;
     if latency > 0 {
+        // The injected fault itself: the answer comes this much later.
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    let mut org = lock(&shared);
-    let response = handle_record(&mut org, &method, &version, &sobject, &field, &value, &headers, &body);
+    let mut org = lock(shared);
+    let response = handle(&mut org);
     let status = response.status().as_u16();
     if !(200..300).contains(&status) {
         *org.stats.rejected.entry(status).or_default() += 1;
@@ -239,17 +249,10 @@ async fn collection_upsert(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let latency = lock(&shared).setup.faults.latency_ms;
-    if latency > 0 {
-        tokio::time::sleep(Duration::from_millis(latency)).await;
-    }
-    let mut org = lock(&shared);
-    let response = handle_collection(&mut org, &version, &sobject, &field, &headers, &body);
-    let status = response.status().as_u16();
-    if !(200..300).contains(&status) {
-        *org.stats.rejected.entry(status).or_default() += 1;
-    }
-    response
+    serve_data(&shared, |org| {
+        handle_collection(org, &version, &sobject, &field, &headers, &body)
+    })
+    .await
 }
 
 /// `PATCH /composite/sobjects/{SObject}/{ExtIdField}` (v46+): `{"allOrNone": false,
