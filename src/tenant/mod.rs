@@ -302,12 +302,13 @@ impl TenantActor {
             };
             let group = batch_group(&first.active.request);
             let max = self.config.batch_size.min(self.connector.max_batch(group.0)).max(1);
-            let oldest = first.active.ready_since;
-            let batch = self.count_ready(&group, max);
             let now = Instant::now();
-            let linger = Duration::from_millis(self.config.batch_linger_ms);
-            if batch < max && now < oldest + linger {
-                self.wake_in(oldest + linger - now, ctx);
+            let linger_ends = first.active.ready_since + Duration::from_millis(self.config.batch_linger_ms);
+            // Count the group's ready records only when a full batch is possible and the
+            // linger has not run out: this runs each time a record becomes ready.
+            let must_wait = now < linger_ends && (self.ready.len() < max || self.count_ready(&group, max) < max);
+            if must_wait {
+                self.wake_in(linger_ends - now, ctx);
                 break;
             }
             if let Err(wait) = self.pacer.try_acquire(now) {
