@@ -10,10 +10,13 @@
 //! stays "in flight" for its record), so a restart of this actor loses nothing: it asks
 //! every tenant to re-arm its waiting retries.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix::SpawnHandle;
 use dashmap::DashMap;
 use rand::Rng;
 
@@ -123,16 +126,81 @@ pub struct Schedule {
 pub struct RetryQueueActor {
     /// Where due retries go. Shared with the pipeline, which adds each tenant.
     tenants: TenantDirectory,
+    /// Waiting retries, earliest first. One timer serves them all: actix polls every
+    /// timer of an actor's context on each wake-up, so a timer per retry would cost
+    /// quadratic time when a CRM is down and many retries wait.
+    queue: BinaryHeap<Reverse<Waiting>>,
+    /// The one armed timer and when it fires; replaced when an earlier retry arrives.
+    timer: Option<(Instant, SpawnHandle)>,
+    /// Tie-breaker that keeps retries due at the same instant in arrival order.
+    seq: u64,
     /// Set by [`InjectPanic`]; the next `Schedule` panics.
     panic_next: bool,
+}
+
+/// A retry in the queue.
+struct Waiting {
+    due_at: Instant,
+    seq: u64,
+    tenant: Arc<str>,
+    due: RetryDue,
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due_at, self.seq) == (other.due_at, other.seq)
+    }
+}
+impl Eq for Waiting {}
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiting {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due_at, self.seq).cmp(&(other.due_at, other.seq))
+    }
 }
 
 impl RetryQueueActor {
     pub fn new(tenants: TenantDirectory) -> Self {
         RetryQueueActor {
             tenants,
+            queue: BinaryHeap::new(),
+            timer: None,
+            seq: 0,
             panic_next: false,
         }
+    }
+
+    /// Hands every due retry to its tenant and arms the timer for the next one.
+    fn fire(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        while self.queue.peek().is_some_and(|Reverse(w)| w.due_at <= now) {
+            let Some(Reverse(w)) = self.queue.pop() else { break };
+            if let Some(link) = self.tenants.get(&w.tenant) {
+                link.due.do_send(w.due);
+            }
+        }
+        self.timer = None;
+        self.arm(ctx);
+    }
+
+    /// Makes sure the timer fires when the earliest retry is due.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let Some(Reverse(next)) = self.queue.peek() else { return };
+        let due_at = next.due_at;
+        if let Some((at, handle)) = self.timer {
+            if at <= due_at {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(due_at.saturating_duration_since(Instant::now()), |act, ctx| {
+            act.fire(ctx)
+        });
+        self.timer = Some((due_at, handle));
     }
 }
 
@@ -148,7 +216,9 @@ impl Supervised for RetryQueueActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         supervise::restarted("retry_queue");
         self.panic_next = false;
-        // The timers died with the old context; the tenants still hold the events.
+        // Fresh state; the tenants still hold the events and arm their retries again.
+        self.queue.clear();
+        self.timer = None;
         for link in self.tenants.iter() {
             link.rearm.do_send(RearmRetries);
         }
@@ -163,17 +233,20 @@ impl Handler<Schedule> for RetryQueueActor {
             if std::mem::take(&mut self.panic_next) {
                 panic!("injected panic in retry queue");
             }
+            self.seq += 1;
+            self.queue.push(Reverse(Waiting {
+                due_at: Instant::now() + msg.delay,
+                seq: self.seq,
+                tenant: msg.tenant,
+                due: msg.due,
+            }));
         });
         if outcome.is_err() {
             // The message is lost with the panic; the restart re-arms every tenant's retries.
             ctx.stop();
             return;
         }
-        ctx.run_later(msg.delay, move |act, _| {
-            if let Some(link) = act.tenants.get(&msg.tenant) {
-                link.due.do_send(msg.due);
-            }
-        });
+        self.arm(ctx);
     }
 }
 
