@@ -39,6 +39,23 @@ impl Proc {
     }
 }
 
+/// Starts `crm-sync sandbox kafka …` and returns it with the bootstrap address it printed.
+fn start_broker<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Proc, String) {
+    let mut broker = Proc(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut bootstrap = String::new();
+    BufReader::new(broker.0.stdout.take().unwrap())
+        .read_line(&mut bootstrap)
+        .unwrap();
+    (broker, bootstrap.trim().to_string())
+}
+
 fn crm_sync(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
 }
@@ -123,19 +140,8 @@ fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
     for t in &topics {
         args.extend(["--topic".to_string(), t.clone()]);
     }
-    let mut broker = Proc(
-        Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut bootstrap = String::new();
-    BufReader::new(broker.0.stdout.take().unwrap())
-        .read_line(&mut bootstrap)
-        .unwrap();
-    let env = Env::external(None, bootstrap.trim().to_string(), topics, 3);
+    let (broker, bootstrap) = start_broker(&args);
+    let env = Env::external(None, bootstrap, topics, 3);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("crm-sync.toml");
     std::fs::write(&config, env.config_toml()).unwrap();
@@ -187,19 +193,7 @@ fn kill_9_mid_stream_loses_nothing_and_sigterm_exits_cleanly() {
 
 #[test]
 fn produce_keys_events_by_record_identity() {
-    let mut broker = Proc(
-        Command::new(BIN)
-            .args(["sandbox", "kafka", "--partitions", "1", "--topic", "events"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut bootstrap = String::new();
-    BufReader::new(broker.0.stdout.take().unwrap())
-        .read_line(&mut bootstrap)
-        .unwrap();
-    let bootstrap = bootstrap.trim().to_string();
+    let (_broker, bootstrap) = start_broker(&["sandbox", "kafka", "--partitions", "1", "--topic", "events"]);
     let lines = [
         String::from_utf8(upsert("e1", "C-1", 1, "Ada", "Lovelace").1).unwrap(),
         "{not json".to_string(),

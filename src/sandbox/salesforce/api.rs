@@ -240,6 +240,11 @@ fn admit(org: &mut Org, headers: &HeaderMap) -> Result<Admitted, Box<Response>> 
     })
 }
 
+/// The major version of a `vNN.N` path segment.
+fn api_major(version: &str) -> Option<u32> {
+    version.strip_prefix('v')?.split_once('.')?.0.parse().ok()
+}
+
 /// Most records one sObject Collections request may carry.
 const COLLECTION_LIMIT: usize = 200;
 
@@ -271,15 +276,8 @@ fn handle_collection(
         Err(refused) => return *refused,
     };
     let limit = Some(admitted.limit.clone());
-    let api_version = version
-        .strip_prefix('v')
-        .and_then(|v| v.split_once('.'))
-        .and_then(|(major, _)| major.parse::<u32>().ok());
-    let declared = org
-        .setup
-        .external_ids
-        .get(sobject)
-        .is_some_and(|f| f.iter().any(|f| f == field));
+    let api_version = api_major(version);
+    let declared = org.declares_external_id(sobject, field);
     if api_version.is_none_or(|v| v < 46) || !declared {
         return rest_error(
             StatusCode::NOT_FOUND,
@@ -390,11 +388,7 @@ fn handle_record(
         let message = "unable to obtain exclusive access to this record or 1 records: 003SBX";
         return rest_error(StatusCode::BAD_REQUEST, "UNABLE_TO_LOCK_ROW", message, &[], limit);
     }
-    let Some(api_version) = version
-        .strip_prefix('v')
-        .and_then(|v| v.split_once('.'))
-        .and_then(|(major, _)| major.parse::<u32>().ok())
-    else {
+    let Some(api_version) = api_major(version) else {
         return rest_error(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
@@ -403,11 +397,7 @@ fn handle_record(
             limit,
         );
     };
-    let declared = org
-        .setup
-        .external_ids
-        .get(sobject)
-        .is_some_and(|f| f.iter().any(|f| f == field));
+    let declared = org.declares_external_id(sobject, field);
     if !declared {
         return rest_error(
             StatusCode::NOT_FOUND,

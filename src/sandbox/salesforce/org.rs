@@ -79,6 +79,14 @@ impl Org {
         format!("api-usage={}/{}", self.stats.api_requests, self.setup.daily_limit)
     }
 
+    /// Whether `field` is a declared external id field of `sobject`.
+    pub(super) fn declares_external_id(&self, sobject: &str, field: &str) -> bool {
+        self.setup
+            .external_ids
+            .get(sobject)
+            .is_some_and(|f| f.iter().any(|f| f == field))
+    }
+
     /// Creates or updates the record matched by an external id (`matched`), enforcing the
     /// object's required fields. Returns the record id and whether it was created.
     pub(super) fn apply_upsert(
