@@ -34,7 +34,7 @@ impl Proc {
             if Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // polling cadence; the deadline bounds the wait
         }
     }
 }

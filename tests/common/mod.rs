@@ -213,7 +213,7 @@ pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool
         if Instant::now() > deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20)); // polling cadence; the deadline bounds the wait
     }
 }
 
