@@ -234,12 +234,16 @@ fn default_max_age_ms() -> u64 {
 #[serde(rename_all = "snake_case")]
 pub enum CrmKind {
     Salesforce,
+    Zendesk,
+    Dynamics,
 }
 
 impl CrmKind {
     pub fn as_str(self) -> &'static str {
         match self {
             CrmKind::Salesforce => "salesforce",
+            CrmKind::Zendesk => "zendesk",
+            CrmKind::Dynamics => "dynamics",
         }
     }
 }
@@ -262,7 +266,9 @@ pub struct TenantConfig {
     pub request_timeout_ms: u64,
     /// Most records per CRM write call; capped at what the CRM allows for the operation
     /// (Salesforce: 200 upserts through sObject Collections from API v46, deletes one by
-    /// one). 1 turns batching off.
+    /// one; Zendesk: 100 user or organization upserts per `create_or_update_many` job,
+    /// tickets and deletes one by one; Dynamics 365: 1000 operations per `$batch`).
+    /// 1 turns batching off.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// How long a batch that is not full may wait for more records before it is sent.
@@ -270,6 +276,10 @@ pub struct TenantConfig {
     pub batch_linger_ms: u64,
     /// Salesforce connection; required when `crm = "salesforce"`.
     pub salesforce: Option<SalesforceConfig>,
+    /// Zendesk connection; required when `crm = "zendesk"`.
+    pub zendesk: Option<ZendeskConfig>,
+    /// Dynamics 365 (Dataverse) connection; required when `crm = "dynamics"`.
+    pub dynamics: Option<DynamicsConfig>,
     /// Entity name (the events' `entity` field) to CRM object and field mapping.
     pub entities: BTreeMap<String, EntityConfig>,
 }
@@ -307,6 +317,78 @@ pub struct SalesforceConfig {
 
 fn default_sf_api_version() -> String {
     "60.0".into()
+}
+
+/// Zendesk Support. Authenticate with an API token (`email` + `api_token`), an OAuth
+/// access token (`oauth_access_token`), or OAuth client credentials (`oauth_client_id` +
+/// `oauth_client_secret`, for which crm-sync fetches and renews the bearer token).
+/// Entities map to `object = "users"`, `"organizations"` or `"tickets"`, matched on
+/// `external_id_field = "external_id"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZendeskConfig {
+    /// The account URL, e.g. `https://acme.zendesk.com`.
+    pub base_url: String,
+    /// The agent or admin the API token acts as; with `api_token`.
+    pub email: Option<String>,
+    /// API token (Basic auth as `{email}/token:{api_token}`); use a `${VAR}` reference.
+    pub api_token: Option<Secret>,
+    /// OAuth access token sent as `Bearer`; use a `${VAR}` reference.
+    pub oauth_access_token: Option<Secret>,
+    /// OAuth client id for the client-credentials grant; use a `${VAR}` reference.
+    pub oauth_client_id: Option<Secret>,
+    /// OAuth client secret for the client-credentials grant; use a `${VAR}` reference.
+    pub oauth_client_secret: Option<Secret>,
+    /// Scopes asked for in the client-credentials grant.
+    #[serde(default = "default_zd_scope")]
+    pub oauth_scope: String,
+    /// How often the status of a `create_or_update_many` job is polled.
+    #[serde(default = "default_zd_job_poll_interval_ms")]
+    pub job_poll_interval_ms: u64,
+    /// How long a job may stay unfinished before its records are retried (a replay is
+    /// safe: records are matched by external id).
+    #[serde(default = "default_zd_job_timeout_ms")]
+    pub job_timeout_ms: u64,
+}
+
+fn default_zd_scope() -> String {
+    "read write".into()
+}
+fn default_zd_job_poll_interval_ms() -> u64 {
+    500
+}
+fn default_zd_job_timeout_ms() -> u64 {
+    120_000
+}
+
+/// Dynamics 365 / Dataverse Web API with Microsoft Entra ID client credentials.
+/// Entities map to an entity set (`object = "contacts"`) and the column of an alternate
+/// key declared on that table (`external_id_field`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicsConfig {
+    /// The environment URL, e.g. `https://acme.crm.dynamics.com`; also the token scope
+    /// (`{org_url}/.default`).
+    pub org_url: String,
+    /// Entra ID authority; tokens come from `{authority_url}/{directory_id}/oauth2/v2.0/token`.
+    #[serde(default = "default_entra_authority")]
+    pub authority_url: String,
+    /// Directory (tenant) id or domain of the app registration.
+    pub directory_id: String,
+    /// Application (client) id; use a `${VAR}` reference.
+    pub client_id: Secret,
+    /// Client secret; use a `${VAR}` reference.
+    pub client_secret: Secret,
+    /// Web API version, e.g. `9.2`.
+    #[serde(default = "default_dataverse_api_version")]
+    pub api_version: String,
+}
+
+fn default_entra_authority() -> String {
+    "https://login.microsoftonline.com".into()
+}
+fn default_dataverse_api_version() -> String {
+    "9.2".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,13 +459,26 @@ impl Config {
             resolve_secret(&format!("kafka.client.{name}"), value, &env)?;
         }
         for (i, tenant) in self.tenants.iter_mut().enumerate() {
+            let key = |field: &str| format!("tenants[{i}].{field}");
             if let Some(sf) = tenant.salesforce.as_mut() {
-                resolve_secret(&format!("tenants[{i}].salesforce.client_id"), &mut sf.client_id, &env)?;
-                resolve_secret(
-                    &format!("tenants[{i}].salesforce.client_secret"),
-                    &mut sf.client_secret,
-                    &env,
-                )?;
+                resolve_secret(&key("salesforce.client_id"), &mut sf.client_id, &env)?;
+                resolve_secret(&key("salesforce.client_secret"), &mut sf.client_secret, &env)?;
+            }
+            if let Some(zd) = tenant.zendesk.as_mut() {
+                for (field, value) in [
+                    ("api_token", &mut zd.api_token),
+                    ("oauth_access_token", &mut zd.oauth_access_token),
+                    ("oauth_client_id", &mut zd.oauth_client_id),
+                    ("oauth_client_secret", &mut zd.oauth_client_secret),
+                ] {
+                    if let Some(v) = value.as_mut() {
+                        resolve_secret(&key(&format!("zendesk.{field}")), v, &env)?;
+                    }
+                }
+            }
+            if let Some(d) = tenant.dynamics.as_mut() {
+                resolve_secret(&key("dynamics.client_id"), &mut d.client_id, &env)?;
+                resolve_secret(&key("dynamics.client_secret"), &mut d.client_secret, &env)?;
             }
         }
         Ok(())
@@ -516,6 +611,22 @@ impl Config {
             if t.request_timeout_ms == 0 {
                 return Err(ConfigError::invalid(key("request_timeout_ms"), "must be positive"));
             }
+            let sections = [
+                ("salesforce", t.salesforce.is_some()),
+                ("zendesk", t.zendesk.is_some()),
+                ("dynamics", t.dynamics.is_some()),
+            ];
+            for (section, present) in sections {
+                if present && section != t.crm.as_str() {
+                    return Err(ConfigError::invalid(
+                        key(section),
+                        format!(
+                            "is only used when crm = \"{section}\" (this tenant has crm = \"{}\")",
+                            t.crm.as_str()
+                        ),
+                    ));
+                }
+            }
             match t.crm {
                 CrmKind::Salesforce => {
                     let Some(sf) = &t.salesforce else {
@@ -524,12 +635,7 @@ impl Config {
                             "is required when crm = \"salesforce\"",
                         ));
                     };
-                    if !(sf.base_url.starts_with("https://") || sf.base_url.starts_with("http://")) {
-                        return Err(ConfigError::invalid(
-                            key("salesforce.base_url"),
-                            "must be an http(s) URL",
-                        ));
-                    }
+                    check_url(&key("salesforce.base_url"), &sf.base_url)?;
                     let host = sf.base_url.split("://").nth(1).unwrap_or_default();
                     if host.starts_with("login.salesforce.com") || host.starts_with("test.salesforce.com") {
                         return Err(ConfigError::invalid(
@@ -537,25 +643,86 @@ impl Config {
                             "the client-credentials flow needs the org's My Domain URL, not login/test.salesforce.com",
                         ));
                     }
-                    let version_ok = sf
-                        .api_version
-                        .split_once('.')
-                        .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
-                    if !version_ok {
+                    check_version(&key("salesforce.api_version"), &sf.api_version, "60.0")?;
+                    check_secret(&key("salesforce.client_id"), Some(&sf.client_id))?;
+                    check_secret(&key("salesforce.client_secret"), Some(&sf.client_secret))?;
+                }
+                CrmKind::Zendesk => {
+                    let Some(zd) = &t.zendesk else {
                         return Err(ConfigError::invalid(
-                            key("salesforce.api_version"),
-                            "must look like `60.0`",
+                            key("zendesk"),
+                            "is required when crm = \"zendesk\"",
+                        ));
+                    };
+                    check_url(&key("zendesk.base_url"), &zd.base_url)?;
+                    let api_token = zd.email.is_some() || zd.api_token.is_some();
+                    let bearer = zd.oauth_access_token.is_some();
+                    let client = zd.oauth_client_id.is_some() || zd.oauth_client_secret.is_some();
+                    match (api_token, bearer, client) {
+                        (true, false, false) => {
+                            if zd.email.as_deref().is_none_or(|e| !e.contains('@')) {
+                                return Err(ConfigError::invalid(key("zendesk.email"), "an email address is required with api_token"));
+                            }
+                            check_secret(&key("zendesk.api_token"), zd.api_token.as_ref())?;
+                        }
+                        (false, true, false) => check_secret(&key("zendesk.oauth_access_token"), zd.oauth_access_token.as_ref())?,
+                        (false, false, true) => {
+                            check_secret(&key("zendesk.oauth_client_id"), zd.oauth_client_id.as_ref())?;
+                            check_secret(&key("zendesk.oauth_client_secret"), zd.oauth_client_secret.as_ref())?;
+                        }
+                        _ => {
+                            return Err(ConfigError::invalid(
+                                key("zendesk"),
+                                "set exactly one of: email + api_token, oauth_access_token, oauth_client_id + oauth_client_secret",
+                            ))
+                        }
+                    }
+                    if zd.job_poll_interval_ms == 0 {
+                        return Err(ConfigError::invalid(
+                            key("zendesk.job_poll_interval_ms"),
+                            "must be positive",
                         ));
                     }
-                    if sf.client_id.expose().is_empty() {
-                        return Err(ConfigError::invalid(key("salesforce.client_id"), "must not be empty"));
-                    }
-                    if sf.client_secret.expose().is_empty() {
+                    if zd.job_timeout_ms < zd.job_poll_interval_ms {
                         return Err(ConfigError::invalid(
-                            key("salesforce.client_secret"),
-                            "must not be empty",
+                            key("zendesk.job_timeout_ms"),
+                            "must be at least job_poll_interval_ms",
                         ));
                     }
+                    for (name, e) in &t.entities {
+                        let ekey = |field: &str| format!("tenants[{i}].entities.{name}.{field}");
+                        if !["users", "organizations", "tickets"].contains(&e.object.as_str()) {
+                            return Err(ConfigError::invalid(
+                                ekey("object"),
+                                "must be \"users\", \"organizations\" or \"tickets\" for Zendesk",
+                            ));
+                        }
+                        if e.external_id_field != "external_id" {
+                            return Err(ConfigError::invalid(
+                                ekey("external_id_field"),
+                                "must be \"external_id\" for Zendesk",
+                            ));
+                        }
+                    }
+                }
+                CrmKind::Dynamics => {
+                    let Some(d) = &t.dynamics else {
+                        return Err(ConfigError::invalid(
+                            key("dynamics"),
+                            "is required when crm = \"dynamics\"",
+                        ));
+                    };
+                    check_url(&key("dynamics.org_url"), &d.org_url)?;
+                    check_url(&key("dynamics.authority_url"), &d.authority_url)?;
+                    if d.directory_id.trim().is_empty() || d.directory_id.contains('/') {
+                        return Err(ConfigError::invalid(
+                            key("dynamics.directory_id"),
+                            "must be a directory id or domain",
+                        ));
+                    }
+                    check_secret(&key("dynamics.client_id"), Some(&d.client_id))?;
+                    check_secret(&key("dynamics.client_secret"), Some(&d.client_secret))?;
+                    check_version(&key("dynamics.api_version"), &d.api_version, "9.2")?;
                 }
             }
             if t.entities.is_empty() {
@@ -602,6 +769,32 @@ impl KafkaConfig {
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(key, "must be an http(s) URL"))
+    }
+}
+
+fn check_version(key: &str, version: &str, example: &str) -> Result<(), ConfigError> {
+    let ok = version
+        .split_once('.')
+        .is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(key, format!("must look like `{example}`")))
+    }
+}
+
+fn check_secret(key: &str, secret: Option<&Secret>) -> Result<(), ConfigError> {
+    match secret {
+        Some(s) if !s.expose().is_empty() => Ok(()),
+        _ => Err(ConfigError::invalid(key, "must be set and not empty")),
     }
 }
 

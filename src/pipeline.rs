@@ -16,9 +16,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
 
-use crate::config::{Config, CrmKind, KafkaConfig};
-use crate::connectors::salesforce::SalesforceConnector;
-use crate::connectors::Connector;
+use crate::config::{Config, KafkaConfig};
 use crate::consume::{self, ConsumerCommand, ConsumerSetup, PartitionDeps, PartitionDirectory, StopMode, StopSignal};
 use crate::diff::store::StateStore;
 use crate::diff::DiffActor;
@@ -236,24 +234,6 @@ fn check_topics(kafka: &KafkaConfig) -> Result<(), StartError> {
     }
 }
 
-fn build_connector(config: &Config, tenant: &crate::config::TenantConfig) -> Result<Arc<dyn Connector>, StartError> {
-    let limit_pause = Duration::from_millis(config.retry.max_delay_ms);
-    match tenant.crm {
-        CrmKind::Salesforce => {
-            let sf = tenant
-                .salesforce
-                .as_ref()
-                .expect("validate() requires [salesforce] for crm = salesforce");
-            let connector =
-                SalesforceConnector::new(tenant, sf, limit_pause).map_err(|source| StartError::HttpClient {
-                    tenant: tenant.name.clone(),
-                    source,
-                })?;
-            Ok(Arc::new(connector))
-        }
-    }
-}
-
 /// Starts the service described by `config` (which must have passed `validate`).
 pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
     let (started_tx, started_rx) = mpsc::channel::<Result<Control, StartError>>();
@@ -363,7 +343,10 @@ fn wire(
     let mut tenants = HashMap::new();
     let mut routes = HashMap::new();
     for tenant in &config.tenants {
-        let connector = build_connector(config, tenant)?;
+        let connector = crate::connectors::build(config, tenant).map_err(|source| StartError::HttpClient {
+            tenant: tenant.name.clone(),
+            source,
+        })?;
         let deps = TenantDeps {
             diff: diff.clone(),
             retry: retry.clone(),

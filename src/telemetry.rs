@@ -23,10 +23,12 @@ pub mod metric {
     pub const CRM_REQUESTS: &str = "crm_sync_crm_requests_total";
     pub const CRM_REQUEST_DURATION: &str = "crm_sync_crm_request_duration_seconds";
     pub const CRM_API_USAGE: &str = "crm_sync_crm_api_usage_ratio";
+    pub const CRM_QUOTA_REMAINING: &str = "crm_sync_crm_quota_remaining";
     pub const BATCH_SIZE: &str = "crm_sync_batch_records";
     pub const TENANT_RATE_LIMIT: &str = "crm_sync_tenant_rate_limit_per_second";
     pub const TENANT_CONCURRENCY_LIMIT: &str = "crm_sync_tenant_concurrency_limit";
     pub const TENANT_THROTTLES: &str = "crm_sync_tenant_throttles_total";
+    pub const TENANT_PAUSES: &str = "crm_sync_tenant_pauses_total";
     pub const TOKEN_REFRESHES: &str = "crm_sync_crm_token_refreshes_total";
     pub const IN_FLIGHT: &str = "crm_sync_in_flight_events";
     pub const CONSUMER_LAG: &str = "crm_sync_consumer_lag_messages";
@@ -88,9 +90,19 @@ fn describe() {
         Unit::Count,
         "Times a CRM signalled pressure (429, REQUEST_LIMIT_EXCEEDED), pausing and slowing its tenant."
     );
+    describe_counter!(
+        TENANT_PAUSES,
+        Unit::Count,
+        "Times a tenant stopped calling its CRM for a while (Retry-After, an exhausted quota, REQUEST_LIMIT_EXCEEDED)."
+    );
     describe_gauge!(
         CRM_API_USAGE,
-        "Share of the CRM's API allocation used, as the CRM last reported it (Sforce-Limit-Info)."
+        "Share of the CRM's API allocation used, as the CRM last reported it (Sforce-Limit-Info, Zendesk rate-limit headers, Dataverse x-ms-ratelimit-* against its documented 6000 per 5 minutes)."
+    );
+    describe_gauge!(
+        CRM_QUOTA_REMAINING,
+        Unit::Count,
+        "API requests the CRM says the tenant has left in its current window."
     );
     describe_counter!(TOKEN_REFRESHES, Unit::Count, "Access tokens fetched, by tenant.");
     describe_gauge!(

@@ -3,17 +3,31 @@
 //! A connector turns a [`WriteRequest`] into the CRM's own API calls and answers with a
 //! [`WriteOk`] or a [`DeliveryError`] classified by the CRM's semantics — not by HTTP
 //! status alone — as retryable or permanent, with the CRM's `Retry-After` when it gave
-//! one. Every write is idempotent: upserts and deletes are keyed by an external id.
+//! one. Every write is idempotent: upserts and deletes are keyed by an external id (or
+//! an alternate key), and creates that have no natural key carry an idempotency key.
+//!
+//! Each CRM is a folder with the same files: `auth.rs` (credentials to a token or header),
+//! `client.rs` (one record's calls), `errors.rs` (classification by the CRM's own error
+//! codes) and `batching.rs` (the CRM's batch call and its per-record results). [`build`]
+//! is the one place that picks a connector for a tenant; the pipeline only sees the
+//! trait. `http.rs` holds what every client shares: request metrics, `Retry-After`, and
+//! the remaining quota the CRM reports.
 
+pub mod dynamics;
+pub mod http;
 pub mod salesforce;
+pub mod zendesk;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
 
+use crate::config::{Config, CrmKind, TenantConfig};
 use crate::event::Op;
+pub use http::Quota;
 
 /// One record write, already mapped to CRM field names.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +41,33 @@ pub struct WriteRequest {
     pub external_id: String,
     /// Fields to set; empty for deletes.
     pub fields: Map<String, Value>,
+    /// The event's id and version: its identity, from which [`idempotency_key`] derives.
+    ///
+    /// [`idempotency_key`]: WriteRequest::idempotency_key
+    pub event_id: String,
+    pub version: u64,
+}
+
+impl WriteRequest {
+    /// A key that is the same for every attempt at this event and differs between events
+    /// and records, for CRM calls that have no natural key (a Zendesk ticket create).
+    /// 41 characters; the event id itself is not sent.
+    pub fn idempotency_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            self.object.as_bytes(),
+            self.external_id.as_bytes(),
+            self.event_id.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update(self.version.to_le_bytes());
+        let digest = h.finalize();
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("crm-sync-{hex}")
+    }
 }
 
 /// A write the CRM accepted.
@@ -119,6 +160,38 @@ impl fmt::Display for DeliveryError {
 }
 
 impl DeliveryError {
+    /// An error the CRM answered with.
+    pub fn crm(class: ErrorClass, code: ErrorCode, status: u16, crm_code: Option<String>, message: String) -> Self {
+        DeliveryError {
+            class,
+            code,
+            http_status: Some(status),
+            crm_code,
+            message,
+            retry_after: None,
+        }
+    }
+
+    /// A passing, unexplained fault (an answer we could not read): worth another try.
+    pub fn unexpected_retryable(message: String) -> Self {
+        DeliveryError {
+            class: ErrorClass::Retryable,
+            code: ErrorCode::CrmUnexpected,
+            http_status: None,
+            crm_code: None,
+            message,
+            retry_after: None,
+        }
+    }
+
+    /// Keeps the CRM's `Retry-After` on an error worth retrying.
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        if retry_after.is_some() && self.is_retryable() {
+            self.retry_after = retry_after;
+        }
+        self
+    }
+
     pub fn is_retryable(&self) -> bool {
         self.class == ErrorClass::Retryable
     }
@@ -188,8 +261,9 @@ pub trait Connector: Send + Sync + 'static {
     /// Performs one idempotent write.
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>>;
 
-    /// Most records one call may carry for `op` (1: the CRM has no batch call for it).
-    fn max_batch(&self, _op: Op) -> usize {
+    /// Most records one call may carry for `op` on `object` (1: the CRM has no batch call
+    /// for it).
+    fn max_batch(&self, _op: Op, _object: &str) -> usize {
         1
     }
 
@@ -200,4 +274,31 @@ pub trait Connector: Send + Sync + 'static {
         let writes: Vec<_> = requests.into_iter().map(|r| self.write(r)).collect();
         Box::pin(futures::future::join_all(writes))
     }
+
+    /// The API quota the CRM last reported for this tenant, if it reports one.
+    fn quota(&self) -> Option<Quota> {
+        None
+    }
+}
+
+/// The connector of one tenant, for its configured CRM. `validate()` has checked that the
+/// CRM's section is present.
+pub fn build(config: &Config, tenant: &TenantConfig) -> Result<Arc<dyn Connector>, reqwest::Error> {
+    let limit_pause = Duration::from_millis(config.retry.max_delay_ms);
+    let missing = "validate() requires the CRM's section for the tenant's crm";
+    Ok(match tenant.crm {
+        CrmKind::Salesforce => Arc::new(salesforce::SalesforceConnector::new(
+            tenant,
+            tenant.salesforce.as_ref().expect(missing),
+            limit_pause,
+        )?),
+        CrmKind::Zendesk => Arc::new(zendesk::ZendeskConnector::new(
+            tenant,
+            tenant.zendesk.as_ref().expect(missing),
+        )?),
+        CrmKind::Dynamics => Arc::new(dynamics::DynamicsConnector::new(
+            tenant,
+            tenant.dynamics.as_ref().expect(missing),
+        )?),
+    })
 }

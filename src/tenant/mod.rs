@@ -257,6 +257,8 @@ impl TenantActor {
             external_id_field: entity.external_id_field.clone(),
             external_id: event.record.key.to_string(),
             fields,
+            event_id: event.event_id.clone(),
+            version: event.version,
         };
         (request, payload)
     }
@@ -301,7 +303,11 @@ impl TenantActor {
                 continue;
             };
             let group = batch_group(&first.active.request);
-            let max = self.config.batch_size.min(self.connector.max_batch(group.0)).max(1);
+            let max = self
+                .config
+                .batch_size
+                .min(self.connector.max_batch(group.0, &group.1))
+                .max(1);
             let now = Instant::now();
             let linger_ends = first.active.ready_since + Duration::from_millis(self.config.batch_linger_ms);
             // Count the group's ready records only when a full batch is possible and the
@@ -362,6 +368,8 @@ impl TenantActor {
     /// Lowers the pace when the CRM throttled this call, raises it when the call went
     /// through, and publishes the limits in force.
     fn adapt_pace(&mut self, results: &[Result<WriteOk, DeliveryError>]) {
+        let now = Instant::now();
+        let was_paused = self.pacer.is_paused(now);
         let throttle = results
             .iter()
             .filter_map(|r| r.as_ref().err())
@@ -369,11 +377,17 @@ impl TenantActor {
         let tenant = self.name.to_string();
         match throttle {
             Some(e) => {
-                self.pacer.on_throttle(Instant::now(), e.retry_after);
+                self.pacer.on_throttle(now, e.retry_after);
                 metrics::counter!(metric::TENANT_THROTTLES, "tenant" => tenant.clone()).increment(1);
             }
             None if results.iter().any(Result::is_ok) => self.pacer.on_success(),
             None => {}
+        }
+        if let Some(quota) = self.connector.quota() {
+            self.pacer.on_quota(now, quota);
+        }
+        if !was_paused && self.pacer.is_paused(now) {
+            metrics::counter!(metric::TENANT_PAUSES, "tenant" => tenant.clone()).increment(1);
         }
         metrics::gauge!(metric::TENANT_RATE_LIMIT, "tenant" => tenant.clone()).set(self.pacer.rate());
         metrics::gauge!(metric::TENANT_CONCURRENCY_LIMIT, "tenant" => tenant).set(self.pacer.concurrency() as f64);

@@ -1,14 +1,20 @@
 //! Pacing of one tenant's CRM calls: a request rate and a concurrency limit, both with
 //! the configured values as ceilings, lowered when the CRM signals pressure and raised
 //! again while it accepts calls (additive increase, multiplicative decrease), plus a
-//! pause the CRM can impose (`Retry-After`, an exhausted API allocation).
+//! pause the CRM can impose (`Retry-After`, an exhausted API allocation), and a cap
+//! from the remaining quota the CRM reports in its headers.
 //!
 //! Pure: the caller passes the time in, so tests control it.
 
 use std::time::{Duration, Instant};
 
+use crate::connectors::Quota;
+
 /// The lowest rate pressure can push a tenant to, in calls per second.
 const MIN_RATE_PER_SEC: f64 = 0.5;
+
+/// Share of the CRM's window below which its reported quota caps the rate.
+const LOW_QUOTA: f64 = 0.1;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -20,6 +26,8 @@ pub struct Pacer {
     ceiling_concurrency: usize,
     /// Fractional, so that each successful call can add `1 / concurrency` to it.
     concurrency: f64,
+    /// Rate cap from a low remaining quota, while it lasts.
+    quota_cap: Option<f64>,
 }
 
 impl Pacer {
@@ -34,6 +42,7 @@ impl Pacer {
             paused_until: None,
             ceiling_concurrency: max_concurrency.max(1),
             concurrency: max_concurrency.max(1) as f64,
+            quota_cap: None,
         }
     }
 
@@ -45,15 +54,16 @@ impl Pacer {
             }
             self.paused_until = None;
         }
-        let burst = self.rate_per_sec.max(1.0);
+        let rate = self.rate();
+        let burst = rate.max(1.0);
         let elapsed = now.saturating_duration_since(self.last_refill).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate_per_sec).min(burst);
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
         self.last_refill = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = (1.0 - self.tokens) / self.rate_per_sec;
+            let wait = (1.0 - self.tokens) / rate;
             Err(Duration::from_secs_f64(wait).max(Duration::from_millis(1)))
         }
     }
@@ -65,7 +75,34 @@ impl Pacer {
 
     /// Calls per second allowed now.
     pub fn rate(&self) -> f64 {
-        self.rate_per_sec
+        match self.quota_cap {
+            Some(cap) => self.rate_per_sec.min(cap),
+            None => self.rate_per_sec,
+        }
+    }
+
+    /// The CRM reported its remaining quota. While less than [`LOW_QUOTA`] of the window
+    /// is left, the rate is capped so that the rest lasts until the window resets
+    /// (`remaining / resets_in`), or, with no reset time, in proportion to what is left;
+    /// an empty window with a known reset pauses until then. A healthy quota lifts the cap.
+    pub fn on_quota(&mut self, now: Instant, quota: Quota) {
+        let Some(left) = quota.fraction_left() else {
+            return;
+        };
+        if left >= LOW_QUOTA {
+            self.quota_cap = None;
+            return;
+        }
+        let floor = MIN_RATE_PER_SEC.min(self.ceiling_rate);
+        let cap = match quota.resets_in.filter(|r| !r.is_zero()) {
+            Some(reset) if quota.remaining == 0 => {
+                self.pause(now, reset);
+                floor
+            }
+            Some(reset) => quota.remaining as f64 / reset.as_secs_f64(),
+            None => self.ceiling_rate * left / LOW_QUOTA,
+        };
+        self.quota_cap = Some(cap.clamp(floor, self.ceiling_rate));
     }
 
     /// The CRM accepted a call: recover towards the ceilings.
@@ -142,5 +179,33 @@ mod tests {
             p.on_success();
         }
         assert_eq!((p.rate(), p.concurrency()), (100.0, 16));
+    }
+
+    #[test]
+    fn a_low_quota_caps_the_rate_until_it_recovers() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100.0, 4, t0);
+        let quota = |remaining, resets_in: Option<u64>| Quota {
+            remaining,
+            limit: Some(700),
+            resets_in: resets_in.map(Duration::from_secs),
+        };
+        // Plenty left: no cap.
+        p.on_quota(t0, quota(600, Some(30)));
+        assert_eq!(p.rate(), 100.0);
+        // 60 left for 30 s: 2 calls a second, whatever successes say.
+        p.on_quota(t0, quota(60, Some(30)));
+        p.on_success();
+        assert_eq!(p.rate(), 2.0);
+        // None left: paused until the window resets.
+        p.on_quota(t0, quota(0, Some(20)));
+        assert!(p.is_paused(t0 + Duration::from_secs(19)));
+        assert!(!p.is_paused(t0 + Duration::from_secs(20)));
+        // Without a reset time, in proportion: 5% left of a 10% threshold is half the ceiling.
+        p.on_quota(t0, quota(35, None));
+        assert_eq!(p.rate(), 50.0);
+        // The window refilled: the cap goes.
+        p.on_quota(t0, quota(700, Some(60)));
+        assert_eq!(p.rate(), 100.0);
     }
 }

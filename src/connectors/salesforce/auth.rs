@@ -12,8 +12,8 @@ use tokio::sync::Mutex;
 
 use super::errors;
 use crate::config::Secret;
+use crate::connectors::http::Meter;
 use crate::connectors::DeliveryError;
-use crate::telemetry::metric;
 
 /// A bearer token and where to use it.
 #[derive(Debug)]
@@ -33,26 +33,20 @@ pub struct TokenSource {
     token_url: String,
     client_id: Secret,
     client_secret: Secret,
-    tenant: Arc<str>,
+    meter: Meter,
     /// The cached token. An async mutex, so that concurrent requests that find it missing
     /// wait for one fetch instead of each fetching their own.
     current: Mutex<Option<Arc<Token>>>,
 }
 
 impl TokenSource {
-    pub fn new(
-        http: reqwest::Client,
-        base_url: &str,
-        client_id: Secret,
-        client_secret: Secret,
-        tenant: Arc<str>,
-    ) -> Self {
+    pub fn new(http: reqwest::Client, base_url: &str, client_id: Secret, client_secret: Secret, meter: Meter) -> Self {
         TokenSource {
             http,
             token_url: format!("{}/services/oauth2/token", base_url.trim_end_matches('/')),
             client_id,
             client_secret,
-            tenant,
+            meter,
             current: Mutex::new(None),
         }
     }
@@ -78,8 +72,7 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<Token, DeliveryError> {
-        metrics::counter!(metric::TOKEN_REFRESHES, "tenant" => self.tenant.to_string(), "crm" => "salesforce")
-            .increment(1);
+        self.meter.token_refresh();
         let response = self
             .http
             .post(&self.token_url)
@@ -98,7 +91,7 @@ impl TokenSource {
         }
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| errors::unexpected(status.as_u16(), format!("token response is not understood: {e}")))?;
-        tracing::info!(tenant = %self.tenant, "Fetched a Salesforce access token.");
+        tracing::info!(tenant = %self.meter.tenant, "Fetched a Salesforce access token.");
         Ok(Token {
             access_token: Secret::new(parsed.access_token),
             instance_url: parsed.instance_url.trim_end_matches('/').to_string(),

@@ -43,31 +43,8 @@ fn blocked_for_rest(message: &str) -> bool {
     message.contains("not valid for use with the REST API")
 }
 
-fn error(class: ErrorClass, code: ErrorCode, status: u16, crm_code: Option<String>, message: String) -> DeliveryError {
-    DeliveryError {
-        class,
-        code,
-        http_status: Some(status),
-        crm_code,
-        message,
-        retry_after: None,
-    }
-}
-
 pub fn unexpected(status: u16, message: String) -> DeliveryError {
-    error(ErrorClass::Permanent, ErrorCode::CrmUnexpected, status, None, message)
-}
-
-/// A passing, unexplained fault (a response we could not read): worth another try.
-pub fn unexpected_retryable(message: String) -> DeliveryError {
-    DeliveryError {
-        class: ErrorClass::Retryable,
-        code: ErrorCode::CrmUnexpected,
-        http_status: None,
-        crm_code: None,
-        message,
-        retry_after: None,
-    }
+    DeliveryError::crm(ErrorClass::Permanent, ErrorCode::CrmUnexpected, status, None, message)
 }
 
 /// Classifies one record's failure inside an sObject Collections result
@@ -101,35 +78,32 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, limit_p
         None => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
     };
     let code_is = |c: &str| crm_code.as_deref() == Some(c);
-    let mut err = match status {
-        300 => error(
+    let err = match status {
+        300 => DeliveryError::crm(
             Permanent,
             CrmMultipleMatches,
             status,
             Some("MULTIPLE_CHOICES".into()),
             format!("external id matches several records: {message}"),
         ),
-        400 if code_is("UNABLE_TO_LOCK_ROW") => error(Retryable, CrmRowLock, status, crm_code, message),
-        400 => error(Permanent, CrmValidation, status, crm_code, message),
-        401 if blocked_for_rest(&message) => error(Permanent, CrmAuth, status, crm_code, message),
+        400 if code_is("UNABLE_TO_LOCK_ROW") => DeliveryError::crm(Retryable, CrmRowLock, status, crm_code, message),
+        400 => DeliveryError::crm(Permanent, CrmValidation, status, crm_code, message),
+        401 if blocked_for_rest(&message) => DeliveryError::crm(Permanent, CrmAuth, status, crm_code, message),
         // Still expired right after a fresh token: treat as a passing fault.
-        401 => error(Retryable, CrmAuth, status, crm_code, message),
+        401 => DeliveryError::crm(Retryable, CrmAuth, status, crm_code, message),
         403 if code_is("REQUEST_LIMIT_EXCEEDED") => {
-            let mut e = error(Retryable, CrmRateLimited, status, crm_code, message);
+            let mut e = DeliveryError::crm(Retryable, CrmRateLimited, status, crm_code, message);
             e.retry_after = Some(limit_pause);
             e
         }
-        403 => error(Permanent, CrmAuth, status, crm_code, message),
-        404 => error(Permanent, CrmNotFound, status, crm_code, message),
-        408 => error(Retryable, CrmTimeout, status, crm_code, message),
-        429 => error(Retryable, CrmRateLimited, status, crm_code, message),
-        500..=599 => error(Retryable, CrmServerError, status, crm_code, message),
-        _ => error(Permanent, CrmUnexpected, status, crm_code, message),
+        403 => DeliveryError::crm(Permanent, CrmAuth, status, crm_code, message),
+        404 => DeliveryError::crm(Permanent, CrmNotFound, status, crm_code, message),
+        408 => DeliveryError::crm(Retryable, CrmTimeout, status, crm_code, message),
+        429 => DeliveryError::crm(Retryable, CrmRateLimited, status, crm_code, message),
+        500..=599 => DeliveryError::crm(Retryable, CrmServerError, status, crm_code, message),
+        _ => DeliveryError::crm(Permanent, CrmUnexpected, status, crm_code, message),
     };
-    if retry_after.is_some() && err.is_retryable() {
-        err.retry_after = retry_after;
-    }
-    err
+    err.with_retry_after(retry_after)
 }
 
 /// Classifies a failed token request.
@@ -141,7 +115,7 @@ pub fn classify_token_error(status: u16, body: &[u8]) -> DeliveryError {
     };
     let message = format!("token request refused: {description}");
     if status >= 500 {
-        return error(
+        return DeliveryError::crm(
             ErrorClass::Retryable,
             ErrorCode::CrmServerError,
             status,
@@ -150,12 +124,7 @@ pub fn classify_token_error(status: u16, body: &[u8]) -> DeliveryError {
         );
     }
     // Wrong credentials or an app without the flow enabled: an operator must act.
-    error(ErrorClass::Permanent, ErrorCode::CrmAuth, status, crm_code, message)
-}
-
-/// Parses a `Retry-After` header given in seconds (the form the CRMs use).
-pub fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
-    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
+    DeliveryError::crm(ErrorClass::Permanent, ErrorCode::CrmAuth, status, crm_code, message)
 }
 
 #[cfg(test)]

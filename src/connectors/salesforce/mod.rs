@@ -1,11 +1,12 @@
 //! Salesforce connector (REST API, sObject upsert by external id).
 //!
 //! - `auth.rs`: OAuth 2.0 client credentials against the org's My Domain, token cache.
-//! - `client.rs`: the upsert/delete calls (single records, and sObject Collections for
-//!   batches of upserts), token replay, limit headers.
+//! - `client.rs`: upsert/delete of one record, token replay, the limit header.
 //! - `errors.rs`: classification by Salesforce error codes.
+//! - `batching.rs`: sObject Collections upserts with per-record results.
 
 mod auth;
+mod batching;
 mod client;
 pub mod errors;
 
@@ -15,9 +16,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::{SalesforceConfig, TenantConfig};
+use crate::connectors::http::{Meter, Quota, QuotaCell};
 use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
+pub use batching::COLLECTION_LIMIT;
 pub use client::parse_api_usage;
 
 /// The Salesforce connector of one tenant.
@@ -33,20 +36,24 @@ impl SalesforceConnector {
             .timeout(Duration::from_millis(tenant.request_timeout_ms))
             .pool_max_idle_per_host(tenant.max_concurrency)
             .build()?;
-        let name: Arc<str> = tenant.name.as_str().into();
+        let meter = Meter {
+            tenant: tenant.name.as_str().into(),
+            crm: "salesforce",
+        };
         let auth = auth::TokenSource::new(
             http.clone(),
             &sf.base_url,
             sf.client_id.clone(),
             sf.client_secret.clone(),
-            name.clone(),
+            meter.clone(),
         );
         Ok(SalesforceConnector {
             client: Arc::new(client::SalesforceClient {
                 http,
                 api_version: sf.api_version.clone(),
                 auth,
-                tenant: name,
+                quota: QuotaCell::new(meter.clone()),
+                meter,
                 limit_pause,
             }),
         })
@@ -63,37 +70,20 @@ impl Connector for SalesforceConnector {
         on_io_runtime(async move { client.write(request).await }, Err)
     }
 
-    /// Upserts go through sObject Collections (API v46 and later), up to 200 a call;
-    /// deletes by external id have no collection form.
-    fn max_batch(&self, op: Op) -> usize {
-        match op {
-            Op::Upsert if self.client.supports_collections() => client::COLLECTION_LIMIT,
-            _ => 1,
-        }
+    fn max_batch(&self, op: Op, _object: &str) -> usize {
+        batching::max_batch(&self.client, op)
     }
 
     fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
         let client = self.client.clone();
         let n = requests.len();
         on_io_runtime(
-            async move {
-                if requests.len() == 1 || !client.supports_collections() || requests.iter().any(|r| r.op != Op::Upsert)
-                {
-                    let mut out = Vec::with_capacity(requests.len());
-                    for r in requests {
-                        out.push(client.write(r).await);
-                    }
-                    return out;
-                }
-                let mut out = Vec::with_capacity(requests.len());
-                let mut rest = requests;
-                while !rest.is_empty() {
-                    let chunk: Vec<WriteRequest> = rest.drain(..rest.len().min(client::COLLECTION_LIMIT)).collect();
-                    out.extend(client.upsert_collection(chunk).await);
-                }
-                out
-            },
+            async move { batching::write_batch(&client, requests).await },
             move |lost| vec![Err(lost); n],
         )
+    }
+
+    fn quota(&self) -> Option<Quota> {
+        self.client.quota.latest()
     }
 }

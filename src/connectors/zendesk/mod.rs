@@ -1,0 +1,90 @@
+//! Zendesk connector (Support API: users and organizations by `external_id`, tickets
+//! with `Idempotency-Key`).
+//!
+//! - `auth.rs`: API token, OAuth access token, or OAuth client credentials.
+//! - `client.rs`: one record's calls, token replay, the rate-limit headers.
+//! - `errors.rs`: classification by Zendesk's `error` values.
+//! - `batching.rs`: `create_or_update_many` jobs, followed to their per-record results.
+
+mod auth;
+mod batching;
+mod client;
+pub mod errors;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::config::{TenantConfig, ZendeskConfig};
+use crate::connectors::http::{Meter, Quota, QuotaCell};
+use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::event::Op;
+
+pub use batching::MANY_LIMIT;
+pub use client::parse_rate_limit;
+
+/// The Zendesk connector of one tenant.
+#[derive(Clone)]
+pub struct ZendeskConnector {
+    client: Arc<client::ZendeskClient>,
+    /// Set once the account answered a bulk call with 403 (bulk import not enabled).
+    bulk_refused: Arc<AtomicBool>,
+}
+
+impl ZendeskConnector {
+    pub fn new(tenant: &TenantConfig, zd: &ZendeskConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(tenant.request_timeout_ms))
+            .pool_max_idle_per_host(tenant.max_concurrency)
+            .build()?;
+        let meter = Meter {
+            tenant: tenant.name.as_str().into(),
+            crm: "zendesk",
+        };
+        let base_url = zd.base_url.trim_end_matches('/').to_string();
+        let auth = auth::Auth::new(http.clone(), &base_url, zd, meter.clone());
+        Ok(ZendeskConnector {
+            client: Arc::new(client::ZendeskClient {
+                http,
+                base_url,
+                auth,
+                quota: QuotaCell::new(meter.clone()),
+                meter,
+                job_poll_interval: Duration::from_millis(zd.job_poll_interval_ms),
+                job_timeout: Duration::from_millis(zd.job_timeout_ms),
+            }),
+            bulk_refused: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl Connector for ZendeskConnector {
+    fn crm(&self) -> &'static str {
+        "zendesk"
+    }
+
+    fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>> {
+        let client = self.client.clone();
+        on_io_runtime(async move { client.write(request).await }, Err)
+    }
+
+    fn max_batch(&self, op: Op, object: &str) -> usize {
+        batching::max_batch(&self.bulk_refused, op, object)
+    }
+
+    fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+        let client = self.client.clone();
+        let bulk_refused = self.bulk_refused.clone();
+        let n = requests.len();
+        on_io_runtime(
+            async move { batching::write_batch(&client, &bulk_refused, requests).await },
+            move |lost| vec![Err(lost); n],
+        )
+    }
+
+    fn quota(&self) -> Option<Quota> {
+        self.client.quota.latest()
+    }
+}
