@@ -9,7 +9,10 @@ use crm_sync::config::Config;
 use crm_sync::consume::StopMode;
 use crm_sync::demo::workload::kafka_key;
 use crm_sync::sandbox::kafka::{tools, KafkaSandbox};
+use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
+use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
+use crm_sync::sandbox::CrmSandbox;
 use crm_sync::{demo, pipeline, shutdown};
 
 /// Keeps Salesforce in step with business change events flowing through Apache Kafka.
@@ -81,6 +84,41 @@ enum SandboxCommand {
         /// Environment variable holding the client secret the token endpoint accepts
         /// (the secret itself is never taken on the command line).
         #[arg(long, default_value = "SANDBOX_SF_CLIENT_SECRET")]
+        client_secret_env: String,
+    },
+    /// A Zendesk Support API sandbox (OAuth client credentials and API token, users and
+    /// organizations create_or_update(_many) with job statuses, tickets with
+    /// Idempotency-Key, rate-limit headers, faults, /__sandbox/*). Runs until stopped.
+    Zendesk {
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 8444)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+        /// OAuth client id the token endpoint accepts.
+        #[arg(long, default_value = "sandbox-client-id")]
+        client_id: String,
+        /// Environment variable holding the secret: the OAuth client secret, and the API
+        /// token of agent sync@example.com.
+        #[arg(long, default_value = "SANDBOX_ZD_SECRET")]
+        client_secret_env: String,
+    },
+    /// A Dynamics 365 / Dataverse Web API sandbox with its Entra ID token endpoint
+    /// (upsert/delete by alternate key, $batch, service-protection limits, faults,
+    /// /__sandbox/*). Runs until stopped.
+    Dynamics {
+        /// Port to listen on (0 picks a free one).
+        #[arg(long, default_value_t = 8445)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
+        /// Application (client) id the token endpoint accepts.
+        #[arg(long, default_value = "sandbox-client-id")]
+        client_id: String,
+        /// Environment variable holding the client secret the token endpoint accepts.
+        #[arg(long, default_value = "SANDBOX_D365_CLIENT_SECRET")]
         client_secret_env: String,
     },
     /// librdkafka's in-memory mock Kafka cluster in this process. Prints its bootstrap
@@ -186,13 +224,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client_id,
             client_secret_env,
         }) => {
-            let secret = std::env::var(&client_secret_env)
-                .with_context(|| format!("environment variable {client_secret_env} (the client secret) is not set"))?;
+            let secret = sandbox_secret(&client_secret_env)?;
             let sandbox =
                 SalesforceSandbox::start(&format!("{bind}:{port}"), SandboxOrg::standard(&client_id, &secret))?;
-            println!("salesforce sandbox listening on {}", sandbox.base_url());
-            wait_for_signal()?;
-            Ok(ExitCode::SUCCESS)
+            serve_sandbox(&sandbox, &client_secret_env)
+        }
+        Command::Sandbox(SandboxCommand::Zendesk {
+            port,
+            bind,
+            client_id,
+            client_secret_env,
+        }) => {
+            let secret = sandbox_secret(&client_secret_env)?;
+            let sandbox = ZendeskSandbox::start(&format!("{bind}:{port}"), ZendeskSetup::standard(&client_id, &secret))?;
+            serve_sandbox(&sandbox, &client_secret_env)
+        }
+        Command::Sandbox(SandboxCommand::Dynamics {
+            port,
+            bind,
+            client_id,
+            client_secret_env,
+        }) => {
+            let secret = sandbox_secret(&client_secret_env)?;
+            let sandbox =
+                DynamicsSandbox::start(&format!("{bind}:{port}"), DynamicsSetup::standard(&client_id, &secret))?;
+            serve_sandbox(&sandbox, &client_secret_env)
         }
         Command::Sandbox(SandboxCommand::Kafka {
             partitions,
@@ -228,4 +284,18 @@ fn wait_for_signal() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(shutdown::signal())?;
     Ok(())
+}
+
+fn sandbox_secret(var: &str) -> anyhow::Result<String> {
+    std::env::var(var).with_context(|| format!("environment variable {var} (the sandbox's secret) is not set"))
+}
+
+/// Prints where a CRM sandbox listens and the tenant config that points at it, then
+/// serves until SIGTERM/SIGINT.
+fn serve_sandbox(sandbox: &dyn CrmSandbox, secret_var: &str) -> anyhow::Result<ExitCode> {
+    println!("{} sandbox listening on {}", sandbox.crm(), sandbox.base_url());
+    println!("# A tenant on it (the secret is read from ${secret_var}):");
+    println!("[[tenants]]\nname = \"{}-sandbox\"\n{}", sandbox.crm(), sandbox.tenant_toml(secret_var));
+    wait_for_signal()?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -2,9 +2,17 @@
 //! the load tests and users' staging.
 //!
 //! - [`kafka`]: librdkafka's mock cluster (a real Kafka-protocol broker, in memory).
-//! - [`salesforce`]: an HTTP server implementing the Salesforce REST subset the connector
-//!   uses, written from the API documentation, with injectable faults. It shares no types
-//!   with the connector, so the connector cannot lean on the simulator's internals.
+//! - [`salesforce`], [`zendesk`], [`dynamics`]: HTTP servers implementing the API subset
+//!   each connector uses, written from the API documentation (`shared/crm-apis.md`), with
+//!   injectable faults. They share no types with the connectors, so a connector cannot
+//!   lean on a simulator's internals.
+//! - [`common`]: serving, faults and statistics the CRM sandboxes share, and
+//!   [`CrmSandbox`], one view of any of them.
 
+pub mod common;
+pub mod dynamics;
 pub mod kafka;
 pub mod salesforce;
+pub mod zendesk;
+
+pub use common::CrmSandbox;

@@ -9,14 +9,13 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::org::{lock, Org, Shared};
 use super::{Faults, Scripted, Stats, StoredRecord};
+use crate::sandbox::common::{basic_credentials, delay, form_fields};
 
 pub(super) fn router(org: Shared) -> Router {
     Router::new()
@@ -46,17 +45,9 @@ fn rest_error(status: StatusCode, code: &str, message: &str, fields: &[String], 
     response
 }
 
-#[derive(Deserialize)]
-struct TokenForm {
-    grant_type: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<String>,
-}
-
 async fn token(State(org): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let form: TokenForm = match serde_urlencoded_from(&body) {
-        Some(f) => f,
-        None => return token_error("invalid_request", "malformed form body"),
+    let Some(mut form) = form_fields(&body) else {
+        return token_error("invalid_request", "malformed form body");
     };
     let mut org = lock(&org);
     org.stats.token_requests += 1;
@@ -64,10 +55,10 @@ async fn token(State(org): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     if host.starts_with("login.salesforce.com") || host.starts_with("test.salesforce.com") {
         return token_error("invalid_grant", "request not supported on this domain");
     }
-    if form.grant_type.as_deref() != Some("client_credentials") {
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
         return token_error("unsupported_grant_type", "grant type not supported");
     }
-    let (id, secret) = match (form.client_id, form.client_secret) {
+    let (id, secret) = match (form.remove("client_id"), form.remove("client_secret")) {
         (Some(i), Some(s)) => (i, s),
         _ => match basic_credentials(&headers) {
             Some(pair) => pair,
@@ -95,37 +86,6 @@ async fn token(State(org): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
     .into_response()
 }
 
-fn serde_urlencoded_from(body: &[u8]) -> Option<TokenForm> {
-    let mut form = TokenForm {
-        grant_type: None,
-        client_id: None,
-        client_secret: None,
-    };
-    let text = std::str::from_utf8(body).ok()?;
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
-            .decode_utf8()
-            .ok()?
-            .into_owned();
-        match k {
-            "grant_type" => form.grant_type = Some(v),
-            "client_id" => form.client_id = Some(v),
-            "client_secret" => form.client_secret = Some(v),
-            _ => {}
-        }
-    }
-    Some(form)
-}
-
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers.get("authorization")?.to_str().ok()?.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(value).ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (id, secret) = text.split_once(':')?;
-    Some((id.to_string(), secret.to_string()))
-}
-
 fn token_error(error: &str, description: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
@@ -151,10 +111,7 @@ async fn by_external_id(
 /// other than 2xx as rejected.
 async fn serve_data(shared: &Shared, handle: impl FnOnce(&mut Org) -> Response) -> Response {
     let latency = lock(shared).setup.faults.latency_ms;
-    if latency > 0 {
-        // The injected fault itself: the answer comes this much later.
-        tokio::time::sleep(Duration::from_millis(latency)).await;
-    }
+    delay(latency).await;
     let mut org = lock(shared);
     let response = handle(&mut org);
     let status = response.status().as_u16();
@@ -185,10 +142,7 @@ impl Admitted {
 /// then the injected server errors and request limits that refuse a whole request.
 fn admit(org: &mut Org, headers: &HeaderMap) -> Result<Admitted, Box<Response>> {
     let refuse = |status, code, message, limit| Err(Box::new(rest_error(status, code, message, &[], limit)));
-    let bearer = headers
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
+    let bearer = crate::sandbox::common::bearer(headers);
     let lifetime = org.setup.faults.token_lifetime_ms.map(Duration::from_millis);
     let valid = bearer
         .and_then(|t| org.tokens.get(t))

@@ -23,7 +23,7 @@
 mod api;
 mod org;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -32,7 +32,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use org::{lock, Org, Shared};
+use org::{Org, Shared};
+
+pub use super::common::{Faults, Stats};
+use super::common::{data_view, lock, serve};
 
 /// How the sandbox org is set up.
 #[derive(Debug, Clone)]
@@ -71,42 +74,6 @@ impl SandboxOrg {
     }
 }
 
-/// Injectable faults. Rates are probabilities per API request.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Faults {
-    pub latency_ms: u64,
-    pub server_error_rate: f64,
-    pub lock_error_rate: f64,
-    /// Tokens stop working this long after they were issued; `None`: never.
-    pub token_lifetime_ms: Option<u64>,
-    pub seed: u64,
-}
-
-impl Faults {
-    /// A one-line description for people, e.g. "2% 5xx, 2% row locks, tokens live 400 ms".
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if self.latency_ms > 0 {
-            parts.push(format!("{} ms latency", self.latency_ms));
-        }
-        if self.server_error_rate > 0.0 {
-            parts.push(format!("{:.0}% 5xx", self.server_error_rate * 100.0));
-        }
-        if self.lock_error_rate > 0.0 {
-            parts.push(format!("{:.0}% row locks", self.lock_error_rate * 100.0));
-        }
-        if let Some(ms) = self.token_lifetime_ms {
-            parts.push(format!("tokens live {ms} ms"));
-        }
-        if parts.is_empty() {
-            "no faults".into()
-        } else {
-            parts.join(", ")
-        }
-    }
-}
-
 /// A scripted answer for one of the next API requests, taken in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -114,18 +81,6 @@ pub enum Scripted {
     ServerError,
     LockError,
     RequestLimit,
-}
-
-/// What the sandbox received.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Stats {
-    pub token_requests: u64,
-    /// Requests to `/services/data` (what counts against the API allocation).
-    pub api_requests: u64,
-    pub upserts_applied: u64,
-    pub deletes_applied: u64,
-    /// Answers other than 2xx, by status.
-    pub rejected: BTreeMap<u16, u64>,
 }
 
 /// One stored record.
@@ -147,13 +102,10 @@ pub struct SalesforceSandbox {
 impl SalesforceSandbox {
     /// Starts the sandbox on `bind` (e.g. `127.0.0.1:0`) on its own thread.
     pub fn start(bind: &str, setup: SandboxOrg) -> std::io::Result<Self> {
-        let listener = std::net::TcpListener::bind(bind)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let seed = setup.faults.seed;
         let org = Arc::new(Mutex::new(Org {
             setup,
-            base_url: format!("http://{addr}"),
+            base_url: String::new(),
             records: HashMap::new(),
             index: HashMap::new(),
             tokens: HashMap::new(),
@@ -162,32 +114,8 @@ impl SalesforceSandbox {
             next_id: 1,
             rng: StdRng::seed_from_u64(seed),
         }));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let app = api::router(org.clone());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("salesforce-sandbox")
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name("salesforce-sandbox".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "Salesforce sandbox could not listen.");
-                            return;
-                        }
-                    };
-                    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    });
-                    if let Err(e) = server.await {
-                        tracing::error!(error = %e, "Salesforce sandbox stopped.");
-                    }
-                });
-            })?;
+        let (addr, stop_tx) = serve(bind, "salesforce-sandbox", api::router(org.clone()))?;
+        lock(&org).base_url = format!("http://{addr}");
         Ok(SalesforceSandbox {
             addr,
             org,
@@ -249,5 +177,69 @@ impl SalesforceSandbox {
     pub fn seed_record(&self, sobject: &str, fields: Map<String, Value>) -> String {
         let mut org = lock(&self.org);
         org.insert(sobject, fields)
+    }
+}
+
+impl super::CrmSandbox for SalesforceSandbox {
+    fn crm(&self) -> &'static str {
+        "salesforce"
+    }
+
+    fn base_url(&self) -> String {
+        SalesforceSandbox::base_url(self)
+    }
+
+    fn tenant_toml(&self, secret_var: &str) -> String {
+        format!(
+            r#"crm = "salesforce"
+[tenants.salesforce]
+base_url = "{url}"
+api_version = "60.0"
+client_id = "{id}"
+client_secret = "${{{secret_var}}}"
+[tenants.entities.contact]
+object = "Contact"
+external_id_field = "External_Id__c"
+fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
+"#,
+            url = self.base_url(),
+            id = lock(&self.org).setup.client_id,
+        )
+    }
+
+    fn secret(&self) -> String {
+        lock(&self.org).setup.client_secret.clone()
+    }
+
+    fn contact(&self, key: &str) -> Option<Map<String, Value>> {
+        let record = self.find("Contact", "External_Id__c", key)?;
+        Some(data_view(&record.fields, &[("FirstName", "first_name"), ("LastName", "last_name"), ("Email", "email")]))
+    }
+
+    /// A new contact without `LastName`: `REQUIRED_FIELD_MISSING`.
+    fn invalid_contact(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("first_name".into(), Value::String("Nameless".into()));
+        m
+    }
+
+    fn stats(&self) -> Stats {
+        SalesforceSandbox::stats(self)
+    }
+
+    fn set_faults(&self, faults: Faults) {
+        SalesforceSandbox::set_faults(self, faults)
+    }
+
+    fn expire_tokens(&self) {
+        SalesforceSandbox::expire_tokens(self)
+    }
+
+    fn script_server_errors(&self, n: usize) {
+        self.script(std::iter::repeat_n(Scripted::ServerError, n))
+    }
+
+    fn script_throttles(&self, n: usize) {
+        self.script(std::iter::repeat_n(Scripted::RequestLimit, n))
     }
 }

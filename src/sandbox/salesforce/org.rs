@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use serde_json::{Map, Value};
 
 use super::{SandboxOrg, Scripted, Stats, StoredRecord};
+pub(super) use crate::sandbox::common::lock;
 
 pub(super) struct Org {
     pub(super) setup: SandboxOrg,
@@ -34,11 +35,6 @@ pub(super) struct RecordError {
 
 pub(super) type Shared = Arc<Mutex<Org>>;
 
-pub(super) fn lock(org: &Shared) -> std::sync::MutexGuard<'_, Org> {
-    // A panic while holding the lock cannot leave the maps half-updated in a way that
-    // matters for a simulator; keep serving.
-    org.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Org {
     pub(super) fn insert(&mut self, sobject: &str, fields: Map<String, Value>) -> String {
