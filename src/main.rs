@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 use crm_sync::config::Config;
 use crm_sync::consume::StopMode;
 use crm_sync::demo::workload::kafka_key;
-use crm_sync::sandbox::kafka::{tools, KafkaSandbox};
 use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
+use crm_sync::sandbox::kafka::{tools, KafkaSandbox};
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
 use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
 use crm_sync::sandbox::CrmSandbox;
@@ -236,7 +236,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             client_secret_env,
         }) => {
             let secret = sandbox_secret(&client_secret_env)?;
-            let sandbox = ZendeskSandbox::start(&format!("{bind}:{port}"), ZendeskSetup::standard(&client_id, &secret))?;
+            let sandbox =
+                ZendeskSandbox::start(&format!("{bind}:{port}"), ZendeskSetup::standard(&client_id, &secret))?;
             serve_sandbox(&sandbox, &client_secret_env)
         }
         Command::Sandbox(SandboxCommand::Dynamics {
@@ -295,7 +296,11 @@ fn sandbox_secret(var: &str) -> anyhow::Result<String> {
 fn serve_sandbox(sandbox: &dyn CrmSandbox, secret_var: &str) -> anyhow::Result<ExitCode> {
     println!("{} sandbox listening on {}", sandbox.crm(), sandbox.base_url());
     println!("# A tenant on it (the secret is read from ${secret_var}):");
-    println!("[[tenants]]\nname = \"{}-sandbox\"\n{}", sandbox.crm(), sandbox.tenant_toml(secret_var));
+    println!(
+        "[[tenants]]\nname = \"{}-sandbox\"\n{}",
+        sandbox.crm(),
+        sandbox.tenant_toml(secret_var)
+    );
     wait_for_signal()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -206,9 +206,11 @@ async fn token(State(env): State<Shared>, Path(directory): Path<String>, body: B
     let entra_error = |status: StatusCode, error: &str, code: u32, text: &str| {
         (
             status,
-            Json(json!({"error": error, "error_description": format!("AADSTS{code}: {text}"), "error_codes": [code],
+            Json(
+                json!({"error": error, "error_description": format!("AADSTS{code}: {text}"), "error_codes": [code],
                         "timestamp": "2026-01-01 00:00:00Z", "trace_id": "00000000-0000-0000-0000-000000000000",
-                        "correlation_id": "00000000-0000-0000-0000-000000000000"})),
+                        "correlation_id": "00000000-0000-0000-0000-000000000000"}),
+            ),
         )
             .into_response()
     };
@@ -216,25 +218,52 @@ async fn token(State(env): State<Shared>, Path(directory): Path<String>, body: B
         return entra_error(StatusCode::BAD_REQUEST, "invalid_request", 90002, "Tenant not found.");
     }
     let Some(form) = form_fields(&body) else {
-        return entra_error(StatusCode::BAD_REQUEST, "invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.");
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900144,
+            "The request body must contain the following parameter: 'grant_type'.",
+        );
     };
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return entra_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.");
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            70003,
+            "The app requested an unsupported grant type.",
+        );
     }
     if form.get("client_id") != Some(&env.setup.client_id) {
-        return entra_error(StatusCode::BAD_REQUEST, "unauthorized_client", 700016, "Application with identifier was not found in the directory.");
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            "Application with identifier was not found in the directory.",
+        );
     }
     if form.get("client_secret") != Some(&env.setup.client_secret) {
-        return entra_error(StatusCode::UNAUTHORIZED, "invalid_client", 7000215, "Invalid client secret provided.");
+        return entra_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided.",
+        );
     }
     let scope = format!("{}/.default", env.base_url);
     if form.get("scope") != Some(&scope) {
-        return entra_error(StatusCode::BAD_REQUEST, "invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid.");
+        return entra_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            70011,
+            "The provided value for the input parameter 'scope' is not valid.",
+        );
     }
     let access_token = format!("eyJ0eXAiOiJKV1QiLCJzYW5kYm94Ijp0cnVlfQ.{:032x}", env.rng.gen::<u128>());
     env.tokens.insert(access_token.clone(), Instant::now());
-    Json(json!({"token_type": "Bearer", "expires_in": env.setup.token_expires_in_secs,
-                "ext_expires_in": env.setup.token_expires_in_secs, "access_token": access_token}))
+    Json(
+        json!({"token_type": "Bearer", "expires_in": env.setup.token_expires_in_secs,
+                "ext_expires_in": env.setup.token_expires_in_secs, "access_token": access_token}),
+    )
     .into_response()
 }
 
@@ -273,13 +302,17 @@ async fn api(
     }
     let remaining = env.setup.request_limit.saturating_sub(env.window_count);
     let time_remaining = EXECUTION_LIMIT_MS.saturating_sub(env.window_execution_ms);
+    response.headers_mut().insert(
+        "x-ms-ratelimit-burst-remaining-xrm-requests",
+        HeaderValue::from(remaining),
+    );
+    response.headers_mut().insert(
+        "x-ms-ratelimit-time-remaining-xrm-requests",
+        HeaderValue::from(time_remaining),
+    );
     response
         .headers_mut()
-        .insert("x-ms-ratelimit-burst-remaining-xrm-requests", HeaderValue::from(remaining));
-    response
-        .headers_mut()
-        .insert("x-ms-ratelimit-time-remaining-xrm-requests", HeaderValue::from(time_remaining));
-    response.headers_mut().insert("odata-version", HeaderValue::from_static("4.0"));
+        .insert("odata-version", HeaderValue::from_static("4.0"));
     let status = response.status().as_u16();
     if !(200..300).contains(&status) {
         *env.stats.rejected.entry(status).or_default() += 1;
@@ -316,7 +349,8 @@ fn admit(env: &mut Environment, headers: &HeaderMap) -> Admission {
     }
     let throttle = |retry_after: u64, code: &str, message: String| {
         let mut r = odata_error(StatusCode::TOO_MANY_REQUESTS, code, &message);
-        r.headers_mut().insert("retry-after", HeaderValue::from(retry_after.max(1)));
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from(retry_after.max(1)));
         Admission::Refused(r)
     };
     if env.in_flight >= env.setup.concurrency_limit {
@@ -349,10 +383,18 @@ fn admit(env: &mut Environment, headers: &HeaderMap) -> Admission {
             );
         }
         Some(Scripted::ServerError) => {
-            return Admission::Refused(odata_error(StatusCode::SERVICE_UNAVAILABLE, "0x80040216", "An unexpected error occurred."))
+            return Admission::Refused(odata_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "0x80040216",
+                "An unexpected error occurred.",
+            ))
         }
         None if roll < env.setup.faults.server_error_rate => {
-            return Admission::Refused(odata_error(StatusCode::SERVICE_UNAVAILABLE, "0x80040216", "An unexpected error occurred."))
+            return Admission::Refused(odata_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "0x80040216",
+                "An unexpected error occurred.",
+            ))
         }
         None => {}
     }
@@ -410,7 +452,11 @@ impl OpAnswer {
 
 fn route(env: &mut Environment, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> Response {
     let Some(rest) = path.strip_prefix(API_PREFIX) else {
-        return odata_error(StatusCode::NOT_FOUND, "0x8006088a", &format!("Resource not found for the segment '{path}'."));
+        return odata_error(
+            StatusCode::NOT_FOUND,
+            "0x8006088a",
+            &format!("Resource not found for the segment '{path}'."),
+        );
     };
     if rest == "$batch" && method == Method::POST {
         return batch(env, headers, body);
@@ -447,12 +493,22 @@ fn parse_key(resource: &str) -> Option<(String, String, String)> {
 
 /// One PATCH or DELETE by alternate key.
 fn record_op(env: &mut Environment, method: &str, resource: &str, cond: &Conditions, body: &[u8]) -> OpAnswer {
-    let decoded = percent_encoding::percent_decode_str(resource).decode_utf8_lossy().into_owned();
+    let decoded = percent_encoding::percent_decode_str(resource)
+        .decode_utf8_lossy()
+        .into_owned();
     let Some((set, column, value)) = parse_key(&decoded) else {
-        return OpAnswer::error(StatusCode::BAD_REQUEST, "0x80060888", &format!("Bad Request - Error in query syntax: '{decoded}'."));
+        return OpAnswer::error(
+            StatusCode::BAD_REQUEST,
+            "0x80060888",
+            &format!("Bad Request - Error in query syntax: '{decoded}'."),
+        );
     };
     let Some(declared) = env.setup.alternate_keys.get(&set).cloned() else {
-        return OpAnswer::error(StatusCode::NOT_FOUND, "0x8006088a", &format!("Resource not found for the segment '{set}'."));
+        return OpAnswer::error(
+            StatusCode::NOT_FOUND,
+            "0x8006088a",
+            &format!("Resource not found for the segment '{set}'."),
+        );
     };
     let entity = entity_of(&set).to_string();
     if declared != column {
@@ -462,7 +518,11 @@ fn record_op(env: &mut Environment, method: &str, resource: &str, cond: &Conditi
             &format!("The key in the request URI is not valid for resource 'Microsoft.Dynamics.CRM.{entity}'. Ensure that the names and number of key properties match the declared or alternate key properties for the resource 'Microsoft.Dynamics.CRM.{entity}'."),
         );
     }
-    let entity_id = format!("{}{API_PREFIX}{set}({column}='{}')", env.base_url, value.replace('\'', "''"));
+    let entity_id = format!(
+        "{}{API_PREFIX}{set}({column}='{}')",
+        env.base_url,
+        value.replace('\'', "''")
+    );
     let exists = env.records.get(&set).is_some_and(|r| r.contains_key(&value));
     match method {
         "DELETE" => {
@@ -475,7 +535,11 @@ fn record_op(env: &mut Environment, method: &str, resource: &str, cond: &Conditi
             }
             env.records.get_mut(&set).map(|r| r.remove(&value));
             env.stats.deletes_applied += 1;
-            OpAnswer { status: StatusCode::NO_CONTENT, headers: vec![], body: None }
+            OpAnswer {
+                status: StatusCode::NO_CONTENT,
+                headers: vec![],
+                body: None,
+            }
         }
         "PATCH" => {
             if cond.if_match.as_deref() == Some("*") && !exists {
@@ -486,13 +550,27 @@ fn record_op(env: &mut Environment, method: &str, resource: &str, cond: &Conditi
                 );
             }
             if cond.if_none_match.as_deref() == Some("*") && exists {
-                return OpAnswer::error(StatusCode::PRECONDITION_FAILED, "0x80040237", "A record with matching key values already exists.");
+                return OpAnswer::error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80040237",
+                    "A record with matching key values already exists.",
+                );
             }
-            let Some(mut columns) = serde_json::from_slice::<Value>(body).ok().and_then(|v| v.as_object().cloned()) else {
-                return OpAnswer::error(StatusCode::BAD_REQUEST, "0x80048d19", "Error identified in Payload provided by the user for Entity :''.");
+            let Some(mut columns) = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+            else {
+                return OpAnswer::error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80048d19",
+                    "Error identified in Payload provided by the user for Entity :''.",
+                );
             };
             let max = env.setup.max_string_length;
-            if let Some((name, _)) = columns.iter().find(|(_, v)| v.as_str().is_some_and(|s| s.chars().count() > max)) {
+            if let Some((name, _)) = columns
+                .iter()
+                .find(|(_, v)| v.as_str().is_some_and(|s| s.chars().count() > max))
+            {
                 return OpAnswer::error(
                     StatusCode::BAD_REQUEST,
                     "0x80044331",
@@ -507,7 +585,11 @@ fn record_op(env: &mut Environment, method: &str, resource: &str, cond: &Conditi
                 records.get_mut(&value).expect("exists").extend(columns);
             } else {
                 // Body values win over the URL's on create; the key is copied in otherwise.
-                let key_value = columns.get(&column).and_then(Value::as_str).map(str::to_string).unwrap_or(value.clone());
+                let key_value = columns
+                    .get(&column)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .unwrap_or(value.clone());
                 columns.insert(column.clone(), Value::String(key_value.clone()));
                 records.insert(key_value, columns);
             }
@@ -521,11 +603,23 @@ fn record_op(env: &mut Environment, method: &str, resource: &str, cond: &Conditi
                 headers.push(("ETag".into(), etag));
                 headers.push(("Preference-Applied".into(), "return=representation".into()));
                 let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-                return OpAnswer { status, headers, body: Some(Value::Object(body)) };
+                return OpAnswer {
+                    status,
+                    headers,
+                    body: Some(Value::Object(body)),
+                };
             }
-            OpAnswer { status: StatusCode::NO_CONTENT, headers, body: None }
+            OpAnswer {
+                status: StatusCode::NO_CONTENT,
+                headers,
+                body: None,
+            }
         }
-        _ => OpAnswer::error(StatusCode::METHOD_NOT_ALLOWED, "0x80060888", &format!("The HTTP method '{method}' is not allowed here.")),
+        _ => OpAnswer::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "0x80060888",
+            &format!("The HTTP method '{method}' is not allowed here."),
+        ),
     }
 }
 
@@ -546,12 +640,15 @@ enum Item {
 fn boundary_param(content_type: &str) -> Option<String> {
     content_type.split(';').find_map(|p| {
         let (k, v) = p.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("boundary").then(|| v.trim_matches('"').to_string())
+        k.eq_ignore_ascii_case("boundary")
+            .then(|| v.trim_matches('"').to_string())
     })
 }
 
 fn split_block(text: &str) -> (&str, &str) {
-    text.split_once("\r\n\r\n").or_else(|| text.split_once("\n\n")).unwrap_or((text, ""))
+    text.split_once("\r\n\r\n")
+        .or_else(|| text.split_once("\n\n"))
+        .unwrap_or((text, ""))
 }
 
 fn header_map(block: &str) -> HashMap<String, String> {
@@ -618,7 +715,11 @@ fn resource_of<'a>(url: &'a str, base_url: &str) -> &'a str {
     url.strip_prefix(API_PREFIX).unwrap_or(url)
 }
 
-fn run_part(env: &mut Environment, part: &Part, references: &HashMap<String, String>) -> Result<(OpAnswer, Option<String>), OpAnswer> {
+fn run_part(
+    env: &mut Environment,
+    part: &Part,
+    references: &HashMap<String, String>,
+) -> Result<(OpAnswer, Option<String>), OpAnswer> {
     let mut resource = resource_of(&part.url, &env.base_url.clone()).to_string();
     if let Some(reference) = resource.strip_prefix('$') {
         let (id, tail) = reference.split_at(reference.find(|c: char| !c.is_ascii_digit()).unwrap_or(reference.len()));
@@ -641,20 +742,37 @@ fn run_part(env: &mut Environment, part: &Part, references: &HashMap<String, Str
 }
 
 fn batch(env: &mut Environment, headers: &HeaderMap, body: &[u8]) -> Response {
-    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let continue_on_error = headers
         .get("prefer")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|p| p.contains("odata.continue-on-error"));
-    let Some(request_boundary) = boundary_param(content_type).filter(|_| content_type.starts_with("multipart/mixed")) else {
-        return odata_error(StatusCode::BAD_REQUEST, "0x80048d19", "The batch request must be multipart/mixed with a boundary.");
+    let Some(request_boundary) = boundary_param(content_type).filter(|_| content_type.starts_with("multipart/mixed"))
+    else {
+        return odata_error(
+            StatusCode::BAD_REQUEST,
+            "0x80048d19",
+            "The batch request must be multipart/mixed with a boundary.",
+        );
     };
     let items = match parse_multipart(&String::from_utf8_lossy(body), &request_boundary, false) {
         Ok(items) => items,
         Err(message) => return odata_error(StatusCode::BAD_REQUEST, "0x80048d19", &message),
     };
-    if items.iter().map(|i| if let Item::ChangeSet(p) = i { p.len() } else { 1 }).sum::<usize>() > 1000 {
-        return odata_error(StatusCode::BAD_REQUEST, "0x80060888", "The number of requests in a batch exceeded the limit of 1000.");
+    if items
+        .iter()
+        .map(|i| if let Item::ChangeSet(p) = i { p.len() } else { 1 })
+        .sum::<usize>()
+        > 1000
+    {
+        return odata_error(
+            StatusCode::BAD_REQUEST,
+            "0x80060888",
+            "The number of requests in a batch exceeded the limit of 1000.",
+        );
     }
     let response_boundary = format!("batchresponse_{:032x}", env.rng.gen::<u128>());
     let mut out = String::new();
@@ -673,7 +791,10 @@ fn batch(env: &mut Environment, headers: &HeaderMap, body: &[u8]) -> Response {
                     failed = Some(answer.status);
                     break;
                 }
-                out.push_str(&format!("--{response_boundary}\r\n{part_header}\r\n{}", answer.http_text()));
+                out.push_str(&format!(
+                    "--{response_boundary}\r\n{part_header}\r\n{}",
+                    answer.http_text()
+                ));
             }
             Item::ChangeSet(parts) => {
                 // Atomic: run on a copy of the records, keep it only if every part succeeds.
@@ -697,7 +818,8 @@ fn batch(env: &mut Environment, headers: &HeaderMap, body: &[u8]) -> Response {
                     }
                 }
                 let inner = format!("changesetresponse_{:032x}", env.rng.gen::<u128>());
-                let mut text = format!("--{response_boundary}\r\nContent-Type: multipart/mixed; boundary={inner}\r\n\r\n");
+                let mut text =
+                    format!("--{response_boundary}\r\nContent-Type: multipart/mixed; boundary={inner}\r\n\r\n");
                 let shown = match failure {
                     Some(f) => {
                         env.records = saved_records;
@@ -739,7 +861,12 @@ async fn admin_records(State(env): State<Shared>) -> Json<Value> {
     let all: Map<String, Value> = env
         .records
         .iter()
-        .map(|(set, r)| (set.clone(), Value::Array(r.values().cloned().map(Value::Object).collect())))
+        .map(|(set, r)| {
+            (
+                set.clone(),
+                Value::Array(r.values().cloned().map(Value::Object).collect()),
+            )
+        })
         .collect();
     Json(Value::Object(all))
 }
@@ -765,7 +892,11 @@ async fn admin_script(State(env): State<Shared>, Json(script): Json<Vec<Scripted
     StatusCode::NO_CONTENT
 }
 
-const CONTACT_FIELDS: [(&str, &str); 3] = [("firstname", "first_name"), ("lastname", "last_name"), ("emailaddress1", "email")];
+const CONTACT_FIELDS: [(&str, &str); 3] = [
+    ("firstname", "first_name"),
+    ("lastname", "last_name"),
+    ("emailaddress1", "email"),
+];
 
 impl CrmSandbox for DynamicsSandbox {
     fn crm(&self) -> &'static str {
@@ -809,7 +940,10 @@ fields = {{ firstname = "first_name", lastname = "last_name", emailaddress1 = "e
     fn invalid_contact(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("first_name".into(), json!("Long"));
-        m.insert("last_name".into(), json!("x".repeat(lock(&self.env).setup.max_string_length + 1)));
+        m.insert(
+            "last_name".into(),
+            json!("x".repeat(lock(&self.env).setup.max_string_length + 1)),
+        );
         m
     }
 

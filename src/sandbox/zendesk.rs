@@ -180,7 +180,11 @@ impl ZendeskSandbox {
     /// The records of `object` whose `external_id` is `key` (ignoring case).
     pub fn find(&self, object: &str, key: &str) -> Vec<Map<String, Value>> {
         let account = lock(&self.account);
-        account.find(object, key).into_iter().filter_map(|id| account.records[object].get(&id).cloned()).collect()
+        account
+            .find(object, key)
+            .into_iter()
+            .filter_map(|id| account.records[object].get(&id).cloned())
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -220,7 +224,11 @@ impl Account {
         self.records.get(object).map_or_else(Vec::new, |records| {
             records
                 .iter()
-                .filter(|(_, r)| r.get("external_id").and_then(Value::as_str).is_some_and(|x| x.eq_ignore_ascii_case(key)))
+                .filter(|(_, r)| {
+                    r.get("external_id")
+                        .and_then(Value::as_str)
+                        .is_some_and(|x| x.eq_ignore_ascii_case(key))
+                })
                 .map(|(id, _)| *id)
                 .collect()
         })
@@ -234,7 +242,9 @@ impl Account {
             self.window_count = 0;
         }
         let limit = self.setup.rate_limit_per_minute;
-        let reset = (WINDOW.saturating_sub(now.duration_since(self.window_start))).as_secs().max(1);
+        let reset = (WINDOW.saturating_sub(now.duration_since(self.window_start)))
+            .as_secs()
+            .max(1);
         let allowed = self.window_count < limit;
         if allowed {
             self.window_count += 1;
@@ -251,7 +261,11 @@ impl Account {
             if let Some(email) = record.get("email").and_then(Value::as_str) {
                 matched = self.records[object]
                     .iter()
-                    .find(|(_, r)| r.get("email").and_then(Value::as_str).is_some_and(|e| e.eq_ignore_ascii_case(email)))
+                    .find(|(_, r)| {
+                        r.get("email")
+                            .and_then(Value::as_str)
+                            .is_some_and(|e| e.eq_ignore_ascii_case(email))
+                    })
                     .map(|(id, _)| *id);
             }
         }
@@ -311,12 +325,18 @@ async fn token(State(account): State<Shared>, Json(req): Json<TokenRequest>) -> 
     let mut account = lock(&account);
     account.stats.token_requests += 1;
     if req.grant_type.as_deref() != Some("client_credentials") {
-        return error(StatusCode::BAD_REQUEST, json!({"error": "unsupported_grant_type", "error_description": "The authorization grant type is not supported."}));
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type", "error_description": "The authorization grant type is not supported."}),
+        );
     }
     if req.client_id.as_deref() != Some(account.setup.client_id.as_str())
         || req.client_secret.as_deref() != Some(account.setup.client_secret.as_str())
     {
-        return error(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client", "error_description": "Client authentication failed."}));
+        return error(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "invalid_client", "error_description": "Client authentication failed."}),
+        );
     }
     let access_token = format!("{:064x}", account.rng.gen::<u128>());
     account.tokens.insert(access_token.clone(), Instant::now());
@@ -362,13 +382,19 @@ async fn api(
             let retry_after = account.setup.faults.retry_after();
             let mut r = if !allowed || scripted == Some(Scripted::TooManyRequests) {
                 let wait = if allowed { retry_after } else { reset };
-                let mut r = error(StatusCode::TOO_MANY_REQUESTS, json!({"error": "APIRateLimitExceeded", "description": "Number of allowed API requests per minute exceeded"}));
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    json!({"error": "APIRateLimitExceeded", "description": "Number of allowed API requests per minute exceeded"}),
+                );
                 r.headers_mut().insert("retry-after", HeaderValue::from(wait));
                 r
             } else if scripted == Some(Scripted::ServerError)
                 || (scripted.is_none() && server_roll < account.setup.faults.server_error_rate)
             {
-                error(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "ServiceUnavailable", "description": "Service temporarily unavailable"}))
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "ServiceUnavailable", "description": "Service temporarily unavailable"}),
+                )
             } else {
                 route(&mut account, &method, &path, &query, &headers, &body)
             };
@@ -391,7 +417,10 @@ async fn api(
     if !(200..300).contains(&status) {
         *account.stats.rejected.entry(status).or_default() += 1;
     }
-    response.headers_mut().entry("content-type").or_insert(HeaderValue::from_static("application/json; charset=utf-8"));
+    response
+        .headers_mut()
+        .entry("content-type")
+        .or_insert(HeaderValue::from_static("application/json; charset=utf-8"));
     response
 }
 
@@ -401,7 +430,10 @@ fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Response> 
         if user == expected_user && token == account.setup.api_token {
             return Ok(());
         }
-        return Err(error(StatusCode::UNAUTHORIZED, json!({"error": "Couldn't authenticate you"})));
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "Couldn't authenticate you"}),
+        ));
     }
     let lifetime = account.setup.faults.token_lifetime();
     let valid = bearer(headers)
@@ -418,7 +450,10 @@ fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Response> 
 }
 
 fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, json!({"error": "RecordNotFound", "description": "Not found"}))
+    error(
+        StatusCode::NOT_FOUND,
+        json!({"error": "RecordNotFound", "description": "Not found"}),
+    )
 }
 
 fn object_of(name: &str) -> Option<&'static str> {
@@ -440,7 +475,10 @@ fn route(
             let object = object_of(object).expect("matched");
             let singular = &object[..object.len() - 1];
             let Some(record) = json_body().and_then(|b| b.get(singular).and_then(Value::as_object).cloned()) else {
-                return error(StatusCode::BAD_REQUEST, json!({"error": "InvalidEndpoint", "description": format!("expected a `{singular}` object")}));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "InvalidEndpoint", "description": format!("expected a `{singular}` object")}),
+                );
             };
             match account.create_or_update(object, &record) {
                 Err(details) => record_invalid(details),
@@ -458,13 +496,22 @@ fn route(
         ("POST", [object @ ("users" | "organizations"), "create_or_update_many"]) => {
             let object = object_of(object).expect("matched");
             if !account.setup.bulk_enabled {
-                return error(StatusCode::FORBIDDEN, json!({"error": "Forbidden", "description": "You do not have access to this page. Please contact the account owner of this help desk for further help."}));
+                return error(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "Forbidden", "description": "You do not have access to this page. Please contact the account owner of this help desk for further help."}),
+                );
             }
             let Some(items) = json_body().and_then(|b| b.get(object).and_then(Value::as_array).cloned()) else {
-                return error(StatusCode::BAD_REQUEST, json!({"error": "InvalidEndpoint", "description": format!("expected a `{object}` array")}));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "InvalidEndpoint", "description": format!("expected a `{object}` array")}),
+                );
             };
             if items.len() > BULK_LIMIT {
-                return error(StatusCode::BAD_REQUEST, json!({"error": "TooManyValues", "description": format!("{object} may contain at most {BULK_LIMIT} items")}));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "TooManyValues", "description": format!("{object} may contain at most {BULK_LIMIT} items")}),
+                );
             }
             let mut results = Vec::with_capacity(items.len());
             for (index, item) in items.iter().enumerate() {
@@ -486,7 +533,13 @@ fn route(
                 });
             }
             let id = format!("V3-{:032x}", account.rng.gen::<u128>());
-            account.jobs.insert(id.clone(), Job { created: Instant::now(), results });
+            account.jobs.insert(
+                id.clone(),
+                Job {
+                    created: Instant::now(),
+                    results,
+                },
+            );
             let status = job_json(account, &id);
             Json(json!({ "job_status": status })).into_response()
         }
@@ -499,7 +552,11 @@ fn route(
         ("GET", [object @ ("users" | "organizations"), "search"]) | ("GET", [object @ "tickets"]) => {
             let object = object_of(object).expect("matched");
             let matches: Vec<Value> = match query.get("external_id") {
-                Some(key) => account.find(object, key).into_iter().map(|id| Value::Object(account.records[object][&id].clone())).collect(),
+                Some(key) => account
+                    .find(object, key)
+                    .into_iter()
+                    .map(|id| Value::Object(account.records[object][&id].clone()))
+                    .collect(),
                 None => account.records[object].values().cloned().map(Value::Object).collect(),
             };
             let count = matches.len();
@@ -507,15 +564,26 @@ fn route(
         }
         ("POST", ["tickets"]) => create_ticket(account, headers, body),
         ("PUT", ["tickets", id]) => {
-            let Some(id) = id.parse::<u64>().ok().filter(|id| account.records["tickets"].contains_key(id)) else {
+            let Some(id) = id
+                .parse::<u64>()
+                .ok()
+                .filter(|id| account.records["tickets"].contains_key(id))
+            else {
                 return not_found();
             };
             let Some(mut fields) = json_body().and_then(|b| b.get("ticket").and_then(Value::as_object).cloned()) else {
-                return error(StatusCode::BAD_REQUEST, json!({"error": "InvalidEndpoint", "description": "expected a `ticket` object"}));
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "InvalidEndpoint", "description": "expected a `ticket` object"}),
+                );
             };
             let comment = fields.remove("comment");
             account.stats.upserts_applied += 1;
-            let stored = account.records.get_mut("tickets").and_then(|t| t.get_mut(&id)).expect("checked");
+            let stored = account
+                .records
+                .get_mut("tickets")
+                .and_then(|t| t.get_mut(&id))
+                .expect("checked");
             stored.extend(fields);
             if comment.is_some() {
                 let n = stored.get("comment_count").and_then(Value::as_u64).unwrap_or(0);
@@ -525,8 +593,13 @@ fn route(
             Json(json!({"ticket": ticket, "audit": {"ticket_id": id}})).into_response()
         }
         ("DELETE", [object, id]) => {
-            let Some(object) = object_of(object) else { return not_found() };
-            let removed = id.parse::<u64>().ok().and_then(|id| account.records.get_mut(object).and_then(|r| r.remove(&id)));
+            let Some(object) = object_of(object) else {
+                return not_found();
+            };
+            let removed = id
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| account.records.get_mut(object).and_then(|r| r.remove(&id)));
             match removed {
                 None => not_found(),
                 Some(record) => {
@@ -541,7 +614,10 @@ fn route(
                 }
             }
         }
-        _ => error(StatusCode::NOT_FOUND, json!({"error": "InvalidEndpoint", "description": "Not found"})),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            json!({"error": "InvalidEndpoint", "description": "Not found"}),
+        ),
     }
 }
 
@@ -563,7 +639,10 @@ fn job_json(account: &Account, id: &str) -> Value {
 }
 
 fn create_ticket(account: &mut Account, headers: &HeaderMap, body: &[u8]) -> Response {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body_hash: [u8; 32] = Sha256::digest(body).into();
     account.idempotency.retain(|_, r| r.stored.elapsed() < IDEMPOTENCY_TTL);
     if let Some(key) = &key {
@@ -575,15 +654,24 @@ fn create_ticket(account: &mut Account, headers: &HeaderMap, body: &[u8]) -> Res
                 );
             }
             let mut r = (replay.status, Json(replay.body.clone())).into_response();
-            r.headers_mut().insert("x-idempotency-lookup", HeaderValue::from_static("hit"));
+            r.headers_mut()
+                .insert("x-idempotency-lookup", HeaderValue::from_static("hit"));
             return r;
         }
     }
-    let Some(mut fields) = serde_json::from_slice::<Value>(body).ok().and_then(|b| b.get("ticket").and_then(Value::as_object).cloned()) else {
-        return error(StatusCode::BAD_REQUEST, json!({"error": "InvalidEndpoint", "description": "expected a `ticket` object"}));
+    let Some(mut fields) = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|b| b.get("ticket").and_then(Value::as_object).cloned())
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "InvalidEndpoint", "description": "expected a `ticket` object"}),
+        );
     };
     let Some(comment) = fields.remove("comment") else {
-        return record_invalid(json!({"base": [{"description": "Description: cannot be blank", "error": "BlankValue"}]}));
+        return record_invalid(
+            json!({"base": [{"description": "Description: cannot be blank", "error": "BlankValue"}]}),
+        );
     };
     let description = comment.get("body").cloned().unwrap_or(comment);
     fields.insert("description".into(), description);
@@ -592,12 +680,25 @@ fn create_ticket(account: &mut Account, headers: &HeaderMap, body: &[u8]) -> Res
     account.next_id += 1;
     fields.insert("id".into(), json!(id));
     account.stats.upserts_applied += 1;
-    account.records.get_mut("tickets").expect("known").insert(id, fields.clone());
+    account
+        .records
+        .get_mut("tickets")
+        .expect("known")
+        .insert(id, fields.clone());
     let answer = json!({"ticket": fields, "audit": {"ticket_id": id}});
     let mut r = (StatusCode::CREATED, Json(answer.clone())).into_response();
     if let Some(key) = key {
-        account.idempotency.insert(key, Replay { body_hash, status: StatusCode::CREATED, body: answer, stored: Instant::now() });
-        r.headers_mut().insert("x-idempotency-lookup", HeaderValue::from_static("miss"));
+        account.idempotency.insert(
+            key,
+            Replay {
+                body_hash,
+                status: StatusCode::CREATED,
+                body: answer,
+                stored: Instant::now(),
+            },
+        );
+        r.headers_mut()
+            .insert("x-idempotency-lookup", HeaderValue::from_static("miss"));
     }
     r
 }
@@ -607,7 +708,12 @@ async fn admin_records(State(account): State<Shared>) -> Json<Value> {
     let all: Map<String, Value> = account
         .records
         .iter()
-        .map(|(o, r)| (o.to_string(), Value::Array(r.values().cloned().map(Value::Object).collect())))
+        .map(|(o, r)| {
+            (
+                o.to_string(),
+                Value::Array(r.values().cloned().map(Value::Object).collect()),
+            )
+        })
         .collect();
     Json(Value::Object(all))
 }

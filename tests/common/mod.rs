@@ -12,6 +12,7 @@ use crm_sync::demo::workload::{envelope, kafka_key, RecordId};
 use crm_sync::sandbox::kafka::tools::{self, ReadMessage};
 use crm_sync::sandbox::kafka::KafkaSandbox;
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
+use crm_sync::sandbox::CrmSandbox;
 use serde_json::{json, Map, Value};
 
 pub const CLIENT_ID: &str = "test-client";
@@ -76,6 +77,12 @@ impl Env {
 
     /// Config text for this environment; the secret comes from `SF_SECRET`.
     pub fn config_toml(&self) -> String {
+        self.config_toml_for(&self.sf, "SF_SECRET")
+    }
+
+    /// Config text for this environment with tenant `acme` on `crm`, whose secret comes
+    /// from `secret_var`.
+    pub fn config_toml_for(&self, crm: &dyn CrmSandbox, secret_var: &str) -> String {
         format!(
             r#"
 [service]
@@ -103,34 +110,29 @@ max_age_ms = 20000
 
 [[tenants]]
 name = "acme"
-crm = "salesforce"
 rate_limit_per_sec = 5000
 max_concurrency = 8
 request_timeout_ms = 5000
-[tenants.salesforce]
-base_url = "{sf}"
-api_version = "60.0"
-client_id = "{client_id}"
-client_secret = "${{SF_SECRET}}"
-[tenants.entities.contact]
-object = "Contact"
-external_id_field = "External_Id__c"
-fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
-"#,
+{tenant}"#,
             bootstrap = self.bootstrap,
             group = self.group,
             topic = self.topic,
             dlq = self.dlq,
             failures = self.failures,
             state = self.state,
-            sf = self.sf.base_url(),
-            client_id = CLIENT_ID,
+            tenant = crm.tenant_toml(secret_var),
         )
     }
 
     pub fn config(&self) -> Config {
-        Config::from_toml_with_env(&self.config_toml(), |v| {
-            (v == "SF_SECRET").then(|| CLIENT_SECRET.to_string())
+        self.config_for(&self.sf)
+    }
+
+    /// The config with tenant `acme` on `crm`.
+    pub fn config_for(&self, crm: &dyn CrmSandbox) -> Config {
+        let secret = crm.secret();
+        Config::from_toml_with_env(&self.config_toml_for(crm, "CRM_SECRET"), |v| {
+            (v == "CRM_SECRET").then(|| secret.clone())
         })
         .expect("test config is valid")
     }

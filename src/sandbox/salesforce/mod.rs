@@ -34,8 +34,8 @@ use serde_json::{Map, Value};
 
 use org::{Org, Shared};
 
-pub use super::common::{Faults, Stats};
 use super::common::{data_view, lock, serve};
+pub use super::common::{Faults, Stats};
 
 /// How the sandbox org is set up.
 #[derive(Debug, Clone)]
@@ -213,7 +213,14 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
 
     fn contact(&self, key: &str) -> Option<Map<String, Value>> {
         let record = self.find("Contact", "External_Id__c", key)?;
-        Some(data_view(&record.fields, &[("FirstName", "first_name"), ("LastName", "last_name"), ("Email", "email")]))
+        Some(data_view(
+            &record.fields,
+            &[
+                ("FirstName", "first_name"),
+                ("LastName", "last_name"),
+                ("Email", "email"),
+            ],
+        ))
     }
 
     /// A new contact without `LastName`: `REQUIRED_FIELD_MISSING`.

@@ -35,7 +35,6 @@ pub(super) struct RecordError {
 
 pub(super) type Shared = Arc<Mutex<Org>>;
 
-
 impl Org {
     pub(super) fn insert(&mut self, sobject: &str, fields: Map<String, Value>) -> String {
         let prefix = if sobject == "Account" { "001" } else { "003" };
