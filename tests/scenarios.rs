@@ -45,13 +45,13 @@ fn rejected(crm: &dyn CrmSandbox) -> u64 {
     crm.stats().rejected.values().sum()
 }
 
-fn start(_env: &Env, config: Config) -> pipeline::ServiceHandle {
+fn start(config: Config) -> pipeline::ServiceHandle {
     pipeline::start(config).expect("service starts")
 }
 
 fn create_update_delete(crm: Box<dyn CrmSandbox>) {
     let env = Env::new(2);
-    let service = start(&env, env.config_for(crm.as_ref()));
+    let service = start(env.config_for(crm.as_ref()));
     env.produce(&[
         upsert("e1", "C-1", 1, "Ada", "Lovelace"),
         upsert("e2", "C-2", 1, "Grace", "Hopper"),
@@ -75,7 +75,7 @@ fn create_update_delete(crm: Box<dyn CrmSandbox>) {
 
 fn unchanged_costs_no_call(crm: Box<dyn CrmSandbox>) {
     let env = Env::new(1);
-    let service = start(&env, env.config_for(crm.as_ref()));
+    let service = start(env.config_for(crm.as_ref()));
     env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
     assert!(env.wait_all_committed(WAIT));
     let before = crm.stats().api_requests;
@@ -94,7 +94,7 @@ fn batch_with_one_bad_record(crm: Box<dyn CrmSandbox>) {
     let env = Env::new(1);
     let mut config = env.config_for(crm.as_ref());
     config.tenants[0].batch_linger_ms = 200;
-    let service = start(&env, config);
+    let service = start(config);
     let names = ["Ada", "Grace", "Alan", "Edsger", "Barbara"];
     let mut events: Vec<_> = names
         .iter()
@@ -126,7 +126,7 @@ fn throttle_storm_honours_retry_after(crm: Box<dyn CrmSandbox>) {
         retry_after_secs: 1,
         ..Faults::default()
     });
-    let service = start(&env, env.config_for(crm.as_ref()));
+    let service = start(env.config_for(crm.as_ref()));
     crm.script_throttles(2);
     let started = Instant::now();
     env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
@@ -144,7 +144,7 @@ fn throttle_storm_honours_retry_after(crm: Box<dyn CrmSandbox>) {
 
 fn token_expiry(crm: Box<dyn CrmSandbox>) {
     let env = Env::new(1);
-    let service = start(&env, env.config_for(crm.as_ref()));
+    let service = start(env.config_for(crm.as_ref()));
     env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
     assert!(env.wait_all_committed(WAIT));
     assert_eq!(crm.stats().token_requests, 1);
@@ -159,7 +159,7 @@ fn token_expiry(crm: Box<dyn CrmSandbox>) {
 
 fn permanent_validation_error(crm: Box<dyn CrmSandbox>) {
     let env = Env::new(1);
-    let service = start(&env, env.config_for(crm.as_ref()));
+    let service = start(env.config_for(crm.as_ref()));
     let bad = contact_event("e1", "C-1", "upsert", 1, Some(&crm.invalid_contact()));
     env.produce(std::slice::from_ref(&bad));
     assert!(env.wait_all_committed(WAIT));
@@ -194,7 +194,7 @@ fn crm_down_then_back(crm: Box<dyn CrmSandbox>) {
         server_error_rate: 1.0,
         ..Faults::default()
     });
-    let service = start(&env, config);
+    let service = start(config);
     let events: Vec<_> = (0..20)
         .map(|i| upsert(&format!("e{i}"), &format!("C-{i}"), 1, &format!("Name{i}"), "Down"))
         .collect();

@@ -1,7 +1,8 @@
 //! `crm-sync demo`: the real pipeline on this machine, with nothing installed.
 //!
-//! An embedded Kafka-protocol broker (librdkafka's mock cluster) and one Salesforce
-//! sandbox per tenant, with faults injected (server errors, row locks, expiring tokens),
+//! An embedded Kafka-protocol broker (librdkafka's mock cluster) and one CRM sandbox per
+//! tenant — Salesforce, Zendesk and Dynamics 365 side by side — with faults injected
+//! (server errors, row locks, throttles, expiring tokens),
 //! a synthetic stream ([`workload`]) with a known answer, the service as `crm-sync run`
 //! would start it, live progress read from its own `/metrics`, and a final check that
 //! every sandbox holds the newest version of every record.
@@ -11,11 +12,15 @@ pub mod workload;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, CrmKind, TenantConfig};
 use crate::consume::StopMode;
 use crate::pipeline;
+use crate::sandbox::common::Faults;
+use crate::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
 use crate::sandbox::kafka::{tools, KafkaSandbox};
-use crate::sandbox::salesforce::{Faults, SalesforceSandbox, SandboxOrg};
+use crate::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
+use crate::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
+use crate::sandbox::CrmSandbox;
 use crate::telemetry::{self, metric};
 use crate::tenant::mapping::map_fields;
 use workload::{Expected, RecordId, TenantSpec, Workload, WorkloadSpec};
@@ -50,52 +55,40 @@ pub struct Mismatch {
     pub problem: String,
 }
 
-/// Compares what each tenant's sandbox holds with what the stream says it must hold.
+/// Compares what each tenant's sandbox holds with what the stream says it must hold:
+/// every mapped field the newest version carries, with the value it carries.
 pub fn verify(
     config: &Config,
     expected: &BTreeMap<RecordId, Expected>,
-    sandboxes: &HashMap<String, &SalesforceSandbox>,
+    sandboxes: &HashMap<String, &dyn CrmSandbox>,
 ) -> Vec<Mismatch> {
     let mut out = Vec::new();
     for (id, want) in expected {
+        let mismatch = |problem: String| Mismatch {
+            record: id.clone(),
+            problem,
+        };
         let (Some(tenant), Some(sandbox)) = (config.tenant(&id.0), sandboxes.get(&id.0)) else {
-            out.push(Mismatch {
-                record: id.clone(),
-                problem: "tenant has no sandbox or config".into(),
-            });
+            out.push(mismatch("tenant has no sandbox or config".into()));
             continue;
         };
         let Some(entity) = tenant.entities.get(&id.1) else {
-            out.push(Mismatch {
-                record: id.clone(),
-                problem: "entity not mapped".into(),
-            });
+            out.push(mismatch("entity not mapped".into()));
             continue;
         };
-        let held = sandbox.find(&entity.object, &entity.external_id_field, &id.2);
-        match (want, held) {
+        match (want, sandbox.record(&entity.object, &id.2)) {
             (Expected::Absent, None) => {}
-            (Expected::Absent, Some(_)) => out.push(Mismatch {
-                record: id.clone(),
-                problem: "present but should be absent".into(),
-            }),
-            (Expected::Present(_), None) => out.push(Mismatch {
-                record: id.clone(),
-                problem: "missing".into(),
-            }),
-            (Expected::Present(data), Some(record)) => {
-                let mut held = record.fields.clone();
-                held.remove(&entity.external_id_field);
+            (Expected::Absent, Some(_)) => out.push(mismatch("present but should be absent".into())),
+            (Expected::Present(_), None) => out.push(mismatch("missing".into())),
+            (Expected::Present(data), Some(held)) => {
                 let wanted = map_fields(data, &entity.fields);
-                if held != wanted {
-                    out.push(Mismatch {
-                        record: id.clone(),
-                        problem: format!(
-                            "holds {} but the newest version is {}",
-                            serde_json::Value::Object(held),
-                            serde_json::Value::Object(wanted)
-                        ),
-                    });
+                let differs = wanted.iter().any(|(field, value)| held.get(field) != Some(value));
+                if differs {
+                    out.push(mismatch(format!(
+                        "holds {} but the newest version is {}",
+                        serde_json::Value::Object(held),
+                        serde_json::Value::Object(wanted)
+                    )));
                 }
             }
         }
@@ -136,7 +129,7 @@ fn demo_secret(var: &str) -> Option<String> {
 /// Runs the demo; `Ok(true)` when every sandbox converged to the newest versions.
 pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     let started = Instant::now();
-    println!("crm-sync demo: embedded Kafka broker + one Salesforce sandbox per tenant\n");
+    println!("crm-sync demo: embedded Kafka broker + one CRM sandbox per tenant (Salesforce, Zendesk, Dynamics 365)\n");
 
     // 1. The broker and the topics.
     let kafka = KafkaSandbox::start(1).map_err(setup("starting the mock Kafka cluster"))?;
@@ -158,60 +151,16 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         .create_topic(&config.kafka.state_topic, INPUT_PARTITIONS)
         .map_err(setup("creating topics"))?;
 
-    // 2. One sandbox org per tenant, each with its own faults.
-    let fault_plan = [
-        (
-            "acme",
-            Faults {
-                server_error_rate: 0.02,
-                lock_error_rate: 0.02,
-                token_lifetime_ms: Some(400),
-                seed: 1,
-                ..Faults::default()
-            },
-        ),
-        (
-            "globex",
-            Faults {
-                latency_ms: 2,
-                server_error_rate: 0.01,
-                seed: 2,
-                ..Faults::default()
-            },
-        ),
-        (
-            "initech",
-            Faults {
-                server_error_rate: 0.05,
-                lock_error_rate: 0.03,
-                seed: 3,
-                ..Faults::default()
-            },
-        ),
-    ];
-    let mut sandboxes = Vec::new();
+    // 2. One sandbox per tenant, on the tenant's CRM, each with its own faults.
+    let mut sandboxes: Vec<(String, Box<dyn CrmSandbox>)> = Vec::new();
     for tenant in config.tenants.iter_mut() {
-        let sf = tenant
-            .salesforce
-            .as_mut()
-            .ok_or_else(|| DemoError::Setup("demo tenants are Salesforce tenants".into()))?;
-        let mut org = SandboxOrg::standard(sf.client_id.expose(), sf.client_secret.expose());
-        org.faults = fault_plan
-            .iter()
-            .find(|(n, _)| *n == tenant.name)
-            .map(|(_, f)| f.clone())
-            .unwrap_or_default();
-        let sandbox = SalesforceSandbox::start("127.0.0.1:0", org).map_err(setup("starting a Salesforce sandbox"))?;
-        sf.base_url = sandbox.base_url();
-        let faults = fault_plan
-            .iter()
-            .find(|(n, _)| *n == tenant.name)
-            .map(|(_, f)| f.describe());
+        let (sandbox, faults) = start_sandbox(tenant)?;
         println!(
-            "  tenant {:<8} → Salesforce sandbox {} ({})",
+            "  tenant {:<8} → {:<10} sandbox {} ({})",
             tenant.name,
+            tenant.crm.as_str(),
             sandbox.base_url(),
-            faults.unwrap_or_else(|| "no faults".into())
+            faults
         );
         sandboxes.push((tenant.name.clone(), sandbox));
     }
@@ -233,6 +182,10 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         stale_ratio: 0.1,
         delete_ratio: 0.05,
         invalid_ratio: 0.01,
+        invalid_contacts: sandboxes
+            .iter()
+            .map(|(name, sandbox)| (name.clone(), sandbox.invalid_contact()))
+            .collect(),
         malformed: 12,
         seed: 42,
     };
@@ -298,7 +251,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         .map_err(setup("reading the DLQ"))?;
     let failures = tools::read_all(&bootstrap, &config.kafka.failures_topic, 1, Duration::from_secs(20))
         .map_err(setup("reading the failures topic"))?;
-    let refs: HashMap<String, &SalesforceSandbox> = sandboxes.iter().map(|(n, s)| (n.clone(), s)).collect();
+    let refs: HashMap<String, &dyn CrmSandbox> = sandboxes.iter().map(|(n, s)| (n.clone(), s.as_ref())).collect();
     let mismatches = verify(&config, &expected, &refs);
 
     println!("\nSummary ({:.1} s)", started.elapsed().as_secs_f64());
@@ -338,8 +291,14 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     for (name, sandbox) in &sandboxes {
         let s = sandbox.stats();
         println!(
-            "  {:<8} CRM calls {:>6} (+{} token requests), applied {} upserts / {} deletes, rejected {:?}",
-            name, s.api_requests, s.token_requests, s.upserts_applied, s.deletes_applied, s.rejected
+            "  {:<8} {:<10} CRM calls {:>6} (+{} token requests), applied {} upserts / {} deletes, rejected {:?}",
+            name,
+            sandbox.crm(),
+            s.api_requests,
+            s.token_requests,
+            s.upserts_applied,
+            s.deletes_applied,
+            s.rejected
         );
     }
     println!("  shutdown: committed={} closed={}", report.committed, report.closed);
@@ -362,7 +321,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     }
 }
 
-fn print_progress(text: &str, sandboxes: &[(String, SalesforceSandbox)]) {
+fn print_progress(text: &str, sandboxes: &[(String, Box<dyn CrmSandbox>)]) {
     let calls: u64 = sandboxes.iter().map(|(_, s)| s.stats().api_requests).sum();
     let skipped: f64 = ["duplicate", "unchanged", "stale", "superseded"]
         .iter()
@@ -378,4 +337,75 @@ fn print_progress(text: &str, sandboxes: &[(String, SalesforceSandbox)]) {
         metric_total(text, metric::IN_FLIGHT, None),
         calls,
     );
+}
+
+/// Starts the sandbox of `tenant`'s CRM with the demo's faults for it, and points the
+/// tenant at it. Returns the sandbox and a description of its faults.
+fn start_sandbox(tenant: &mut TenantConfig) -> Result<(Box<dyn CrmSandbox>, String), DemoError> {
+    let missing = || DemoError::Setup(format!("tenant {} has no section for its CRM", tenant.name));
+    let started = setup("starting a CRM sandbox");
+    Ok(match tenant.crm {
+        CrmKind::Salesforce => {
+            let sf = tenant.salesforce.as_mut().ok_or_else(missing)?;
+            let mut org = SandboxOrg::standard(sf.client_id.expose(), sf.client_secret.expose());
+            org.faults = Faults {
+                server_error_rate: 0.02,
+                lock_error_rate: 0.02,
+                token_lifetime_ms: Some(400),
+                seed: 1,
+                ..Faults::default()
+            };
+            let faults = org.faults.describe();
+            let sandbox = SalesforceSandbox::start("127.0.0.1:0", org).map_err(started)?;
+            sf.base_url = sandbox.base_url();
+            (Box::new(sandbox), faults)
+        }
+        CrmKind::Zendesk => {
+            let zd = tenant.zendesk.as_mut().ok_or_else(missing)?;
+            let (Some(id), Some(secret)) = (&zd.oauth_client_id, &zd.oauth_client_secret) else {
+                return Err(DemoError::Setup(
+                    "the demo's Zendesk tenant uses OAuth client credentials".into(),
+                ));
+            };
+            let mut setup = ZendeskSetup::standard(id.expose(), secret.expose());
+            setup.job_duration_ms = 60;
+            setup.faults = Faults {
+                latency_ms: 2,
+                server_error_rate: 0.01,
+                token_lifetime_ms: Some(600),
+                retry_after_secs: 1,
+                seed: 2,
+                ..Faults::default()
+            };
+            let faults = format!("{}, jobs take 60 ms, a 429 storm at the start", setup.faults.describe());
+            let sandbox = ZendeskSandbox::start("127.0.0.1:0", setup).map_err(started)?;
+            sandbox.script(std::iter::repeat_n(
+                crate::sandbox::zendesk::Scripted::TooManyRequests,
+                3,
+            ));
+            zd.base_url = sandbox.base_url();
+            (Box::new(sandbox), faults)
+        }
+        CrmKind::Dynamics => {
+            let d = tenant.dynamics.as_mut().ok_or_else(missing)?;
+            let mut setup = DynamicsSetup::standard(d.client_id.expose(), d.client_secret.expose());
+            setup.directory_id = d.directory_id.clone();
+            setup.faults = Faults {
+                server_error_rate: 0.05,
+                token_lifetime_ms: Some(500),
+                retry_after_secs: 1,
+                seed: 3,
+                ..Faults::default()
+            };
+            let faults = format!("{}, 429 0x80072322 twice", setup.faults.describe());
+            let sandbox = DynamicsSandbox::start("127.0.0.1:0", setup).map_err(started)?;
+            sandbox.script(std::iter::repeat_n(
+                crate::sandbox::dynamics::Scripted::TooManyRequests,
+                2,
+            ));
+            d.org_url = sandbox.base_url();
+            d.authority_url = sandbox.base_url();
+            (Box::new(sandbox), faults)
+        }
+    })
 }

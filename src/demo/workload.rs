@@ -36,6 +36,9 @@ pub struct WorkloadSpec {
     pub delete_ratio: f64,
     /// Share of records that never carry the field the CRM requires (dead-lettered).
     pub invalid_ratio: f64,
+    /// Tenant → contact data its CRM refuses, used for its invalid contacts instead of
+    /// leaving out the last name (which a CRM without required fields accepts).
+    pub invalid_contacts: BTreeMap<String, Map<String, Value>>,
     /// Malformed messages mixed in.
     pub malformed: usize,
     pub seed: u64,
@@ -52,6 +55,7 @@ impl WorkloadSpec {
             stale_ratio: 0.1,
             delete_ratio: 0.1,
             invalid_ratio: 0.0,
+            invalid_contacts: BTreeMap::new(),
             malformed: 0,
             seed: 7,
         }
@@ -112,8 +116,10 @@ pub fn envelope(event_id: &str, id: &RecordId, op: &str, version: u64, data: Opt
     e.to_string().into_bytes()
 }
 
-/// Source fields for an entity; `with_required` false leaves out what the CRM requires.
-pub fn sample_data(entity: &str, rng: &mut StdRng, with_required: bool) -> Map<String, Value> {
+/// Source fields for an entity (`account`, `ticket`, anything else is a contact) of the
+/// record `key`; `with_required` false leaves out what the CRM requires. A contact's
+/// email is unique to its record, since some CRMs (Zendesk) also match users by email.
+pub fn sample_data(entity: &str, key: &str, rng: &mut StdRng, with_required: bool) -> Map<String, Value> {
     const FIRST: [&str; 6] = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken"];
     const LAST: [&str; 6] = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Thompson"];
     const CITY: [&str; 5] = ["London", "Arlington", "Manchester", "Austin", "Boston"];
@@ -128,6 +134,13 @@ pub fn sample_data(entity: &str, rng: &mut StdRng, with_required: bool) -> Map<S
             json!(["Software", "Retail", "Energy"][n as usize % 3]),
         );
         m.insert("employees".into(), json!(n % 5000));
+    } else if entity == "ticket" {
+        m.insert("subject".into(), json!(format!("Order {n} did not arrive")));
+        m.insert("priority".into(), json!(["low", "normal", "high"][n as usize % 3]));
+        if with_required {
+            // The ticket's first comment: set on create, not on updates.
+            m.insert("description".into(), json!(format!("Reported for {key}.")));
+        }
     } else {
         m.insert("first_name".into(), json!(FIRST.choose(rng).copied().unwrap_or("Ada")));
         if with_required {
@@ -136,7 +149,7 @@ pub fn sample_data(entity: &str, rng: &mut StdRng, with_required: bool) -> Map<S
                 json!(LAST.choose(rng).copied().unwrap_or("Lovelace")),
             );
         }
-        m.insert("email".into(), json!(format!("person{n}@example.com")));
+        m.insert("email".into(), json!(format!("{}.{n}@example.com", key.to_lowercase())));
         m.insert(
             "address".into(),
             json!({"city": CITY.choose(rng).copied().unwrap_or("London")}),
@@ -165,7 +178,15 @@ pub fn generate(spec: &WorkloadSpec) -> Workload {
             let invalid = rng.gen_bool(spec.invalid_ratio);
             counts.invalid_records += usize::from(invalid);
             let mut events: Vec<Vec<u8>> = Vec::new();
-            let mut data = sample_data(entity, &mut rng, !invalid);
+            let invalid_contact = spec
+                .invalid_contacts
+                .get(&tenant.name)
+                .filter(|_| invalid && entity == "contact");
+            let sample = |rng: &mut StdRng| match invalid_contact {
+                Some(refused) => refused.clone(),
+                None => sample_data(entity, &id.2, rng, !invalid),
+            };
+            let mut data = sample(&mut rng);
             let mut version = 1u64;
             events.push(envelope(&event_id(&mut rng), &id, "upsert", version, Some(&data)));
             let mut previous_data = data.clone();
@@ -175,7 +196,7 @@ pub fn generate(spec: &WorkloadSpec) -> Workload {
                     counts.unchanged += 1;
                 } else {
                     previous_data = data.clone();
-                    data = sample_data(entity, &mut rng, !invalid);
+                    data = sample(&mut rng);
                 }
                 events.push(envelope(&event_id(&mut rng), &id, "upsert", version, Some(&data)));
             }

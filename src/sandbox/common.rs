@@ -87,6 +87,9 @@ pub trait CrmSandbox: Send + Sync {
     /// The fields of the contact whose external id is `key`, by the event data paths the
     /// `contact` entity maps (`first_name`, `last_name`, `email`).
     fn contact(&self, key: &str) -> Option<Map<String, Value>>;
+    /// The CRM fields of the record of `object` (as configured: sObject, Zendesk object,
+    /// entity set) whose external id or alternate key is `key`, if exactly one.
+    fn record(&self, object: &str, key: &str) -> Option<Map<String, Value>>;
     /// Contact data this CRM refuses as invalid, permanently.
     fn invalid_contact(&self) -> Map<String, Value>;
     fn stats(&self) -> Stats;

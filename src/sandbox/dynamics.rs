@@ -936,6 +936,10 @@ fields = {{ firstname = "first_name", lastname = "last_name", emailaddress1 = "e
         self.find("contacts", key).map(|r| data_view(&r, &CONTACT_FIELDS))
     }
 
+    fn record(&self, object: &str, key: &str) -> Option<Map<String, Value>> {
+        self.find(object, key)
+    }
+
     /// A last name longer than the column allows: 400 `0x80044331`.
     fn invalid_contact(&self) -> Map<String, Value> {
         let mut m = Map::new();

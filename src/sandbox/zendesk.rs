@@ -780,6 +780,13 @@ fields = {{ notes = "first_name", name = "last_name", email = "email" }}
         }
     }
 
+    fn record(&self, object: &str, key: &str) -> Option<Map<String, Value>> {
+        match self.find(object, key).as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    }
+
     /// An email that is not one: 422 `RecordInvalid`.
     fn invalid_contact(&self) -> Map<String, Value> {
         let mut m = Map::new();

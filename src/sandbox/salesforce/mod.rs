@@ -223,6 +223,16 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
         ))
     }
 
+    fn record(&self, object: &str, key: &str) -> Option<Map<String, Value>> {
+        let fields = lock(&self.org)
+            .setup
+            .external_ids
+            .get(object)
+            .cloned()
+            .unwrap_or_default();
+        fields.iter().find_map(|f| self.find(object, f, key)).map(|r| r.fields)
+    }
+
     /// A new contact without `LastName`: `REQUIRED_FIELD_MISSING`.
     fn invalid_contact(&self) -> Map<String, Value> {
         let mut m = Map::new();
