@@ -12,7 +12,8 @@
 //!   import is enabled): a job `V3-<32 hex>` answered `queued`, then `working`, then
 //!   `completed` with one result per item (`index`, `id`, `external_id`, `status`
 //!   `Created`/`Updated`/`Failed`, `error`, `details`) at `GET /api/v2/job_statuses/{id}`.
-//!   Records are written when the job is created.
+//!   The creating answer is always `queued`; records are written when the job is
+//!   created.
 //! - Tickets: `GET /api/v2/tickets?external_id=`, `POST /api/v2/tickets` (a `comment` is
 //!   required) honouring `Idempotency-Key` (same key and body within 2 h: the first
 //!   answer again with `x-idempotency-lookup: hit`; same key, other body: 400
@@ -91,6 +92,7 @@ const OBJECTS: [&str; 3] = ["users", "organizations", "tickets"];
 const BULK_LIMIT: usize = 100;
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(2 * 3600);
 const WINDOW: Duration = Duration::from_secs(60);
+const JOB_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 struct Job {
     created: Instant,
@@ -109,6 +111,8 @@ struct Account {
     base_url: String,
     /// object → id → fields (with `id` and `external_id`).
     records: HashMap<&'static str, BTreeMap<u64, Map<String, Value>>>,
+    /// (object, lower-cased external id or `email:` + lower-cased email) → ids.
+    index: HashMap<(&'static str, String), Vec<u64>>,
     tokens: HashMap<String, Instant>,
     idempotency: HashMap<String, Replay>,
     jobs: HashMap<String, Job>,
@@ -136,6 +140,7 @@ impl ZendeskSandbox {
             setup,
             base_url: String::new(),
             records: OBJECTS.iter().map(|o| (*o, BTreeMap::new())).collect(),
+            index: HashMap::new(),
             tokens: HashMap::new(),
             idempotency: HashMap::new(),
             jobs: HashMap::new(),
@@ -221,17 +226,46 @@ impl ZendeskSandbox {
 
 impl Account {
     fn find(&self, object: &str, key: &str) -> Vec<u64> {
-        self.records.get(object).map_or_else(Vec::new, |records| {
-            records
-                .iter()
-                .filter(|(_, r)| {
-                    r.get("external_id")
-                        .and_then(Value::as_str)
-                        .is_some_and(|x| x.eq_ignore_ascii_case(key))
-                })
-                .map(|(id, _)| *id)
-                .collect()
-        })
+        object_of(object)
+            .and_then(|o| self.index.get(&(o, key.to_lowercase())))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn index_keys(record: &Map<String, Value>) -> impl Iterator<Item = String> + '_ {
+        let text = |field: &str| record.get(field).and_then(Value::as_str).map(str::to_lowercase);
+        text("external_id")
+            .into_iter()
+            .chain(text("email").map(|e| format!("email:{e}")))
+    }
+
+    /// Stores `record` as `id` of `object` (replacing what was there), keeping the index.
+    fn store(&mut self, object: &'static str, id: u64, record: Map<String, Value>) {
+        self.unindex(object, id);
+        for key in Self::index_keys(&record) {
+            self.index.entry((object, key)).or_default().push(id);
+        }
+        self.records.get_mut(object).expect("known object").insert(id, record);
+    }
+
+    fn unindex(&mut self, object: &'static str, id: u64) {
+        let keys: Vec<String> = self.records[object]
+            .get(&id)
+            .map(|r| Self::index_keys(r).collect())
+            .unwrap_or_default();
+        for key in keys {
+            if let Some(ids) = self.index.get_mut(&(object, key.clone())) {
+                ids.retain(|i| *i != id);
+                if ids.is_empty() {
+                    self.index.remove(&(object, key));
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, object: &'static str, id: u64) -> Option<Map<String, Value>> {
+        self.unindex(object, id);
+        self.records.get_mut(object)?.remove(&id)
     }
 
     /// The per-minute window: the rate-limit headers' values, or how long to wait.
@@ -259,14 +293,7 @@ impl Account {
         let mut matched = external_id.and_then(|k| self.find(object, k).first().copied());
         if matched.is_none() && object == "users" {
             if let Some(email) = record.get("email").and_then(Value::as_str) {
-                matched = self.records[object]
-                    .iter()
-                    .find(|(_, r)| {
-                        r.get("email")
-                            .and_then(Value::as_str)
-                            .is_some_and(|e| e.eq_ignore_ascii_case(email))
-                    })
-                    .map(|(id, _)| *id);
+                matched = self.find(object, &format!("email:{email}")).first().copied();
             }
         }
         let mut details = Map::new();
@@ -293,11 +320,11 @@ impl Account {
             return Err(Value::Object(details));
         }
         self.stats.upserts_applied += 1;
-        let records = self.records.get_mut(object).expect("known object");
         Ok(match matched {
             Some(id) => {
-                let stored = records.get_mut(&id).expect("matched id exists");
+                let mut stored = self.records[object][&id].clone();
                 stored.extend(record.clone());
+                self.store(object, id, stored);
                 (id, false)
             }
             None => {
@@ -305,7 +332,7 @@ impl Account {
                 self.next_id += 1;
                 let mut stored = record.clone();
                 stored.insert("id".into(), json!(id));
-                records.insert(id, stored);
+                self.store(object, id, stored);
                 (id, true)
             }
         })
@@ -373,7 +400,7 @@ async fn api(
     let mut account = lock(&shared);
     let path = path.trim_end_matches(".json").to_string();
     let mut response = match authenticate(&account, &headers) {
-        Err(r) => r,
+        Err(r) => *r,
         Ok(()) => {
             account.stats.api_requests += 1;
             let (limit, remaining, reset, allowed) = account.take_quota();
@@ -424,16 +451,16 @@ async fn api(
     response
 }
 
-fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Response> {
+fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Box<Response>> {
     if let Some((user, token)) = basic_credentials(headers) {
         let expected_user = format!("{}/token", account.setup.email);
         if user == expected_user && token == account.setup.api_token {
             return Ok(());
         }
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             json!({"error": "Couldn't authenticate you"}),
-        ));
+        )));
     }
     let lifetime = account.setup.faults.token_lifetime();
     let valid = bearer(headers)
@@ -442,10 +469,10 @@ fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Response> 
     if valid {
         Ok(())
     } else {
-        Err(error(
+        Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             json!({"error": "invalid_token", "error_description": "The access token provided is expired, revoked, malformed or invalid for other reasons."}),
-        ))
+        )))
     }
 }
 
@@ -540,14 +567,16 @@ fn route(
                     results,
                 },
             );
-            let status = job_json(account, &id);
+            // Status data is kept for a day.
+            account.jobs.retain(|_, j| j.created.elapsed() < JOB_RETENTION);
+            let status = job_json(account, &id, true);
             Json(json!({ "job_status": status })).into_response()
         }
         ("GET", ["job_statuses", id]) => {
             if !account.jobs.contains_key(*id) {
                 return not_found();
             }
-            Json(json!({ "job_status": job_json(account, id) })).into_response()
+            Json(json!({ "job_status": job_json(account, id, false) })).into_response()
         }
         ("GET", [object @ ("users" | "organizations"), "search"]) | ("GET", [object @ "tickets"]) => {
             let object = object_of(object).expect("matched");
@@ -579,27 +608,20 @@ fn route(
             };
             let comment = fields.remove("comment");
             account.stats.upserts_applied += 1;
-            let stored = account
-                .records
-                .get_mut("tickets")
-                .and_then(|t| t.get_mut(&id))
-                .expect("checked");
-            stored.extend(fields);
+            let mut ticket = account.records["tickets"][&id].clone();
+            ticket.extend(fields);
             if comment.is_some() {
-                let n = stored.get("comment_count").and_then(Value::as_u64).unwrap_or(0);
-                stored.insert("comment_count".into(), json!(n + 1));
+                let n = ticket.get("comment_count").and_then(Value::as_u64).unwrap_or(0);
+                ticket.insert("comment_count".into(), json!(n + 1));
             }
-            let ticket = stored.clone();
+            account.store("tickets", id, ticket.clone());
             Json(json!({"ticket": ticket, "audit": {"ticket_id": id}})).into_response()
         }
         ("DELETE", [object, id]) => {
             let Some(object) = object_of(object) else {
                 return not_found();
             };
-            let removed = id
-                .parse::<u64>()
-                .ok()
-                .and_then(|id| account.records.get_mut(object).and_then(|r| r.remove(&id)));
+            let removed = id.parse::<u64>().ok().and_then(|id| account.remove(object, id));
             match removed {
                 None => not_found(),
                 Some(record) => {
@@ -621,13 +643,16 @@ fn route(
     }
 }
 
-fn job_json(account: &Account, id: &str) -> Value {
+/// A job's status: `queued` when just created, then by the time it has run.
+fn job_json(account: &Account, id: &str, just_created: bool) -> Value {
     let job = &account.jobs[id];
     let duration = Duration::from_millis(account.setup.job_duration_ms);
     let elapsed = job.created.elapsed();
     let total = job.results.len();
     let url = format!("{}/api/v2/job_statuses/{id}.json", account.base_url);
-    if elapsed >= duration {
+    if just_created {
+        json!({"id": id, "url": url, "total": total, "progress": null, "status": "queued", "message": null, "results": null})
+    } else if elapsed >= duration {
         json!({"id": id, "url": url, "total": total, "progress": total, "status": "completed",
                "message": "Completed", "results": job.results})
     } else if elapsed >= duration / 2 {
@@ -680,11 +705,7 @@ fn create_ticket(account: &mut Account, headers: &HeaderMap, body: &[u8]) -> Res
     account.next_id += 1;
     fields.insert("id".into(), json!(id));
     account.stats.upserts_applied += 1;
-    account
-        .records
-        .get_mut("tickets")
-        .expect("known")
-        .insert(id, fields.clone());
+    account.store("tickets", id, fields.clone());
     let answer = json!({"ticket": fields, "audit": {"ticket_id": id}});
     let mut r = (StatusCode::CREATED, Json(answer.clone())).into_response();
     if let Some(key) = key {

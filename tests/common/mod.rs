@@ -183,8 +183,8 @@ request_timeout_ms = 5000
         self.sf.find("Contact", "External_Id__c", key).map(|r| r.fields)
     }
 
-    pub fn sandboxes(&self) -> HashMap<String, &SalesforceSandbox> {
-        [("acme".to_string(), &self.sf)].into()
+    pub fn sandboxes(&self) -> HashMap<String, &dyn CrmSandbox> {
+        [("acme".to_string(), &self.sf as &dyn CrmSandbox)].into()
     }
 }
 
