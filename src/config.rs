@@ -898,6 +898,115 @@ mod tests {
 }
 
 #[cfg(test)]
+mod crm_section_tests {
+    use super::*;
+
+    fn tenant(crm_section: &str, entity: &str) -> String {
+        format!(
+            r#"
+            [kafka]
+            bootstrap_servers = "localhost:9092"
+            group_id = "g"
+            input_topics = ["in"]
+            dlq_topic = "dlq"
+            failures_topic = "failures"
+            state_topic = "state"
+
+            [[tenants]]
+            name = "t"
+            {crm_section}
+            [tenants.entities.contact]
+            {entity}
+            fields = {{ name = "last_name" }}
+            "#
+        )
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml_with_env(text, |v| Some(format!("v-{v}")))
+            .unwrap_err()
+            .to_string()
+    }
+
+    const USERS: &str = "object = \"users\"\nexternal_id_field = \"external_id\"";
+
+    #[test]
+    fn zendesk_needs_exactly_one_form_of_credentials() {
+        let both = tenant(
+            "crm = \"zendesk\"\n[tenants.zendesk]\nbase_url = \"https://a.zendesk.com\"\nemail = \"a@b.c\"\napi_token = \"${T}\"\noauth_access_token = \"${O}\"",
+            USERS,
+        );
+        assert!(
+            err(&both).contains("`tenants[0].zendesk`: set exactly one of"),
+            "{}",
+            err(&both)
+        );
+        let no_email = tenant(
+            "crm = \"zendesk\"\n[tenants.zendesk]\nbase_url = \"https://a.zendesk.com\"\napi_token = \"${T}\"",
+            USERS,
+        );
+        assert!(
+            err(&no_email).contains("tenants[0].zendesk.email"),
+            "{}",
+            err(&no_email)
+        );
+        let ok = tenant(
+            "crm = \"zendesk\"\n[tenants.zendesk]\nbase_url = \"https://a.zendesk.com\"\nemail = \"a@b.c\"\napi_token = \"${T}\"",
+            USERS,
+        );
+        let c = Config::from_toml_with_env(&ok, |v| Some(format!("v-{v}"))).unwrap();
+        assert_eq!(
+            c.tenants[0]
+                .zendesk
+                .as_ref()
+                .unwrap()
+                .api_token
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "v-T"
+        );
+    }
+
+    #[test]
+    fn zendesk_objects_and_match_field_are_checked() {
+        let text = tenant(
+            "crm = \"zendesk\"\n[tenants.zendesk]\nbase_url = \"https://a.zendesk.com\"\noauth_access_token = \"${O}\"",
+            "object = \"contacts\"\nexternal_id_field = \"external_id\"",
+        );
+        assert!(
+            err(&text).contains("tenants[0].entities.contact.object"),
+            "{}",
+            err(&text)
+        );
+    }
+
+    #[test]
+    fn dynamics_section_is_required_and_checked() {
+        let missing = tenant("crm = \"dynamics\"", "object = \"contacts\"\nexternal_id_field = \"k\"");
+        assert!(err(&missing).contains("`tenants[0].dynamics`"), "{}", err(&missing));
+        let bad_url = tenant(
+            "crm = \"dynamics\"\n[tenants.dynamics]\norg_url = \"acme.crm.dynamics.com\"\ndirectory_id = \"d\"\nclient_id = \"${I}\"\nclient_secret = \"${S}\"",
+            "object = \"contacts\"\nexternal_id_field = \"k\"",
+        );
+        assert!(
+            err(&bad_url).contains("tenants[0].dynamics.org_url"),
+            "{}",
+            err(&bad_url)
+        );
+        let other_section = tenant(
+            "crm = \"salesforce\"\n[tenants.dynamics]\norg_url = \"https://a.crm.dynamics.com\"\ndirectory_id = \"d\"\nclient_id = \"${I}\"\nclient_secret = \"${S}\"",
+            "object = \"Contact\"\nexternal_id_field = \"k\"",
+        );
+        assert!(
+            err(&other_section).contains("`tenants[0].dynamics`: is only used when crm = \"dynamics\""),
+            "{}",
+            err(&other_section)
+        );
+    }
+}
+
+#[cfg(test)]
 mod reference_tests {
     use super::*;
 

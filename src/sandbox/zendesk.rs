@@ -22,8 +22,8 @@
 //! - A per-minute account rate limit: every answer carries `X-Rate-Limit`,
 //!   `X-Rate-Limit-Remaining`, `ratelimit-*` and `rate-limit-*`; past it, 429 with
 //!   `Retry-After`.
-//! - Faults: latency, a rate of 503s, scripted 503s and 429s, token lifetime, expiring all
-//!   tokens. `/__sandbox/records`, `/__sandbox/stats` (GET), `/__sandbox/faults`,
+//! - Faults: latency, a rate of 503s, scripted 503s, 429s and lost answers (carried out,
+//!   then 504), token lifetime, expiring all tokens. `/__sandbox/records`, `/__sandbox/stats` (GET), `/__sandbox/faults`,
 //!   `/__sandbox/expire-tokens`, `/__sandbox/script` (POST).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -86,6 +86,8 @@ impl ZendeskSetup {
 pub enum Scripted {
     ServerError,
     TooManyRequests,
+    /// The request is carried out, but the answer is lost on the way (504).
+    LostResponse,
 }
 
 const OBJECTS: [&str; 3] = ["users", "organizations", "tickets"];
@@ -421,6 +423,12 @@ async fn api(
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"error": "ServiceUnavailable", "description": "Service temporarily unavailable"}),
+                )
+            } else if scripted == Some(Scripted::LostResponse) {
+                route(&mut account, &method, &path, &query, &headers, &body);
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    json!({"error": "GatewayTimeout", "description": "Gateway Timeout"}),
                 )
             } else {
                 route(&mut account, &method, &path, &query, &headers, &body)

@@ -1,0 +1,162 @@
+//! Zendesk beyond the shared scenarios: tickets (no upsert, `Idempotency-Key`), API-token
+//! auth, and an account without bulk import.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use crm_sync::config::Config;
+use crm_sync::consume::StopMode;
+use crm_sync::demo::workload::{envelope, kafka_key, RecordId};
+use crm_sync::pipeline;
+use crm_sync::sandbox::zendesk::{Scripted, ZendeskSandbox, ZendeskSetup};
+use serde_json::{json, Map, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn sandbox() -> ZendeskSandbox {
+    ZendeskSandbox::start("127.0.0.1:0", ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap()
+}
+
+/// The scenario config plus a `ticket` entity.
+fn config_with_tickets(env: &Env, zd: &ZendeskSandbox) -> Config {
+    let text = env.config_toml_for(zd, "CRM_SECRET")
+        + r#"[tenants.entities.ticket]
+object = "tickets"
+external_id_field = "external_id"
+fields = { subject = "subject", description = "description", priority = "priority" }
+"#;
+    Config::from_toml_with_env(&text, |v| (v == "CRM_SECRET").then(|| CLIENT_SECRET.to_string())).unwrap()
+}
+
+fn ticket_event(event_id: &str, key: &str, version: u64, subject: &str) -> (String, Vec<u8>) {
+    let id: RecordId = ("acme".into(), "ticket".into(), key.into());
+    let mut data = Map::new();
+    data.insert("subject".into(), json!(subject));
+    data.insert("description".into(), json!("My order never arrived."));
+    data.insert("priority".into(), json!("high"));
+    (
+        kafka_key(&id.0, &id.1, &id.2),
+        envelope(event_id, &id, "upsert", version, Some(&data)),
+    )
+}
+
+#[test]
+fn tickets_are_created_once_then_updated_in_place() {
+    let env = Env::new(1);
+    let zd = sandbox();
+    let service = pipeline::start(config_with_tickets(&env, &zd)).unwrap();
+    // 1. The create's answer is lost after Zendesk made the ticket: the retry must not
+    //    make a second one.
+    zd.script([Scripted::ServerError, Scripted::LostResponse]);
+    env.produce(&[ticket_event("t1", "T-1", 1, "Order 1 missing")]);
+    assert!(env.wait_all_committed(WAIT));
+    let tickets = zd.find("tickets", "T-1");
+    assert_eq!(tickets.len(), 1, "one ticket, whatever the retries: {tickets:?}");
+    assert_eq!(
+        tickets[0]["description"], "My order never arrived.",
+        "the description is the first comment"
+    );
+    // 2. A new version updates that ticket, without appending a comment.
+    env.produce(&[ticket_event("t2", "T-1", 2, "Order 1 found")]);
+    assert!(env.wait_all_committed(WAIT));
+    let tickets = zd.find("tickets", "T-1");
+    assert_eq!(tickets.len(), 1);
+    assert_eq!(tickets[0]["subject"], "Order 1 found");
+    assert_eq!(tickets[0]["comment_count"], 1, "updates add no comment");
+    assert!(env.read_dlq().is_empty());
+    // 3. A delete finds it by external id.
+    let id: RecordId = ("acme".into(), "ticket".into(), "T-1".into());
+    env.produce(&[(kafka_key(&id.0, &id.1, &id.2), envelope("t3", &id, "delete", 3, None))]);
+    assert!(env.wait_all_committed(WAIT));
+    assert!(zd.find("tickets", "T-1").is_empty());
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn api_token_auth_delivers_and_a_wrong_token_is_dead_lettered_as_auth() {
+    let env = Env::new(1);
+    let zd = sandbox();
+    let (email, token) = zd.api_token();
+    let good = env.config_toml_for(&zd, "UNUSED").replace(
+        &format!("oauth_client_id = \"{CLIENT_ID}\"\noauth_client_secret = \"${{UNUSED}}\""),
+        &format!("email = \"{email}\"\napi_token = \"${{ZD_TOKEN}}\""),
+    );
+    assert!(good.contains("api_token"), "{good}");
+    let config = |t: &str| {
+        let t = t.to_string();
+        Config::from_toml_with_env(&good, move |v| (v == "ZD_TOKEN").then(|| t.clone())).unwrap()
+    };
+    let service = pipeline::start(config(&token)).unwrap();
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    assert!(env.wait_all_committed(WAIT));
+    assert_eq!(zd.find("users", "C-1").len(), 1);
+    service.stop(StopMode::Graceful);
+
+    let service = pipeline::start(config("not-the-token")).unwrap();
+    env.produce(&[upsert("e2", "C-2", 1, "Grace", "Hopper")]);
+    assert!(env.wait_all_committed(WAIT));
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_auth"));
+    assert_eq!(
+        dlq[0].header("crm-sync.attempts"),
+        Some("1"),
+        "a fixed credential will not get better"
+    );
+    let all: String = dlq[0].headers.values().cloned().collect();
+    assert!(!all.contains("not-the-token"), "the token never reaches the DLQ");
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn an_account_without_bulk_import_gets_one_call_per_record() {
+    let env = Env::new(1);
+    let zd = sandbox();
+    zd.set_bulk_enabled(false);
+    let mut config = env.config_for(&zd);
+    config.tenants[0].batch_linger_ms = 200;
+    let service = pipeline::start(config).unwrap();
+    let names = ["Ada", "Grace", "Alan", "Edsger"];
+    let events: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| upsert(&format!("e{i}"), &format!("C-{i}"), 1, n, "Example"))
+        .collect();
+    env.produce(&events);
+    assert!(env.wait_all_committed(WAIT));
+    for i in 0..names.len() {
+        assert_eq!(zd.find("users", &format!("C-{i}")).len(), 1, "C-{i}");
+    }
+    assert!(env.read_dlq().is_empty());
+    assert_eq!(
+        zd.stats().rejected.get(&403),
+        Some(&1),
+        "one refused bulk call, then singles"
+    );
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn a_slow_job_is_followed_to_its_result() {
+    let env = Env::new(1);
+    let mut setup = ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET);
+    setup.job_duration_ms = 300;
+    let zd = ZendeskSandbox::start("127.0.0.1:0", setup).unwrap();
+    let mut config = env.config_for(&zd);
+    config.tenants[0].batch_linger_ms = 200;
+    let service = pipeline::start(config).unwrap();
+    let events: Vec<_> = (0..3)
+        .map(|i| upsert(&format!("e{i}"), &format!("C-{i}"), 1, &format!("N{i}"), "Job"))
+        .collect();
+    env.produce(&events);
+    assert!(env.wait_all_committed(WAIT));
+    // One job, polled (every 20 ms) while queued and working, until completed.
+    let requests = zd.stats().api_requests;
+    assert!(requests >= 4, "the job was polled until done: {requests} requests");
+    assert!(env.read_dlq().is_empty());
+    let user: Value = Value::Object(zd.find("users", "C-1").remove(0));
+    assert_eq!(user["name"], "Job");
+    service.stop(StopMode::Graceful);
+}
