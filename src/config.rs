@@ -101,6 +101,14 @@ pub struct KafkaConfig {
     /// that a partition's next owner still recognises stale versions and unchanged
     /// payloads. Needs at least as many partitions as the input topic with the most.
     pub state_topic: String,
+    /// Retry topic: an event whose retries would hold its partition longer than
+    /// `retry.park_after_ms` is parked here (original key, value and headers plus its
+    /// retry state) and its input offset released, so that a tenant whose CRM is down
+    /// or throttling does not hold up other tenants on the same partitions. It is read
+    /// back by the same consumer group and tried again when due. Without it, retries
+    /// wait in memory and hold their partitions.
+    #[serde(default)]
+    pub retry_topic: Option<String>,
     /// Consumer-group session timeout. A member that misses heartbeats this long is
     /// removed from the group.
     #[serde(default = "default_session_timeout_ms")]
@@ -198,11 +206,19 @@ pub struct RetryConfig {
     /// Upper bound of one backoff delay, and the pause after `REQUEST_LIMIT_EXCEEDED`.
     #[serde(default = "default_max_delay_ms")]
     pub max_delay_ms: u64,
-    /// Longest time an event may wait in memory for retries, counted from its first
-    /// failure. A waiting retry holds its partition's committed offset, so this bounds
-    /// how far commits can fall behind. Past it the event is dead-lettered.
+    /// Longest time an event may keep being retried, counted from its first failure;
+    /// past it the event is dead-lettered. A retry waiting in memory holds its
+    /// partition's committed offset, so this also bounds how far commits can fall behind.
     #[serde(default = "default_max_age_ms")]
     pub max_age_ms: u64,
+    /// With `kafka.retry_topic`: attempts made in memory before a further retry is
+    /// parked on the retry topic.
+    #[serde(default = "default_in_memory_attempts")]
+    pub in_memory_attempts: u32,
+    /// With `kafka.retry_topic`: a retry that must wait at least this long (a long
+    /// backoff, a `Retry-After`, a paused tenant) is parked at once.
+    #[serde(default = "default_park_after_ms")]
+    pub park_after_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -212,8 +228,17 @@ impl Default for RetryConfig {
             base_delay_ms: default_base_delay_ms(),
             max_delay_ms: default_max_delay_ms(),
             max_age_ms: default_max_age_ms(),
+            in_memory_attempts: default_in_memory_attempts(),
+            park_after_ms: default_park_after_ms(),
         }
     }
+}
+
+fn default_in_memory_attempts() -> u32 {
+    2
+}
+fn default_park_after_ms() -> u64 {
+    1_000
 }
 
 fn default_max_attempts() -> u32 {
@@ -510,6 +535,17 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must not be one of kafka.input_topics"));
             }
         }
+        if let Some(retry) = &k.retry_topic {
+            if retry.trim().is_empty() {
+                return Err(ConfigError::invalid("kafka.retry_topic", "must not be empty"));
+            }
+            if k.input_topics.contains(retry) || [&k.dlq_topic, &k.failures_topic, &k.state_topic].contains(&retry) {
+                return Err(ConfigError::invalid(
+                    "kafka.retry_topic",
+                    "must differ from the input, DLQ, failures and state topics",
+                ));
+            }
+        }
         if k.state_topic == k.dlq_topic || k.state_topic == k.failures_topic {
             return Err(ConfigError::invalid(
                 "kafka.state_topic",
@@ -574,6 +610,9 @@ impl Config {
                 "retry.max_delay_ms",
                 "must be at least retry.base_delay_ms",
             ));
+        }
+        if r.park_after_ms == 0 {
+            return Err(ConfigError::invalid("retry.park_after_ms", "must be positive"));
         }
         if r.max_age_ms < r.base_delay_ms {
             return Err(ConfigError::invalid(

@@ -128,7 +128,7 @@ enum SandboxCommand {
         #[arg(long, default_value_t = 6)]
         partitions: i32,
         /// Topics to create at start.
-        #[arg(long = "topic", default_values_t = ["crm-events".to_string(), "crm-sync.dlq".to_string(), "crm-sync.failures".to_string(), "crm-sync.state".to_string()])]
+        #[arg(long = "topic", default_values_t = ["crm-events".to_string(), "crm-sync.dlq".to_string(), "crm-sync.failures".to_string(), "crm-sync.state".to_string(), "crm-sync.retry".to_string()])]
         topics: Vec<String>,
         /// Number of mock brokers.
         #[arg(long, default_value_t = 1)]

@@ -45,12 +45,76 @@ pub struct Failure {
     pub last_failure: SystemTime,
 }
 
-/// Producer side of the DLQ and failures topics; cheap to clone.
+/// Producer side of the DLQ, failures and retry topics; cheap to clone.
 #[derive(Clone)]
 pub struct DeadLetters {
     producer: FutureProducer,
     dlq_topic: Arc<str>,
     failures_topic: Arc<str>,
+    retry_topic: Option<Arc<str>>,
+}
+
+/// Headers of a parked event on the retry topic.
+pub mod retry_header {
+    pub const ATTEMPTS: &str = "crm-sync.retry.attempts";
+    /// Milliseconds since the Unix epoch.
+    pub const FIRST_FAILURE: &str = "crm-sync.retry.first-failure-ms";
+    /// Milliseconds since the Unix epoch: not to be tried again before.
+    pub const NOT_BEFORE: &str = "crm-sync.retry.not-before-ms";
+    /// Where the event was first read from.
+    pub const ORIGIN_TOPIC: &str = "crm-sync.origin.topic";
+    pub const ORIGIN_PARTITION: &str = "crm-sync.origin.partition";
+    pub const ORIGIN_OFFSET: &str = "crm-sync.origin.offset";
+}
+
+/// How far a parked event's retries have gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryState {
+    pub attempts: u32,
+    pub first_failure: SystemTime,
+    pub not_before: SystemTime,
+}
+
+fn header_text<'a>(source: &'a SourceMessage, name: &str) -> Option<&'a str> {
+    source
+        .headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok())
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_epoch_ms(ms: u64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl SourceMessage {
+    /// The retry state of a message read from the retry topic.
+    pub fn retry_state(&self) -> Option<RetryState> {
+        let number = |name| header_text(self, name)?.parse::<u64>().ok();
+        Some(RetryState {
+            attempts: u32::try_from(number(retry_header::ATTEMPTS)?).ok()?,
+            first_failure: from_epoch_ms(number(retry_header::FIRST_FAILURE)?),
+            not_before: from_epoch_ms(number(retry_header::NOT_BEFORE)?),
+        })
+    }
+
+    /// Where the event was first read from: its input topic coordinates, also for an
+    /// event that came back from the retry topic.
+    pub fn origin(&self) -> (String, i32, i64) {
+        let origin = (|| {
+            Some((
+                header_text(self, retry_header::ORIGIN_TOPIC)?.to_string(),
+                header_text(self, retry_header::ORIGIN_PARTITION)?.parse().ok()?,
+                header_text(self, retry_header::ORIGIN_OFFSET)?.parse().ok()?,
+            ))
+        })();
+        origin.unwrap_or_else(|| (self.topic.to_string(), self.partition, self.offset))
+    }
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -58,12 +122,63 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl DeadLetters {
-    pub fn new(producer: FutureProducer, dlq_topic: &str, failures_topic: &str) -> Self {
+    pub fn new(producer: FutureProducer, dlq_topic: &str, failures_topic: &str, retry_topic: Option<&str>) -> Self {
         DeadLetters {
             producer,
             dlq_topic: dlq_topic.into(),
             failures_topic: failures_topic.into(),
+            retry_topic: retry_topic.map(Into::into),
         }
+    }
+
+    /// Whether events can be parked on a retry topic.
+    pub fn can_park(&self) -> bool {
+        self.retry_topic.is_some()
+    }
+
+    pub fn is_retry_topic(&self, topic: &str) -> bool {
+        self.retry_topic.as_deref() == Some(topic)
+    }
+
+    /// Writes the event (original key, value and headers) to the retry topic with its
+    /// retry state, retrying until acknowledged. Its offset may then be released: the
+    /// event lives on in the retry topic.
+    pub async fn park(&self, source: &SourceMessage, state: RetryState) {
+        let Some(topic) = self.retry_topic.clone() else {
+            return;
+        };
+        let (origin_topic, origin_partition, origin_offset) = source.origin();
+        let mut headers = OwnedHeaders::new_with_capacity(source.headers.len() + 6);
+        for (k, v) in &source.headers {
+            if k.starts_with("crm-sync.retry.") || k.starts_with("crm-sync.origin.") {
+                continue;
+            }
+            headers = headers.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            });
+        }
+        let (attempts, first, not_before) = (
+            state.attempts.to_string(),
+            epoch_ms(state.first_failure).to_string(),
+            epoch_ms(state.not_before).to_string(),
+        );
+        let (partition, offset) = (origin_partition.to_string(), origin_offset.to_string());
+        for (k, v) in [
+            (retry_header::ATTEMPTS, attempts.as_str()),
+            (retry_header::FIRST_FAILURE, &first),
+            (retry_header::NOT_BEFORE, &not_before),
+            (retry_header::ORIGIN_TOPIC, &origin_topic),
+            (retry_header::ORIGIN_PARTITION, &partition),
+            (retry_header::ORIGIN_OFFSET, &offset),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        self.produce_until_acked(&topic, source.key.as_deref(), source.payload.as_deref(), Some(headers))
+            .await;
     }
 
     /// Writes the DLQ record and the failure event, retrying until both are acknowledged.
@@ -75,8 +190,9 @@ impl DeadLetters {
                 value: v.as_deref(),
             });
         }
-        let partition = source.partition.to_string();
-        let offset = source.offset.to_string();
+        let (origin_topic, origin_partition, origin_offset) = source.origin();
+        let partition = origin_partition.to_string();
+        let offset = origin_offset.to_string();
         let attempts = failure.attempts.to_string();
         let first = rfc3339(failure.first_failure);
         let last = rfc3339(failure.last_failure);
@@ -89,7 +205,7 @@ impl DeadLetters {
             ("crm-sync.attempts", &attempts),
             ("crm-sync.first-failure", &first),
             ("crm-sync.last-failure", &last),
-            ("crm-sync.source.topic", &source.topic),
+            ("crm-sync.source.topic", &origin_topic),
             ("crm-sync.source.partition", &partition),
             ("crm-sync.source.offset", &offset),
         ];
@@ -121,7 +237,7 @@ impl DeadLetters {
             "key": event.map(|e| e.record.key.to_string()),
             "event_id": event.map(|e| e.event_id.clone()),
             "version": event.map(|e| e.version),
-            "source": {"topic": &*source.topic, "partition": source.partition, "offset": source.offset},
+            "source": {"topic": origin_topic, "partition": origin_partition, "offset": origin_offset},
             "dlq_topic": &*self.dlq_topic,
         })
         .to_string();

@@ -154,6 +154,7 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
         .input_topics
         .iter()
         .chain([&kafka.dlq_topic, &kafka.failures_topic, &kafka.state_topic])
+        .chain(kafka.retry_topic.as_ref())
         .filter(|t| !existing.contains(t.as_str()))
         .collect();
     if wanted.is_empty() {
@@ -200,10 +201,14 @@ fn check_topics(kafka: &KafkaConfig) -> Result<(), StartError> {
             .find(|t| t.name() == name && t.error().is_none())
             .map(|t| t.partitions().len())
     };
+    let retry = kafka.retry_topic.as_ref().map(|t| ("kafka.retry_topic", t));
     for (key, topic) in [
         ("kafka.dlq_topic", &kafka.dlq_topic),
         ("kafka.failures_topic", &kafka.failures_topic),
-    ] {
+    ]
+    .into_iter()
+    .chain(retry)
+    {
         if partitions(topic).is_none() {
             return Err(StartError::Topic(format!(
                 "`{key}` ({topic}) does not exist; create it or set kafka.create_topics"
@@ -327,7 +332,15 @@ fn wire(
         .set("message.timeout.ms", "30000")
         .create()?;
     let state = StateStore::new(producer.clone(), &config.kafka.state_topic);
-    let dead_letters = DeadLetters::new(producer, &config.kafka.dlq_topic, &config.kafka.failures_topic);
+    let dead_letters = DeadLetters::new(
+        producer,
+        &config.kafka.dlq_topic,
+        &config.kafka.failures_topic,
+        config.kafka.retry_topic.as_deref(),
+    );
+    if config.kafka.retry_topic.is_none() {
+        tracing::warn!("No kafka.retry_topic: retries wait in memory, and a tenant whose CRM is down holds up the others on its partitions.");
+    }
 
     // One arbiter for every actor: their messages to each other then cost a queue push,
     // not a thread wake-up. CRM HTTP traffic runs on the connectors' own I/O runtime.

@@ -31,6 +31,10 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     pub max_delay: Duration,
     pub max_age: Duration,
+    /// Attempts made before further retries are parked on the retry topic.
+    pub in_memory_attempts: u32,
+    /// Waits at least this long are parked at once.
+    pub park_after: Duration,
 }
 
 impl From<&RetryConfig> for RetryPolicy {
@@ -40,6 +44,8 @@ impl From<&RetryConfig> for RetryPolicy {
             base_delay: Duration::from_millis(c.base_delay_ms),
             max_delay: Duration::from_millis(c.max_delay_ms),
             max_age: Duration::from_millis(c.max_age_ms),
+            in_memory_attempts: c.in_memory_attempts,
+            park_after: Duration::from_millis(c.park_after_ms),
         }
     }
 }
@@ -87,6 +93,12 @@ impl RetryPolicy {
             return RetryDecision::GiveUp(GiveUpReason::MaxAge);
         }
         RetryDecision::RetryAfter(delay)
+    }
+
+    /// Whether a retry after `attempts_made` attempts, due in `delay`, should wait on the
+    /// retry topic rather than in memory (when there is a retry topic).
+    pub fn should_park(&self, attempts_made: u32, delay: Duration) -> bool {
+        attempts_made >= self.in_memory_attempts || delay >= self.park_after
     }
 }
 
@@ -271,7 +283,20 @@ mod tests {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(2_000),
             max_age: Duration::from_secs(60),
+            in_memory_attempts: 2,
+            park_after: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn short_early_retries_wait_in_memory_and_the_rest_are_parked() {
+        let p = policy();
+        assert!(!p.should_park(1, Duration::from_millis(100)));
+        assert!(
+            p.should_park(2, Duration::from_millis(100)),
+            "past the in-memory attempts"
+        );
+        assert!(p.should_park(1, Duration::from_secs(7)), "a long Retry-After");
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub mod outcome {
     pub const DELIVERED: &str = "delivered";
     pub const RETRIED: &str = "retried";
     pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Written to the retry topic; it comes back from there.
+    pub const PARKED: &str = "parked";
     /// Dropped because its partition went to another instance, which re-reads it.
     pub const HANDED_OVER: &str = "handed_over";
 }
@@ -58,7 +60,7 @@ fn describe() {
     describe_counter!(
         OUTCOMES,
         Unit::Count,
-        "Event outcomes by tenant and outcome: delivered, duplicate, unchanged, stale, superseded, retried (one per retry), dead_lettered, handed_over (partition revoked; its next owner re-reads the event)."
+        "Event outcomes by tenant and outcome: delivered, duplicate, unchanged, stale, superseded, retried (one per retry), parked (written to the retry topic, read back later), dead_lettered, handed_over (partition revoked; its next owner re-reads the event)."
     );
     describe_counter!(
         DECODE_ERRORS,

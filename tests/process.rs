@@ -81,6 +81,9 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             ("KAFKA_SASL_PASSWORD", "x"),
             ("ACME_SF_CLIENT_ID", "id"),
             ("ACME_SF_CLIENT_SECRET", "secret"),
+            ("GLOBEX_ZD_API_TOKEN", "token"),
+            ("INITECH_D365_CLIENT_ID", "id"),
+            ("INITECH_D365_CLIENT_SECRET", "secret"),
         ])
         .output()
         .unwrap();
@@ -100,6 +103,9 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             ("KAFKA_SASL_PASSWORD", "x"),
             ("ACME_SF_CLIENT_ID", "id"),
             ("ACME_SF_CLIENT_SECRET", "s"),
+            ("GLOBEX_ZD_API_TOKEN", "t"),
+            ("INITECH_D365_CLIENT_ID", "i"),
+            ("INITECH_D365_CLIENT_SECRET", "s"),
         ])
         .output()
         .unwrap();

@@ -118,8 +118,9 @@ pub struct LoopContext {
     arbiter: ArbiterHandle,
     drain_timeout: Duration,
     health: Health,
-    /// Where confirmed states are read back from when partitions are assigned.
+    /// Where confirmed states are read back from when input partitions are assigned.
     state_topic: String,
+    input_topics: Vec<String>,
     /// Connection settings for the state-restore reader.
     client: ClientConfig,
     /// Partitions currently paused because their window is full, each with the first
@@ -193,7 +194,13 @@ impl LoopContext {
     /// Reads back the confirmed states of the newly assigned partitions (before any of
     /// their messages is handled: this runs on the consumer thread, inside the rebalance).
     fn restore_state(&self, assigned: &[PartitionKey]) {
-        let partitions: std::collections::BTreeSet<i32> = assigned.iter().map(|(_, p)| *p).collect();
+        // Retry-topic partitions carry no states of their own: a parked event's state
+        // goes to its input partition's.
+        let partitions: std::collections::BTreeSet<i32> = assigned
+            .iter()
+            .filter(|(topic, _)| self.input_topics.iter().any(|t| **t == **topic))
+            .map(|(_, p)| *p)
+            .collect();
         let partitions: Vec<i32> = partitions.into_iter().collect();
         if partitions.is_empty() {
             return;
@@ -350,11 +357,18 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         drain_timeout: setup.kafka.drain_timeout(),
         health: setup.health.clone(),
         state_topic: setup.kafka.state_topic.clone(),
+        input_topics: setup.kafka.input_topics.clone(),
         client: client_config(&setup.kafka),
         paused: Mutex::new(HashMap::new()),
     };
     let consumer: BaseConsumer<LoopContext> = consumer_config(&setup.kafka).create_with_context(context)?;
-    let topics: Vec<&str> = setup.kafka.input_topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = setup
+        .kafka
+        .input_topics
+        .iter()
+        .chain(setup.kafka.retry_topic.as_ref())
+        .map(String::as_str)
+        .collect();
     consumer.subscribe(&topics)?;
     tracing::info!(topics = ?topics, group = %setup.kafka.group_id, "Consumer subscribed.");
 

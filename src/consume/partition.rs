@@ -36,6 +36,8 @@ pub enum OutcomeKind {
     Delivered,
     Skipped(SkipReason),
     DeadLettered,
+    /// Written to the retry topic, where it lives on.
+    Parked,
 }
 
 impl OutcomeKind {
@@ -44,6 +46,7 @@ impl OutcomeKind {
             OutcomeKind::Delivered => outcome::DELIVERED,
             OutcomeKind::Skipped(r) => r.as_str(),
             OutcomeKind::DeadLettered => outcome::DEAD_LETTERED,
+            OutcomeKind::Parked => outcome::PARKED,
         }
     }
 }

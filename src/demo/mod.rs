@@ -150,6 +150,11 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     kafka
         .create_topic(&config.kafka.state_topic, INPUT_PARTITIONS)
         .map_err(setup("creating topics"))?;
+    if let Some(retry) = &config.kafka.retry_topic {
+        kafka
+            .create_topic(retry, INPUT_PARTITIONS)
+            .map_err(setup("creating topics"))?;
+    }
 
     // 2. One sandbox per tenant, on the tenant's CRM, each with its own faults.
     let mut sandboxes: Vec<(String, Box<dyn CrmSandbox>)> = Vec::new();
@@ -271,8 +276,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         );
     }
     println!(
-        "  retries           {:>8}",
-        metric_total(&text, metric::OUTCOMES, Some(("outcome", "retried")))
+        "  retries           {:>8}  (parked on the retry topic {})",
+        metric_total(&text, metric::OUTCOMES, Some(("outcome", "retried"))),
+        metric_total(&text, metric::OUTCOMES, Some(("outcome", "parked")))
     );
     println!(
         "  dead-lettered     {:>8}  (DLQ topic holds {}, failures topic {})",

@@ -13,7 +13,12 @@
 //!   retry queue and the same path again. A CRM that asks for a pause pauses only this
 //!   tenant.
 //! - **Every event ends.** Each event handed in gets exactly one final outcome sent back
-//!   to its partition (delivered, skipped with a reason, or dead-lettered).
+//!   to its partition (delivered, skipped with a reason, parked on the retry topic, or
+//!   dead-lettered).
+//! - **A stuck tenant lets go.** With a retry topic, a retry that would wait long (past
+//!   `retry.in_memory_attempts`, or at least `retry.park_after_ms`) and writes waiting out
+//!   a long pause are parked there, releasing their input offsets; they come back
+//!   through the retry topic with their attempts and age, and wait there until due.
 //!
 //! On restart the actor forgets everything and asks every partition to hand its
 //! undecided events for this tenant in again ([`Redispatch`]); nothing of them was
@@ -36,7 +41,7 @@ use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch}
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
-use crate::notify::{DeadLetters, Failure, SourceMessage};
+use crate::notify::{DeadLetters, Failure, RetryState, SourceMessage};
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
@@ -89,6 +94,8 @@ enum ActiveState {
     Persisting,
     /// Being written to the DLQ.
     DeadLettering,
+    /// Being written to the retry topic.
+    Parking,
 }
 
 struct Active {
@@ -209,6 +216,15 @@ impl TenantActor {
             event: event_id_fingerprint(&event.event_id),
             payload,
         };
+        // An event back from the retry topic goes on counting its attempts and age.
+        let retried = pending.work.source.retry_state();
+        let first_failure = retried.map(|r| {
+            let age = SystemTime::now().duration_since(r.first_failure).unwrap_or_default();
+            (
+                Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+                r.first_failure,
+            )
+        });
         self.records.insert(
             key.clone(),
             Slot {
@@ -216,8 +232,8 @@ impl TenantActor {
                     pending,
                     request,
                     payload,
-                    attempts: 0,
-                    first_failure: None,
+                    attempts: retried.map_or(0, |r| r.attempts),
+                    first_failure,
                     last_error: None,
                     state: ActiveState::Checking,
                     ready_since: Instant::now(),
@@ -271,9 +287,96 @@ impl TenantActor {
                 None => self.complete(key, OutcomeKind::Skipped(reason), ctx),
             },
             Verdict::Write => {
-                self.make_ready(key);
-                self.pump(ctx);
+                let not_before = self
+                    .records
+                    .get(&key)
+                    .and_then(|s| s.active.pending.work.source.retry_state())
+                    .and_then(|r| r.not_before.duration_since(SystemTime::now()).ok());
+                match not_before {
+                    // Back from the retry topic before it is due: wait for it here.
+                    Some(delay) if !delay.is_zero() => self.back_off(key, delay),
+                    _ => {
+                        self.make_ready(key);
+                        self.pump(ctx);
+                    }
+                }
             }
+        }
+    }
+
+    /// Waits `delay` (through the retry queue) before the record's next attempt.
+    fn back_off(&mut self, key: RecordKey, delay: Duration) {
+        let Some(slot) = self.records.get_mut(&key) else {
+            return;
+        };
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        slot.active.state = ActiveState::Backoff { ticket };
+        self.deps.retry.do_send(Schedule {
+            tenant: self.name.clone(),
+            delay,
+            due: RetryDue { record: key, ticket },
+        });
+    }
+
+    /// Whether the record's event was read from an input topic (not the retry topic).
+    fn read_from_input(&self, key: &RecordKey) -> bool {
+        self.records.get(key).is_some_and(|s| {
+            !self
+                .deps
+                .dead_letters
+                .is_retry_topic(&s.active.pending.work.source.topic)
+        })
+    }
+
+    /// Writes the record's event to the retry topic, due in `delay`, then releases its
+    /// offset: a tenant that cannot write for a while does not hold its partitions.
+    fn park(&mut self, key: RecordKey, delay: Duration, ctx: &mut Context<Self>) {
+        if !self.still_owned(&key, ctx) {
+            return;
+        }
+        let Some(slot) = self.records.get_mut(&key) else {
+            return;
+        };
+        let active = &mut slot.active;
+        active.state = ActiveState::Parking;
+        let now = SystemTime::now();
+        let state = RetryState {
+            attempts: active.attempts,
+            first_failure: active.first_failure.map_or(now, |(_, at)| at),
+            not_before: now + delay,
+        };
+        tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
+        let sink = self.deps.dead_letters.clone();
+        let source = active.pending.work.source.clone();
+        let write = async move { sink.park(&source, state).await };
+        ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
+            act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Parked, ctx));
+        }));
+    }
+
+    /// While the tenant is in a pause set for at least `retry.park_after_ms` (a CRM's
+    /// `Retry-After`), parks the writes read from input topics that wait for a permit, due
+    /// when the pause ends, so that they do not hold their partitions meanwhile.
+    fn park_waiting(&mut self, remaining: Duration, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        if !self.deps.dead_letters.can_park() || self.pacer.pause_length(now) < self.deps.policy.park_after {
+            return;
+        }
+        let pause = remaining;
+        let waiting: Vec<RecordKey> = self
+            .ready
+            .iter()
+            .filter(|k| self.read_from_input(k))
+            .filter(|k| {
+                self.records
+                    .get(*k)
+                    .is_some_and(|s| matches!(s.active.state, ActiveState::Ready))
+            })
+            .cloned()
+            .collect();
+        for key in waiting {
+            self.park(key, pause, ctx);
         }
     }
 
@@ -318,6 +421,9 @@ impl TenantActor {
                 break;
             }
             if let Err(wait) = self.pacer.try_acquire(now) {
+                if self.pacer.is_paused(now) {
+                    self.park_waiting(wait, ctx);
+                }
                 self.wake_in(wait, ctx);
                 break;
             }
@@ -475,18 +581,16 @@ impl TenantActor {
                     self.complete(key, OutcomeKind::Skipped(SkipReason::Superseded), ctx);
                     return;
                 }
+                let attempts = active.attempts;
                 match decision {
                     Some(RetryDecision::RetryAfter(delay)) => {
-                        self.next_ticket += 1;
-                        let ticket = self.next_ticket;
-                        active.state = ActiveState::Backoff { ticket };
                         metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => outcome::RETRIED)
                             .increment(1);
-                        self.deps.retry.do_send(Schedule {
-                            tenant: self.name.clone(),
-                            delay,
-                            due: RetryDue { record: key, ticket },
-                        });
+                        if self.deps.dead_letters.can_park() && self.deps.policy.should_park(attempts, delay) {
+                            self.park(key, delay, ctx);
+                        } else {
+                            self.back_off(key, delay);
+                        }
                     }
                     Some(RetryDecision::GiveUp(_)) | None => self.dead_letter(key, ctx),
                 }
@@ -567,7 +671,9 @@ impl TenantActor {
         ctx: &mut Context<Self>,
     ) {
         let Some(slot) = self.records.get(&key) else { return };
-        let partition = slot.active.pending.work.source.partition;
+        // The input partition the record's states belong to, also for an event that came
+        // back from the retry topic.
+        let partition = slot.active.pending.work.source.origin().1;
         let store = self.deps.state.clone();
         let record = key.clone();
         let persist = async move { store.persist(partition, &record, &state).await };

@@ -23,6 +23,8 @@ pub struct Pacer {
     tokens: f64,
     last_refill: Instant,
     paused_until: Option<Instant>,
+    /// How long the current pause was set for.
+    pause_length: Duration,
     ceiling_concurrency: usize,
     /// Fractional, so that each successful call can add `1 / concurrency` to it.
     concurrency: f64,
@@ -40,6 +42,7 @@ impl Pacer {
             tokens: rate_per_sec.max(1.0),
             last_refill: now,
             paused_until: None,
+            pause_length: Duration::ZERO,
             ceiling_concurrency: max_concurrency.max(1),
             concurrency: max_concurrency.max(1) as f64,
             quota_cap: None,
@@ -127,6 +130,17 @@ impl Pacer {
         let until = now + pause;
         if self.paused_until.is_none_or(|u| u < until) {
             self.paused_until = Some(until);
+            self.pause_length = pause;
+        }
+    }
+
+    /// How long the pause in force was set for (the CRM's `Retry-After`, say); zero
+    /// when not paused.
+    pub fn pause_length(&self, now: Instant) -> Duration {
+        if self.is_paused(now) {
+            self.pause_length
+        } else {
+            Duration::ZERO
         }
     }
 

@@ -36,6 +36,9 @@ pub struct Env {
     pub dlq: String,
     pub failures: String,
     pub state: String,
+    /// A retry topic, created with the others; configs use it only when a test sets
+    /// `kafka.retry_topic`.
+    pub retry: String,
     pub group: String,
     pub partitions: i32,
     pub sf: SalesforceSandbox,
@@ -54,7 +57,13 @@ impl Env {
         kafka.create_topic(&dlq, 1).unwrap();
         kafka.create_topic(&failures, 1).unwrap();
         kafka.create_topic(&state, partitions).unwrap();
-        Env::external(Some(kafka), bootstrap, [topic, dlq, failures, state], partitions)
+        let env = Env::external(Some(kafka), bootstrap, [topic, dlq, failures, state], partitions);
+        env.kafka
+            .as_ref()
+            .expect("in-process broker")
+            .create_topic(&env.retry, partitions)
+            .unwrap();
+        env
     }
 
     /// An environment on a broker whose topics (input, DLQ, failures, state) exist
@@ -69,6 +78,7 @@ impl Env {
             dlq,
             failures,
             state,
+            retry: unique("retry"),
             group: unique("group"),
             partitions,
             sf,
