@@ -35,7 +35,8 @@ enum Command {
         config: PathBuf,
     },
     /// Run the whole pipeline on this machine with an embedded Kafka-protocol broker and
-    /// an embedded Salesforce sandbox, on a synthetic stream, and check the result.
+    /// embedded Salesforce, Zendesk and Dynamics 365 sandboxes (one tenant each), on a
+    /// synthetic stream, and check the result.
     Demo {
         /// Number of distinct records in the synthetic stream.
         #[arg(long, default_value_t = 2_000)]

@@ -224,3 +224,24 @@ fn produce_keys_events_by_record_identity() {
     assert_eq!(read[0].payload.as_deref(), Some(lines[0].as_bytes()));
     assert_eq!(read[1].key.as_deref(), Some(b"unkeyed".as_slice()));
 }
+
+#[test]
+fn the_demo_converges_on_all_three_crms() {
+    // The demo's own check: every sandbox (Salesforce, Zendesk, Dynamics 365) holds the
+    // newest version of every record, through injected 5xx, row locks, 429 storms that
+    // park events on the retry topic, and expiring tokens.
+    let out = Command::new(BIN)
+        .args(["demo", "--records", "600", "--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("CHECK PASSED"), "{stdout}");
+    for crm in ["salesforce", "zendesk", "dynamics"] {
+        assert!(stdout.contains(crm), "the summary shows {crm}: {stdout}");
+    }
+}

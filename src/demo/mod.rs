@@ -221,18 +221,19 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     // 4. The service, exactly as `crm-sync run` starts it.
     let service = pipeline::start(config.clone()).map_err(setup("starting the service"))?;
     println!("  service running; metrics at http://{}/metrics\n", service.http_addr());
-    let ends = tools::end_offsets(&bootstrap, &input, INPUT_PARTITIONS).map_err(setup("reading end offsets"))?;
     let prometheus = telemetry::prometheus();
     let deadline = Duration::from_secs(120);
     let mut last_print = Instant::now() - Duration::from_secs(1);
+    let group = config.kafka.group_id.clone();
     let finished = loop {
-        let committed =
-            tools::committed(&bootstrap, &config.kafka.group_id, &input, INPUT_PARTITIONS).unwrap_or_default();
-        let done = committed.len() == ends.len()
-            && committed
-                .iter()
-                .zip(&ends)
-                .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e));
+        // Input first, then the retry topic: an event parked on the retry topic has its
+        // input offset committed but is not done until its retry copy is.
+        let done = drained(&bootstrap, &group, &input)
+            && config
+                .kafka
+                .retry_topic
+                .as_ref()
+                .is_none_or(|retry| drained(&bootstrap, &group, retry));
         if last_print.elapsed() >= Duration::from_secs(1) || done {
             print_progress(&prometheus.render(), &sandboxes);
             last_print = Instant::now();
@@ -343,6 +344,21 @@ fn print_progress(text: &str, sandboxes: &[(String, Box<dyn CrmSandbox>)]) {
         metric_total(text, metric::IN_FLIGHT, None),
         calls,
     );
+}
+
+/// Whether `group` has committed every message of `topic`. Committed offsets are read
+/// before end offsets, so a message written by an event before that event's own offset
+/// was committed is always seen.
+fn drained(bootstrap: &str, group: &str, topic: &str) -> bool {
+    let committed = tools::committed(bootstrap, group, topic, INPUT_PARTITIONS).unwrap_or_default();
+    let Ok(ends) = tools::end_offsets(bootstrap, topic, INPUT_PARTITIONS) else {
+        return false;
+    };
+    committed.len() == ends.len()
+        && committed
+            .iter()
+            .zip(&ends)
+            .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
 }
 
 /// Starts the sandbox of `tenant`'s CRM with the demo's faults for it, and points the

@@ -172,8 +172,22 @@ impl TenantActor {
             self.start(key, Pending { work, also: Vec::new() }, ctx);
             return;
         };
+        let parking = matches!(slot.active.state, ActiveState::Parking);
         let active = &mut slot.active.pending;
         if same_event(&active.work.event, &work.event) {
+            if parking {
+                // The copy just written to the retry topic can be read back before the
+                // write is acknowledged. It must not end with the original (as parked):
+                // it goes on after it.
+                match &slot.waiting {
+                    None => slot.waiting = Some(Pending { work, also: Vec::new() }),
+                    Some(_) => self.report(
+                        Pending { work, also: Vec::new() },
+                        OutcomeKind::Skipped(SkipReason::Stale),
+                    ),
+                }
+                return;
+            }
             active.also.push(work.reply);
             return;
         }
@@ -339,7 +353,12 @@ impl TenantActor {
             return;
         };
         let active = &mut slot.active;
+        if matches!(active.state, ActiveState::Parking) {
+            // The ready queue can name a record twice; it is parked once.
+            return;
+        }
         active.state = ActiveState::Parking;
+        let parked = active.pending.work.event.clone();
         let now = SystemTime::now();
         let state = RetryState {
             attempts: active.attempts,
@@ -351,7 +370,14 @@ impl TenantActor {
         let source = active.pending.work.source.clone();
         let write = async move { sink.park(&source, state).await };
         ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
-            act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Parked, ctx));
+            // Only the event that was parked ends as parked, never a newer one that has
+            // taken the record's slot since.
+            let still_parking = act.records.get(&key).is_some_and(|s| {
+                matches!(s.active.state, ActiveState::Parking) && Arc::ptr_eq(&s.active.pending.work.event, &parked)
+            });
+            if still_parking {
+                act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Parked, ctx));
+            }
         }));
     }
 
@@ -375,6 +401,8 @@ impl TenantActor {
             })
             .cloned()
             .collect();
+        let parked: std::collections::HashSet<RecordKey> = waiting.iter().cloned().collect();
+        self.ready.retain(|k| !parked.contains(k));
         for key in waiting {
             self.park(key, pause, ctx);
         }
@@ -455,14 +483,17 @@ impl TenantActor {
         let mut taken = Vec::with_capacity(max);
         let mut kept = Vec::with_capacity(scan);
         for key in head {
-            let fits = taken.len() < max
-                && self.records.get(&key).is_some_and(|s| {
-                    matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group)
-                });
-            if fits {
-                taken.push(key);
-            } else {
-                kept.push(key);
+            let slot = self.records.get_mut(&key).filter(|s| {
+                taken.len() < max && matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group)
+            });
+            match slot {
+                Some(slot) => {
+                    // Taken now, so that a second entry for the record in the queue
+                    // cannot put it in this batch twice.
+                    slot.active.state = ActiveState::Sending;
+                    taken.push(key);
+                }
+                None => kept.push(key),
             }
         }
         for key in kept.into_iter().rev() {
@@ -545,7 +576,11 @@ impl TenantActor {
     }
 
     fn on_result(&mut self, key: RecordKey, result: Result<WriteOk, DeliveryError>, ctx: &mut Context<Self>) {
-        let Some(slot) = self.records.get_mut(&key) else {
+        let Some(slot) = self
+            .records
+            .get_mut(&key)
+            .filter(|s| matches!(s.active.state, ActiveState::Sending))
+        else {
             return;
         };
         let active = &mut slot.active;
