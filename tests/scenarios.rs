@@ -211,6 +211,39 @@ fn crm_down_then_back(crm: Box<dyn CrmSandbox>) {
     service.stop(StopMode::Graceful);
 }
 
+/// The CRM down for a while with a retry topic: the events are parked there, their input
+/// offsets committed, and delivered from there once the CRM is back.
+fn crm_down_then_back_through_the_retry_topic(crm: Box<dyn CrmSandbox>) {
+    let env = Env::new(2);
+    let mut config = env.config_for(crm.as_ref());
+    config.kafka.retry_topic = Some(env.retry.clone());
+    config.retry.max_attempts = 40;
+    config.retry.in_memory_attempts = 1;
+    crm.set_faults(Faults {
+        server_error_rate: 1.0,
+        ..Faults::default()
+    });
+    let service = start(config);
+    let events: Vec<_> = (0..20)
+        .map(|i| upsert(&format!("e{i}"), &format!("C-{i}"), 1, &format!("Name{i}"), "Parked"))
+        .collect();
+    env.produce(&events);
+    // While it is down, the input is committed all the same: the events wait on the
+    // retry topic, not in the partitions' windows.
+    assert!(
+        env.wait_all_committed(WAIT),
+        "parked events still hold the input partitions"
+    );
+    assert!(!env.retry_drained(), "the parked events are on the retry topic");
+    crm.set_faults(Faults::default());
+    assert!(env.wait_drained(WAIT));
+    for i in 0..20 {
+        assert!(crm.contact(&format!("C-{i}")).is_some(), "C-{i} lost");
+    }
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}
+
 macro_rules! scenarios {
     ($($crm:ident),*) => {$(
         mod $crm {
@@ -241,6 +274,10 @@ macro_rules! scenarios {
             #[test]
             fn crm_down_then_back() {
                 super::crm_down_then_back(super::$crm())
+            }
+            #[test]
+            fn crm_down_then_back_through_the_retry_topic() {
+                super::crm_down_then_back_through_the_retry_topic(super::$crm())
             }
         }
     )*};

@@ -168,6 +168,24 @@ request_timeout_ms = 5000
                 .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
     }
 
+    /// Whether the group has committed every message of the retry topic. Read after the
+    /// input topic's: a parked event's copy exists before its input offset is committed.
+    pub fn retry_drained(&self) -> bool {
+        let committed =
+            tools::committed(&self.bootstrap, &self.group, &self.retry, self.partitions).unwrap_or_default();
+        let ends = tools::end_offsets(&self.bootstrap, &self.retry, self.partitions).unwrap();
+        committed.len() == ends.len()
+            && committed
+                .iter()
+                .zip(&ends)
+                .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
+    }
+
+    /// Waits until every event is done: the input topic committed, then the retry topic.
+    pub fn wait_drained(&self, within: Duration) -> bool {
+        wait_until(within, || self.all_committed() && self.retry_drained())
+    }
+
     /// Waits until the group has committed every message of the input topic.
     pub fn wait_all_committed(&self, within: Duration) -> bool {
         wait_until(within, || self.all_committed())
