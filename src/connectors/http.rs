@@ -14,6 +14,25 @@ use crate::telemetry::metric;
 /// `/` included, is percent-encoded, so an external id cannot change the URL's shape.
 pub const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
+/// The HTTP client of one tenant's connector (the per-attempt timeout, a pool sized to
+/// its concurrency) and the meter for its requests.
+pub fn tenant_client(
+    tenant: &crate::config::TenantConfig,
+    crm: &'static str,
+) -> Result<(reqwest::Client, Meter), reqwest::Error> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(tenant.request_timeout_ms))
+        .pool_max_idle_per_host(tenant.max_concurrency)
+        .build()?;
+    Ok((
+        http,
+        Meter {
+            tenant: tenant.name.as_str().into(),
+            crm,
+        },
+    ))
+}
+
 /// One HTTP answer, read to the end.
 pub struct Answer {
     pub status: StatusCode,

@@ -4,12 +4,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::http::HeaderMap;
-use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use base64::Engine;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -101,6 +104,56 @@ pub trait CrmSandbox: Send + Sync {
     /// `Retry-After` of `faults.retry_after_secs`, or Salesforce's
     /// `REQUEST_LIMIT_EXCEEDED`).
     fn script_throttles(&self, n: usize);
+}
+
+/// The state behind a sandbox's `/__sandbox` admin endpoints.
+pub trait AdminState: Send + 'static {
+    /// A scripted answer for one of the next requests.
+    type Script: DeserializeOwned + Send + 'static;
+    fn stats(&self) -> Stats;
+    /// Replaces the faults (and reseeds the random faults).
+    fn set_faults(&mut self, faults: Faults);
+    fn expire_tokens(&mut self);
+    fn script(&mut self, answers: Vec<Self::Script>);
+    /// Every stored record, for people and scripts.
+    fn records_json(&self) -> serde_json::Value;
+}
+
+/// `GET /__sandbox/records`, `GET /__sandbox/stats`, `POST /__sandbox/faults`,
+/// `POST /__sandbox/expire-tokens`, `POST /__sandbox/script`.
+pub fn admin_routes<S: AdminState>() -> Router<Arc<Mutex<S>>> {
+    Router::new()
+        .route(
+            "/__sandbox/records",
+            get(|State(s): State<Arc<Mutex<S>>>| async move { Json(lock(&s).records_json()) }),
+        )
+        .route(
+            "/__sandbox/stats",
+            get(|State(s): State<Arc<Mutex<S>>>| async move { Json(lock(&s).stats()) }),
+        )
+        .route(
+            "/__sandbox/faults",
+            post(|State(s): State<Arc<Mutex<S>>>, Json(f): Json<Faults>| async move {
+                lock(&s).set_faults(f);
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/__sandbox/expire-tokens",
+            post(|State(s): State<Arc<Mutex<S>>>| async move {
+                lock(&s).expire_tokens();
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/__sandbox/script",
+            post(
+                |State(s): State<Arc<Mutex<S>>>, Json(script): Json<Vec<S::Script>>| async move {
+                    lock(&s).script(script);
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
 }
 
 /// Locks a sandbox's state. A panic while holding the lock cannot leave it half-updated

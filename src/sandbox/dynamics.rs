@@ -32,14 +32,16 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, post};
 use axum::{Json, Router};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::common::{bearer, data_view, delay, form_fields, lock, serve, CrmSandbox, Faults, Stats};
+use super::common::{
+    admin_routes, bearer, data_view, delay, form_fields, lock, serve, AdminState, CrmSandbox, Faults, Stats,
+};
 
 /// How the sandbox environment is set up.
 #[derive(Debug, Clone)]
@@ -138,11 +140,7 @@ impl DynamicsSandbox {
         let app = Router::new()
             .route("/{directory}/oauth2/v2.0/token", post(token))
             .route("/api/data/{*path}", any(api))
-            .route("/__sandbox/records", get(admin_records))
-            .route("/__sandbox/stats", get(admin_stats))
-            .route("/__sandbox/faults", post(admin_faults))
-            .route("/__sandbox/expire-tokens", post(admin_expire))
-            .route("/__sandbox/script", post(admin_script))
+            .merge(admin_routes())
             .with_state(env.clone());
         let (addr, stop) = serve(bind, "dynamics-sandbox", app)?;
         lock(&env).base_url = format!("http://{addr}");
@@ -172,9 +170,7 @@ impl DynamicsSandbox {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        let mut env = lock(&self.env);
-        env.rng = StdRng::seed_from_u64(faults.seed);
-        env.setup.faults = faults;
+        lock(&self.env).set_faults(faults);
     }
 
     pub fn set_limits(&self, request_limit: u64, concurrency_limit: u64) {
@@ -188,7 +184,7 @@ impl DynamicsSandbox {
     }
 
     pub fn expire_tokens(&self) {
-        lock(&self.env).tokens.clear();
+        lock(&self.env).expire_tokens();
     }
 }
 
@@ -856,40 +852,39 @@ fn batch(env: &mut Environment, headers: &HeaderMap, body: &[u8]) -> Response {
     r
 }
 
-async fn admin_records(State(env): State<Shared>) -> Json<Value> {
-    let env = lock(&env);
-    let all: Map<String, Value> = env
-        .records
-        .iter()
-        .map(|(set, r)| {
-            (
-                set.clone(),
-                Value::Array(r.values().cloned().map(Value::Object).collect()),
-            )
-        })
-        .collect();
-    Json(Value::Object(all))
-}
+impl AdminState for Environment {
+    type Script = Scripted;
 
-async fn admin_stats(State(env): State<Shared>) -> Json<Stats> {
-    Json(lock(&env).stats.clone())
-}
+    fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
 
-async fn admin_faults(State(env): State<Shared>, Json(faults): Json<Faults>) -> StatusCode {
-    let mut env = lock(&env);
-    env.rng = StdRng::seed_from_u64(faults.seed);
-    env.setup.faults = faults;
-    StatusCode::NO_CONTENT
-}
+    fn set_faults(&mut self, faults: Faults) {
+        self.rng = StdRng::seed_from_u64(faults.seed);
+        self.setup.faults = faults;
+    }
 
-async fn admin_expire(State(env): State<Shared>) -> StatusCode {
-    lock(&env).tokens.clear();
-    StatusCode::NO_CONTENT
-}
+    fn expire_tokens(&mut self) {
+        self.tokens.clear();
+    }
 
-async fn admin_script(State(env): State<Shared>, Json(script): Json<Vec<Scripted>>) -> StatusCode {
-    lock(&env).script.extend(script);
-    StatusCode::NO_CONTENT
+    fn script(&mut self, answers: Vec<Scripted>) {
+        self.script.extend(answers);
+    }
+
+    fn records_json(&self) -> Value {
+        let all: Map<String, Value> = self
+            .records
+            .iter()
+            .map(|(set, r)| {
+                (
+                    set.clone(),
+                    Value::Array(r.values().cloned().map(Value::Object).collect()),
+                )
+            })
+            .collect();
+        Value::Object(all)
+    }
 }
 
 const CONTACT_FIELDS: [(&str, &str); 3] = [

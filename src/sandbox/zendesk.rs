@@ -35,7 +35,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, post};
 use axum::{Json, Router};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -43,7 +43,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::common::{basic_credentials, bearer, data_view, delay, lock, serve, CrmSandbox, Faults, Stats};
+use super::common::{
+    admin_routes, basic_credentials, bearer, data_view, delay, lock, serve, AdminState, CrmSandbox, Faults, Stats,
+};
 
 /// How the sandbox account is set up.
 #[derive(Debug, Clone)]
@@ -156,11 +158,7 @@ impl ZendeskSandbox {
         let app = Router::new()
             .route("/oauth/tokens", post(token))
             .route("/api/v2/{*path}", any(api))
-            .route("/__sandbox/records", get(admin_records))
-            .route("/__sandbox/stats", get(admin_stats))
-            .route("/__sandbox/faults", post(admin_faults))
-            .route("/__sandbox/expire-tokens", post(admin_expire))
-            .route("/__sandbox/script", post(admin_script))
+            .merge(admin_routes())
             .with_state(account.clone());
         let (addr, stop) = serve(bind, "zendesk-sandbox", app)?;
         lock(&account).base_url = format!("http://{addr}");
@@ -199,9 +197,7 @@ impl ZendeskSandbox {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        let mut account = lock(&self.account);
-        account.rng = StdRng::seed_from_u64(faults.seed);
-        account.setup.faults = faults;
+        lock(&self.account).set_faults(faults);
     }
 
     pub fn set_bulk_enabled(&self, enabled: bool) {
@@ -217,7 +213,7 @@ impl ZendeskSandbox {
     }
 
     pub fn expire_tokens(&self) {
-        lock(&self.account).tokens.clear();
+        lock(&self.account).expire_tokens();
     }
 
     pub fn api_token(&self) -> (String, String) {
@@ -732,40 +728,39 @@ fn create_ticket(account: &mut Account, headers: &HeaderMap, body: &[u8]) -> Res
     r
 }
 
-async fn admin_records(State(account): State<Shared>) -> Json<Value> {
-    let account = lock(&account);
-    let all: Map<String, Value> = account
-        .records
-        .iter()
-        .map(|(o, r)| {
-            (
-                o.to_string(),
-                Value::Array(r.values().cloned().map(Value::Object).collect()),
-            )
-        })
-        .collect();
-    Json(Value::Object(all))
-}
+impl AdminState for Account {
+    type Script = Scripted;
 
-async fn admin_stats(State(account): State<Shared>) -> Json<Stats> {
-    Json(lock(&account).stats.clone())
-}
+    fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
 
-async fn admin_faults(State(account): State<Shared>, Json(faults): Json<Faults>) -> StatusCode {
-    let mut account = lock(&account);
-    account.rng = StdRng::seed_from_u64(faults.seed);
-    account.setup.faults = faults;
-    StatusCode::NO_CONTENT
-}
+    fn set_faults(&mut self, faults: Faults) {
+        self.rng = StdRng::seed_from_u64(faults.seed);
+        self.setup.faults = faults;
+    }
 
-async fn admin_expire(State(account): State<Shared>) -> StatusCode {
-    lock(&account).tokens.clear();
-    StatusCode::NO_CONTENT
-}
+    fn expire_tokens(&mut self) {
+        self.tokens.clear();
+    }
 
-async fn admin_script(State(account): State<Shared>, Json(script): Json<Vec<Scripted>>) -> StatusCode {
-    lock(&account).script.extend(script);
-    StatusCode::NO_CONTENT
+    fn script(&mut self, answers: Vec<Scripted>) {
+        self.script.extend(answers);
+    }
+
+    fn records_json(&self) -> Value {
+        let all: Map<String, Value> = self
+            .records
+            .iter()
+            .map(|(o, r)| {
+                (
+                    o.to_string(),
+                    Value::Array(r.values().cloned().map(Value::Object).collect()),
+                )
+            })
+            .collect();
+        Value::Object(all)
+    }
 }
 
 /// Contacts are users: `name` from the last name, `notes` from the first name.

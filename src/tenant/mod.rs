@@ -389,7 +389,6 @@ impl TenantActor {
         if !self.deps.dead_letters.can_park() || self.pacer.pause_length(now) < self.deps.policy.park_after {
             return;
         }
-        let pause = remaining;
         let waiting: Vec<RecordKey> = self
             .ready
             .iter()
@@ -404,7 +403,7 @@ impl TenantActor {
         let parked: std::collections::HashSet<RecordKey> = waiting.iter().cloned().collect();
         self.ready.retain(|k| !parked.contains(k));
         for key in waiting {
-            self.park(key, pause, ctx);
+            self.park(key, remaining, ctx);
         }
     }
 

@@ -12,12 +12,11 @@ mod client;
 pub mod errors;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 use crate::config::{DynamicsConfig, TenantConfig};
-use crate::connectors::http::{Meter, Quota, QuotaCell};
+use crate::connectors::http::{self, Quota, QuotaCell};
 use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
@@ -31,14 +30,7 @@ pub struct DynamicsConnector {
 
 impl DynamicsConnector {
     pub fn new(tenant: &TenantConfig, d: &DynamicsConfig) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(tenant.request_timeout_ms))
-            .pool_max_idle_per_host(tenant.max_concurrency)
-            .build()?;
-        let meter = Meter {
-            tenant: tenant.name.as_str().into(),
-            crm: "dynamics",
-        };
+        let (http, meter) = http::tenant_client(tenant, "dynamics")?;
         let org_url = d.org_url.trim_end_matches('/');
         Ok(DynamicsConnector {
             client: Arc::new(client::DynamicsClient {

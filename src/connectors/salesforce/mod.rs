@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::{SalesforceConfig, TenantConfig};
-use crate::connectors::http::{Meter, Quota, QuotaCell};
+use crate::connectors::http::{self, Quota, QuotaCell};
 use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
@@ -32,14 +32,7 @@ pub struct SalesforceConnector {
 impl SalesforceConnector {
     /// `limit_pause` is how long the tenant waits after the org's API limit is reached.
     pub fn new(tenant: &TenantConfig, sf: &SalesforceConfig, limit_pause: Duration) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(tenant.request_timeout_ms))
-            .pool_max_idle_per_host(tenant.max_concurrency)
-            .build()?;
-        let meter = Meter {
-            tenant: tenant.name.as_str().into(),
-            crm: "salesforce",
-        };
+        let (http, meter) = http::tenant_client(tenant, "salesforce")?;
         let auth = auth::TokenSource::new(
             http.clone(),
             &sf.base_url,

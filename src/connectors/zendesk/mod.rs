@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::{TenantConfig, ZendeskConfig};
-use crate::connectors::http::{Meter, Quota, QuotaCell};
+use crate::connectors::http::{self, Quota, QuotaCell};
 use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
@@ -35,14 +35,7 @@ pub struct ZendeskConnector {
 
 impl ZendeskConnector {
     pub fn new(tenant: &TenantConfig, zd: &ZendeskConfig) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(tenant.request_timeout_ms))
-            .pool_max_idle_per_host(tenant.max_concurrency)
-            .build()?;
-        let meter = Meter {
-            tenant: tenant.name.as_str().into(),
-            crm: "zendesk",
-        };
+        let (http, meter) = http::tenant_client(tenant, "zendesk")?;
         let base_url = zd.base_url.trim_end_matches('/').to_string();
         let auth = auth::Auth::new(http.clone(), &base_url, zd, meter.clone());
         Ok(ZendeskConnector {

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::org::{lock, Org, Shared};
 use super::{Faults, Scripted, Stats, StoredRecord};
-use crate::sandbox::common::{basic_credentials, delay, form_fields};
+use crate::sandbox::common::{admin_routes, basic_credentials, delay, form_fields, AdminState};
 
 pub(super) fn router(org: Shared) -> Router {
     Router::new()
@@ -28,11 +28,7 @@ pub(super) fn router(org: Shared) -> Router {
             "/services/data/{version}/composite/sobjects/{sobject}/{field}",
             axum::routing::patch(collection_upsert),
         )
-        .route("/__sandbox/records", get(admin_records))
-        .route("/__sandbox/stats", get(admin_stats))
-        .route("/__sandbox/faults", post(admin_faults))
-        .route("/__sandbox/expire-tokens", post(admin_expire))
-        .route("/__sandbox/script", post(admin_script))
+        .merge(admin_routes())
         .with_state(org)
 }
 
@@ -436,30 +432,29 @@ fn with_limit(mut response: Response, limit: Option<String>) -> Response {
     response
 }
 
-async fn admin_records(State(org): State<Shared>) -> Json<Vec<StoredRecord>> {
-    let org = lock(&org);
-    let mut all: Vec<StoredRecord> = org.records.values().cloned().collect();
-    all.sort_by(|a, b| a.id.cmp(&b.id));
-    Json(all)
-}
+impl AdminState for Org {
+    type Script = Scripted;
 
-async fn admin_stats(State(org): State<Shared>) -> Json<Stats> {
-    Json(lock(&org).stats.clone())
-}
+    fn stats(&self) -> Stats {
+        self.stats.clone()
+    }
 
-async fn admin_faults(State(org): State<Shared>, Json(faults): Json<Faults>) -> StatusCode {
-    let mut org = lock(&org);
-    org.rng = StdRng::seed_from_u64(faults.seed);
-    org.setup.faults = faults;
-    StatusCode::NO_CONTENT
-}
+    fn set_faults(&mut self, faults: Faults) {
+        self.rng = StdRng::seed_from_u64(faults.seed);
+        self.setup.faults = faults;
+    }
 
-async fn admin_expire(State(org): State<Shared>) -> StatusCode {
-    lock(&org).tokens.clear();
-    StatusCode::NO_CONTENT
-}
+    fn expire_tokens(&mut self) {
+        self.tokens.clear();
+    }
 
-async fn admin_script(State(org): State<Shared>, Json(script): Json<Vec<Scripted>>) -> StatusCode {
-    lock(&org).script.extend(script);
-    StatusCode::NO_CONTENT
+    fn script(&mut self, answers: Vec<Scripted>) {
+        self.script.extend(answers);
+    }
+
+    fn records_json(&self) -> Value {
+        let mut all: Vec<&StoredRecord> = self.records.values().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        serde_json::to_value(all).unwrap_or_default()
+    }
 }

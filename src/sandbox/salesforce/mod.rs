@@ -153,9 +153,8 @@ impl SalesforceSandbox {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        let mut org = lock(&self.org);
-        org.rng = StdRng::seed_from_u64(faults.seed);
-        org.setup.faults = faults;
+        use super::common::AdminState;
+        lock(&self.org).set_faults(faults);
     }
 
     pub fn set_daily_limit(&self, limit: u64) {
