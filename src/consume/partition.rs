@@ -164,12 +164,14 @@ pub struct PartitionActor {
     drain_waiters: Vec<mpsc::Sender<()>>,
     retired: bool,
     panic_next: bool,
+    /// Metric handles of this partition, registered once (not per event).
+    consumed: metrics::Counter,
+    in_flight_gauge: metrics::Gauge,
 }
 
 impl PartitionActor {
     pub fn new(topic: Arc<str>, partition: i32, deps: Arc<PartitionDeps>, shared: Arc<PartitionShared>) -> Self {
         PartitionActor {
-            topic,
             partition,
             deps,
             shared,
@@ -180,6 +182,9 @@ impl PartitionActor {
             drain_waiters: Vec::new(),
             retired: false,
             panic_next: false,
+            consumed: metrics::counter!(metric::EVENTS_CONSUMED, "topic" => topic.to_string()),
+            in_flight_gauge: metrics::gauge!(metric::IN_FLIGHT, "topic" => topic.to_string(), "partition" => partition.to_string()),
+            topic,
         }
     }
 
@@ -213,9 +218,7 @@ impl PartitionActor {
         } else if low {
             self.shared.pause_wanted.store(false, Ordering::Relaxed);
         }
-        let partition = self.partition.to_string();
-        metrics::gauge!(metric::IN_FLIGHT, "topic" => self.topic.to_string(), "partition" => partition)
-            .set(in_flight as f64);
+        self.in_flight_gauge.set(in_flight as f64);
         if in_flight == 0 {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
@@ -266,7 +269,7 @@ impl Handler<Record> for PartitionActor {
         if self.awaiting_resync || self.retired || !self.tracker.received(offset) {
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
-        metrics::counter!(metric::EVENTS_CONSUMED, "topic" => self.topic.to_string()).increment(1);
+        self.consumed.increment(1);
         if self.shared.watermark.load(Ordering::Acquire) < 0 {
             // The first message: publish where this partition starts, so that a restart
             // before any outcome still knows where to re-read from.

@@ -132,6 +132,10 @@ pub struct TenantActor {
     rng: StdRng,
     /// Set by [`InjectPanic`]; the next delivery panics.
     panic_next: bool,
+    /// `crm_sync_outcomes_total` handles of this tenant by outcome, registered once.
+    outcome_counters: HashMap<&'static str, metrics::Counter>,
+    /// Confirmed states to make durable (record, state, outcome, state partition).
+    to_persist: Vec<(RecordKey, RecordState, OutcomeKind, i32)>,
 }
 
 impl TenantActor {
@@ -149,7 +153,18 @@ impl TenantActor {
             next_ticket: 0,
             rng: StdRng::from_entropy(),
             panic_next: false,
+            outcome_counters: HashMap::new(),
+            to_persist: Vec::new(),
         }
+    }
+
+    /// Counts one `outcome` of this tenant's events.
+    fn count_outcome(&mut self, outcome: &'static str) {
+        let name = &self.name;
+        self.outcome_counters
+            .entry(outcome)
+            .or_insert_with(|| metrics::counter!(metric::OUTCOMES, "tenant" => name.to_string(), "outcome" => outcome))
+            .increment(1);
     }
 
     /// Runs a step; a panic in it stops the actor so that its supervisor restarts it.
@@ -570,7 +585,10 @@ impl TenantActor {
                     return;
                 }
             }
-            act.guarded(ctx, |act, ctx| act.pump(ctx));
+            act.guarded(ctx, |act, ctx| {
+                act.flush_persists(ctx);
+                act.pump(ctx);
+            });
         }));
     }
 
@@ -597,7 +615,7 @@ impl TenantActor {
                     record: key.clone(),
                     state,
                 });
-                self.persist_then_complete(key, state, OutcomeKind::Delivered, ctx);
+                self.queue_persist(key, state, OutcomeKind::Delivered);
             }
             Err(error) => {
                 let now = Instant::now();
@@ -618,8 +636,7 @@ impl TenantActor {
                 let attempts = active.attempts;
                 match decision {
                     Some(RetryDecision::RetryAfter(delay)) => {
-                        metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => outcome::RETRIED)
-                            .increment(1);
+                        self.count_outcome(outcome::RETRIED);
                         if self.deps.dead_letters.can_park() && self.deps.policy.should_park(attempts, delay) {
                             self.park(key, delay, ctx);
                         } else {
@@ -649,8 +666,7 @@ impl TenantActor {
             pending.work.reply = link;
             return true;
         }
-        metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => outcome::HANDED_OVER)
-            .increment(1);
+        self.count_outcome(outcome::HANDED_OVER);
         let Some(slot) = self.records.remove(key) else {
             return false;
         };
@@ -704,15 +720,42 @@ impl TenantActor {
         kind: OutcomeKind,
         ctx: &mut Context<Self>,
     ) {
+        self.queue_persist(key, state, kind);
+        self.flush_persists(ctx);
+    }
+
+    /// Queues a record's new confirmed state for [`flush_persists`](Self::flush_persists).
+    fn queue_persist(&mut self, key: RecordKey, state: RecordState, kind: OutcomeKind) {
         let Some(slot) = self.records.get(&key) else { return };
         // The input partition the record's states belong to, also for an event that came
         // back from the retry topic.
         let partition = slot.active.pending.work.source.origin().1;
+        self.to_persist.push((key, state, kind, partition));
+    }
+
+    /// Writes the queued states to the state topic in one task (a batch's worth at once,
+    /// not one future per record in this actor's context), then ends each record's active
+    /// event with its outcome: an offset is freed only once its state is durable.
+    fn flush_persists(&mut self, ctx: &mut Context<Self>) {
+        if self.to_persist.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_persist);
         let store = self.deps.state.clone();
-        let record = key.clone();
-        let persist = async move { store.persist(partition, &record, &state).await };
-        ctx.spawn(persist.into_actor(self).map(move |(), act, ctx| {
-            act.guarded(ctx, |act, ctx| act.complete(key, kind, ctx));
+        let writes: Vec<_> = batch
+            .iter()
+            .map(|(key, state, _, partition)| {
+                let (store, key, state, partition) = (store.clone(), key.clone(), *state, *partition);
+                async move { store.persist(partition, &key, &state).await }
+            })
+            .collect();
+        let persist = futures::future::join_all(writes);
+        ctx.spawn(persist.into_actor(self).map(move |_, act, ctx| {
+            for (key, _, kind, _) in batch {
+                if !act.guarded(ctx, |act, ctx| act.complete(key, kind, ctx)) {
+                    return;
+                }
+            }
         }));
     }
 
@@ -727,8 +770,8 @@ impl TenantActor {
         }
     }
 
-    fn report(&self, pending: Pending, kind: OutcomeKind) {
-        metrics::counter!(metric::OUTCOMES, "tenant" => self.name.to_string(), "outcome" => kind.as_str()).increment(1);
+    fn report(&mut self, pending: Pending, kind: OutcomeKind) {
+        self.count_outcome(kind.as_str());
         pending.work.reply.send(kind);
         for link in pending.also {
             link.send(kind);
