@@ -244,6 +244,28 @@ fn crm_down_then_back_through_the_retry_topic(crm: Box<dyn CrmSandbox>) {
     service.stop(StopMode::Graceful);
 }
 
+/// Dataverse tokens announce `expires_in`: the connector fetches a new one before it runs
+/// out, so no request meets an expired token.
+#[test]
+fn dynamics_tokens_are_renewed_before_they_expire() {
+    let env = Env::new(1);
+    let mut setup = DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET);
+    setup.token_expires_in_secs = 2;
+    let d = DynamicsSandbox::start("127.0.0.1:0", setup).unwrap();
+    let service = start(env.config_for(&d));
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
+    assert!(env.wait_all_committed(WAIT));
+    // Past nine tenths of the token's two seconds, before it expires in the sandbox:
+    // the passing of time is the scenario.
+    std::thread::sleep(Duration::from_millis(1_850));
+    env.produce(&[upsert("e2", "C-2", 1, "Grace", "Hopper")]);
+    assert!(env.wait_all_committed(WAIT));
+    assert!(CrmSandbox::contact(&d, "C-2").is_some());
+    assert_eq!(d.stats().token_requests, 2, "a new token before the old one expired");
+    assert_eq!(d.stats().rejected.get(&401), None, "no request met an expired token");
+    service.stop(StopMode::Graceful);
+}
+
 macro_rules! scenarios {
     ($($crm:ident),*) => {$(
         mod $crm {

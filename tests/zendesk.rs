@@ -158,5 +158,9 @@ fn a_slow_job_is_followed_to_its_result() {
     assert!(env.read_dlq().is_empty());
     let user: Value = Value::Object(zd.find("users", "C-1").remove(0));
     assert_eq!(user["name"], "Job");
+    // The rate-limit headers' remaining quota is exported for the tenant.
+    let (_, text) = http_get(format!("http://{}/metrics", service.http_addr()));
+    let remaining = crm_sync::demo::metric_total(&text, "crm_sync_crm_quota_remaining", Some(("tenant", "acme")));
+    assert!(remaining > 0.0 && remaining < 1_000_000.0, "{remaining}");
     service.stop(StopMode::Graceful);
 }
