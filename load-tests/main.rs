@@ -86,51 +86,6 @@ impl Crm {
             Crm::Dynamics => 1000,
         }
     }
-
-    /// The tenant's CRM section and contact mapping for the sandbox at `url`.
-    fn tenant_toml(self, url: &str) -> String {
-        match self {
-            Crm::Salesforce => format!(
-                r#"crm = "salesforce"
-[tenants.salesforce]
-base_url = "{url}"
-client_id = "load"
-client_secret = "load-secret"
-[tenants.entities.contact]
-object = "Contact"
-external_id_field = "External_Id__c"
-fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
-"#
-            ),
-            Crm::Zendesk => format!(
-                r#"crm = "zendesk"
-[tenants.zendesk]
-base_url = "{url}"
-oauth_client_id = "load"
-oauth_client_secret = "load-secret"
-job_poll_interval_ms = 20
-[tenants.entities.contact]
-object = "users"
-external_id_field = "external_id"
-fields = {{ notes = "first_name", name = "last_name", email = "email" }}
-"#
-            ),
-            Crm::Dynamics => format!(
-                r#"crm = "dynamics"
-[tenants.dynamics]
-org_url = "{url}"
-authority_url = "{url}"
-directory_id = "sandbox.onmicrosoft.com"
-client_id = "load"
-client_secret = "load-secret"
-[tenants.entities.contact]
-object = "contacts"
-external_id_field = "crm_externalid"
-fields = {{ firstname = "first_name", lastname = "last_name", emailaddress1 = "email" }}
-"#
-            ),
-        }
-    }
 }
 
 /// A child process killed when dropped.
@@ -150,6 +105,13 @@ fn sibling_binary() -> std::path::PathBuf {
 
 /// Starts a child and returns it with the first line it prints.
 fn spawn_reading_first_line(args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let (child, mut lines) = spawn_reading(args, env, false);
+    (child, lines.remove(0))
+}
+
+/// Starts a child and returns it with the first line it prints, or, with `block`, the
+/// lines up to the first empty one (a CRM sandbox prints its URL and a tenant block).
+fn spawn_reading(args: &[&str], env: &[(&str, &str)], block: bool) -> (Proc, Vec<String>) {
     let mut child = Command::new(sibling_binary())
         .args(args)
         .envs(env.iter().copied())
@@ -158,20 +120,34 @@ fn spawn_reading_first_line(args: &[&str], env: &[(&str, &str)]) -> (Proc, Strin
         .stderr(Stdio::inherit())
         .spawn()
         .expect("crm-sync binary next to load-test (build with --release --bins)");
-    let mut line = String::new();
     let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-    stdout.read_line(&mut line).expect("first line");
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("a line");
+        let line = line.trim_end().to_string();
+        if line.is_empty() || !block {
+            if !line.is_empty() {
+                lines.push(line);
+            }
+            break;
+        }
+        lines.push(line);
+    }
     // Drain what else it prints, so its writes never meet a closed pipe.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    (Proc(child), line.trim().to_string())
+    (Proc(child), lines)
 }
 
 struct Sandboxes {
     broker: Proc,
     bootstrap: String,
-    crm: Crm,
     sandbox: Proc,
     url: String,
+    /// The tenant block the sandbox printed for itself (CRM section, contact mapping),
+    /// and the variable its secret is read from.
+    tenant_toml: String,
+    secret_env: &'static str,
 }
 
 impl Sandboxes {
@@ -214,11 +190,19 @@ fn start_crm_sandboxes(partitions: i32, latency_ms: u64, crm: Crm) -> Sandboxes 
         Crm::Zendesk => "SANDBOX_ZD_SECRET",
         Crm::Dynamics => "SANDBOX_D365_CLIENT_SECRET",
     };
-    let (sandbox, line) = spawn_reading_first_line(
+    let (sandbox, lines) = spawn_reading(
         &["sandbox", crm.name(), "--port", "0", "--client-id", "load"],
         &[(secret_env, "load-secret")],
+        true,
     );
-    let url = line.rsplit(' ').next().unwrap_or_default().to_string();
+    let url = lines[0].rsplit(' ').next().unwrap_or_default().to_string();
+    // "[[tenants]]" and its "name = ..." line are the load test's own.
+    let tenant_toml = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("name = "))
+        .skip(1)
+        .map(|l| format!("{l}\n"))
+        .collect();
     if latency_ms > 0 {
         let rt = runtime();
         rt.block_on(async {
@@ -233,9 +217,10 @@ fn start_crm_sandboxes(partitions: i32, latency_ms: u64, crm: Crm) -> Sandboxes 
     Sandboxes {
         broker,
         bootstrap,
-        crm,
         sandbox,
         url,
+        tenant_toml,
+        secret_env,
     }
 }
 
@@ -288,9 +273,10 @@ batch_linger_ms = {linger}
 {tenant}"#,
         linger = if batch_size > 200 { 100 } else { 20 },
         bootstrap = s.bootstrap,
-        tenant = s.crm.tenant_toml(&s.url),
+        tenant = s.tenant_toml,
     );
-    Config::from_toml(&text).expect("load-test config")
+    Config::from_toml_with_env(&text, |v| (v == s.secret_env).then(|| "load-secret".to_string()))
+        .expect("load-test config")
 }
 
 /// `records` records, `versions` events each, interleaved; in `unchanged` mode every
