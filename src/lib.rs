@@ -14,12 +14,15 @@
 //! - [`diff`]: the [`diff::DiffActor`] and its bounded cache of what each CRM last
 //!   confirmed, which drops duplicates, unchanged payloads and stale versions.
 //! - [`tenant`]: one supervised [`tenant::TenantActor`] per CRM tenant: field mapping,
-//!   one write in flight per record, rate and concurrency limits, in-memory retries.
-//! - [`connectors`]: the CRM clients behind one [`connectors::Connector`] trait, each of
-//!   which classifies failures by the CRM's own semantics.
+//!   one write in flight per record, batching, pacing (rate and concurrency limits that
+//!   follow the CRM's pressure signals), short retries in memory, parking of long ones.
+//! - [`connectors`]: the CRM clients (Salesforce, Zendesk, Dynamics 365) behind one
+//!   [`connectors::Connector`] trait, each with its batch call and per-record results,
+//!   classifying failures by the CRM's own semantics.
 //! - [`retry`]: the backoff policy and the supervised [`retry::RetryQueueActor`] that
 //!   hands retryable writes back to their tenant when they are due.
-//! - [`notify`]: the dead-letter topic and the failures topic for terminal failures.
+//! - [`notify`]: the dead-letter and failures topics for terminal failures, and the
+//!   retry topic where long retries are parked (read back by [`consume`]).
 //!
 //! Cross-cutting: [`config`], [`telemetry`] (metrics, health), [`supervise`] (turning
 //! panics into supervised restarts), [`shutdown`], [`pipeline`] (wiring it all into a
