@@ -18,7 +18,7 @@ use crm_sync::sandbox::CrmSandbox;
 use crm_sync::telemetry::{self, metric};
 
 const WAIT: Duration = Duration::from_secs(90);
-const EVENTS: usize = 500;
+const EVENTS: usize = 1500;
 
 /// Tenant `acme` on Salesforce (quiet) and tenant `noisy` on Zendesk, a window of 20
 /// events per partition, and a retry topic.
