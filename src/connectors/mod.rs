@@ -192,6 +192,16 @@ impl DeliveryError {
         self
     }
 
+    /// Blanks any of `secrets` the CRM echoed back in its message (an identity provider
+    /// naming the client id it refused, say), so that none reaches a DLQ header, a failure
+    /// event or a log line.
+    pub fn redact(mut self, secrets: &[&crate::config::Secret]) -> Self {
+        for secret in secrets.iter().map(|s| s.expose()).filter(|s| !s.is_empty()) {
+            self.message = self.message.replace(secret, "***");
+        }
+        self
+    }
+
     pub fn is_retryable(&self) -> bool {
         self.class == ErrorClass::Retryable
     }
@@ -301,4 +311,26 @@ pub fn build(config: &Config, tenant: &TenantConfig) -> Result<Arc<dyn Connector
             tenant.dynamics.as_ref().expect(missing),
         )?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn redact_blanks_echoed_credentials() {
+        let e = DeliveryError::crm(
+            ErrorClass::Permanent,
+            ErrorCode::CrmAuth,
+            400,
+            Some("unauthorized_client".into()),
+            "token request refused: AADSTS700016: Application with identifier 'app-123' was not found".into(),
+        )
+        .redact(&[&Secret::new("app-123"), &Secret::new("")]);
+        assert_eq!(
+            e.message,
+            "token request refused: AADSTS700016: Application with identifier '***' was not found"
+        );
+    }
 }

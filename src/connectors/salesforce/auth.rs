@@ -87,7 +87,9 @@ impl TokenSource {
         let status = response.status();
         let body = response.bytes().await.map_err(DeliveryError::from_transport)?;
         if !status.is_success() {
-            return Err(errors::classify_token_error(status.as_u16(), &body));
+            return Err(
+                errors::classify_token_error(status.as_u16(), &body).redact(&[&self.client_id, &self.client_secret])
+            );
         }
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| errors::unexpected(status.as_u16(), format!("token response is not understood: {e}")))?;

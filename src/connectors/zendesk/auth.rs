@@ -113,7 +113,8 @@ impl TokenSource {
         });
         let answer = http::fetch(self.http.post(&self.token_url).json(&body)).await?;
         if !answer.status.is_success() {
-            return Err(errors::classify_token_error(answer.status.as_u16(), &answer.body));
+            return Err(errors::classify_token_error(answer.status.as_u16(), &answer.body)
+                .redact(&[&self.client_id, &self.client_secret]));
         }
         let parsed: TokenResponse = serde_json::from_slice(&answer.body)
             .map_err(|e| DeliveryError::unexpected_retryable(format!("Zendesk token response not understood: {e}")))?;
