@@ -253,14 +253,25 @@ fn dynamics_tokens_are_renewed_before_they_expire() {
     setup.token_expires_in_secs = 2;
     let d = DynamicsSandbox::start("127.0.0.1:0", setup).unwrap();
     let service = start(env.config_for(&d));
-    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
-    assert!(env.wait_all_committed(WAIT));
-    // Past nine tenths of the token's two seconds, before it expires in the sandbox:
-    // the passing of time is the scenario.
-    std::thread::sleep(Duration::from_millis(1_850));
-    env.produce(&[upsert("e2", "C-2", 1, "Grace", "Hopper")]);
-    assert!(env.wait_all_committed(WAIT));
-    assert!(CrmSandbox::contact(&d, "C-2").is_some());
+    // Write one record after another, across the first token's two seconds, until the
+    // connector has fetched its second token.
+    let mut written = 0;
+    let renewed = wait_until(Duration::from_secs(10), || {
+        written += 1;
+        env.produce(&[upsert(
+            &format!("e{written}"),
+            &format!("C-{written}"),
+            1,
+            "Ada",
+            "Lovelace",
+        )]);
+        assert!(env.wait_all_committed(WAIT));
+        d.stats().token_requests >= 2
+    });
+    assert!(renewed, "no second token within 10 s");
+    for i in 1..=written {
+        assert!(CrmSandbox::contact(&d, &format!("C-{i}")).is_some(), "C-{i}");
+    }
     assert_eq!(d.stats().token_requests, 2, "a new token before the old one expired");
     assert_eq!(d.stats().rejected.get(&401), None, "no request met an expired token");
     service.stop(StopMode::Graceful);
