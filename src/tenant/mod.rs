@@ -325,7 +325,7 @@ impl TenantActor {
                     // Back from the retry topic before it is due: wait for it here.
                     Some(delay) if !delay.is_zero() => self.back_off(key, delay),
                     _ => {
-                        self.make_ready(key);
+                        self.make_ready(key, ctx);
                         self.pump(ctx);
                     }
                 }
@@ -396,14 +396,20 @@ impl TenantActor {
         }));
     }
 
-    /// While the tenant is in a pause set for at least `retry.park_after_ms` (a CRM's
-    /// `Retry-After`), parks the writes read from input topics that wait for a permit, due
-    /// when the pause ends, so that they do not hold their partitions meanwhile.
-    fn park_waiting(&mut self, remaining: Duration, ctx: &mut Context<Self>) {
-        let now = Instant::now();
-        if !self.deps.dead_letters.can_park() || self.pacer.pause_length(now) < self.deps.policy.park_after {
+    /// Whether writes waiting for a permit now should be parked rather than held: the
+    /// tenant is in a pause set for at least `retry.park_after_ms` (a CRM's `Retry-After`).
+    fn parking_pause(&self, now: Instant) -> Option<Duration> {
+        let long = self.deps.dead_letters.can_park() && self.pacer.pause_length(now) >= self.deps.policy.park_after;
+        long.then(|| self.pacer.pause_remaining(now))
+    }
+
+    /// When such a pause begins: parks the writes read from input topics that wait for a
+    /// permit, due when the pause ends, so that they do not hold their partitions
+    /// meanwhile. Writes that become ready during the pause are parked by `make_ready`.
+    fn park_waiting(&mut self, ctx: &mut Context<Self>) {
+        let Some(remaining) = self.parking_pause(Instant::now()) else {
             return;
-        }
+        };
         let waiting: Vec<RecordKey> = self
             .ready
             .iter()
@@ -422,8 +428,15 @@ impl TenantActor {
         }
     }
 
-    /// Puts a record's write in the queue for a permit.
-    fn make_ready(&mut self, key: RecordKey) {
+    /// Puts a record's write in the queue for a permit, or, while a long pause is on and
+    /// the event was read from an input topic, parks it.
+    fn make_ready(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
+        if let Some(remaining) = self.parking_pause(Instant::now()) {
+            if self.read_from_input(&key) {
+                self.park(key, remaining, ctx);
+                return;
+            }
+        }
         if let Some(slot) = self.records.get_mut(&key) {
             slot.active.state = ActiveState::Ready;
             slot.active.ready_since = Instant::now();
@@ -463,9 +476,6 @@ impl TenantActor {
                 break;
             }
             if let Err(wait) = self.pacer.try_acquire(now) {
-                if self.pacer.is_paused(now) {
-                    self.park_waiting(wait, ctx);
-                }
                 self.wake_in(wait, ctx);
                 break;
             }
@@ -517,8 +527,9 @@ impl TenantActor {
     }
 
     /// Lowers the pace when the CRM throttled this call, raises it when the call went
-    /// through, and publishes the limits in force.
-    fn adapt_pace(&mut self, results: &[Result<WriteOk, DeliveryError>]) {
+    /// through, parks what waits when a long pause begins, and publishes the limits in
+    /// force.
+    fn adapt_pace(&mut self, results: &[Result<WriteOk, DeliveryError>], ctx: &mut Context<Self>) {
         let now = Instant::now();
         let was_paused = self.pacer.is_paused(now);
         let throttle = results
@@ -539,6 +550,7 @@ impl TenantActor {
         }
         if !was_paused && self.pacer.is_paused(now) {
             metrics::counter!(metric::TENANT_PAUSES, "tenant" => tenant.clone()).increment(1);
+            self.park_waiting(ctx);
         }
         metrics::gauge!(metric::TENANT_RATE_LIMIT, "tenant" => tenant.clone()).set(self.pacer.rate());
         metrics::gauge!(metric::TENANT_CONCURRENCY_LIMIT, "tenant" => tenant).set(self.pacer.concurrency() as f64);
@@ -579,7 +591,9 @@ impl TenantActor {
         let write = self.connector.write_batch(requests);
         ctx.spawn(write.into_actor(self).map(move |results, act, ctx| {
             act.requests_in_flight -= 1;
-            act.adapt_pace(&results);
+            if !act.guarded(ctx, |act, ctx| act.adapt_pace(&results, ctx)) {
+                return;
+            }
             for (key, result) in sent.into_iter().zip(results) {
                 if !act.guarded(ctx, |act, ctx| act.on_result(key, result, ctx)) {
                     return;
@@ -846,7 +860,7 @@ impl Handler<RetryDue> for TenantActor {
             if slot.waiting.is_some() {
                 act.complete(msg.record, OutcomeKind::Skipped(SkipReason::Superseded), ctx);
             } else {
-                act.make_ready(msg.record);
+                act.make_ready(msg.record, ctx);
                 act.pump(ctx);
             }
         });

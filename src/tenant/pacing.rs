@@ -134,6 +134,12 @@ impl Pacer {
         }
     }
 
+    /// How long the pause in force has left to run; zero when not paused.
+    pub fn pause_remaining(&self, now: Instant) -> Duration {
+        self.paused_until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
+    }
+
     /// How long the pause in force was set for (the CRM's `Retry-After`, say); zero
     /// when not paused.
     pub fn pause_length(&self, now: Instant) -> Duration {
