@@ -25,7 +25,8 @@
 //!   retry topic where long retries are parked (read back by [`consume`]).
 //!
 //! Cross-cutting: [`config`], [`telemetry`] (metrics, health), [`supervise`] (turning
-//! panics into supervised restarts), [`shutdown`], [`pipeline`] (wiring it all into a
+//! panics into supervised restarts), [`offload`] (the I/O runtime that keeps CRM calls
+//! and state writes off the actor thread), [`shutdown`], [`pipeline`] (wiring it all into a
 //! running service), [`sandbox`] (local stand-ins for Kafka and the CRMs) and [`demo`].
 
 pub mod config;
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod diff;
 pub mod event;
 pub mod notify;
+pub mod offload;
 pub mod pipeline;
 pub mod retry;
 pub mod sandbox;

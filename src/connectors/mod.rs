@@ -225,42 +225,26 @@ impl DeliveryError {
     }
 }
 
-/// Runs a CRM call on the connectors' shared multi-threaded I/O runtime, so that HTTP
-/// work (TLS, parsing, serialisation) does not share a thread with the actors; the
-/// returned future only waits for the result. `lost` turns a task that died (it cannot
-/// panic, but the runtime may be shutting down) into the call's result.
+/// Runs a CRM call on the shared I/O runtime ([`crate::offload`]); the returned future
+/// only waits for the result. `lost` turns a task that died (it cannot panic, but the
+/// runtime may be shutting down) into the call's result.
 pub fn on_io_runtime<T: Send + 'static>(
     call: impl std::future::Future<Output = T> + Send + 'static,
     lost: impl FnOnce(DeliveryError) -> T + Send + 'static,
 ) -> BoxFuture<'static, T> {
-    static IO: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
-    let runtime = IO.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("crm-sync-io")
-            .enable_all()
-            .build()
-            .map_err(|e| tracing::error!(error = %e, "Could not start the CRM I/O runtime; calling from the actors."))
-            .ok()
-    });
-    match runtime {
-        Some(rt) => {
-            let handle = rt.spawn(call);
-            Box::pin(async move {
-                handle.await.unwrap_or_else(|e| {
-                    lost(DeliveryError {
-                        class: ErrorClass::Retryable,
-                        code: ErrorCode::CrmUnexpected,
-                        http_status: None,
-                        crm_code: None,
-                        message: format!("CRM call task failed: {e}"),
-                        retry_after: None,
-                    })
-                })
+    let task = crate::offload::spawn(call);
+    Box::pin(async move {
+        task.await.unwrap_or_else(|e| {
+            lost(DeliveryError {
+                class: ErrorClass::Retryable,
+                code: ErrorCode::CrmUnexpected,
+                http_status: None,
+                crm_code: None,
+                message: format!("CRM call task failed: {e}"),
+                retry_after: None,
             })
-        }
-        None => Box::pin(call),
-    }
+        })
+    })
 }
 
 /// A CRM client for one tenant.

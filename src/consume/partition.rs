@@ -1,9 +1,11 @@
 //! One supervised [`PartitionActor`] per assigned partition.
 //!
-//! It takes the partition's messages in offset order, one at a time: decode (a bad
-//! message is dead-lettered and the partition moves on), an early diff check (duplicates
-//! and stale versions end here), then hand-off to the event's tenant with
-//! `send().await`, so a slow tenant slows intake instead of growing memory. Outcomes come
+//! It takes the partition's messages in offset order, a batch ([`Records`]) at a time:
+//! decode (a bad message is dead-lettered and the partition moves on), an early diff
+//! check of the whole batch in one message (duplicates and stale versions end here), then
+//! hand-off of each tenant's events in one message with `send().await`, so a slow tenant
+//! slows intake instead of growing memory. A batch costs the same few actor messages as
+//! a single event did; per event they were the ceiling of the pipeline. Outcomes come
 //! back in any order; the [`OffsetTracker`] turns them into the watermark the consumer
 //! thread stores and commits. At `max_in_flight_per_partition` undecided events the
 //! partition asks to be paused.
@@ -23,7 +25,7 @@ use actix::WeakRecipient;
 
 use super::offsets::OffsetTracker;
 use super::ConsumerCommand;
-use crate::diff::{Check, CheckMode, CheckResult, DiffActor, SkipReason, Verdict};
+use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, SkipReason, Verdict};
 use crate::event::{self, event_id_fingerprint, Event, Routes};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::supervise::{self, InjectPanic};
@@ -99,10 +101,10 @@ pub struct Redispatch {
     pub tenant: Arc<str>,
 }
 
-/// A message from Kafka.
+/// Messages from Kafka for this partition, in offset order.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Record(pub SourceMessage);
+pub struct Records(pub Vec<SourceMessage>);
 
 /// Sent by the consumer thread after it seeked the partition for generation `generation`;
 /// messages before it predate the seek.
@@ -231,7 +233,8 @@ impl Actor for PartitionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(256);
+        // Batches of messages (see `consume::INTAKE_BATCH`).
+        ctx.set_mailbox_capacity(4);
     }
 }
 
@@ -261,106 +264,157 @@ impl Supervised for PartitionActor {
     }
 }
 
-impl Handler<Record> for PartitionActor {
+impl Handler<Records> for PartitionActor {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, Record(message): Record, ctx: &mut Self::Context) -> Self::Result {
-        let offset = message.offset;
-        if self.awaiting_resync || self.retired || !self.tracker.received(offset) {
+    /// One batch at a time, in offset order: decode each message, ask the diff actor about
+    /// all of them in one message, then hand each tenant its events in one message.
+    fn handle(&mut self, Records(messages): Records, ctx: &mut Self::Context) -> Self::Result {
+        if self.awaiting_resync || self.retired {
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
-        self.consumed.increment(1);
+        let mut items = Vec::with_capacity(messages.len());
+        for message in messages {
+            if !self.tracker.received(message.offset) {
+                continue;
+            }
+            let decoded = event::decode(
+                message.payload.as_deref(),
+                self.deps.max_message_bytes,
+                &*self.deps.routes,
+            );
+            let link = self.link(ctx, message.offset);
+            items.push((Arc::new(message), decoded, link));
+        }
+        if items.is_empty() {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        }
+        self.consumed.increment(items.len() as u64);
         if self.shared.watermark.load(Ordering::Acquire) < 0 {
-            // The first message: publish where this partition starts, so that a restart
+            // The first messages: publish where this partition starts, so that a restart
             // before any outcome still knows where to re-read from.
             self.publish();
         }
         let inject_panic = std::mem::take(&mut self.panic_next);
-        let decoded = event::decode(
-            message.payload.as_deref(),
-            self.deps.max_message_bytes,
-            &*self.deps.routes,
-        );
-        let source = Arc::new(message);
-        let link = self.link(ctx, offset);
-        let deps = self.deps.clone();
-        let work = async move {
-            if inject_panic {
-                panic!("injected panic in partition actor");
-            }
-            let event = match decoded {
-                Ok(e) => Arc::new(e),
-                Err(e) => {
-                    metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
-                    let now = SystemTime::now();
-                    let failure = Failure {
-                        stage: "decode",
-                        code: e.code(),
-                        class: "permanent",
-                        http_status: None,
-                        crm_code: None,
-                        message: e.to_string(),
-                        attempts: 0,
-                        first_failure: now,
-                        last_failure: now,
-                    };
-                    deps.dead_letters.dead_letter(&source, None, &failure).await;
-                    return Step::Done(OutcomeKind::DeadLettered, None);
-                }
-            };
-            let check = Check {
-                record: event.record.clone(),
-                mode: CheckMode::Early,
-                op: event.op,
-                version: event.version,
-                event: event_id_fingerprint(&event.event_id),
-                payload: None,
-            };
-            if let Ok(CheckResult {
-                verdict: Verdict::Skip(reason),
-                ..
-            }) = deps.diff.send(check).await
-            {
-                return Step::Done(OutcomeKind::Skipped(reason), Some(event));
-            }
-            let Some(tenant) = deps.tenants.get(&event.record.tenant) else {
-                unreachable!("decode only accepts configured tenants")
-            };
-            let work = Work {
-                event,
-                source,
-                reply: link,
-            };
-            // send().await: a full tenant mailbox holds this partition back.
-            match tenant.send(Deliver(work.clone())).await {
-                Ok(()) => Step::Dispatched(work),
-                // The tenant is restarting; it will ask for a re-dispatch.
-                Err(_) => Step::Dispatched(work),
-            }
-        };
+        let work = intake(items, self.deps.clone(), inject_panic);
         let guarded = supervise::catch_future("partition", work);
-        AtomicResponse::new(Box::pin(guarded.into_actor(self).map(move |step, act, ctx| match step {
-            Ok(Step::Done(kind, event)) => {
-                if let (OutcomeKind::Skipped(_), Some(e)) = (kind, event) {
-                    metrics::counter!(metric::OUTCOMES, "tenant" => e.record.tenant.to_string(), "outcome" => kind.as_str())
-                        .increment(1);
+        AtomicResponse::new(Box::pin(guarded.into_actor(self).map(|steps, act, ctx| {
+            let Ok(steps) = steps else {
+                ctx.stop();
+                return;
+            };
+            for (offset, step) in steps {
+                match step {
+                    Step::Done(kind, event) => {
+                        if let (OutcomeKind::Skipped(_), Some(e)) = (kind, event) {
+                            metrics::counter!(metric::OUTCOMES, "tenant" => e.record.tenant.to_string(), "outcome" => kind.as_str())
+                                .increment(1);
+                        }
+                        if act.tracker.finished(offset) {
+                            act.dispatched.remove(&offset);
+                        }
+                    }
+                    Step::Dispatched(work) => {
+                        if act.tracker.is_pending(offset) {
+                            act.dispatched.insert(offset, work);
+                        }
+                    }
                 }
-                act.finish(offset);
             }
-            Ok(Step::Dispatched(work)) => {
-                if act.tracker.is_pending(offset) {
-                    act.dispatched.insert(offset, work);
-                }
-                act.publish();
-            }
-            Err(_) => ctx.stop(),
+            act.publish();
         })))
     }
 }
 
+/// What became of one offset of a batch.
 enum Step {
     Done(OutcomeKind, Option<Arc<Event>>),
     Dispatched(Work),
+}
+
+/// Decoded messages of one batch, on their way in: bad ones are dead-lettered,
+/// duplicates and stale versions end here, the rest go to their tenants. Returns each
+/// offset's step.
+async fn intake(
+    items: Vec<(Arc<SourceMessage>, Result<Event, event::DecodeError>, PartitionLink)>,
+    deps: Arc<PartitionDeps>,
+    inject_panic: bool,
+) -> Vec<(i64, Step)> {
+    if inject_panic {
+        panic!("injected panic in partition actor");
+    }
+    let mut steps = Vec::with_capacity(items.len());
+    let mut decoded = Vec::with_capacity(items.len());
+    for (source, result, link) in items {
+        match result {
+            Ok(e) => decoded.push((Arc::new(e), source, link)),
+            Err(e) => {
+                metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
+                let now = SystemTime::now();
+                let failure = Failure {
+                    stage: "decode",
+                    code: e.code(),
+                    class: "permanent",
+                    http_status: None,
+                    crm_code: None,
+                    message: e.to_string(),
+                    attempts: 0,
+                    first_failure: now,
+                    last_failure: now,
+                };
+                deps.dead_letters.dead_letter(&source, None, &failure).await;
+                steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
+            }
+        }
+    }
+    if decoded.is_empty() {
+        return steps;
+    }
+    let checks = decoded
+        .iter()
+        .map(|(event, _, _)| Check {
+            record: event.record.clone(),
+            mode: CheckMode::Early,
+            op: event.op,
+            version: event.version,
+            event: event_id_fingerprint(&event.event_id),
+            payload: None,
+        })
+        .collect();
+    // Without an answer (the diff actor restarting), every event goes on: the tenant
+    // checks again before writing.
+    let verdicts = deps.diff.send(Checks(checks)).await.unwrap_or_default();
+    // Per tenant, in offset order; a partition feeds few tenants.
+    let mut by_tenant: Vec<(&Addr<TenantActor>, Vec<Work>)> = Vec::new();
+    for (i, (event, source, link)) in decoded.into_iter().enumerate() {
+        if let Some(CheckResult {
+            verdict: Verdict::Skip(reason),
+            ..
+        }) = verdicts.get(i)
+        {
+            steps.push((link.offset, Step::Done(OutcomeKind::Skipped(*reason), Some(event))));
+            continue;
+        }
+        let Some(tenant) = deps.tenants.get(&event.record.tenant) else {
+            unreachable!("decode only accepts configured tenants")
+        };
+        let work = Work {
+            event,
+            source,
+            reply: link,
+        };
+        match by_tenant.iter_mut().find(|(t, _)| *t == tenant) {
+            Some((_, works)) => works.push(work),
+            None => by_tenant.push((tenant, vec![work])),
+        }
+    }
+    for (tenant, works) in by_tenant {
+        // send().await: a full tenant mailbox holds this partition back. An error means
+        // the tenant is restarting; it will ask for a re-dispatch.
+        let _ = tenant.send(Deliver(works.clone())).await;
+        steps.extend(works.into_iter().map(|w| (w.reply.offset, Step::Dispatched(w))));
+    }
+    steps
 }
 
 impl Handler<Outcome> for PartitionActor {
@@ -380,11 +434,15 @@ impl Handler<Redispatch> for PartitionActor {
         let Some(tenant) = self.deps.tenants.get(&msg.tenant) else {
             return;
         };
-        for work in self.dispatched.values() {
-            if work.event.record.tenant == msg.tenant {
-                // do_send: this is recovery of a bounded set, not intake.
-                tenant.do_send(Deliver(work.clone()));
-            }
+        let works: Vec<Work> = self
+            .dispatched
+            .values()
+            .filter(|w| w.event.record.tenant == msg.tenant)
+            .cloned()
+            .collect();
+        if !works.is_empty() {
+            // do_send: this is recovery of a bounded set, not intake.
+            tenant.do_send(Deliver(works));
         }
     }
 }

@@ -191,9 +191,8 @@ pub struct CheckResult {
     pub changed: Option<RecordState>,
 }
 
-/// Ask whether an event needs a write.
-#[derive(Debug, Message)]
-#[rtype(result = "CheckResult")]
+/// Whether an event needs a write.
+#[derive(Debug)]
 pub struct Check {
     pub record: RecordKey,
     pub mode: CheckMode,
@@ -202,6 +201,11 @@ pub struct Check {
     pub event: u64,
     pub payload: Option<PayloadHash>,
 }
+
+/// Ask about several events at once (one message, one answer per check, in order).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<CheckResult>")]
+pub struct Checks(pub Vec<Check>);
 
 /// The CRM accepted a write: remember what it now holds.
 #[derive(Debug, Message)]
@@ -258,26 +262,28 @@ const WRITE: CheckResult = CheckResult {
     changed: None,
 };
 
-impl Handler<Check> for DiffActor {
-    type Result = MessageResult<Check>;
+impl Handler<Checks> for DiffActor {
+    type Result = MessageResult<Checks>;
 
-    fn handle(&mut self, msg: Check, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Checks(checks): Checks, ctx: &mut Self::Context) -> Self::Result {
         let result = supervise::catch("diff", || {
             if std::mem::take(&mut self.panic_next) {
                 panic!("injected panic in diff actor");
             }
             if !self.enabled {
-                return WRITE;
+                return vec![WRITE; checks.len()];
             }
-            self.cache
-                .check(&msg.record, msg.mode, msg.op, msg.version, msg.event, msg.payload)
+            checks
+                .iter()
+                .map(|c| self.cache.check(&c.record, c.mode, c.op, c.version, c.event, c.payload))
+                .collect()
         });
         match result {
             Ok(v) => MessageResult(v),
             Err(_) => {
                 ctx.stop();
                 // Writing is always safe (writes are idempotent); skipping might not be.
-                MessageResult(WRITE)
+                MessageResult(vec![WRITE; checks.len()])
             }
         }
     }

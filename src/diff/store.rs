@@ -35,7 +35,13 @@ struct StateRecord {
 }
 
 fn hex(h: &PayloadHash) -> String {
-    h.0.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * h.0.len());
+    for b in h.0 {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 fn unhex(s: &str) -> Option<PayloadHash> {
@@ -99,6 +105,15 @@ impl StateStore {
             producer,
             topic: topic.into(),
         }
+    }
+
+    /// Writes records' confirmed states (state partition, record, state), all at once,
+    /// each retried until acknowledged.
+    pub async fn persist_all(&self, states: Vec<(i32, RecordKey, RecordState)>) {
+        let writes = states
+            .iter()
+            .map(|(partition, record, state)| self.persist(*partition, record, state));
+        futures::future::join_all(writes).await;
     }
 
     /// Writes one record's confirmed state to `partition`, retrying until acknowledged.

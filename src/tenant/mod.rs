@@ -39,7 +39,7 @@ use crate::config::TenantConfig;
 use crate::connectors::{Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
 use crate::diff::store::StateStore;
-use crate::diff::{Check, CheckMode, CheckResult, Confirm, DiffActor, RecordState, SkipReason, Verdict};
+use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
 use crate::notify::{DeadLetters, Failure, RetryState, SourceMessage};
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
@@ -55,10 +55,15 @@ pub struct Work {
     pub reply: PartitionLink,
 }
 
-/// Hand an event to its tenant.
+/// Hand events to their tenant, in the order their partition read them.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Deliver(pub Work);
+pub struct Deliver(pub Vec<Work>);
+
+/// Sends the diff checks queued by [`TenantActor::start`] in one message.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct FlushChecks;
 
 /// What a tenant actor needs from the rest of the pipeline.
 #[derive(Clone)]
@@ -136,6 +141,10 @@ pub struct TenantActor {
     outcome_counters: HashMap<&'static str, metrics::Counter>,
     /// Confirmed states to make durable (record, state, outcome, state partition).
     to_persist: Vec<(RecordKey, RecordState, OutcomeKind, i32)>,
+    /// Checks of records whose slot was just taken, sent together by [`FlushChecks`].
+    to_check: Vec<Check>,
+    /// Whether a [`FlushChecks`] is already on its way.
+    flush_scheduled: bool,
 }
 
 impl TenantActor {
@@ -155,6 +164,8 @@ impl TenantActor {
             panic_next: false,
             outcome_counters: HashMap::new(),
             to_persist: Vec::new(),
+            to_check: Vec::new(),
+            flush_scheduled: false,
         }
     }
 
@@ -233,7 +244,8 @@ impl TenantActor {
         }
     }
 
-    /// Takes a record's slot for `pending` and asks the diff actor whether to write.
+    /// Takes a record's slot for `pending` and queues the question to the diff actor
+    /// whether to write; the questions of one turn go out together.
     fn start(&mut self, key: RecordKey, pending: Pending, ctx: &mut Context<Self>) {
         let event = pending.work.event.clone();
         let (request, payload) = self.build_request(&event);
@@ -270,20 +282,45 @@ impl TenantActor {
                 waiting: None,
             },
         );
-        // `spawn`, not `wait`: other records go on meanwhile. This record's slot is taken
-        // (state `Checking`), so its later versions queue behind the check.
+        // This record's slot is taken (state `Checking`), so its later versions queue
+        // behind the check.
+        self.to_check.push(check);
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            ctx.notify(FlushChecks);
+        }
+    }
+
+    /// Asks the diff actor about every queued check in one message (`spawn`, not `wait`:
+    /// other records go on meanwhile), then pumps once for all that became ready.
+    fn flush_checks(&mut self, ctx: &mut Context<Self>) {
+        self.flush_scheduled = false;
+        if self.to_check.is_empty() {
+            return;
+        }
+        let checks = std::mem::take(&mut self.to_check);
+        let keys: Vec<RecordKey> = checks.iter().map(|c| c.record.clone()).collect();
         ctx.spawn(
             self.deps
                 .diff
-                .send(check)
+                .send(Checks(checks))
                 .into_actor(self)
-                .map(move |result, act, ctx| {
+                .map(move |results, act, ctx| {
                     // Without an answer, write: writes are idempotent, skipping might lose one.
-                    let result = result.unwrap_or(CheckResult {
-                        verdict: Verdict::Write,
-                        changed: None,
+                    let results = results.unwrap_or_default();
+                    for (i, key) in keys.into_iter().enumerate() {
+                        let result = results.get(i).copied().unwrap_or(CheckResult {
+                            verdict: Verdict::Write,
+                            changed: None,
+                        });
+                        if !act.guarded(ctx, |act, ctx| act.after_check(key, result, ctx)) {
+                            return;
+                        }
+                    }
+                    act.guarded(ctx, |act, ctx| {
+                        act.flush_persists(ctx);
+                        act.pump(ctx);
                     });
-                    act.guarded(ctx, |act, ctx| act.after_check(key, result, ctx));
                 }),
         );
     }
@@ -312,7 +349,8 @@ impl TenantActor {
         match result.verdict {
             Verdict::Skip(reason) => match result.changed {
                 // An unchanged newer version moved the record's version: durable first.
-                Some(state) => self.persist_then_complete(key, state, OutcomeKind::Skipped(reason), ctx),
+                // (The caller writes the queued states once for the whole answer.)
+                Some(state) => self.queue_persist(key, state, OutcomeKind::Skipped(reason)),
                 None => self.complete(key, OutcomeKind::Skipped(reason), ctx),
             },
             Verdict::Write => {
@@ -324,10 +362,8 @@ impl TenantActor {
                 match not_before {
                     // Back from the retry topic before it is due: wait for it here.
                     Some(delay) if !delay.is_zero() => self.back_off(key, delay),
-                    _ => {
-                        self.make_ready(key, ctx);
-                        self.pump(ctx);
-                    }
+                    // The caller pumps once for the whole answer.
+                    _ => self.make_ready(key, ctx),
                 }
             }
         }
@@ -724,20 +760,6 @@ impl TenantActor {
         }));
     }
 
-    /// Writes the record's new confirmed state to the state topic, then ends its active
-    /// event with `kind`: the offset is freed only once the state is durable. The
-    /// record's slot stays taken meanwhile, but not a concurrency permit.
-    fn persist_then_complete(
-        &mut self,
-        key: RecordKey,
-        state: RecordState,
-        kind: OutcomeKind,
-        ctx: &mut Context<Self>,
-    ) {
-        self.queue_persist(key, state, kind);
-        self.flush_persists(ctx);
-    }
-
     /// Queues a record's new confirmed state for [`flush_persists`](Self::flush_persists).
     fn queue_persist(&mut self, key: RecordKey, state: RecordState, kind: OutcomeKind) {
         let Some(slot) = self.records.get(&key) else { return };
@@ -747,8 +769,8 @@ impl TenantActor {
         self.to_persist.push((key, state, kind, partition));
     }
 
-    /// Writes the queued states to the state topic in one task (a batch's worth at once,
-    /// not one future per record in this actor's context), then ends each record's active
+    /// Writes the queued states to the state topic in one task on the I/O runtime (a
+    /// batch's worth at once, off this actor's thread), then ends each record's active
     /// event with its outcome: an offset is freed only once its state is durable.
     fn flush_persists(&mut self, ctx: &mut Context<Self>) {
         if self.to_persist.is_empty() {
@@ -756,15 +778,18 @@ impl TenantActor {
         }
         let batch = std::mem::take(&mut self.to_persist);
         let store = self.deps.state.clone();
-        let writes: Vec<_> = batch
+        let states: Vec<_> = batch
             .iter()
-            .map(|(key, state, _, partition)| {
-                let (store, key, state, partition) = (store.clone(), key.clone(), *state, *partition);
-                async move { store.persist(partition, &key, &state).await }
-            })
+            .map(|(key, state, _, partition)| (*partition, key.clone(), *state))
             .collect();
-        let persist = futures::future::join_all(writes);
-        ctx.spawn(persist.into_actor(self).map(move |_, act, ctx| {
+        let persist = crate::offload::spawn(async move { store.persist_all(states).await });
+        ctx.spawn(persist.into_actor(self).map(move |written, act, ctx| {
+            if let Err(e) = written {
+                // Not durable, so no outcome: a restart hands these events in again.
+                tracing::error!(tenant = %act.name, error = %e, "State write task failed; restarting the tenant.");
+                ctx.stop();
+                return;
+            }
             for (key, _, kind, _) in batch {
                 if !act.guarded(ctx, |act, ctx| act.complete(key, kind, ctx)) {
                     return;
@@ -821,6 +846,8 @@ impl Supervised for TenantActor {
         supervise::restarted("tenant");
         self.records.clear();
         self.ready.clear();
+        self.to_check.clear();
+        self.flush_scheduled = false;
         self.requests_in_flight = 0;
         self.wake_scheduled = false;
         self.panic_next = false;
@@ -841,8 +868,20 @@ impl Supervised for TenantActor {
 impl Handler<Deliver> for TenantActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        self.guarded(ctx, |act, ctx| act.deliver(msg.0, ctx));
+    fn handle(&mut self, Deliver(works): Deliver, ctx: &mut Self::Context) {
+        self.guarded(ctx, |act, ctx| {
+            for work in works {
+                act.deliver(work, ctx);
+            }
+        });
+    }
+}
+
+impl Handler<FlushChecks> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushChecks, ctx: &mut Self::Context) {
+        self.guarded(ctx, |act, ctx| act.flush_checks(ctx));
     }
 }
 
