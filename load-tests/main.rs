@@ -32,6 +32,11 @@ use crm_sync::sandbox::kafka::tools;
 use crm_sync::telemetry::{self, metric};
 use serde_json::{json, Map, Value};
 
+/// mimalloc: the pipeline allocates per event (messages, payload maps, actor envelopes)
+/// across threads; measured against the system allocator in load-tests/README.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "crm-sync load tests: figures, not pass/fail")]
 struct Args {
@@ -336,6 +341,10 @@ struct RunFigures {
     sandbox_cpu_seconds: f64,
     /// Delivery rate between 10% and 90% of the events delivered (no start-up, no tail).
     steady_events_per_sec: Option<f64>,
+    /// When the first event was delivered (start-up: group join, first fetch), and when
+    /// the last one was; the run ends when every offset is committed.
+    first_delivered: Option<Duration>,
+    all_delivered: Option<Duration>,
 }
 
 /// Runs the pipeline on the topic from the start until every offset is committed.
@@ -350,10 +359,16 @@ fn run_pipeline(s: &Sandboxes, config: Config, partitions: i32, events: usize) -
     let t0 = Instant::now();
     let service = pipeline::start(config).expect("start");
     let delivered_before = metric_total(&before, metric::OUTCOMES, Some(("outcome", "delivered")));
-    let (mut t10, mut t90) = (None, None);
+    let (mut t10, mut t90, mut first, mut all) = (None, None, None, None);
     loop {
         let delivered =
             metric_total(&prometheus.render(), metric::OUTCOMES, Some(("outcome", "delivered"))) - delivered_before;
+        if first.is_none() && delivered > 0.0 {
+            first = Some(t0.elapsed());
+        }
+        if all.is_none() && delivered >= events as f64 {
+            all = Some(t0.elapsed());
+        }
         if t10.is_none() && delivered >= 0.1 * events as f64 {
             t10 = Some(t0.elapsed());
         }
@@ -401,6 +416,8 @@ fn run_pipeline(s: &Sandboxes, config: Config, partitions: i32, events: usize) -
         broker_cpu_seconds: broker1 - broker0,
         sandbox_cpu_seconds: sandbox1 - sandbox0,
         steady_events_per_sec,
+        first_delivered: first,
+        all_delivered: all,
     }
 }
 
@@ -418,8 +435,10 @@ fn print_run(name: &str, f: &RunFigures, changed_records: usize) {
     );
     eprintln!("  ({name}: delivered {} skipped {})", f.delivered, f.skipped);
     println!(
-        "|   ↳ steady {} events/s; CPU: pipeline {:.1} s, CRM sandbox {:.1} s, Kafka broker {:.1} s (of {:.1} s × 2 cores) | | | | | | | | |",
+        "|   ↳ steady {} events/s; first event delivered at {}, all at {}; CPU: pipeline {:.1} s, CRM sandbox {:.1} s, Kafka broker {:.1} s (of {:.1} s × 2 cores) | | | | | | | | |",
         f.steady_events_per_sec.map_or("n/a".into(), |r| format!("{r:.0}")),
+        f.first_delivered.map_or("n/a".into(), |t| format!("{:.2} s", t.as_secs_f64())),
+        f.all_delivered.map_or("n/a".into(), |t| format!("{:.2} s", t.as_secs_f64())),
         f.cpu_seconds,
         f.sandbox_cpu_seconds,
         f.broker_cpu_seconds,

@@ -15,6 +15,11 @@ use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
 use crm_sync::sandbox::CrmSandbox;
 use crm_sync::{demo, pipeline, shutdown};
 
+/// mimalloc: the pipeline allocates per event (messages, payload maps, actor envelopes)
+/// across threads; measured against the system allocator in load-tests/README.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keeps Salesforce in step with business change events flowing through Apache Kafka.
 #[derive(Parser)]
 #[command(name = "crm-sync", version, about, long_about = None)]

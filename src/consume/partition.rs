@@ -28,6 +28,7 @@ use super::ConsumerCommand;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, SkipReason, Verdict};
 use crate::event::{self, event_id_fingerprint, Event, Routes};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
+use crate::offload;
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
 use crate::tenant::{Deliver, TenantActor, Work};
@@ -190,11 +191,12 @@ impl PartitionActor {
         }
     }
 
-    fn link(&self, ctx: &Context<Self>, offset: i64) -> PartitionLink {
+    /// Where the outcomes of this generation's events go (`link_for` adds the offset).
+    fn link(&self, ctx: &Context<Self>) -> PartitionLink {
         PartitionLink {
             recipient: ctx.address().downgrade().recipient(),
             generation: self.generation,
-            offset,
+            offset: -1,
             partition: self.shared.clone(),
         }
     }
@@ -273,30 +275,21 @@ impl Handler<Records> for PartitionActor {
         if self.awaiting_resync || self.retired {
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
-        let mut items = Vec::with_capacity(messages.len());
-        for message in messages {
-            if !self.tracker.received(message.offset) {
-                continue;
-            }
-            let decoded = event::decode(
-                message.payload.as_deref(),
-                self.deps.max_message_bytes,
-                &*self.deps.routes,
-            );
-            let link = self.link(ctx, message.offset);
-            items.push((Arc::new(message), decoded, link));
-        }
-        if items.is_empty() {
+        let messages: Vec<SourceMessage> = messages
+            .into_iter()
+            .filter(|m| self.tracker.received(m.offset))
+            .collect();
+        if messages.is_empty() {
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
-        self.consumed.increment(items.len() as u64);
+        self.consumed.increment(messages.len() as u64);
         if self.shared.watermark.load(Ordering::Acquire) < 0 {
             // The first messages: publish where this partition starts, so that a restart
             // before any outcome still knows where to re-read from.
             self.publish();
         }
         let inject_panic = std::mem::take(&mut self.panic_next);
-        let work = intake(items, self.deps.clone(), inject_panic);
+        let work = intake(messages, self.link(ctx), self.deps.clone(), inject_panic);
         let guarded = supervise::catch_future("partition", work);
         AtomicResponse::new(Box::pin(guarded.into_actor(self).map(|steps, act, ctx| {
             let Ok(steps) = steps else {
@@ -332,20 +325,38 @@ enum Step {
     Dispatched(Work),
 }
 
-/// Decoded messages of one batch, on their way in: bad ones are dead-lettered,
-/// duplicates and stale versions end here, the rest go to their tenants. Returns each
-/// offset's step.
+/// One batch on its way in: decoded (on the I/O runtime, off the actor thread), bad
+/// messages dead-lettered, duplicates and stale versions ended, the rest handed to their
+/// tenants. Returns each offset's step.
 async fn intake(
-    items: Vec<(Arc<SourceMessage>, Result<Event, event::DecodeError>, PartitionLink)>,
+    messages: Vec<SourceMessage>,
+    link: PartitionLink,
     deps: Arc<PartitionDeps>,
     inject_panic: bool,
 ) -> Vec<(i64, Step)> {
     if inject_panic {
         panic!("injected panic in partition actor");
     }
+    let (routes, max_bytes) = (deps.routes.clone(), deps.max_message_bytes);
+    let items = offload::spawn(async move {
+        messages
+            .into_iter()
+            .map(|m| {
+                let decoded = event::decode(m.payload.as_deref(), max_bytes, &*routes);
+                (Arc::new(m), decoded)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    // The runtime is shutting down: so is the service; nothing here was committed.
+    .unwrap_or_else(|e| panic!("decode task failed: {e}"));
     let mut steps = Vec::with_capacity(items.len());
     let mut decoded = Vec::with_capacity(items.len());
-    for (source, result, link) in items {
+    for (source, result) in items {
+        let link = PartitionLink {
+            offset: source.offset,
+            ..link.clone()
+        };
         match result {
             Ok(e) => decoded.push((Arc::new(e), source, link)),
             Err(e) => {
