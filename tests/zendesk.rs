@@ -139,6 +139,39 @@ fn an_account_without_bulk_import_gets_one_call_per_record() {
 }
 
 #[test]
+fn open_jobs_are_polled_together_without_holding_the_concurrency_permit() {
+    let env = Env::new(1);
+    let mut setup = ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET);
+    let job_ms = 1000;
+    setup.job_duration_ms = job_ms;
+    let zd = ZendeskSandbox::start("127.0.0.1:0", setup).unwrap();
+    let mut config = env.config_for(&zd);
+    let tenant = &mut config.tenants[0];
+    // One call at a time, five records a job: three jobs for fifteen users.
+    tenant.max_concurrency = 1;
+    tenant.batch_size = 5;
+    let poll_ms = tenant.zendesk.as_ref().unwrap().job_poll_interval_ms;
+    let service = pipeline::start(config).unwrap();
+    let events: Vec<_> = (0..15)
+        .map(|i| upsert(&format!("e{i}"), &format!("C-{i}"), 1, &format!("N{i}"), "Jobs"))
+        .collect();
+    env.produce(&events);
+    assert!(env.wait_all_committed(WAIT));
+    assert!(env.read_dlq().is_empty());
+    assert_eq!(zd.records("users").len(), 15);
+    // Had each job kept the one permit until its result, the jobs would have run one
+    // after another, each polled on its own: at least 3 × job_ms / poll_ms polls. Open
+    // together and polled together, they cost about one job's worth of polls.
+    let requests = zd.stats().api_requests;
+    let one_job_of_polls = job_ms / poll_ms;
+    assert!(
+        requests < 2 * one_job_of_polls,
+        "{requests} requests; one job's worth of polls is {one_job_of_polls}"
+    );
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
 fn a_slow_job_is_followed_to_its_result() {
     let env = Env::new(1);
     let mut setup = ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET);

@@ -247,6 +247,26 @@ pub fn on_io_runtime<T: Send + 'static>(
     })
 }
 
+/// Dropped by a connector once a batch's own calls have been answered; the tenant's
+/// concurrency permit for the batch goes back then. For most CRMs that is when every
+/// record's result is known. A Zendesk job goes on running on Zendesk's side after its
+/// call returned; its results are polled for without holding a permit.
+pub struct CallsDone {
+    /// Never sent on: dropping it is the signal.
+    _signal: futures::channel::oneshot::Sender<()>,
+}
+
+impl CallsDone {
+    /// A token, and a future that resolves once the token is dropped.
+    pub fn pair() -> (Self, impl std::future::Future<Output = ()>) {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        (CallsDone { _signal: tx }, async move {
+            // Dropping the sender is the signal: an error is the expected answer.
+            let _ = rx.await;
+        })
+    }
+}
+
 /// A CRM client for one tenant.
 pub trait Connector: Send + Sync + 'static {
     /// Short CRM name for labels: `salesforce`.
@@ -263,10 +283,19 @@ pub trait Connector: Send + Sync + 'static {
 
     /// Writes records that share their op, object and external id field, in as few calls
     /// as the CRM's batch limit allows, with one result per request, in order: a record's
-    /// failure is its own, not its batch-mates'.
-    fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+    /// failure is its own, not its batch-mates'. `calls_done` is dropped once the
+    /// batch's calls are answered.
+    fn write_batch(
+        &self,
+        requests: Vec<WriteRequest>,
+        calls_done: CallsDone,
+    ) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
         let writes: Vec<_> = requests.into_iter().map(|r| self.write(r)).collect();
-        Box::pin(futures::future::join_all(writes))
+        Box::pin(async move {
+            let results = futures::future::join_all(writes).await;
+            drop(calls_done);
+            results
+        })
     }
 
     /// The API quota the CRM last reported for this tenant, if it reports one.

@@ -36,7 +36,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::TenantConfig;
-use crate::connectors::{Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
+use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
@@ -623,10 +623,16 @@ impl TenantActor {
             return;
         }
         metrics::histogram!(metric::BATCH_SIZE, "tenant" => self.name.to_string()).record(sent.len() as f64);
+        // The permit goes back when the batch's calls are answered, which for a Zendesk
+        // job is before its results are known.
         self.requests_in_flight += 1;
-        let write = self.connector.write_batch(requests);
-        ctx.spawn(write.into_actor(self).map(move |results, act, ctx| {
+        let (calls_done, answered) = CallsDone::pair();
+        let write = self.connector.write_batch(requests, calls_done);
+        ctx.spawn(answered.into_actor(self).map(|(), act, ctx| {
             act.requests_in_flight -= 1;
+            act.guarded(ctx, |act, ctx| act.pump(ctx));
+        }));
+        ctx.spawn(write.into_actor(self).map(move |results, act, ctx| {
             if !act.guarded(ctx, |act, ctx| act.adapt_pace(&results, ctx)) {
                 return;
             }

@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 
 use crate::config::{DynamicsConfig, TenantConfig};
 use crate::connectors::http::{self, Quota, QuotaCell};
-use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
 pub use batching::{boundary_of, decode, BATCH_LIMIT};
@@ -58,11 +58,19 @@ impl Connector for DynamicsConnector {
         BATCH_LIMIT
     }
 
-    fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+    fn write_batch(
+        &self,
+        requests: Vec<WriteRequest>,
+        calls_done: CallsDone,
+    ) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
         let client = self.client.clone();
         let n = requests.len();
         on_io_runtime(
-            async move { batching::write_batch(&client, requests).await },
+            async move {
+                // Every result is known when the calls are answered.
+                let _calls_done = calls_done;
+                batching::write_batch(&client, requests).await
+            },
             move |lost| vec![Err(lost); n],
         )
     }

@@ -1,11 +1,15 @@
 //! Zendesk batches: `create_or_update_many` jobs for users and organizations.
 //!
 //! `POST /api/v2/{users|organizations}/create_or_update_many` with up to 100 records
-//! queues a background job and answers with its `job_status`; `GET
-//! /api/v2/job_statuses/{id}` is polled until the job is `completed` (or `failed`). Each
-//! item of its `results` becomes its record's outcome: `Created`, `Updated`, or `Failed`
-//! with `error` and `details`. A record's outcome (and so its event's offset) is only
-//! known once the job's result is. Tickets and deletes go one by one.
+//! queues a background job and answers with its `job_status`. Once that call is answered
+//! the batch's concurrency permit goes back ([`CallsDone`]): the job runs on Zendesk's
+//! side. The account's open jobs are followed together ([`Jobs`]): while any is open,
+//! one `GET /api/v2/job_statuses/show_many?ids=…` per poll interval asks for all of them,
+//! so polling costs one call per interval, not one per job, and at most
+//! [`JOB_LIMIT`] jobs are open at once (Zendesk's per-account job limit). Each item of a
+//! finished job's `results` becomes its record's outcome: `Created`, `Updated`, or
+//! `Failed` with `error` and `details`. A record's outcome (and so its event's offset) is
+//! only known once the job's result is. Tickets and deletes go one by one.
 //!
 //! Which result belongs to which record is not fully documented (crm-apis.md §2.3,
 //! UNVERIFIED): an item is matched by its `index` when it has one, else by its
@@ -14,8 +18,12 @@
 //! A 403 (bulk import not enabled for the account) switches the tenant to one call per
 //! record.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use futures::channel::oneshot;
 
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -23,17 +31,26 @@ use serde_json::{json, Value};
 
 use super::client::{record_body, ZendeskClient};
 use super::errors;
-use crate::connectors::{DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{CallsDone, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
 /// Most records one `create_or_update_many` call may carry.
 pub const MANY_LIMIT: usize = 100;
+
+/// Most jobs queued or running at once per account (crm-apis.md §2.3); also the most
+/// ids one `show_many` poll asks for.
+pub const JOB_LIMIT: usize = 30;
 
 const BULK_REFUSED_NOTE: &str = "bulk import is not enabled for this Zendesk account; writing one record per call";
 
 #[derive(Debug, Deserialize)]
 struct JobEnvelope {
     job_status: JobStatus,
+}
+
+#[derive(Debug, Deserialize)]
+struct JobStatuses {
+    job_statuses: Vec<JobStatus>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,51 +88,57 @@ pub fn max_batch(bulk_refused: &AtomicBool, op: Op, object: &str) -> usize {
 }
 
 /// Writes records that share op and object, in jobs of up to [`MANY_LIMIT`] when the
-/// object has one, else one by one. One result per request, in order.
+/// object has one, else one by one. One result per request, in order. `calls_done` is
+/// dropped once no more write calls are to come: jobs are followed without it.
 pub async fn write_batch(
-    client: &ZendeskClient,
+    client: &Arc<ZendeskClient>,
     bulk_refused: &AtomicBool,
     requests: Vec<WriteRequest>,
+    calls_done: CallsDone,
 ) -> Vec<Result<WriteOk, DeliveryError>> {
-    let mut out = Vec::with_capacity(requests.len());
     let batchable = requests
         .first()
         .map(|r| max_batch(bulk_refused, r.op, &r.object))
         .unwrap_or(1)
         > 1;
-    if requests.len() == 1 || !batchable {
-        for r in requests {
-            out.push(client.write(r).await);
-        }
-        return out;
-    }
+    let mut out = Vec::with_capacity(requests.len());
     let mut rest = requests;
-    while !rest.is_empty() {
-        let chunk: Vec<WriteRequest> = rest.drain(..rest.len().min(MANY_LIMIT)).collect();
-        match create_or_update_many(client, &chunk).await {
-            Some(results) => out.extend(results),
-            None => {
-                tracing::warn!(tenant = %client.meter.tenant, "{BULK_REFUSED_NOTE}.");
-                bulk_refused.store(true, Ordering::Relaxed);
-                for r in chunk {
-                    out.push(client.write(r).await);
+    let mut calls_done = Some(calls_done);
+    if rest.len() > 1 && batchable {
+        while !rest.is_empty() {
+            let chunk: Vec<WriteRequest> = rest.drain(..rest.len().min(MANY_LIMIT)).collect();
+            // The last chunk's write is the batch's last call.
+            let done = if rest.is_empty() { calls_done.take() } else { None };
+            match create_or_update_many(client, &chunk, done).await {
+                Some(results) => out.extend(results),
+                None => {
+                    tracing::warn!(tenant = %client.meter.tenant, "{BULK_REFUSED_NOTE}.");
+                    bulk_refused.store(true, Ordering::Relaxed);
+                    rest.splice(0..0, chunk);
+                    break;
                 }
             }
         }
+    }
+    for r in rest {
+        out.push(client.write(r).await);
     }
     out
 }
 
 /// One job. `None` when the account refuses bulk calls (403).
 async fn create_or_update_many(
-    client: &ZendeskClient,
+    client: &Arc<ZendeskClient>,
     requests: &[WriteRequest],
+    calls_done: Option<CallsDone>,
 ) -> Option<Vec<Result<WriteOk, DeliveryError>>> {
     let n = requests.len();
     let object = &requests[0].object;
     let records: Vec<Value> = requests.iter().map(record_body).collect();
     let body = json!({ object.as_str(): records });
     let path = format!("/{object}/create_or_update_many");
+    // Held until the job's result is known: at most JOB_LIMIT jobs are open.
+    let _open = client.jobs.slots.acquire().await;
     let answer = match client.call(Method::POST, &path, Some(&body), None).await {
         Ok(a) => a,
         Err(e) => return Some(vec![Err(e); n]),
@@ -123,6 +146,7 @@ async fn create_or_update_many(
     if answer.status == StatusCode::FORBIDDEN {
         return None;
     }
+    drop(calls_done);
     if !answer.status.is_success() {
         return Some(vec![Err(client.classify(&answer)); n]);
     }
@@ -133,36 +157,167 @@ async fn create_or_update_many(
             return Some(vec![Err(e); n]);
         }
     };
-    Some(match follow(client, job).await {
+    Some(match Jobs::follow(client, job).await {
         Ok(job) => outcomes(requests, &job),
         Err(e) => vec![Err(e); n],
     })
 }
 
-/// Polls the job until it has finished, or the job timeout passes.
-async fn follow(client: &ZendeskClient, mut job: JobStatus) -> Result<JobStatus, DeliveryError> {
-    let deadline = Instant::now() + client.job_timeout;
-    loop {
-        if matches!(job.status.as_str(), "completed" | "failed" | "killed") {
+fn finished(job: &JobStatus) -> bool {
+    matches!(job.status.as_str(), "completed" | "failed" | "killed")
+}
+
+/// The account's open jobs, followed together by one poller task that runs while any
+/// job is open.
+pub struct Jobs {
+    open: Mutex<OpenJobs>,
+    /// One permit per open job, held from its submission until its result is known:
+    /// Zendesk runs at most [`JOB_LIMIT`] jobs per account, and a further write waits
+    /// here (holding its concurrency permit) instead of being refused.
+    slots: tokio::sync::Semaphore,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs {
+            open: Mutex::new(OpenJobs::default()),
+            slots: tokio::sync::Semaphore::new(JOB_LIMIT),
+        }
+    }
+}
+
+#[derive(Default)]
+struct OpenJobs {
+    waiting: HashMap<String, Waiter>,
+    /// Whether the poller task runs; it ends when no job is open.
+    polling: bool,
+}
+
+struct Waiter {
+    /// Where the finished job goes; dropped unanswered only if the poller dies.
+    done: oneshot::Sender<Result<JobStatus, DeliveryError>>,
+    deadline: Instant,
+    /// The status last reported, for the timeout's message.
+    status: String,
+}
+
+impl Jobs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenJobs> {
+        // The lock is never held across an await or a call that can panic.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the job has finished, or the job timeout passes.
+    async fn follow(client: &Arc<ZendeskClient>, job: JobStatus) -> Result<JobStatus, DeliveryError> {
+        if finished(&job) {
             return Ok(job);
         }
-        if Instant::now() >= deadline {
-            return Err(DeliveryError::unexpected_retryable(format!(
-                "job {} still {} after {:?}",
-                job.id, job.status, client.job_timeout
-            )));
+        let (done, result) = oneshot::channel();
+        let start_poller = {
+            let mut open = client.jobs.lock();
+            open.waiting.insert(
+                job.id.clone(),
+                Waiter {
+                    done,
+                    deadline: Instant::now() + client.job_timeout,
+                    status: job.status,
+                },
+            );
+            !std::mem::replace(&mut open.polling, true)
+        };
+        if start_poller {
+            tokio::spawn(poll_open_jobs(client.clone()));
         }
-        // The poll cadence; the job timeout bounds the wait.
-        tokio::time::sleep(client.job_poll_interval).await;
-        let answer = client
-            .call(Method::GET, &format!("/job_statuses/{}", job.id), None, None)
-            .await?;
-        if answer.status != StatusCode::OK {
-            return Err(client.classify(&answer));
+        result
+            .await
+            .unwrap_or_else(|_| Err(DeliveryError::unexpected_retryable("job status poller ended".into())))
+    }
+
+    /// Ends the waits that have timed out; returns the ids still open, or `None` (and the
+    /// poller ends) when none is.
+    fn open_ids(&self) -> Option<Vec<String>> {
+        let mut open = self.lock();
+        let now = Instant::now();
+        let expired: Vec<String> = open
+            .waiting
+            .iter()
+            .filter(|(_, w)| now >= w.deadline)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(w) = open.waiting.remove(&id) {
+                let e = DeliveryError::unexpected_retryable(format!("job {id} still {} at the job timeout", w.status));
+                let _ = w.done.send(Err(e));
+            }
         }
-        job = serde_json::from_slice::<JobEnvelope>(&answer.body)
-            .map_err(|e| DeliveryError::unexpected_retryable(format!("job status not understood: {e}")))?
-            .job_status;
+        if open.waiting.is_empty() {
+            open.polling = false;
+            return None;
+        }
+        Some(open.waiting.keys().cloned().collect())
+    }
+
+    /// Hands a reported status to its waiter if the job has finished.
+    fn report(&self, job: JobStatus) {
+        let mut open = self.lock();
+        if finished(&job) {
+            if let Some(w) = open.waiting.remove(&job.id) {
+                let _ = w.done.send(Ok(job));
+            }
+        } else if let Some(w) = open.waiting.get_mut(&job.id) {
+            w.status = job.status;
+        }
+    }
+
+    /// Ends the waits for `ids` with `error`.
+    fn fail(&self, ids: &[String], error: &DeliveryError) {
+        let mut open = self.lock();
+        for id in ids {
+            if let Some(w) = open.waiting.remove(id) {
+                let _ = w.done.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// The poller: every poll interval, one `show_many` call per [`JOB_LIMIT`] open jobs.
+/// A job the answer leaves out, or a poll that fails retryably, is asked about again at
+/// the next interval (its timeout bounds that); a `Retry-After` delays the next poll; a
+/// permanent refusal ends its jobs' waits with that error.
+async fn poll_open_jobs(client: Arc<ZendeskClient>) {
+    let mut delay = client.job_poll_interval;
+    loop {
+        // The poll cadence; each job's timeout bounds its wait.
+        tokio::time::sleep(delay).await;
+        delay = client.job_poll_interval;
+        let Some(ids) = client.jobs.open_ids() else {
+            return;
+        };
+        for chunk in ids.chunks(JOB_LIMIT) {
+            let path = format!("/job_statuses/show_many?ids={}", chunk.join(","));
+            let answer = match client.call(Method::GET, &path, None, None).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(tenant = %client.meter.tenant, error = %e, "Job status poll failed; polling again.");
+                    continue;
+                }
+            };
+            if answer.status != StatusCode::OK {
+                let e = client.classify(&answer);
+                if e.is_retryable() {
+                    delay = delay.max(e.retry_after.unwrap_or_default());
+                } else {
+                    client.jobs.fail(chunk, &e);
+                }
+                continue;
+            }
+            match serde_json::from_slice::<JobStatuses>(&answer.body) {
+                Ok(statuses) => statuses.job_statuses.into_iter().for_each(|j| client.jobs.report(j)),
+                Err(e) => {
+                    tracing::debug!(tenant = %client.meter.tenant, error = %e, "Job statuses not understood; polling again.")
+                }
+            }
+        }
     }
 }
 

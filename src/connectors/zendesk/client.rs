@@ -37,6 +37,8 @@ pub struct ZendeskClient {
     pub(super) quota: QuotaCell,
     pub(super) job_poll_interval: Duration,
     pub(super) job_timeout: Duration,
+    /// The account's open `create_or_update_many` jobs, polled together.
+    pub(super) jobs: super::batching::Jobs,
 }
 
 /// The JSON wrapper key of one record of `object`: `user`, `organization`, `ticket`.

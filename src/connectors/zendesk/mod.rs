@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 
 use crate::config::{TenantConfig, ZendeskConfig};
 use crate::connectors::http::{self, Quota, QuotaCell};
-use crate::connectors::{on_io_runtime, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
 pub use batching::MANY_LIMIT;
@@ -47,6 +47,7 @@ impl ZendeskConnector {
                 meter,
                 job_poll_interval: Duration::from_millis(zd.job_poll_interval_ms),
                 job_timeout: Duration::from_millis(zd.job_timeout_ms),
+                jobs: batching::Jobs::default(),
             }),
             bulk_refused: Arc::new(AtomicBool::new(false)),
         })
@@ -67,12 +68,16 @@ impl Connector for ZendeskConnector {
         batching::max_batch(&self.bulk_refused, op, object)
     }
 
-    fn write_batch(&self, requests: Vec<WriteRequest>) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+    fn write_batch(
+        &self,
+        requests: Vec<WriteRequest>,
+        calls_done: CallsDone,
+    ) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
         let client = self.client.clone();
         let bulk_refused = self.bulk_refused.clone();
         let n = requests.len();
         on_io_runtime(
-            async move { batching::write_batch(&client, &bulk_refused, requests).await },
+            async move { batching::write_batch(&client, &bulk_refused, requests, calls_done).await },
             move |lost| vec![Err(lost); n],
         )
     }
