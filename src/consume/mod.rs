@@ -37,7 +37,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 pub use partition::{
-    Drain, Outcome, OutcomeKind, PartitionActor, PartitionDeps, PartitionLink, PartitionShared, Records, Redispatch,
+    Drain, OutcomeKind, Outcomes, PartitionActor, PartitionDeps, PartitionLink, PartitionShared, Records, Redispatch,
     Resync, Retire,
 };
 

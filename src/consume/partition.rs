@@ -54,20 +54,19 @@ impl OutcomeKind {
     }
 }
 
-/// An event's outcome, back at its partition.
-#[derive(Debug, Clone, Copy, Message)]
+/// Events' outcomes (offset, outcome), back at their partition.
+#[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
-pub struct Outcome {
+pub struct Outcomes {
     pub generation: u64,
-    pub offset: i64,
-    pub kind: OutcomeKind,
+    pub done: Vec<(i64, OutcomeKind)>,
 }
 
 /// Where an event's outcome goes. Weak, so a retired partition is not kept alive (or
 /// restarted by its supervisor) by events still out with a tenant.
 #[derive(Debug, Clone)]
 pub struct PartitionLink {
-    pub recipient: WeakRecipient<Outcome>,
+    pub recipient: WeakRecipient<Outcomes>,
     pub generation: u64,
     pub offset: i64,
     /// Tells whether this instance still owns the partition.
@@ -82,14 +81,19 @@ impl PartitionLink {
         !self.partition.retired.load(Ordering::Acquire)
     }
 
+    /// Whether both links lead to the same partition generation.
+    pub fn same_partition(&self, other: &PartitionLink) -> bool {
+        Arc::ptr_eq(&self.partition, &other.partition) && self.generation == other.generation
+    }
+
+    /// Sends outcomes of this link's partition generation (`done`: offset and outcome).
     /// `do_send`: outcomes must never wait on the partition's mailbox (the partition may
     /// itself be waiting on the tenant's); their number is bounded by the in-flight window.
-    pub fn send(&self, kind: OutcomeKind) {
+    pub fn send_all(&self, done: Vec<(i64, OutcomeKind)>) {
         if let Some(r) = self.recipient.upgrade() {
-            r.do_send(Outcome {
+            r.do_send(Outcomes {
                 generation: self.generation,
-                offset: self.offset,
-                kind,
+                done,
             });
         }
     }
@@ -201,12 +205,11 @@ impl PartitionActor {
         }
     }
 
-    /// Records a final outcome and publishes the new watermark.
+    /// Records a final outcome; the caller publishes the new watermark.
     fn finish(&mut self, offset: i64) {
         if self.tracker.finished(offset) {
             self.dispatched.remove(&offset);
         }
-        self.publish();
     }
 
     fn publish(&mut self) {
@@ -303,9 +306,7 @@ impl Handler<Records> for PartitionActor {
                             metrics::counter!(metric::OUTCOMES, "tenant" => e.record.tenant.to_string(), "outcome" => kind.as_str())
                                 .increment(1);
                         }
-                        if act.tracker.finished(offset) {
-                            act.dispatched.remove(&offset);
-                        }
+                        act.finish(offset);
                     }
                     Step::Dispatched(work) => {
                         if act.tracker.is_pending(offset) {
@@ -428,13 +429,17 @@ async fn intake(
     steps
 }
 
-impl Handler<Outcome> for PartitionActor {
+impl Handler<Outcomes> for PartitionActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Outcome, _: &mut Self::Context) {
-        if msg.generation == self.generation {
-            self.finish(msg.offset);
+    fn handle(&mut self, msg: Outcomes, _: &mut Self::Context) {
+        if msg.generation != self.generation {
+            return;
         }
+        for (offset, _) in msg.done {
+            self.finish(offset);
+        }
+        self.publish();
     }
 }
 

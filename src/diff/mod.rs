@@ -23,11 +23,9 @@
 
 pub mod store;
 
-use std::collections::HashMap;
-
 use actix::prelude::*;
 
-use crate::event::{Op, PayloadHash, RecordKey};
+use crate::event::{Op, PayloadHash, RecordKey, RecordMap};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::metric;
 
@@ -112,16 +110,16 @@ pub fn verdict(
 #[derive(Debug)]
 pub struct DiffCache {
     capacity: usize,
-    young: HashMap<RecordKey, RecordState>,
-    old: HashMap<RecordKey, RecordState>,
+    young: RecordMap<RecordState>,
+    old: RecordMap<RecordState>,
 }
 
 impl DiffCache {
     pub fn new(capacity: usize) -> Self {
         DiffCache {
             capacity: capacity.max(2),
-            young: HashMap::new(),
-            old: HashMap::new(),
+            young: RecordMap::default(),
+            old: RecordMap::default(),
         }
     }
 
@@ -207,13 +205,10 @@ pub struct Check {
 #[rtype(result = "Vec<CheckResult>")]
 pub struct Checks(pub Vec<Check>);
 
-/// The CRM accepted a write: remember what it now holds.
+/// The CRM accepted writes: remember what it now holds (records of one batch).
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Confirm {
-    pub record: RecordKey,
-    pub state: RecordState,
-}
+pub struct Confirm(pub Vec<(RecordKey, RecordState)>);
 
 /// States read back from the state topic for a partition this instance now owns.
 #[derive(Debug, Message)]
@@ -311,8 +306,13 @@ impl Handler<Restore> for DiffActor {
 impl Handler<Confirm> for DiffActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Confirm, ctx: &mut Self::Context) {
-        if supervise::catch("diff", || self.cache.confirm(&msg.record, msg.state)).is_err() {
+    fn handle(&mut self, Confirm(confirmed): Confirm, ctx: &mut Self::Context) {
+        let applied = supervise::catch("diff", || {
+            for (record, state) in &confirmed {
+                self.cache.confirm(record, *state);
+            }
+        });
+        if applied.is_err() {
             ctx.stop();
         }
         metrics::gauge!(metric::DIFF_RECORDS).set(self.cache.len() as f64);

@@ -40,7 +40,7 @@ use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk,
 use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
-use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
+use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey, RecordMap};
 use crate::notify::{DeadLetters, Failure, RetryState, SourceMessage};
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
@@ -60,10 +60,11 @@ pub struct Work {
 #[rtype(result = "()")]
 pub struct Deliver(pub Vec<Work>);
 
-/// Sends the diff checks queued by [`TenantActor::start`] in one message.
+/// Sends what this turn queued to other actors, in one message each: the diff checks of
+/// records just started, and outcomes by partition.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-struct FlushChecks;
+struct Flush;
 
 /// What a tenant actor needs from the rest of the pipeline.
 #[derive(Clone)]
@@ -126,7 +127,7 @@ pub struct TenantActor {
     config: Arc<TenantConfig>,
     connector: Arc<dyn Connector>,
     deps: TenantDeps,
-    records: HashMap<RecordKey, Slot>,
+    records: RecordMap<Slot>,
     /// Records whose write waits for a permit, oldest first.
     ready: VecDeque<RecordKey>,
     requests_in_flight: usize,
@@ -141,10 +142,14 @@ pub struct TenantActor {
     outcome_counters: HashMap<&'static str, metrics::Counter>,
     /// Confirmed states to make durable (record, state, outcome, state partition).
     to_persist: Vec<(RecordKey, RecordState, OutcomeKind, i32)>,
-    /// Checks of records whose slot was just taken, sent together by [`FlushChecks`].
+    /// Checks of records whose slot was just taken, sent together by [`Flush`].
     to_check: Vec<Check>,
-    /// Whether a [`FlushChecks`] is already on its way.
+    /// Outcomes to report, by partition generation, sent together by [`Flush`].
+    to_report: Vec<(PartitionLink, Vec<(i64, OutcomeKind)>)>,
+    /// Whether a [`Flush`] is already on its way.
     flush_scheduled: bool,
+    /// States the CRM just confirmed, for the diff actor, sent once per batch result.
+    to_confirm: Vec<(RecordKey, RecordState)>,
 }
 
 impl TenantActor {
@@ -155,7 +160,7 @@ impl TenantActor {
             config,
             connector,
             deps,
-            records: HashMap::new(),
+            records: RecordMap::default(),
             ready: VecDeque::new(),
             requests_in_flight: 0,
             wake_scheduled: false,
@@ -165,7 +170,9 @@ impl TenantActor {
             outcome_counters: HashMap::new(),
             to_persist: Vec::new(),
             to_check: Vec::new(),
+            to_report: Vec::new(),
             flush_scheduled: false,
+            to_confirm: Vec::new(),
         }
     }
 
@@ -210,6 +217,7 @@ impl TenantActor {
                     Some(_) => self.report(
                         Pending { work, also: Vec::new() },
                         OutcomeKind::Skipped(SkipReason::Stale),
+                        ctx,
                     ),
                 }
                 return;
@@ -221,6 +229,7 @@ impl TenantActor {
             self.report(
                 Pending { work, also: Vec::new() },
                 OutcomeKind::Skipped(SkipReason::Stale),
+                ctx,
             );
             return;
         }
@@ -240,7 +249,7 @@ impl TenantActor {
             Some(_) => Some((Pending { work, also: Vec::new() }, SkipReason::Stale)),
         };
         if let Some((pending, reason)) = to_skip {
-            self.report(pending, OutcomeKind::Skipped(reason));
+            self.report(pending, OutcomeKind::Skipped(reason), ctx);
         }
     }
 
@@ -285,16 +294,26 @@ impl TenantActor {
         // This record's slot is taken (state `Checking`), so its later versions queue
         // behind the check.
         self.to_check.push(check);
+        self.schedule_flush(ctx);
+    }
+
+    fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
         if !self.flush_scheduled {
             self.flush_scheduled = true;
-            ctx.notify(FlushChecks);
+            ctx.notify(Flush);
+        }
+    }
+
+    /// Sends each partition its outcomes of this turn in one message.
+    fn flush_reports(&mut self) {
+        for (link, done) in self.to_report.drain(..) {
+            link.send_all(done);
         }
     }
 
     /// Asks the diff actor about every queued check in one message (`spawn`, not `wait`:
     /// other records go on meanwhile), then pumps once for all that became ready.
     fn flush_checks(&mut self, ctx: &mut Context<Self>) {
-        self.flush_scheduled = false;
         if self.to_check.is_empty() {
             return;
         }
@@ -641,6 +660,12 @@ impl TenantActor {
                     return;
                 }
             }
+            // Sent before these records' next checks (which wait for their states to be
+            // durable), in the same mailbox: in order.
+            let confirmed = std::mem::take(&mut act.to_confirm);
+            if !confirmed.is_empty() {
+                act.deps.diff.do_send(Confirm(confirmed));
+            }
             act.guarded(ctx, |act, ctx| {
                 act.flush_persists(ctx);
                 act.pump(ctx);
@@ -666,11 +691,7 @@ impl TenantActor {
                     event: event_id_fingerprint(&event.event_id),
                 };
                 active.state = ActiveState::Persisting;
-                // Queued before the record's next check, in the same mailbox: in order.
-                self.deps.diff.do_send(Confirm {
-                    record: key.clone(),
-                    state,
-                });
+                self.to_confirm.push((key.clone(), state));
                 self.queue_persist(key, state, OutcomeKind::Delivered);
             }
             Err(error) => {
@@ -809,18 +830,26 @@ impl TenantActor {
         let Some(slot) = self.records.remove(&key) else {
             return;
         };
-        self.report(slot.active.pending, kind);
+        self.report(slot.active.pending, kind, ctx);
         if let Some(next) = slot.waiting {
             self.start(key, next, ctx);
         }
     }
 
-    fn report(&mut self, pending: Pending, kind: OutcomeKind) {
+    /// Queues the event's outcome for every partition that handed it in; [`Flush`] sends
+    /// them.
+    fn report(&mut self, pending: Pending, kind: OutcomeKind, ctx: &mut Context<Self>) {
         self.count_outcome(kind.as_str());
-        pending.work.reply.send(kind);
-        for link in pending.also {
-            link.send(kind);
+        for link in std::iter::once(pending.work.reply).chain(pending.also) {
+            match self.to_report.iter_mut().find(|(l, _)| l.same_partition(&link)) {
+                Some((_, done)) => done.push((link.offset, kind)),
+                None => {
+                    let offset = link.offset;
+                    self.to_report.push((link, vec![(offset, kind)]));
+                }
+            }
         }
+        self.schedule_flush(ctx);
     }
 }
 
@@ -850,10 +879,13 @@ impl Actor for TenantActor {
 impl Supervised for TenantActor {
     fn restarting(&mut self, _: &mut Self::Context) {
         supervise::restarted("tenant");
+        // Outcomes decided before the failure still hold.
+        self.flush_reports();
         self.records.clear();
         self.ready.clear();
         self.to_check.clear();
         self.flush_scheduled = false;
+        self.to_confirm.clear();
         self.requests_in_flight = 0;
         self.wake_scheduled = false;
         self.panic_next = false;
@@ -883,10 +915,12 @@ impl Handler<Deliver> for TenantActor {
     }
 }
 
-impl Handler<FlushChecks> for TenantActor {
+impl Handler<Flush> for TenantActor {
     type Result = ();
 
-    fn handle(&mut self, _: FlushChecks, ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Flush, ctx: &mut Self::Context) {
+        self.flush_scheduled = false;
+        self.flush_reports();
         self.guarded(ctx, |act, ctx| act.flush_checks(ctx));
     }
 }
