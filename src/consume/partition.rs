@@ -238,8 +238,9 @@ impl Actor for PartitionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Batches of messages (see `consume::INTAKE_BATCH`).
-        ctx.set_mailbox_capacity(4);
+        // One batch waiting, and one more past capacity from the consumer thread (its
+        // only sender): at most two intake batches wait beyond the in-flight window.
+        ctx.set_mailbox_capacity(1);
     }
 }
 
