@@ -391,7 +391,8 @@ fn run_pipeline(s: &Sandboxes, config: Config, partitions: i32, events: usize) -
     }
     let seconds = t0.elapsed().as_secs_f64();
     let steady_events_per_sec = match (t10, t90) {
-        (Some(a), Some(b)) if b > a => Some(0.8 * events as f64 / (b - a).as_secs_f64()),
+        // Fewer than five progress samples apart: too short to call a rate.
+        (Some(a), Some(b)) if b >= a + Duration::from_millis(100) => Some(0.8 * events as f64 / (b - a).as_secs_f64()),
         _ => None,
     };
     let cpu = cpu_seconds() - cpu0;

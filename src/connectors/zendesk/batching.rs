@@ -285,11 +285,14 @@ impl Jobs {
 /// the next interval (its timeout bounds that); a `Retry-After` delays the next poll; a
 /// permanent refusal ends its jobs' waits with that error.
 async fn poll_open_jobs(client: Arc<ZendeskClient>) {
-    let mut delay = client.job_poll_interval;
+    // The poll cadence, counted from one poll's start to the next (a slow answer does not
+    // stretch it); each job's timeout bounds its wait. The first tick, which an interval
+    // yields at once, is skipped: a job just queued is not done yet.
+    let mut cadence = tokio::time::interval(client.job_poll_interval);
+    cadence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    cadence.tick().await;
     loop {
-        // The poll cadence; each job's timeout bounds its wait.
-        tokio::time::sleep(delay).await;
-        delay = client.job_poll_interval;
+        cadence.tick().await;
         let Some(ids) = client.jobs.open_ids() else {
             return;
         };
@@ -305,7 +308,10 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
             if answer.status != StatusCode::OK {
                 let e = client.classify(&answer);
                 if e.is_retryable() {
-                    delay = delay.max(e.retry_after.unwrap_or_default());
+                    if let Some(pause) = e.retry_after {
+                        // Zendesk asked for a pause: the next poll waits it out.
+                        cadence.reset_after(pause);
+                    }
                 } else {
                     client.jobs.fail(chunk, &e);
                 }
