@@ -367,7 +367,8 @@ pub struct ZendeskConfig {
     /// Scopes asked for in the client-credentials grant.
     #[serde(default = "default_zd_scope")]
     pub oauth_scope: String,
-    /// How often the status of a `create_or_update_many` job is polled.
+    /// How often the tenant's open `create_or_update_many` jobs are polled (one
+    /// `job_statuses/show_many` call for all of them).
     #[serde(default = "default_zd_job_poll_interval_ms")]
     pub job_poll_interval_ms: u64,
     /// How long a job may stay unfinished before its records are retried (a replay is
