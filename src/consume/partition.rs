@@ -54,12 +54,12 @@ impl OutcomeKind {
     }
 }
 
-/// Events' outcomes (offset, outcome), back at their partition.
+/// Offsets whose events have their final outcome, back at their partition.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct Outcomes {
     pub generation: u64,
-    pub done: Vec<(i64, OutcomeKind)>,
+    pub offsets: Vec<i64>,
 }
 
 /// Where an event's outcome goes. Weak, so a retired partition is not kept alive (or
@@ -86,14 +86,14 @@ impl PartitionLink {
         Arc::ptr_eq(&self.partition, &other.partition) && self.generation == other.generation
     }
 
-    /// Sends outcomes of this link's partition generation (`done`: offset and outcome).
+    /// Tells this link's partition generation that the events at `offsets` are decided.
     /// `do_send`: outcomes must never wait on the partition's mailbox (the partition may
     /// itself be waiting on the tenant's); their number is bounded by the in-flight window.
-    pub fn send_all(&self, done: Vec<(i64, OutcomeKind)>) {
+    pub fn send_all(&self, offsets: Vec<i64>) {
         if let Some(r) = self.recipient.upgrade() {
             r.do_send(Outcomes {
                 generation: self.generation,
-                done,
+                offsets,
             });
         }
     }
@@ -195,7 +195,8 @@ impl PartitionActor {
         }
     }
 
-    /// Where the outcomes of this generation's events go (`link_for` adds the offset).
+    /// Where the outcomes of this generation's events go; `intake` sets each event's
+    /// offset.
     fn link(&self, ctx: &Context<Self>) -> PartitionLink {
         PartitionLink {
             recipient: ctx.address().downgrade().recipient(),
@@ -437,7 +438,7 @@ impl Handler<Outcomes> for PartitionActor {
         if msg.generation != self.generation {
             return;
         }
-        for (offset, _) in msg.done {
+        for offset in msg.offsets {
             self.finish(offset);
         }
         self.publish();

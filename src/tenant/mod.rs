@@ -144,8 +144,8 @@ pub struct TenantActor {
     to_persist: Vec<(RecordKey, RecordState, OutcomeKind, i32)>,
     /// Checks of records whose slot was just taken, sent together by [`Flush`].
     to_check: Vec<Check>,
-    /// Outcomes to report, by partition generation, sent together by [`Flush`].
-    to_report: Vec<(PartitionLink, Vec<(i64, OutcomeKind)>)>,
+    /// Offsets of decided events, by partition generation, sent together by [`Flush`].
+    to_report: Vec<(PartitionLink, Vec<i64>)>,
     /// Whether a [`Flush`] is already on its way.
     flush_scheduled: bool,
     /// States the CRM just confirmed, for the diff actor, sent once per batch result.
@@ -306,8 +306,8 @@ impl TenantActor {
 
     /// Sends each partition its outcomes of this turn in one message.
     fn flush_reports(&mut self) {
-        for (link, done) in self.to_report.drain(..) {
-            link.send_all(done);
+        for (link, offsets) in self.to_report.drain(..) {
+            link.send_all(offsets);
         }
     }
 
@@ -842,10 +842,10 @@ impl TenantActor {
         self.count_outcome(kind.as_str());
         for link in std::iter::once(pending.work.reply).chain(pending.also) {
             match self.to_report.iter_mut().find(|(l, _)| l.same_partition(&link)) {
-                Some((_, done)) => done.push((link.offset, kind)),
+                Some((_, offsets)) => offsets.push(link.offset),
                 None => {
                     let offset = link.offset;
-                    self.to_report.push((link, vec![(offset, kind)]));
+                    self.to_report.push((link, vec![offset]));
                 }
             }
         }
@@ -886,6 +886,8 @@ impl Supervised for TenantActor {
         self.to_check.clear();
         self.flush_scheduled = false;
         self.to_confirm.clear();
+        // Their records' slots are gone: the events come in again by re-dispatch.
+        self.to_persist.clear();
         self.requests_in_flight = 0;
         self.wake_scheduled = false;
         self.panic_next = false;

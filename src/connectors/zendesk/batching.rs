@@ -108,7 +108,12 @@ pub async fn write_batch(
         while !rest.is_empty() {
             let chunk: Vec<WriteRequest> = rest.drain(..rest.len().min(MANY_LIMIT)).collect();
             // The last chunk's write is the batch's last call.
-            let done = if rest.is_empty() { calls_done.take() } else { None };
+            let mut not_last = None;
+            let done = if rest.is_empty() {
+                &mut calls_done
+            } else {
+                &mut not_last
+            };
             match create_or_update_many(client, &chunk, done).await {
                 Some(results) => out.extend(results),
                 None => {
@@ -126,11 +131,12 @@ pub async fn write_batch(
     out
 }
 
-/// One job. `None` when the account refuses bulk calls (403).
+/// One job. `None` when the account refuses bulk calls (403): the records then go one by
+/// one, so `calls_done` is only let go once the job was accepted.
 async fn create_or_update_many(
     client: &Arc<ZendeskClient>,
     requests: &[WriteRequest],
-    calls_done: Option<CallsDone>,
+    calls_done: &mut Option<CallsDone>,
 ) -> Option<Vec<Result<WriteOk, DeliveryError>>> {
     let n = requests.len();
     let object = &requests[0].object;
@@ -146,7 +152,8 @@ async fn create_or_update_many(
     if answer.status == StatusCode::FORBIDDEN {
         return None;
     }
-    drop(calls_done);
+    // Dropped: the job runs on Zendesk's side from here.
+    calls_done.take();
     if !answer.status.is_success() {
         return Some(vec![Err(client.classify(&answer)); n]);
     }
