@@ -247,6 +247,15 @@ pub fn on_io_runtime<T: Send + 'static>(
     })
 }
 
+/// Runs a batch on the I/O runtime ([`on_io_runtime`]): one result per record, each the
+/// task's failure if the task died.
+pub fn batch_on_io_runtime(
+    records: usize,
+    call: impl std::future::Future<Output = Vec<Result<WriteOk, DeliveryError>>> + Send + 'static,
+) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
+    on_io_runtime(call, move |lost| vec![Err(lost); records])
+}
+
 /// Dropped by a connector once a batch's own calls have been answered; the tenant's
 /// concurrency permit for the batch goes back then. For most CRMs that is when every
 /// record's result is known. A Zendesk job goes on running on Zendesk's side after its

@@ -17,7 +17,9 @@ use futures::future::BoxFuture;
 
 use crate::config::{SalesforceConfig, TenantConfig};
 use crate::connectors::http::{self, Quota, QuotaCell};
-use crate::connectors::{on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{
+    batch_on_io_runtime, on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest,
+};
 use crate::event::Op;
 
 pub use batching::COLLECTION_LIMIT;
@@ -73,15 +75,11 @@ impl Connector for SalesforceConnector {
         calls_done: CallsDone,
     ) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
         let client = self.client.clone();
-        let n = requests.len();
-        on_io_runtime(
-            async move {
-                // Every result is known when the calls are answered.
-                let _calls_done = calls_done;
-                batching::write_batch(&client, requests).await
-            },
-            move |lost| vec![Err(lost); n],
-        )
+        batch_on_io_runtime(requests.len(), async move {
+            // Every result is known when the calls are answered.
+            let _calls_done = calls_done;
+            batching::write_batch(&client, requests).await
+        })
     }
 
     fn quota(&self) -> Option<Quota> {

@@ -19,7 +19,9 @@ use futures::future::BoxFuture;
 
 use crate::config::{TenantConfig, ZendeskConfig};
 use crate::connectors::http::{self, Quota, QuotaCell};
-use crate::connectors::{on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{
+    batch_on_io_runtime, on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest,
+};
 use crate::event::Op;
 
 pub use batching::MANY_LIMIT;
@@ -75,11 +77,9 @@ impl Connector for ZendeskConnector {
     ) -> BoxFuture<'static, Vec<Result<WriteOk, DeliveryError>>> {
         let client = self.client.clone();
         let bulk_refused = self.bulk_refused.clone();
-        let n = requests.len();
-        on_io_runtime(
-            async move { batching::write_batch(&client, &bulk_refused, requests, calls_done).await },
-            move |lost| vec![Err(lost); n],
-        )
+        batch_on_io_runtime(requests.len(), async move {
+            batching::write_batch(&client, &bulk_refused, requests, calls_done).await
+        })
     }
 
     fn quota(&self) -> Option<Quota> {
