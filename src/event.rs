@@ -84,6 +84,9 @@ pub enum DecodeError {
     UnknownTenant(String),
     #[error("tenant `{tenant}` has no mapping for entity `{entity}`")]
     UnknownEntity { tenant: String, entity: String },
+    /// A message on the retry topic whose retry headers are missing or invalid.
+    #[error(transparent)]
+    BadRetryHeader(#[from] crate::retry::topic::BadRetryHeader),
 }
 
 impl DecodeError {
@@ -100,6 +103,7 @@ impl DecodeError {
             DecodeError::UnknownOp(_) => "unknown_op",
             DecodeError::UnknownTenant(_) => "unknown_tenant",
             DecodeError::UnknownEntity { .. } => "unknown_entity",
+            DecodeError::BadRetryHeader(_) => "bad_retry_header",
         }
     }
 }

@@ -24,7 +24,7 @@
 //! - [`notify`]: the dead-letter and failures topics for terminal failures, and the
 //!   retry topic where long retries are parked (read back by [`consume`]).
 //!
-//! Cross-cutting: [`config`], [`telemetry`] (metrics, health), [`supervise`] (turning
+//! Cross-cutting: [`config`], [`headers`] (Kafka headers as bytes), [`telemetry`] (metrics, health), [`supervise`] (turning
 //! panics into supervised restarts), [`offload`] (the I/O runtime that keeps CRM calls
 //! and state writes off the actor thread), [`shutdown`], [`pipeline`] (wiring it all into a
 //! running service), [`sandbox`] (local stand-ins for Kafka and the CRMs) and [`demo`].
@@ -35,6 +35,7 @@ pub mod consume;
 pub mod demo;
 pub mod diff;
 pub mod event;
+pub mod headers;
 pub mod notify;
 pub mod offload;
 pub mod pipeline;

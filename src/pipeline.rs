@@ -22,6 +22,7 @@ use crate::diff::store::StateStore;
 use crate::diff::DiffActor;
 use crate::event::Routes;
 use crate::notify::DeadLetters;
+use crate::retry::topic::RetryRoute;
 use crate::retry::{RetryPolicy, RetryQueueActor, TenantDirectory, TenantLink};
 use crate::supervise::InjectPanic;
 use crate::telemetry::{self, Health};
@@ -163,11 +164,13 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
     let new: Vec<NewTopic<'_>> = wanted
         .iter()
         .map(|t| {
-            let topic = NewTopic::new(
-                t,
-                kafka.topic_partitions,
-                TopicReplication::Fixed(kafka.topic_replication),
-            );
+            // The retry topic has a partition for every input partition (co-partitioned).
+            let partitions = if Some(*t) == kafka.retry_topic.as_ref() {
+                kafka.topic_partitions * kafka.input_topics.len() as i32
+            } else {
+                kafka.topic_partitions
+            };
+            let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(kafka.topic_replication));
             if *t == &kafka.state_topic {
                 topic.set("cleanup.policy", "compact")
             } else {
@@ -189,9 +192,10 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
 }
 
 /// The topics crm-sync writes to must exist (a write to a missing one would be retried
-/// forever, holding its partition), and the state topic needs a partition for every
-/// input partition number, since each record's state goes to its source partition's.
-fn check_topics(kafka: &KafkaConfig) -> Result<(), StartError> {
+/// forever, holding its partition), the state topic needs a partition for every input
+/// partition number, since each record's state goes to its source partition's, and the
+/// retry topic one for every input partition (see [`RetryRoute`]), which is returned.
+fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Option<RetryRoute>, StartError> {
     let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
     let partitions = |name: &str| {
@@ -226,8 +230,21 @@ fn check_topics(kafka: &KafkaConfig) -> Result<(), StartError> {
         .filter_map(|t| partitions(t))
         .max()
         .unwrap_or(0);
+    let route = match &kafka.retry_topic {
+        Some(topic) => Some(
+            RetryRoute::new(
+                topic,
+                &kafka.input_topics,
+                partitions(topic).unwrap_or(0) as i32,
+                needed as i32,
+                max_wait,
+            )
+            .map_err(StartError::Topic)?,
+        ),
+        None => None,
+    };
     match partitions(&kafka.state_topic) {
-        Some(have) if have >= needed => Ok(()),
+        Some(have) if have >= needed => Ok(route),
         Some(have) => Err(StartError::Topic(format!(
             "`kafka.state_topic` ({}) has {have} partitions; it needs at least {needed}, as many as the largest input topic",
             kafka.state_topic
@@ -289,12 +306,15 @@ async fn run_service(
             tracing::warn!(error = %e, "Could not check or create topics.");
         }
     }
-    if let Err(e) = check_topics(&config.kafka) {
-        let _ = started.send(Err(e));
-        http_task.abort();
-        return;
-    }
-    match wire(&config, health, stop, committed, http_addr) {
+    let route = match check_topics(&config.kafka, Duration::from_millis(config.retry.max_age_ms)) {
+        Ok(route) => route,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            http_task.abort();
+            return;
+        }
+    };
+    match wire(&config, route, health, stop, committed, http_addr) {
         Ok((control, consumer_thread, arbiters)) => {
             let _ = started.send(Ok(control));
             match tokio::task::spawn_blocking(move || consumer_thread.join()).await {
@@ -321,6 +341,7 @@ type Wired = (
 
 fn wire(
     config: &Config,
+    retry_route: Option<RetryRoute>,
     health: Health,
     stop: StopSignal,
     committed: Arc<AtomicBool>,
@@ -336,9 +357,9 @@ fn wire(
         producer,
         &config.kafka.dlq_topic,
         &config.kafka.failures_topic,
-        config.kafka.retry_topic.as_deref(),
+        retry_route.clone(),
     );
-    if config.kafka.retry_topic.is_none() {
+    if retry_route.is_none() {
         tracing::warn!("No kafka.retry_topic: retries wait in memory, and a tenant whose CRM is down holds up the others on its partitions.");
     }
 
@@ -390,6 +411,7 @@ fn wire(
         tenants: tenants.clone(),
         diff: diff.clone(),
         dead_letters,
+        retry: retry_route.clone(),
         max_message_bytes: config.kafka.max_message_bytes,
         max_in_flight: config.kafka.max_in_flight_per_partition,
         commands: commands_tx.clone(),
@@ -397,6 +419,7 @@ fn wire(
     let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
     let setup = ConsumerSetup {
         kafka: config.kafka.clone(),
+        retry: retry_route,
         directory: partitions.clone(),
         deps,
         arbiter: actors.handle(),

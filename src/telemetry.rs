@@ -40,6 +40,7 @@ pub mod metric {
     pub const COMMIT_FAILURES: &str = "crm_sync_commit_failures_total";
     pub const STATE_WRITE_FAILURES: &str = "crm_sync_state_write_failures_total";
     pub const STATE_RESTORED: &str = "crm_sync_state_restored_records_total";
+    pub const STATE_RESTORE_FAILURES: &str = "crm_sync_state_restore_failures_total";
 }
 
 /// Final and intermediate outcomes of an event (the `outcome` label of
@@ -142,6 +143,21 @@ fn describe() {
         COMMIT_FAILURES,
         Unit::Count,
         "Offset commits the broker refused (the events will be re-delivered, not lost)."
+    );
+    describe_counter!(
+        STATE_WRITE_FAILURES,
+        Unit::Count,
+        "Failed attempts to write a confirmed state to the state topic (retried until they succeed)."
+    );
+    describe_counter!(
+        STATE_RESTORED,
+        Unit::Count,
+        "Confirmed states read back from the state topic when partitions were assigned."
+    );
+    describe_counter!(
+        STATE_RESTORE_FAILURES,
+        Unit::Count,
+        "Failed reads of confirmed states; the partitions stay paused until a read succeeds."
     );
 }
 

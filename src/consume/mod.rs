@@ -2,16 +2,24 @@
 //!
 //! The consumer runs on its own OS thread (a librdkafka `BaseConsumer` polled in a loop),
 //! so that rebalance callbacks may block while partitions drain without stalling any
-//! actor. The thread:
+//! actor. The input topics are consumed through the consumer group. The retry topic is
+//! not: a second consumer (the *retry reader*, group `{group_id}.retry`, which never
+//! joins) is assigned retry partition `r` exactly while this member owns the input
+//! partition whose parked events go to `r` ([`crate::retry::topic`]). So whoever acts on a
+//! parked event owns its record's partition, has that partition's confirmed states, and
+//! sees its other versions in flight. The thread:
 //! - on assign, reads the new partitions' confirmed states back from the state topic
-//!   into the diff cache, then starts a supervised [`PartitionActor`] per partition;
+//!   into the diff cache, then starts a supervised [`PartitionActor`] per partition and
+//!   one for its retry partition; a partition whose states cannot be read stays paused,
+//!   and the read is tried again, since without them stale versions would be written;
 //! - takes what librdkafka has fetched (up to [`INTAKE_BATCH`] messages a round) and
 //!   hands each partition actor its share in one message (`send`, so a busy partition
 //!   slows intake), and pauses/resumes partitions whose in-flight window is full;
 //! - stores each partition's watermark (`enable.auto.offset.store=false`) and commits
 //!   every `commit_interval_ms`;
-//! - on revoke, drains the revoked partitions (bounded by `drain_timeout_ms`, which is
-//!   below the session timeout), commits them synchronously, then retires them: tenants
+//! - on revoke, drains the revoked partitions and their retry partitions (bounded by
+//!   `drain_timeout_ms`, which is below the session timeout), commits them
+//!   synchronously, then retires them and gives the retry partitions up: tenants
 //!   drop whatever of theirs is still waiting, since the next owner re-reads it;
 //! - on shutdown, stops fetching, drains everything within the deadline, commits and
 //!   leaves the group.
@@ -31,8 +39,9 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -45,6 +54,7 @@ use crate::config::KafkaConfig;
 use crate::diff::store;
 use crate::diff::Restore;
 use crate::notify::SourceMessage;
+use crate::retry::topic::RetryRoute;
 use crate::supervise::InjectPanic;
 use crate::telemetry::{metric, Health};
 
@@ -111,6 +121,52 @@ impl StopSignal {
     }
 }
 
+/// The partition-level calls the service makes, on either of its two consumers.
+trait PartitionControl {
+    fn pause_partitions(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
+    fn resume_partitions(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
+    fn seek_partition(&self, topic: &str, partition: i32, offset: Offset) -> KafkaResult<()>;
+    fn store_and_commit(&self, tpl: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()>;
+}
+
+impl<C: ConsumerContext> PartitionControl for BaseConsumer<C> {
+    fn pause_partitions(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        self.pause(tpl)
+    }
+    fn resume_partitions(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        self.resume(tpl)
+    }
+    fn seek_partition(&self, topic: &str, partition: i32, offset: Offset) -> KafkaResult<()> {
+        self.seek(topic, partition, offset, Duration::from_secs(5))
+    }
+    fn store_and_commit(&self, tpl: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()> {
+        self.store_offsets(tpl)?;
+        self.commit(tpl, mode)
+    }
+}
+
+/// The consumer of the retry topic. It never joins a group: it is assigned the retry
+/// partitions of the input partitions this member owns, and commits under its own group
+/// id, which no member subscribes with.
+struct RetryReader {
+    consumer: BaseConsumer,
+    route: RetryRoute,
+}
+
+/// The consumer group id under which the retry reader commits its offsets.
+pub fn retry_group_id(group_id: &str) -> String {
+    format!("{group_id}.retry")
+}
+
+/// Input partitions assigned to this member whose confirmed states could not be read
+/// yet: paused, without actors, until a read succeeds.
+#[derive(Default)]
+struct Restoring {
+    partitions: Vec<PartitionKey>,
+    next_attempt: Option<Instant>,
+    backoff: Duration,
+}
+
 /// The consumer's callbacks: rebalances, commits, statistics.
 pub struct LoopContext {
     directory: PartitionDirectory,
@@ -121,14 +177,18 @@ pub struct LoopContext {
     health: Health,
     /// Where confirmed states are read back from when input partitions are assigned.
     state_topic: String,
-    input_topics: Vec<String>,
     /// Connection settings for the state-restore reader.
     client: ClientConfig,
+    /// The retry topic's own consumer, when there is a retry topic. Owned here so that
+    /// the rebalance callbacks can hand it the retry partitions; dropped with the main
+    /// consumer.
+    retry: Option<RetryReader>,
     /// Partitions currently paused because their window is full, each with the first
     /// offset that arrived after the pause (librdkafka still hands out what it had
     /// prefetched). Such messages are not delivered; the partition is seeked back to that
     /// offset before it resumes, so the window really bounds memory and nothing is skipped.
     paused: Mutex<HashMap<PartitionKey, Option<i64>>>,
+    restoring: Mutex<Restoring>,
 }
 
 impl ClientContext for LoopContext {
@@ -151,21 +211,22 @@ impl ConsumerContext for LoopContext {
             Rebalance::Revoke(tpl) => {
                 let revoked = keys_of(tpl);
                 tracing::info!(partitions = revoked.len(), "Partitions revoked; draining them.");
-                self.drain_commit_retire(consumer, &revoked, self.drain_timeout);
+                self.forget_restoring(consumer, &revoked);
+                let mut keys = revoked.clone();
+                keys.extend(revoked.iter().filter_map(|k| self.retry_key(k)));
+                self.drain_commit_retire(consumer, &keys, self.drain_timeout);
+                self.release_retry_partitions(&revoked);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error."),
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = keys_of(tpl);
             tracing::info!(partitions = assigned.len(), "Partitions assigned.");
-            self.restore_state(&assigned);
-            for (topic, partition) in assigned {
-                self.start_partition(topic, partition);
-            }
+            self.activate(consumer, assigned);
             self.health.set_ready(true);
         }
     }
@@ -191,35 +252,167 @@ fn keys_of(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
         .collect()
 }
 
+fn tpl_of(keys: &[PartitionKey]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in keys {
+        tpl.add_partition(topic, *partition);
+    }
+    tpl
+}
+
 impl LoopContext {
-    /// Reads back the confirmed states of the newly assigned partitions (before any of
-    /// their messages is handled: this runs on the consumer thread, inside the rebalance).
-    fn restore_state(&self, assigned: &[PartitionKey]) {
-        // Retry-topic partitions carry no states of their own: a parked event's state
-        // goes to its input partition's.
-        let partitions: std::collections::BTreeSet<i32> = assigned
+    /// The retry partition that belongs to input partition `key`.
+    fn retry_key(&self, key: &PartitionKey) -> Option<PartitionKey> {
+        let route = &self.retry.as_ref()?.route;
+        Some((route.topic.clone(), route.partition_for(&key.0, key.1)?))
+    }
+
+    fn is_retry_topic(&self, topic: &str) -> bool {
+        self.retry.as_ref().is_some_and(|r| *r.route.topic == *topic)
+    }
+
+    /// The consumer that reads `topic`.
+    fn client<'a>(&'a self, main: &'a BaseConsumer<LoopContext>, topic: &str) -> &'a dyn PartitionControl {
+        match &self.retry {
+            Some(r) if *r.route.topic == *topic => &r.consumer,
+            _ => main,
+        }
+    }
+
+    /// Starts newly assigned input partitions (and their retry partitions) once their
+    /// confirmed states are read back; those whose states cannot be read stay paused and
+    /// are tried again from the loop.
+    fn activate(&self, consumer: &BaseConsumer<LoopContext>, assigned: Vec<PartitionKey>) {
+        let unroutable: Vec<&PartitionKey> = assigned
             .iter()
-            .filter(|(topic, _)| self.input_topics.iter().any(|t| **t == **topic))
-            .map(|(_, p)| *p)
+            .filter(|k| self.retry.is_some() && self.retry_key(k).is_none())
             .collect();
-        let partitions: Vec<i32> = partitions.into_iter().collect();
-        if partitions.is_empty() {
+        if !unroutable.is_empty() {
+            // Started without a retry partition, its parked events would have nowhere to
+            // go: its retries wait in memory instead (see `DeadLetters::can_park`).
+            tracing::error!(partitions = ?unroutable, "Input partitions beyond the retry topic's partitions; their retries wait in memory. Add retry-topic partitions and restart.");
+        }
+        let partitions: Vec<i32> = assigned.iter().map(|(_, p)| *p).collect();
+        match self.restore_state(&partitions) {
+            Ok(()) => {
+                for key in assigned {
+                    self.start_with_retry(key);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    topic = %self.state_topic,
+                    error = %e,
+                    partitions = assigned.len(),
+                    "Could not read confirmed states back; the partitions stay paused until they can be read."
+                );
+                metrics::counter!(metric::STATE_RESTORE_FAILURES).increment(1);
+                let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+                if consumer.pause(&tpl_of(&assigned)).is_ok() {
+                    for key in &assigned {
+                        paused.entry(key.clone()).or_insert(None);
+                    }
+                }
+                drop(paused);
+                let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+                restoring.partitions.extend(assigned);
+                restoring.backoff = Duration::from_millis(500);
+                restoring.next_attempt = Some(Instant::now() + restoring.backoff);
+            }
+        }
+    }
+
+    /// Tries again to read the states of partitions still waiting for them; those that
+    /// succeed start, and resume where they were paused.
+    fn retry_restores(&self) {
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        if restoring.partitions.is_empty() || restoring.next_attempt.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        match store::restore(&self.client, &self.state_topic, &partitions, Duration::from_secs(60)) {
-            Ok(states) => {
-                tracing::debug!(
+        let partitions: Vec<i32> = restoring.partitions.iter().map(|(_, p)| *p).collect();
+        match self.restore_state(&partitions) {
+            Ok(()) => {
+                tracing::info!(
                     partitions = partitions.len(),
-                    records = states.len(),
-                    "Restored confirmed states."
+                    "Confirmed states read back; starting the partitions."
                 );
-                self.deps.diff.do_send(Restore(states));
+                for key in std::mem::take(&mut restoring.partitions) {
+                    // Its pause is lifted by `sync_pauses`, which seeks back to the first
+                    // message held back meanwhile.
+                    self.start_with_retry(key);
+                }
+                restoring.next_attempt = None;
             }
-            Err(e) => tracing::error!(
-                topic = %self.state_topic,
-                error = %e,
-                "Could not read confirmed states back; stale versions of these partitions' records may be written."
-            ),
+            Err(e) => {
+                metrics::counter!(metric::STATE_RESTORE_FAILURES).increment(1);
+                tracing::error!(topic = %self.state_topic, error = %e, "Could not read confirmed states back; retrying.");
+                restoring.backoff = (restoring.backoff * 2).min(Duration::from_secs(30));
+                restoring.next_attempt = Some(Instant::now() + restoring.backoff);
+            }
+        }
+    }
+
+    /// Revoked partitions that never started: nothing to drain, just forget them.
+    fn forget_restoring(&self, consumer: &BaseConsumer<LoopContext>, revoked: &[PartitionKey]) {
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        restoring.partitions.retain(|k| !revoked.contains(k));
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        for key in revoked {
+            if !self.directory.contains_key(key) && paused.remove(key).is_some() {
+                let _ = consumer.resume(&tpl_of(std::slice::from_ref(key)));
+            }
+        }
+    }
+
+    /// Reads back the confirmed states of input partitions (before any of their messages
+    /// is handled: this runs on the consumer thread, inside the rebalance or before the
+    /// partitions start), streaming them into the diff cache.
+    fn restore_state(&self, partitions: &[i32]) -> KafkaResult<()> {
+        let mut partitions = partitions.to_vec();
+        partitions.sort_unstable();
+        partitions.dedup();
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let diff = &self.deps.diff;
+        let records = store::restore(
+            &self.client,
+            &self.state_topic,
+            &partitions,
+            Duration::from_secs(60),
+            |chunk| diff.do_send(Restore(chunk)),
+        )?;
+        tracing::debug!(partitions = partitions.len(), records, "Restored confirmed states.");
+        Ok(())
+    }
+
+    /// Starts an input partition's actor, and its retry partition's (assigned to the retry
+    /// reader at its committed offset).
+    fn start_with_retry(&self, key: PartitionKey) {
+        if let (Some(reader), Some(retry_key)) = (&self.retry, self.retry_key(&key)) {
+            if !self.directory.contains_key(&retry_key) {
+                if let Err(e) = reader
+                    .consumer
+                    .incremental_assign(&tpl_of(std::slice::from_ref(&retry_key)))
+                {
+                    tracing::error!(topic = %retry_key.0, partition = retry_key.1, error = %e, "Could not assign the retry partition.");
+                }
+                self.start_partition(retry_key.0, retry_key.1);
+            }
+        }
+        self.start_partition(key.0, key.1);
+    }
+
+    /// Gives up the retry partitions of revoked input partitions (already drained,
+    /// committed and retired).
+    fn release_retry_partitions(&self, revoked: &[PartitionKey]) {
+        let Some(reader) = &self.retry else { return };
+        let keys: Vec<PartitionKey> = revoked.iter().filter_map(|k| self.retry_key(k)).collect();
+        if keys.is_empty() {
+            return;
+        }
+        if let Err(e) = reader.consumer.incremental_unassign(&tpl_of(&keys)) {
+            tracing::warn!(error = %e, "Could not unassign retry partitions.");
         }
     }
 
@@ -246,6 +439,51 @@ impl LoopContext {
         );
     }
 
+    /// Stores and commits the watermarks of `keys` (all live partitions when `None`),
+    /// each through the consumer that reads it.
+    fn commit_watermarks(&self, main: &BaseConsumer<LoopContext>, keys: Option<&[PartitionKey]>, mode: CommitMode) {
+        let mut input = TopicPartitionList::new();
+        let mut retry = TopicPartitionList::new();
+        let mut add = |key: &PartitionKey, wm: i64| {
+            if wm >= 0 {
+                let tpl = if self.is_retry_topic(&key.0) {
+                    &mut retry
+                } else {
+                    &mut input
+                };
+                let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(wm));
+            }
+        };
+        match keys {
+            Some(keys) => {
+                for key in keys {
+                    if let Some(entry) = self.directory.get(key) {
+                        add(key, entry.shared.watermark.load(Ordering::Acquire));
+                    }
+                }
+            }
+            None => {
+                for entry in self.directory.iter() {
+                    add(entry.key(), entry.shared.watermark.load(Ordering::Acquire));
+                }
+            }
+        }
+        for tpl in [input, retry] {
+            let Some(first) = tpl.elements().first().map(|e| e.topic().to_string()) else {
+                continue;
+            };
+            match self.client(main, &first).store_and_commit(&tpl, mode) {
+                Ok(()) => record_committed(&tpl),
+                Err(e) if is_no_offset(&e) => {}
+                // Rejected during a rebalance: the next owner re-reads from the last commit.
+                Err(e) => {
+                    metrics::counter!(metric::COMMIT_FAILURES).increment(1);
+                    tracing::warn!(error = %e, "Offset commit refused; the events after the last commit will be re-delivered.");
+                }
+            }
+        }
+    }
+
     /// Waits (up to `timeout` in all) for the partitions to finish their in-flight events,
     /// commits their watermarks synchronously, and retires their actors.
     fn drain_commit_retire(&self, consumer: &BaseConsumer<Self>, keys: &[PartitionKey], timeout: Duration) {
@@ -265,28 +503,7 @@ impl LoopContext {
                 tracing::warn!(topic = %topic, partition, "Drain deadline passed; undecided events will be re-delivered to the next owner.");
             }
         }
-        let mut tpl = TopicPartitionList::new();
-        for key in keys {
-            if let Some(entry) = self.directory.get(key) {
-                let wm = entry.shared.watermark.load(Ordering::Acquire);
-                if wm >= 0 {
-                    let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(wm));
-                }
-            }
-        }
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.store_offsets(&tpl) {
-                tracing::warn!(error = %e, "Could not store offsets of drained partitions.");
-            }
-            match consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => record_committed(&tpl),
-                // Rejected during a rebalance: the next owner re-reads from the last commit.
-                Err(e) => {
-                    metrics::counter!(metric::COMMIT_FAILURES).increment(1);
-                    tracing::warn!(error = %e, "Commit of drained partitions refused; their events will be re-delivered.");
-                }
-            }
-        }
+        self.commit_watermarks(consumer, Some(keys), CommitMode::Sync);
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {
             paused.remove(key);
@@ -310,6 +527,8 @@ fn record_committed(tpl: &TopicPartitionList) {
 /// Everything the consumer thread needs to start.
 pub struct ConsumerSetup {
     pub kafka: KafkaConfig,
+    /// How parked events map onto the retry topic, when there is one.
+    pub retry: Option<RetryRoute>,
     pub directory: PartitionDirectory,
     pub deps: Arc<PartitionDeps>,
     pub arbiter: ArbiterHandle,
@@ -330,18 +549,14 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// librdkafka settings of the service's consumer.
-pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+/// Settings of both of the service's consumers: offsets stored by the service, and
+/// librdkafka's prefetch bounded.
+fn reader_config(kafka: &KafkaConfig, group_id: &str) -> ClientConfig {
     let mut c = client_config(kafka);
-    let heartbeat = (kafka.session_timeout_ms / 3).max(100);
-    c.set("group.id", &kafka.group_id)
+    c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-        .set("heartbeat.interval.ms", heartbeat.to_string())
-        .set("statistics.interval.ms", "5000")
         // Bound librdkafka's prefetch; the in-flight windows bound the rest.
         .set("queued.max.messages.kbytes", "16384")
         .set("queued.min.messages", "10000")
@@ -352,9 +567,27 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Creates the consumer, subscribes, and runs the loop on the calling thread until stopped.
-/// `committed` is set once the final drain and commit of a graceful stop are done.
+/// librdkafka settings of the service's group consumer (the input topics).
+pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = reader_config(kafka, &kafka.group_id);
+    let heartbeat = (kafka.session_timeout_ms / 3).max(100);
+    c.set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", heartbeat.to_string())
+        .set("statistics.interval.ms", "5000");
+    c
+}
+
+/// Creates the consumers, subscribes, and runs the loop on the calling thread until
+/// stopped. `committed` is set once the final drain and commit of a graceful stop are done.
 pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaError> {
+    let retry = match setup.retry.clone() {
+        Some(route) => Some(RetryReader {
+            consumer: reader_config(&setup.kafka, &retry_group_id(&setup.kafka.group_id)).create()?,
+            route,
+        }),
+        None => None,
+    };
     let context = LoopContext {
         directory: setup.directory.clone(),
         deps: setup.deps.clone(),
@@ -362,48 +595,61 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         drain_timeout: setup.kafka.drain_timeout(),
         health: setup.health.clone(),
         state_topic: setup.kafka.state_topic.clone(),
-        input_topics: setup.kafka.input_topics.clone(),
         client: client_config(&setup.kafka),
+        retry,
         paused: Mutex::new(HashMap::new()),
+        restoring: Mutex::new(Restoring::default()),
     };
     let consumer: BaseConsumer<LoopContext> = consumer_config(&setup.kafka).create_with_context(context)?;
-    let topics: Vec<&str> = setup
-        .kafka
-        .input_topics
-        .iter()
-        .chain(setup.kafka.retry_topic.as_ref())
-        .map(String::as_str)
-        .collect();
+    let topics: Vec<&str> = setup.kafka.input_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(topics = ?topics, group = %setup.kafka.group_id, "Consumer subscribed.");
 
     let mut intake = Intake::default();
+    let mut deferred: Vec<ConsumerCommand> = Vec::new();
     let commit_interval = Duration::from_millis(setup.kafka.commit_interval_ms);
     let mut last_commit = Instant::now();
     let mode = loop {
         if let Some(mode) = setup.stop.mode() {
             break mode;
         }
-        for command in setup.commands.try_iter() {
-            handle_command(&consumer, command);
+        let commands: Vec<ConsumerCommand> = deferred.drain(..).chain(setup.commands.try_iter()).collect();
+        for command in commands {
+            if let Err(again) = handle_command(&consumer, command) {
+                deferred.push(again);
+            }
         }
+        consumer.context().retry_restores();
         sync_pauses(&consumer);
         if last_commit.elapsed() >= commit_interval {
-            store_and_commit(&consumer);
+            consumer.context().commit_watermarks(&consumer, None, CommitMode::Async);
             last_commit = Instant::now();
         }
-        // Wait for one message, then take what else is already fetched (up to
-        // `INTAKE_BATCH`), and hand each partition its share in one message.
+        // Take what the retry reader has fetched, then wait for one message of the input
+        // (not at all if the retry reader had some), take what else is already fetched
+        // (up to `INTAKE_BATCH` each), and hand each partition its share in one message.
         let mut timeout = Duration::from_millis(100);
+        if let Some(reader) = &consumer.context().retry {
+            for _ in 0..INTAKE_BATCH {
+                match reader.consumer.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error (retry topic)."),
+                    Some(Ok(message)) => {
+                        intake.add(consumer.context(), &message);
+                        timeout = Duration::ZERO;
+                    }
+                }
+            }
+        }
         for _ in 0..INTAKE_BATCH {
             match consumer.poll(timeout) {
                 None => break,
                 Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error."),
-                Some(Ok(message)) => intake.add(&consumer, &message),
+                Some(Ok(message)) => intake.add(consumer.context(), &message),
             }
             timeout = Duration::ZERO;
         }
-        intake.hand_off(&consumer);
+        intake.hand_off(consumer.context());
     };
 
     let ctx = consumer.context();
@@ -413,6 +659,11 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
             tracing::info!(partitions = keys.len(), "Shutting down: draining partitions.");
             if let Ok(assignment) = consumer.assignment() {
                 let _ = consumer.pause(&assignment);
+            }
+            if let Some(reader) = &ctx.retry {
+                if let Ok(assignment) = reader.consumer.assignment() {
+                    let _ = reader.consumer.pause(&assignment);
+                }
             }
             ctx.drain_commit_retire(&consumer, &keys, setup.shutdown_drain);
             committed.store(true, Ordering::SeqCst);
@@ -437,14 +688,14 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
 /// Most messages taken from the consumer before they are handed to partition actors.
 const INTAKE_BATCH: usize = 512;
 
-/// Messages taken from the consumer, by partition, waiting to be handed off.
+/// Messages taken from the consumers, by partition, waiting to be handed off.
 #[derive(Default)]
 struct Intake {
     batches: Vec<(PartitionKey, Vec<SourceMessage>)>,
 }
 
 impl Intake {
-    fn add(&mut self, consumer: &BaseConsumer<LoopContext>, message: &BorrowedMessage<'_>) {
+    fn add(&mut self, ctx: &LoopContext, message: &BorrowedMessage<'_>) {
         let index = match self
             .batches
             .iter()
@@ -458,28 +709,21 @@ impl Intake {
             }
         };
         let (key, batch) = &mut self.batches[index];
-        if hold_back(consumer, key, message.offset()) {
+        if hold_back(ctx, key, message.offset()) {
             return;
         }
-        batch.push(SourceMessage {
-            topic: key.0.clone(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers: message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        });
+        batch.push(SourceMessage::new(
+            key.0.clone(),
+            message.partition(),
+            message.offset(),
+            message.key().map(<[u8]>::to_vec),
+            message.payload().map(<[u8]>::to_vec),
+            crate::headers::read(message.headers()),
+        ));
     }
 
     /// Hands each partition actor its messages, in one message per partition.
-    fn hand_off(&mut self, consumer: &BaseConsumer<LoopContext>) {
+    fn hand_off(&mut self, ctx: &LoopContext) {
         for (key, batch) in self.batches.drain(..) {
             if batch.is_empty() {
                 continue;
@@ -488,7 +732,7 @@ impl Intake {
             // sender may put one message past the mailbox's capacity, which would make the
             // mailbox (and the in-flight window behind it) unbounded. Holding the read
             // guard while blocking is safe: only this thread changes the map.
-            if let Some(entry) = consumer.context().directory.get(&key) {
+            if let Some(entry) = ctx.directory.get(&key) {
                 // Fast path without a thread park; when the partition's mailbox is full,
                 // block until it has room, so intake follows processing.
                 if let Err(SendError::Full(records)) = entry.addr.try_send(Records(batch)) {
@@ -499,7 +743,9 @@ impl Intake {
     }
 }
 
-fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand) {
+/// Carries out a command; gives it back when it must be tried again.
+fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand) -> Result<(), ConsumerCommand> {
+    let ctx = consumer.context();
     match command {
         ConsumerCommand::Seek {
             topic,
@@ -507,17 +753,26 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
             offset,
             generation,
         } => {
-            let Some(addr) = consumer
-                .context()
-                .directory
-                .get(&(topic.clone(), partition))
-                .map(|e| e.addr.clone())
-            else {
-                return;
+            let Some(addr) = ctx.directory.get(&(topic.clone(), partition)).map(|e| e.addr.clone()) else {
+                return Ok(());
             };
+            if let Err(e) = ctx
+                .client(consumer, &topic)
+                .seek_partition(&topic, partition, Offset::Offset(offset))
+            {
+                // Without the seek, what follows in the partition is not what the actor
+                // lost: it stays waiting for its `Resync` (publishing nothing), and the
+                // seek is tried again.
+                tracing::warn!(topic = %topic, partition, error = %e, "Seek after partition restart failed; retrying.");
+                return Err(ConsumerCommand::Seek {
+                    topic,
+                    partition,
+                    offset,
+                    generation,
+                });
+            }
             // This seek supersedes a resume position held back while paused.
-            if let Some(first) = consumer
-                .context()
+            if let Some(first) = ctx
                 .paused
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -525,18 +780,16 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
             {
                 *first = Some(offset);
             }
-            if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
-                tracing::error!(topic = %topic, partition, error = %e, "Seek after partition restart failed.");
-            }
             // Everything sent to the actor before this marker predates the seek.
             addr.do_send(Resync { generation });
         }
         ConsumerCommand::InjectPanic => {
-            if let Some(entry) = consumer.context().directory.iter().next() {
+            if let Some(entry) = ctx.directory.iter().next() {
                 entry.addr.do_send(InjectPanic);
             }
         }
     }
+    Ok(())
 }
 
 fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
@@ -548,23 +801,22 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
         if wanted == paused.contains_key(&key) {
             continue;
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&key.0, key.1);
+        let client = ctx.client(consumer, &key.0);
+        let tpl = tpl_of(std::slice::from_ref(&key));
         if wanted {
-            if consumer.pause(&tpl).is_ok() {
+            if client.pause_partitions(&tpl).is_ok() {
                 metrics::counter!(metric::PARTITION_PAUSES, "topic" => key.0.to_string()).increment(1);
                 paused.insert(key, None);
             }
         } else {
             if let Some(Some(first_held_back)) = paused.get(&key) {
-                let at = Offset::Offset(*first_held_back);
-                if let Err(e) = consumer.seek(&key.0, key.1, at, Duration::from_secs(5)) {
+                if let Err(e) = client.seek_partition(&key.0, key.1, Offset::Offset(*first_held_back)) {
                     // Resuming without the seek would skip what was held back: stay paused.
                     tracing::warn!(topic = %key.0, partition = key.1, error = %e, "Seek before resume failed; retrying.");
                     continue;
                 }
             }
-            if consumer.resume(&tpl).is_ok() {
+            if client.resume_partitions(&tpl).is_ok() {
                 paused.remove(&key);
             }
         }
@@ -573,8 +825,8 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
 
 /// Whether a message must be held back because its partition is paused; remembers the
 /// first such offset so the partition resumes from there.
-fn hold_back(consumer: &BaseConsumer<LoopContext>, key: &PartitionKey, offset: i64) -> bool {
-    let mut paused = consumer.context().paused.lock().unwrap_or_else(|p| p.into_inner());
+fn hold_back(ctx: &LoopContext, key: &PartitionKey, offset: i64) -> bool {
+    let mut paused = ctx.paused.lock().unwrap_or_else(|p| p.into_inner());
     match paused.get_mut(key) {
         Some(first) => {
             if first.is_none() {
@@ -583,32 +835,5 @@ fn hold_back(consumer: &BaseConsumer<LoopContext>, key: &PartitionKey, offset: i
             true
         }
         None => false,
-    }
-}
-
-/// Stores every partition's watermark and commits them (asynchronously; a refused commit
-/// is reported by `commit_callback` and repeated at the next interval).
-fn store_and_commit(consumer: &BaseConsumer<LoopContext>) {
-    let mut tpl = TopicPartitionList::new();
-    for entry in consumer.context().directory.iter() {
-        let wm = entry.shared.watermark.load(Ordering::Acquire);
-        if wm >= 0 {
-            let _ = tpl.add_partition_offset(&entry.key().0, entry.key().1, Offset::Offset(wm));
-        }
-    }
-    if tpl.count() == 0 {
-        return;
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        tracing::debug!(error = %e, "Could not store offsets (partition no longer assigned?).");
-        return;
-    }
-    match consumer.commit(&tpl, CommitMode::Async) {
-        Ok(()) => record_committed(&tpl),
-        Err(e) if is_no_offset(&e) => {}
-        Err(e) => {
-            metrics::counter!(metric::COMMIT_FAILURES).increment(1);
-            tracing::warn!(error = %e, "Offset commit refused; will retry with the next commit.");
-        }
     }
 }

@@ -29,6 +29,7 @@ use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, SkipReason, 
 use crate::event::{self, event_id_fingerprint, Event, Routes};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::offload;
+use crate::retry::topic::{Parked, RetryRoute};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
 use crate::tenant::{Deliver, TenantActor, Work};
@@ -149,6 +150,8 @@ pub struct PartitionDeps {
     pub tenants: HashMap<Arc<str>, Addr<TenantActor>>,
     pub diff: Addr<DiffActor>,
     pub dead_letters: DeadLetters,
+    /// The retry topic's route: its partitions' messages are checked against it.
+    pub retry: Option<RetryRoute>,
     pub max_message_bytes: usize,
     pub max_in_flight: usize,
     /// Requests to the consumer thread (seek after restart).
@@ -294,7 +297,8 @@ impl Handler<Records> for PartitionActor {
             self.publish();
         }
         let inject_panic = std::mem::take(&mut self.panic_next);
-        let work = intake(messages, self.link(ctx), self.deps.clone(), inject_panic);
+        let from_retry = self.deps.retry.as_ref().is_some_and(|r| *r.topic == *self.topic);
+        let work = intake(messages, from_retry, self.link(ctx), self.deps.clone(), inject_panic);
         let guarded = supervise::catch_future("partition", work);
         AtomicResponse::new(Box::pin(guarded.into_actor(self).map(|steps, act, ctx| {
             let Ok(steps) = steps else {
@@ -330,9 +334,12 @@ enum Step {
 
 /// One batch on its way in: decoded (on the I/O runtime, off the actor thread), bad
 /// messages dead-lettered, duplicates and stale versions ended, the rest handed to their
-/// tenants. Returns each offset's step.
+/// tenants. Messages of a retry partition are first checked against the retry route
+/// (their origin and retry state are only trusted from there); one parked for another
+/// retry partition is forwarded to it. Returns each offset's step.
 async fn intake(
     messages: Vec<SourceMessage>,
+    from_retry: bool,
     link: PartitionLink,
     deps: Arc<PartitionDeps>,
     inject_panic: bool,
@@ -341,11 +348,29 @@ async fn intake(
         panic!("injected panic in partition actor");
     }
     let (routes, max_bytes) = (deps.routes.clone(), deps.max_message_bytes);
+    let route = deps.retry.clone().filter(|_| from_retry);
     let items = offload::spawn(async move {
+        let now = SystemTime::now();
         messages
             .into_iter()
-            .map(|m| {
-                let decoded = event::decode(m.payload.as_deref(), max_bytes, &*routes);
+            .map(|mut m| {
+                let parked = match &route {
+                    Some(route) => route.read(&m.headers, m.partition, now).map(Some),
+                    None => Ok(None),
+                };
+                // `Ok(None)`: parked for another retry partition, to be forwarded there.
+                let decoded = match parked {
+                    Err(e) => Err(e.into()),
+                    Ok(None) => event::decode(m.payload.as_deref(), max_bytes, &*routes).map(Some),
+                    Ok(Some(Parked::Here(origin, state))) => {
+                        (m.origin, m.retried) = (origin, Some(state));
+                        event::decode(m.payload.as_deref(), max_bytes, &*routes).map(Some)
+                    }
+                    Ok(Some(Parked::Elsewhere(origin, state))) => {
+                        (m.origin, m.retried) = (origin, Some(state));
+                        Ok(None)
+                    }
+                };
                 (Arc::new(m), decoded)
             })
             .collect::<Vec<_>>()
@@ -361,7 +386,13 @@ async fn intake(
             ..link.clone()
         };
         match result {
-            Ok(e) => decoded.push((Arc::new(e), source, link)),
+            Ok(Some(e)) => decoded.push((Arc::new(e), source, link)),
+            Ok(None) => {
+                if let Some(state) = source.retried {
+                    deps.dead_letters.park(&source, state).await;
+                }
+                steps.push((link.offset, Step::Done(OutcomeKind::Parked, None)));
+            }
             Err(e) => {
                 metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
                 let now = SystemTime::now();

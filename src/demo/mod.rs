@@ -233,7 +233,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
                 .kafka
                 .retry_topic
                 .as_ref()
-                .is_none_or(|retry| drained(&bootstrap, &group, retry));
+                .is_none_or(|retry| drained(&bootstrap, &crate::consume::retry_group_id(&group), retry));
         if last_print.elapsed() >= Duration::from_secs(1) || done {
             print_progress(&prometheus.render(), &sandboxes);
             last_print = Instant::now();

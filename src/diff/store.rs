@@ -141,18 +141,45 @@ impl StateStore {
     }
 }
 
-/// Reads state partitions from their start to their current end, with one client.
+/// States handed on at a time while a partition is read back, so that a large partition
+/// is never held in memory whole.
+const RESTORE_CHUNK: usize = 10_000;
+
+/// Reads state partitions from their start to their current end, with one client, and
+/// hands the states to `sink` in chunks as they come. Returns how many were read. A
+/// partition the topic does not have is an error: its states cannot be read.
 pub fn restore(
     client: &ClientConfig,
     topic: &str,
     partitions: &[i32],
     timeout: Duration,
-) -> KafkaResult<Vec<(RecordKey, RecordState)>> {
+    mut sink: impl FnMut(Vec<(RecordKey, RecordState)>),
+) -> KafkaResult<usize> {
     let consumer: BaseConsumer = client
         .clone()
         .set("enable.auto.commit", "false")
         .set("group.id", "crm-sync-state-restore")
         .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let have = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    if let Some(missing) = partitions
+        .iter()
+        .find(|p| usize::try_from(**p).map_or(true, |p| p >= have))
+    {
+        tracing::error!(
+            topic,
+            partition = missing,
+            partitions = have,
+            "The state topic has no partition for this input partition; add partitions to it."
+        );
+        return Err(rdkafka::error::KafkaError::MetadataFetch(
+            rdkafka::types::RDKafkaErrorCode::UnknownPartition,
+        ));
+    }
     let mut tpl = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();
     for &p in partitions {
@@ -162,12 +189,13 @@ pub fn restore(
             ends.insert(p, high);
         }
     }
-    let mut out = Vec::new();
+    let mut read = 0;
     if ends.is_empty() {
-        return Ok(out);
+        return Ok(read);
     }
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + timeout;
+    let mut chunk = Vec::new();
     while !ends.is_empty() {
         if std::time::Instant::now() > deadline {
             return Err(rdkafka::error::KafkaError::MessageConsumption(
@@ -185,10 +213,17 @@ pub fn restore(
             ends.remove(&message.partition());
         }
         if let Some(decoded) = message.payload().and_then(decode) {
-            out.push(decoded);
+            chunk.push(decoded);
+            read += 1;
+            if chunk.len() >= RESTORE_CHUNK {
+                sink(std::mem::take(&mut chunk));
+            }
         }
     }
-    Ok(out)
+    if !chunk.is_empty() {
+        sink(chunk);
+    }
+    Ok(read)
 }
 
 #[cfg(test)]

@@ -41,7 +41,8 @@ use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch}
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey, RecordMap};
-use crate::notify::{DeadLetters, Failure, RetryState, SourceMessage};
+use crate::notify::{DeadLetters, Failure, SourceMessage};
+use crate::retry::topic::RetryState;
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
@@ -267,7 +268,7 @@ impl TenantActor {
             payload,
         };
         // An event back from the retry topic goes on counting its attempts and age.
-        let retried = pending.work.source.retry_state();
+        let retried = pending.work.source.retried;
         let first_failure = retried.map(|r| {
             let age = SystemTime::now().duration_since(r.first_failure).unwrap_or_default();
             (
@@ -376,7 +377,7 @@ impl TenantActor {
                 let not_before = self
                     .records
                     .get(&key)
-                    .and_then(|s| s.active.pending.work.source.retry_state())
+                    .and_then(|s| s.active.pending.work.source.retried)
                     .and_then(|r| r.not_before.duration_since(SystemTime::now()).ok());
                 match not_before {
                     // Back from the retry topic before it is due: wait for it here.
@@ -403,13 +404,12 @@ impl TenantActor {
         });
     }
 
-    /// Whether the record's event was read from an input topic (not the retry topic).
-    fn read_from_input(&self, key: &RecordKey) -> bool {
+    /// Whether the record's event was read from an input topic (not the retry topic),
+    /// and can be parked.
+    fn parkable_from_input(&self, key: &RecordKey) -> bool {
         self.records.get(key).is_some_and(|s| {
-            !self
-                .deps
-                .dead_letters
-                .is_retry_topic(&s.active.pending.work.source.topic)
+            let source = &s.active.pending.work.source;
+            source.retried.is_none() && self.deps.dead_letters.can_park(&source.origin)
         })
     }
 
@@ -454,7 +454,7 @@ impl TenantActor {
     /// Whether writes waiting for a permit now should be parked rather than held: the
     /// tenant is in a pause set for at least `retry.park_after_ms` (a CRM's `Retry-After`).
     fn parking_pause(&self, now: Instant) -> Option<Duration> {
-        let long = self.deps.dead_letters.can_park() && self.pacer.pause_length(now) >= self.deps.policy.park_after;
+        let long = self.deps.dead_letters.parks() && self.pacer.pause_length(now) >= self.deps.policy.park_after;
         long.then(|| self.pacer.pause_remaining(now))
     }
 
@@ -468,7 +468,7 @@ impl TenantActor {
         let waiting: Vec<RecordKey> = self
             .ready
             .iter()
-            .filter(|k| self.read_from_input(k))
+            .filter(|k| self.parkable_from_input(k))
             .filter(|k| {
                 self.records
                     .get(*k)
@@ -487,7 +487,7 @@ impl TenantActor {
     /// the event was read from an input topic, parks it.
     fn make_ready(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
         if let Some(remaining) = self.parking_pause(Instant::now()) {
-            if self.read_from_input(&key) {
+            if self.parkable_from_input(&key) {
                 self.park(key, remaining, ctx);
                 return;
             }
@@ -711,10 +711,12 @@ impl TenantActor {
                     return;
                 }
                 let attempts = active.attempts;
+                let source = active.pending.work.source.clone();
                 match decision {
                     Some(RetryDecision::RetryAfter(delay)) => {
                         self.count_outcome(outcome::RETRIED);
-                        if self.deps.dead_letters.can_park() && self.deps.policy.should_park(attempts, delay) {
+                        let parkable = self.deps.dead_letters.can_park(&source.origin);
+                        if parkable && self.deps.policy.should_park(attempts, delay) {
                             self.park(key, delay, ctx);
                         } else {
                             self.back_off(key, delay);
@@ -792,7 +794,7 @@ impl TenantActor {
         let Some(slot) = self.records.get(&key) else { return };
         // The input partition the record's states belong to, also for an event that came
         // back from the retry topic.
-        let partition = slot.active.pending.work.source.origin().1;
+        let partition = slot.active.pending.work.source.origin.partition;
         self.to_persist.push((key, state, kind, partition));
     }
 

@@ -168,11 +168,12 @@ request_timeout_ms = 5000
                 .all(|(c, e)| *e == 0 || c.is_some_and(|c| c >= *e))
     }
 
-    /// Whether the group has committed every message of the retry topic. Read after the
-    /// input topic's: a parked event's copy exists before its input offset is committed.
+    /// Whether the retry reader has committed every message of the retry topic. Read
+    /// after the input topic's: a parked event's copy exists before its input offset is
+    /// committed.
     pub fn retry_drained(&self) -> bool {
-        let committed =
-            tools::committed(&self.bootstrap, &self.group, &self.retry, self.partitions).unwrap_or_default();
+        let group = crm_sync::consume::retry_group_id(&self.group);
+        let committed = tools::committed(&self.bootstrap, &group, &self.retry, self.partitions).unwrap_or_default();
         let ends = tools::end_offsets(&self.bootstrap, &self.retry, self.partitions).unwrap();
         committed.len() == ends.len()
             && committed

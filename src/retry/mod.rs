@@ -6,9 +6,15 @@
 //! from its first failure: a waiting retry holds its partition's committed offset, so the
 //! age bound is also the bound on how far commits can fall behind.
 //!
+//! Retries that would wait long are parked on the retry topic instead ([`topic`]: its
+//! format, and how it is co-partitioned with the input so that the owner of a record's
+//! partition is the one that reads its parked versions back).
+//!
 //! The [`RetryQueueActor`] only keeps timers. The tenant keeps the event itself (the write
 //! stays "in flight" for its record), so a restart of this actor loses nothing: it asks
 //! every tenant to re-arm its waiting retries.
+
+pub mod topic;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
