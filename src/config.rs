@@ -125,7 +125,11 @@ pub struct KafkaConfig {
     /// assigned partitions × this × 4 KiB (for ~250-byte events).
     #[serde(default = "default_max_in_flight_per_partition")]
     pub max_in_flight_per_partition: usize,
-    /// Messages larger than this many bytes are dead-lettered as `too_large`.
+    /// Messages larger than this many bytes (key, value and headers together) are
+    /// dead-lettered as `too_large`. Together with the room crm-sync's own headers take
+    /// ([`HEADER_ROOM_BYTES`]), it must fit the producer's `message.max.bytes`
+    /// (`kafka.client`, librdkafka's default 1000000), so that every message read can be
+    /// written whole to the retry and dead-letter topics.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
     /// Create missing input, DLQ and failures topics through the Admin API at start.
@@ -156,8 +160,15 @@ fn default_max_in_flight_per_partition() -> usize {
     1_000
 }
 fn default_max_message_bytes() -> usize {
-    1_048_576
+    983_040
 }
+
+/// Bytes reserved on top of `kafka.max_message_bytes` for the headers crm-sync adds to a
+/// parked or dead-lettered message (its echoed strings are capped to fit).
+pub const HEADER_ROOM_BYTES: usize = 16_384;
+
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 fn default_true() -> bool {
     true
 }
@@ -577,6 +588,22 @@ impl Config {
         if k.max_message_bytes == 0 {
             return Err(ConfigError::invalid("kafka.max_message_bytes", "must be positive"));
         }
+        let producer_max =
+            match k.client.get("message.max.bytes") {
+                None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
+                Some(v) => v.expose().trim().parse().map_err(|_| {
+                    ConfigError::invalid("kafka.client.\"message.max.bytes\"", "must be a number of bytes")
+                })?,
+            };
+        if k.max_message_bytes.saturating_add(HEADER_ROOM_BYTES) > producer_max {
+            return Err(ConfigError::invalid(
+                "kafka.max_message_bytes",
+                format!(
+                    "must be at most {} (the producer's message.max.bytes, {producer_max}, less {HEADER_ROOM_BYTES} bytes for crm-sync's headers), or a message read could not be written to the retry or dead-letter topic",
+                    producer_max.saturating_sub(HEADER_ROOM_BYTES)
+                ),
+            ));
+        }
         if k.topic_partitions < 1 {
             return Err(ConfigError::invalid("kafka.topic_partitions", "must be at least 1"));
         }
@@ -918,6 +945,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("kafka.drain_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn max_message_bytes_must_leave_room_in_the_producers_limit() {
+        let env = [("SF_ID", "x"), ("SF_SECRET", "y")];
+        // librdkafka's default message.max.bytes is 1000000: 1 MiB could never be
+        // dead-lettered or parked whole.
+        let text = MINIMAL.replace(
+            "failures_topic = \"failures\"",
+            "failures_topic = \"failures\"\nmax_message_bytes = 1048576",
+        );
+        let err = parse(&text, &env).unwrap_err().to_string();
+        assert!(err.contains("kafka.max_message_bytes"), "{err}");
+        // Raising the producer's limit makes room.
+        let text = text.replace(
+            "state_topic = \"state\"",
+            "state_topic = \"state\"\n[kafka.client]\n\"message.max.bytes\" = \"2000000\"",
+        );
+        assert!(parse(&text, &env).is_ok(), "{:?}", parse(&text, &env).err());
+        // The default fits.
+        assert!(parse(MINIMAL, &env).is_ok());
     }
 
     #[test]

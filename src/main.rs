@@ -151,6 +151,10 @@ fn init_logging(default: &str) {
         .init();
 }
 
+/// Exit status of `run` when the service died on its own (EX_SOFTWARE): an
+/// orchestrator restarts it, and the next owner of its partitions re-reads what it had.
+const EXIT_DIED: u8 = 70;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; its logs would only interleave with it.
@@ -174,7 +178,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let service = pipeline::start(config).context("starting the service")?;
             tracing::info!(http = %service.http_addr(), "crm-sync running.");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let signal = runtime.block_on(shutdown::signal())?;
+            let signal = runtime.block_on(async {
+                tokio::select! {
+                    signal = shutdown::signal() => signal.map(Some),
+                    () = service.died() => Ok(None),
+                }
+            })?;
+            let Some(signal) = signal else {
+                tracing::error!("The service died (its Kafka consumer stopped); exiting so that it is restarted.");
+                let _ = service.stop(StopMode::Abort);
+                return Ok(ExitCode::from(EXIT_DIED));
+            };
             tracing::info!(signal, "Stopping: draining and committing.");
             let report = service.stop(StopMode::Graceful);
             if !report.closed {

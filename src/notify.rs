@@ -5,12 +5,22 @@
 //! JSON event on the failures topic before its offset may be committed. A write that the
 //! broker refuses is retried until it succeeds; until then the offset stays uncommitted,
 //! so a crash meanwhile means re-delivery, not loss. Credentials never reach either topic.
+//!
+//! A write that can never succeed is not retried. A record too large for the producer
+//! (`message.max.bytes`) is dead-lettered *trimmed*: error context and a reference to the
+//! source offset, the payload cut ([`TRIMMED_PAYLOAD_BYTES`]). Strings echoed from input
+//! or from a CRM (error messages, names, keys) are capped ([`ECHO_BYTES`]) in every header
+//! and failure event, so that no input can make its own dead-letter record too large. A
+//! parked copy that can never be written is reported to the caller, which keeps the
+//! retry in memory.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 
 use crate::event::Event;
@@ -61,6 +71,19 @@ impl SourceMessage {
             headers,
             retried: None,
         }
+    }
+}
+
+impl SourceMessage {
+    /// Bytes of key, value and headers: what counts against a producer's
+    /// `message.max.bytes` when the message is written again.
+    pub fn wire_size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
     }
 }
 
@@ -119,27 +142,26 @@ impl DeadLetters {
 
     /// Writes the event (original key, value and headers) to its origin's retry
     /// partition with its retry state, retrying until acknowledged. Its offset may then be
-    /// released: the event lives on in the retry topic. Does nothing for an event that
-    /// cannot be parked (see [`can_park`](Self::can_park)).
-    pub async fn park(&self, source: &SourceMessage, state: RetryState) {
-        let Some(route) = &self.retry else {
-            return;
-        };
-        let Some(partition) = route.partition_for(&source.origin.topic, source.origin.partition) else {
-            return;
-        };
+    /// released: the event lives on in the retry topic. Fails only when the copy can never
+    /// be written (see [`can_park`](Self::can_park) and [`Unwritable`]).
+    pub async fn park(&self, source: &SourceMessage, state: RetryState) -> Result<(), Unwritable> {
+        let route = self.retry.as_ref().ok_or(Unwritable::NoRetryTopic)?;
+        let partition = route
+            .partition_for(&source.origin.topic, source.origin.partition)
+            .ok_or(Unwritable::NoRetryTopic)?;
         let headers = RetryRoute::headers(&source.headers, &source.origin, &state);
-        self.produce_until_acked(
+        self.produce(
             &route.topic,
             Some(partition),
             source.key.as_deref(),
             source.payload.as_deref(),
             Some(&headers),
         )
-        .await;
+        .await
     }
 
     /// Writes the DLQ record and the failure event, retrying until both are acknowledged.
+    /// A DLQ record too large to write goes trimmed instead.
     pub async fn dead_letter(&self, source: &SourceMessage, event: Option<&Event>, failure: &Failure) {
         let origin = &source.origin;
         let partition = origin.partition.to_string();
@@ -148,11 +170,13 @@ impl DeadLetters {
         let first = rfc3339(failure.first_failure);
         let last = rfc3339(failure.last_failure);
         let status = failure.http_status.map(|s| s.to_string());
+        let message = cap(&failure.message);
+        let crm_code = failure.crm_code.as_deref().map(cap);
         let mut context: Vec<(&str, &str)> = vec![
             ("crm-sync.stage", failure.stage),
             ("crm-sync.error.code", failure.code),
             ("crm-sync.error.class", failure.class),
-            ("crm-sync.error.message", &failure.message),
+            ("crm-sync.error.message", &message),
             ("crm-sync.attempts", &attempts),
             ("crm-sync.first-failure", &first),
             ("crm-sync.last-failure", &last),
@@ -163,62 +187,89 @@ impl DeadLetters {
         if let Some(s) = &status {
             context.push(("crm-sync.crm.status", s));
         }
-        if let Some(c) = &failure.crm_code {
+        if let Some(c) = &crm_code {
             context.push(("crm-sync.crm.code", c));
         }
+        let context: Vec<RawHeader> = context
+            .into_iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec())))
+            .collect();
         let mut headers = source.headers.clone();
-        headers.extend(
-            context
-                .into_iter()
-                .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))),
-        );
+        headers.extend(context.iter().cloned());
 
         let failure_event = json!({
             "stage": failure.stage,
             "error_code": failure.code,
             "error_class": failure.class,
             "crm_status": failure.http_status,
-            "crm_code": failure.crm_code,
-            "message": failure.message,
+            "crm_code": crm_code,
+            "message": message,
             "attempts": failure.attempts,
             "first_failure_at": first,
             "last_failure_at": last,
-            "tenant": event.map(|e| e.record.tenant.to_string()),
-            "entity": event.map(|e| e.record.entity.to_string()),
-            "key": event.map(|e| e.record.key.to_string()),
-            "event_id": event.map(|e| e.event_id.clone()),
+            "tenant": event.map(|e| cap(&e.record.tenant)),
+            "entity": event.map(|e| cap(&e.record.entity)),
+            "key": event.map(|e| cap(&e.record.key)),
+            "event_id": event.map(|e| cap(&e.event_id)),
             "version": event.map(|e| e.version),
             "source": {"topic": &*origin.topic, "partition": origin.partition, "offset": origin.offset},
             "dlq_topic": &*self.dlq_topic,
         })
         .to_string();
 
-        self.produce_until_acked(
-            &self.dlq_topic,
-            None,
-            source.key.as_deref(),
-            source.payload.as_deref(),
-            Some(&headers),
-        )
-        .await;
-        self.produce_until_acked(
-            &self.failures_topic,
-            None,
-            source.key.as_deref(),
-            Some(failure_event.as_bytes()),
-            None,
-        )
-        .await;
+        let whole = self
+            .produce(
+                &self.dlq_topic,
+                None,
+                source.key.as_deref(),
+                source.payload.as_deref(),
+                Some(&headers),
+            )
+            .await;
+        if let Err(why) = whole {
+            metrics::counter!(metric::DLQ_TRIMMED).increment(1);
+            tracing::warn!(topic = %self.dlq_topic, error = %why, source_topic = %origin.topic, source_partition = origin.partition, source_offset = origin.offset, "Dead-letter record cannot be written whole; writing it trimmed.");
+            let (key, payload, headers) = trimmed(source, context);
+            self.produce_until_acked(&self.dlq_topic, key.as_deref(), Some(&payload), Some(&headers))
+                .await;
+        }
+        // Capped strings and a capped key: always small enough.
+        let key = source.key.as_deref().map(|k| &k[..k.len().min(ECHO_BYTES)]);
+        self.produce_until_acked(&self.failures_topic, key, Some(failure_event.as_bytes()), None)
+            .await;
     }
 
+    /// Writes a record that is known to fit, retrying every failure: one that persists is
+    /// an outage or a misconfigured topic, for an operator to fix, and the event waits.
     async fn produce_until_acked(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Option<&[RawHeader]>,
+    ) {
+        loop {
+            match self.produce(topic, None, key, payload, headers).await {
+                Ok(()) => return,
+                Err(e) => {
+                    metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
+                    tracing::error!(topic, error = %e, "Could not write even a small record; retrying.");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+
+    /// Produces one record, retrying transient failures with backoff until acknowledged;
+    /// returns the failures that repeating cannot cure.
+    async fn produce(
         &self,
         topic: &str,
         partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: Option<&[RawHeader]>,
-    ) {
+    ) -> Result<(), Unwritable> {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
@@ -239,15 +290,121 @@ impl DeadLetters {
                 record = record.headers(list.into_owned());
             }
             match self.producer.send(record, Duration::from_secs(30)).await {
-                Ok(_) => return,
+                Ok(_) => return Ok(()),
                 Err((e, _)) => {
+                    if let Some(why) = Unwritable::classify(&e) {
+                        return Err(why);
+                    }
                     metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
-                    tracing::error!(topic, error = %e, "Could not write a dead-letter record; retrying.");
+                    tracing::error!(topic, error = %e, "Could not write a dead-letter or retry record; retrying.");
                     // Backoff between attempts; the event stays undecided meanwhile.
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+}
+
+/// Why a record can never be written as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unwritable {
+    #[error("the record is larger than the producer's or the broker's message.max.bytes")]
+    TooLarge,
+    #[error("the broker rejects the record as invalid")]
+    Invalid,
+    #[error("the topic has no such partition")]
+    NoSuchPartition,
+    #[error("there is no retry partition for the event's input partition")]
+    NoRetryTopic,
+}
+
+impl Unwritable {
+    /// The produce errors that repeating cannot cure. Authorization and unknown-topic
+    /// errors are not among them: an operator fixes those, and the event waits.
+    fn classify(e: &KafkaError) -> Option<Unwritable> {
+        let KafkaError::MessageProduction(code) = e else {
+            return None;
+        };
+        match code {
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize => Some(Unwritable::TooLarge),
+            RDKafkaErrorCode::InvalidMessage | RDKafkaErrorCode::InvalidRecord => Some(Unwritable::Invalid),
+            RDKafkaErrorCode::UnknownPartition => Some(Unwritable::NoSuchPartition),
+            _ => None,
+        }
+    }
+}
+
+/// Most bytes of an echoed string (error message, CRM code, name, key) in a header or a
+/// failure event.
+pub const ECHO_BYTES: usize = 1_024;
+
+/// Bytes of the original payload a trimmed DLQ record keeps.
+pub const TRIMMED_PAYLOAD_BYTES: usize = 4_096;
+
+/// `s`, cut to at most [`ECHO_BYTES`] at a character boundary, saying how long it was.
+pub fn cap(s: &str) -> String {
+    if s.len() <= ECHO_BYTES {
+        return s.to_string();
+    }
+    let mut end = ECHO_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} bytes]", &s[..end], s.len())
+}
+
+/// A DLQ record small enough to write whatever the original was: the key and payload
+/// cut, the original headers left out (their count noted), the error context, and
+/// `crm-sync.trimmed` saying what was cut. The source coordinates in the context lead to
+/// the original.
+fn trimmed(source: &SourceMessage, mut context: Vec<RawHeader>) -> (Option<Vec<u8>>, Vec<u8>, Vec<RawHeader>) {
+    let key = source.key.as_ref().map(|k| k[..k.len().min(ECHO_BYTES)].to_vec());
+    let payload = source.payload.as_deref().unwrap_or_default();
+    let note = format!(
+        "key={} value={} headers={}",
+        source.key.as_ref().map_or(0, Vec::len),
+        payload.len(),
+        source.headers.len()
+    );
+    context.push((b"crm-sync.trimmed".to_vec(), Some(note.into_bytes())));
+    (
+        key,
+        payload[..payload.len().min(TRIMMED_PAYLOAD_BYTES)].to_vec(),
+        context,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_strings_are_capped_at_a_character_boundary() {
+        assert_eq!(cap("short"), "short");
+        let long = "é".repeat(ECHO_BYTES);
+        let capped = cap(&long);
+        assert!(capped.len() < ECHO_BYTES + 32, "{}", capped.len());
+        assert!(capped.ends_with(&format!("[{} bytes]", long.len())));
+    }
+
+    #[test]
+    fn size_errors_are_permanent_and_outages_are_not() {
+        let production = KafkaError::MessageProduction;
+        assert_eq!(
+            Unwritable::classify(&production(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Some(Unwritable::TooLarge)
+        );
+        assert_eq!(
+            Unwritable::classify(&production(RDKafkaErrorCode::UnknownPartition)),
+            Some(Unwritable::NoSuchPartition)
+        );
+        for transient in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            assert_eq!(Unwritable::classify(&production(transient)), None);
         }
     }
 }

@@ -65,6 +65,8 @@ pub enum ActorKind {
     Tenant(String),
     Diff,
     RetryQueue,
+    /// The Kafka consumer thread, which no supervisor restarts: the service dies.
+    Consumer,
 }
 
 /// How a stop went.
@@ -99,12 +101,30 @@ pub struct ServiceHandle {
     /// hangs, which is why `stop` waits on it with a deadline.
     finished: mpsc::Receiver<()>,
     stop_deadline: Duration,
+    /// Notified when the service died on its own (see [`ServiceHandle::died`]).
+    died: Arc<tokio::sync::Notify>,
+    health: Health,
 }
 
 impl ServiceHandle {
     /// Address of the `/metrics` and health server.
     pub fn http_addr(&self) -> SocketAddr {
         self.control.http_addr
+    }
+
+    /// Resolves if the service dies on its own: its consumer thread ended without being
+    /// asked to (a panic, or a fatal Kafka error). Readiness and liveness fail first; the
+    /// owner should then exit non-zero so that an orchestrator restarts the process.
+    pub async fn died(&self) {
+        if self.health.is_dead() {
+            return;
+        }
+        self.died.notified().await
+    }
+
+    /// Whether the service has died (see [`died`](Self::died)).
+    pub fn is_dead(&self) -> bool {
+        self.health.is_dead()
     }
 
     /// Partitions this instance currently owns.
@@ -122,6 +142,9 @@ impl ServiceHandle {
                 if let Some(t) = self.control.tenants.get(&name) {
                     t.do_send(InjectPanic);
                 }
+            }
+            ActorKind::Consumer => {
+                let _ = self.control.commands.send(ConsumerCommand::InjectConsumerPanic);
             }
             ActorKind::Diff => self.control.diff.do_send(InjectPanic),
             ActorKind::RetryQueue => self.control.retry.do_send(InjectPanic),
@@ -265,11 +288,17 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
     let stop_deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
     let thread_stop = stop.clone();
     let thread_committed = committed.clone();
+    let health = Health::default();
+    let died = Arc::new(tokio::sync::Notify::new());
+    let (thread_health, thread_died) = (health.clone(), died.clone());
     std::thread::Builder::new()
         .name("crm-sync-actors".into())
         .spawn(move || {
             let system = System::new();
-            system.block_on(run_service(config, thread_stop, thread_committed, started_tx));
+            let end = run_service(config, thread_health, thread_stop, thread_committed, started_tx);
+            if system.block_on(end) == End::Died {
+                thread_died.notify_one();
+            }
             drop(system);
             let _ = finished_tx.send(());
         })
@@ -281,16 +310,27 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
         committed,
         finished: finished_rx,
         stop_deadline,
+        died,
+        health,
     })
+}
+
+/// How the service thread ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Asked to stop, or never started.
+    Stopped,
+    /// Its consumer thread ended on its own.
+    Died,
 }
 
 async fn run_service(
     config: Config,
+    health: Health,
     stop: StopSignal,
     committed: Arc<AtomicBool>,
     started: mpsc::Sender<Result<Control, StartError>>,
-) {
-    let health = Health::default();
+) -> End {
     let (http_addr, http_task) = match telemetry::serve(&config.service.http_addr, health.clone()).await {
         Ok(v) => v,
         Err(source) => {
@@ -298,7 +338,7 @@ async fn run_service(
                 addr: config.service.http_addr.clone(),
                 source,
             }));
-            return;
+            return End::Stopped;
         }
     };
     if config.kafka.create_topics {
@@ -311,16 +351,24 @@ async fn run_service(
         Err(e) => {
             let _ = started.send(Err(e));
             http_task.abort();
-            return;
+            return End::Stopped;
         }
     };
-    match wire(&config, route, health, stop, committed, http_addr) {
+    let mut end = End::Stopped;
+    match wire(&config, route, health.clone(), stop.clone(), committed, http_addr) {
         Ok((control, consumer_thread, arbiters)) => {
             let _ = started.send(Ok(control));
-            match tokio::task::spawn_blocking(move || consumer_thread.join()).await {
+            let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
+            if stop.mode().is_none() {
+                // Nobody asked it to stop: nothing consumes any more. Fail the health
+                // checks first, then let the owner exit so that the process is restarted.
+                health.set_dead();
+                end = End::Died;
+            }
+            match joined {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::error!(error = %e, "Kafka consumer failed."),
-                _ => tracing::error!("Kafka consumer thread panicked."),
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "Kafka consumer failed; the service is dead."),
+                _ => tracing::error!("Kafka consumer thread panicked; the service is dead."),
             }
             for arbiter in arbiters {
                 arbiter.stop();
@@ -331,6 +379,7 @@ async fn run_service(
         }
     }
     http_task.abort();
+    end
 }
 
 type Wired = (

@@ -37,6 +37,7 @@ pub mod metric {
     pub const ACTOR_RESTARTS: &str = "crm_sync_actor_restarts_total";
     pub const DIFF_RECORDS: &str = "crm_sync_diff_cache_records";
     pub const DLQ_WRITE_FAILURES: &str = "crm_sync_dlq_write_failures_total";
+    pub const DLQ_TRIMMED: &str = "crm_sync_dlq_trimmed_records_total";
     pub const COMMIT_FAILURES: &str = "crm_sync_commit_failures_total";
     pub const STATE_WRITE_FAILURES: &str = "crm_sync_state_write_failures_total";
     pub const STATE_RESTORED: &str = "crm_sync_state_restored_records_total";
@@ -140,6 +141,11 @@ fn describe() {
         "Failed attempts to write the DLQ or failures topic (retried until they succeed)."
     );
     describe_counter!(
+        DLQ_TRIMMED,
+        Unit::Count,
+        "Dead-letter records written trimmed because the original could never be written whole."
+    );
+    describe_counter!(
         COMMIT_FAILURES,
         Unit::Count,
         "Offset commits the broker refused (the events will be re-delivered, not lost)."
@@ -187,6 +193,9 @@ pub fn prometheus() -> PrometheusHandle {
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    /// Set for good when a part of the service that supervision cannot restart (the
+    /// consumer thread) has died: liveness fails, and `crm-sync run` exits.
+    dead: Arc<AtomicBool>,
 }
 
 impl Health {
@@ -194,7 +203,14 @@ impl Health {
         self.ready.store(ready, Ordering::Relaxed);
     }
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && !self.is_dead()
+    }
+    /// Marks the service dead: neither ready nor live from now on.
+    pub fn set_dead(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+    }
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
     }
 }
 
@@ -214,7 +230,7 @@ pub async fn serve(addr: &str, health: Health) -> std::io::Result<(SocketAddr, t
                 }
             }),
         )
-        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .with_state(health);
     let task = tokio::spawn(async move {
@@ -223,6 +239,14 @@ pub async fn serve(addr: &str, health: Health) -> std::io::Result<(SocketAddr, t
         }
     });
     Ok((local, task))
+}
+
+async fn live(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.is_dead() {
+        (StatusCode::SERVICE_UNAVAILABLE, "dead")
+    } else {
+        (StatusCode::OK, "ok")
+    }
 }
 
 async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {

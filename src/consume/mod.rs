@@ -85,6 +85,8 @@ pub enum ConsumerCommand {
     },
     /// Fault injection: make one live partition actor panic.
     InjectPanic,
+    /// Fault injection: make the consumer thread itself panic.
+    InjectConsumerPanic,
 }
 
 /// How the consumer thread ends.
@@ -110,7 +112,8 @@ impl StopSignal {
         }
         self.requested.store(true, Ordering::SeqCst);
     }
-    fn mode(&self) -> Option<StopMode> {
+    /// The stop asked for, if any.
+    pub fn mode(&self) -> Option<StopMode> {
         if self.abort.load(Ordering::SeqCst) {
             Some(StopMode::Abort)
         } else if self.requested.load(Ordering::SeqCst) {
@@ -788,6 +791,7 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
                 entry.addr.do_send(InjectPanic);
             }
         }
+        ConsumerCommand::InjectConsumerPanic => panic!("injected panic in the consumer thread"),
     }
     Ok(())
 }

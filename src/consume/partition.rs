@@ -26,10 +26,10 @@ use actix::WeakRecipient;
 use super::offsets::OffsetTracker;
 use super::ConsumerCommand;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, SkipReason, Verdict};
-use crate::event::{self, event_id_fingerprint, Event, Routes};
+use crate::event::{self, event_id_fingerprint, DecodeError, Event, Routes};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::offload;
-use crate::retry::topic::{Parked, RetryRoute};
+use crate::retry::topic::{header as retry_header, BadRetryHeader, Parked, RetryRoute};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
 use crate::tenant::{Deliver, TenantActor, Work};
@@ -359,7 +359,11 @@ async fn intake(
                     None => Ok(None),
                 };
                 // `Ok(None)`: parked for another retry partition, to be forwarded there.
+                // Size counts key and headers too: all of it is written again if the
+                // event is parked or dead-lettered.
+                let size = m.wire_size();
                 let decoded = match parked {
+                    _ if size > max_bytes => Err(DecodeError::TooLarge { size, limit: max_bytes }),
                     Err(e) => Err(e.into()),
                     Ok(None) => event::decode(m.payload.as_deref(), max_bytes, &*routes).map(Some),
                     Ok(Some(Parked::Here(origin, state))) => {
@@ -388,26 +392,23 @@ async fn intake(
         match result {
             Ok(Some(e)) => decoded.push((Arc::new(e), source, link)),
             Ok(None) => {
-                if let Some(state) = source.retried {
-                    deps.dead_letters.park(&source, state).await;
+                // Parked for another retry partition: forwarded there. One that cannot be
+                // written there (its origin has no retry partition any more) is
+                // dead-lettered, as a retry message with a bad origin.
+                let forwarded = match source.retried {
+                    Some(state) => deps.dead_letters.park(&source, state).await.is_ok(),
+                    None => false,
+                };
+                if forwarded {
+                    steps.push((link.offset, Step::Done(OutcomeKind::Parked, None)));
+                } else {
+                    let e = DecodeError::from(BadRetryHeader(retry_header::ORIGIN_PARTITION));
+                    dead_letter_undecodable(&deps, &source, &e).await;
+                    steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
                 }
-                steps.push((link.offset, Step::Done(OutcomeKind::Parked, None)));
             }
             Err(e) => {
-                metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
-                let now = SystemTime::now();
-                let failure = Failure {
-                    stage: "decode",
-                    code: e.code(),
-                    class: "permanent",
-                    http_status: None,
-                    crm_code: None,
-                    message: e.to_string(),
-                    attempts: 0,
-                    first_failure: now,
-                    last_failure: now,
-                };
-                deps.dead_letters.dead_letter(&source, None, &failure).await;
+                dead_letter_undecodable(&deps, &source, &e).await;
                 steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
             }
         }
@@ -460,6 +461,24 @@ async fn intake(
         steps.extend(works.into_iter().map(|w| (w.reply.offset, Step::Dispatched(w))));
     }
     steps
+}
+
+/// Dead-letters a message that could not become an event.
+async fn dead_letter_undecodable(deps: &PartitionDeps, source: &SourceMessage, e: &DecodeError) {
+    metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
+    let now = SystemTime::now();
+    let failure = Failure {
+        stage: "decode",
+        code: e.code(),
+        class: "permanent",
+        http_status: None,
+        crm_code: None,
+        message: e.to_string(),
+        attempts: 0,
+        first_failure: now,
+        last_failure: now,
+    };
+    deps.dead_letters.dead_letter(source, None, &failure).await;
 }
 
 impl Handler<Outcomes> for PartitionActor {

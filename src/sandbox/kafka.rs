@@ -69,7 +69,7 @@ pub mod tools {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::{KafkaError, KafkaResult};
-    use rdkafka::message::{Headers, Message};
+    use rdkafka::message::Message;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::{Offset, TopicPartitionList};
 
@@ -80,7 +80,10 @@ pub mod tools {
         pub offset: i64,
         pub key: Option<Vec<u8>>,
         pub payload: Option<Vec<u8>>,
+        /// Header names and values, read lossily as text (the last of a repeated name).
         pub headers: HashMap<String, String>,
+        /// The headers as they are, in order.
+        pub raw_headers: Vec<crate::headers::RawHeader>,
     }
 
     impl ReadMessage {
@@ -172,24 +175,22 @@ pub mod tools {
             };
             let m = message?;
             positions[m.partition() as usize] = m.offset() + 1;
+            let raw_headers = crate::headers::read(m.headers());
             out.push(ReadMessage {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                                )
-                            })
-                            .collect()
+                headers: raw_headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            String::from_utf8_lossy(k).into_owned(),
+                            String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned(),
+                        )
                     })
-                    .unwrap_or_default(),
+                    .collect(),
+                raw_headers,
             });
         }
         debug_assert!(out.len() as i64 <= wanted);

@@ -433,20 +433,30 @@ impl TenantActor {
         let state = RetryState {
             attempts: active.attempts,
             first_failure: active.first_failure.map_or(now, |(_, at)| at),
-            not_before: now + delay,
+            not_before: now.checked_add(delay).unwrap_or(now),
         };
         tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
         let sink = self.deps.dead_letters.clone();
         let source = active.pending.work.source.clone();
         let write = async move { sink.park(&source, state).await };
-        ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
+        ctx.spawn(write.into_actor(self).map(move |written, act, ctx| {
             // Only the event that was parked ends as parked, never a newer one that has
             // taken the record's slot since.
             let still_parking = act.records.get(&key).is_some_and(|s| {
                 matches!(s.active.state, ActiveState::Parking) && Arc::ptr_eq(&s.active.pending.work.event, &parked)
             });
-            if still_parking {
-                act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Parked, ctx));
+            if !still_parking {
+                return;
+            }
+            match written {
+                Ok(()) => {
+                    act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::Parked, ctx));
+                }
+                Err(why) => {
+                    // It can never be parked: it waits here instead, holding its offset.
+                    tracing::warn!(tenant = %act.name, error = %why, "Cannot park an event on the retry topic; it waits in memory.");
+                    act.back_off(key, delay);
+                }
             }
         }));
     }
