@@ -367,3 +367,27 @@ fn retries_only_the_locked_record_of_a_batch() {
     assert!(env.read_dlq().is_empty());
     service.stop(StopMode::Graceful);
 }
+
+/// `.` and `..` are URL dot segments: in a by-external-id URL they are removed on the
+/// way, so a delete of `.` addressed the field, was answered 404 and counted as done
+/// while the record stayed. Such keys are upserted with the key in the body, and a delete
+/// of one is dead-lettered with its reason, never taken for "already gone".
+#[test]
+fn dot_segment_keys_are_never_normalised_away() {
+    let env = Env::new(1);
+    env.produce(&[upsert("e1", ".", 1, "Dot", "One"), upsert("e2", "..", 1, "Dot", "Two")]);
+    let service = pipeline::start(single_record_calls(&env)).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    assert_eq!(env.contact(".").expect("`.` upserted")["LastName"], "One");
+    assert_eq!(env.contact("..").expect("`..` upserted")["LastName"], "Two");
+    env.produce(&[contact_event("e3", ".", "delete", 2, None)]);
+    assert!(env.wait_all_committed(WAIT));
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 1, "the delete of `.` is dead-lettered");
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_unaddressable_key"));
+    assert!(
+        env.contact(".").is_some(),
+        "the record is still there, and the DLQ says why"
+    );
+    service.stop(StopMode::Graceful);
+}

@@ -92,9 +92,26 @@ pub async fn fetch(request: reqwest::RequestBuilder) -> Result<Answer, DeliveryE
     })
 }
 
-/// Parses a `Retry-After` header given in seconds (the form the CRMs use).
+/// The longest wait a CRM can impose with one `Retry-After` (or a token can claim to
+/// live): a day. A larger value is read as this one, so that no header can overflow a
+/// clock (`Instant + Duration` panics) or park a tenant for good.
+pub const MAX_CRM_WAIT: Duration = Duration::from_secs(86_400);
+
+/// What a failure's message says of an answer body that is not in the CRM's error
+/// format (a proxy's HTML page, say). The body itself is left out: it is not the CRM's
+/// word, and whatever it echoes (request headers included) would reach DLQ headers.
+pub fn unparsed_body(body: &[u8]) -> String {
+    format!("answer body not in the CRM's error format ({} bytes)", body.len())
+}
+
+/// Parses a `Retry-After` header given in seconds (the form the CRMs use), capped at
+/// [`MAX_CRM_WAIT`].
 pub fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
-    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
+    value?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|s| Duration::from_secs(s).min(MAX_CRM_WAIT))
 }
 
 /// The API quota a CRM reported on its latest answer.
@@ -162,6 +179,7 @@ mod tests {
         assert_eq!(parse_retry_after(Some(" 7 ")), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
         assert_eq!(parse_retry_after(None), None);
+        assert_eq!(parse_retry_after(Some(&u64::MAX.to_string())), Some(MAX_CRM_WAIT));
     }
 
     #[test]

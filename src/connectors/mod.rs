@@ -110,6 +110,9 @@ pub enum ErrorCode {
     CrmTimeout,
     CrmConnection,
     CrmUnexpected,
+    /// The CRM's API cannot address this record's key (Salesforce: `.` or `..` in a URL
+    /// path).
+    CrmUnaddressableKey,
 }
 
 impl ErrorCode {
@@ -125,6 +128,7 @@ impl ErrorCode {
             ErrorCode::CrmTimeout => "crm_timeout",
             ErrorCode::CrmConnection => "crm_connection",
             ErrorCode::CrmUnexpected => "crm_unexpected",
+            ErrorCode::CrmUnaddressableKey => "crm_unaddressable_key",
         }
     }
 }

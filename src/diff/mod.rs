@@ -76,6 +76,12 @@ pub enum CheckMode {
     Full,
 }
 
+/// Whether an event at `version`, not the one that set `current`, is stale against it.
+/// The one rule for version ties, shared by the diff cache and the tenant's slots.
+pub fn is_stale(version: u64, current: u64) -> bool {
+    version <= current
+}
+
 /// The pure decision, given what was confirmed.
 pub fn verdict(
     confirmed: Option<&RecordState>,
@@ -91,7 +97,9 @@ pub fn verdict(
     if state.event == event {
         return Verdict::Skip(SkipReason::Duplicate);
     }
-    if version < state.version {
+    // A different event at the same version is stale too: of two events that claim one
+    // version, the first decided wins, here as in the tenant's slots (`is_stale`).
+    if is_stale(version, state.version) {
         return Verdict::Skip(SkipReason::Stale);
     }
     if mode == CheckMode::Full {
@@ -161,13 +169,18 @@ impl DiffCache {
         let current = self.get(key);
         let verdict = verdict(current.as_ref(), mode, op, version, event, payload);
         let mut changed = None;
-        if let (Verdict::Skip(SkipReason::Unchanged), Some(mut s)) = (verdict, current) {
-            if version > s.version {
+        match (verdict, current) {
+            (Verdict::Skip(SkipReason::Unchanged), Some(mut s)) if version > s.version => {
                 s.version = version;
                 s.event = event;
                 self.insert(key.clone(), s);
                 changed = Some(s);
             }
+            // The tenant re-checks an event it was handed again (after its restart): the
+            // state it repeats was confirmed here, but its write to the state topic may
+            // have died with the old actor, so it is written again before the outcome.
+            (Verdict::Skip(SkipReason::Duplicate), Some(s)) if mode == CheckMode::Full => changed = Some(s),
+            _ => {}
         }
         CheckResult { verdict, changed }
     }
@@ -185,7 +198,9 @@ impl DiffCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckResult {
     pub verdict: Verdict,
-    /// The record's new confirmed state, when the check changed it.
+    /// A confirmed state to make durable before the event's outcome: the record's new
+    /// one when the check changed it, or, for a duplicate found by a full check, the one
+    /// it repeats (see [`DiffCache::check`]).
     pub changed: Option<RecordState>,
 }
 
@@ -374,6 +389,31 @@ mod tests {
             c.check(&k, CheckMode::Full, Op::Upsert, 3, 13, B).verdict,
             Verdict::Write
         );
+    }
+
+    #[test]
+    fn a_version_tie_is_stale_and_a_full_duplicate_returns_the_state_to_make_durable() {
+        let mut c = DiffCache::new(100);
+        let k = key("1");
+        let confirmed = RecordState {
+            version: 3,
+            payload: A,
+            event: 10,
+        };
+        c.confirm(&k, confirmed);
+        // Another event claiming version 3: the first decided wins, as in the tenant.
+        for mode in [CheckMode::Early, CheckMode::Full] {
+            assert_eq!(
+                c.check(&k, mode, Op::Upsert, 3, 11, B).verdict,
+                Verdict::Skip(SkipReason::Stale)
+            );
+        }
+        let early = c.check(&k, CheckMode::Early, Op::Upsert, 3, 10, A);
+        assert_eq!(early.verdict, Verdict::Skip(SkipReason::Duplicate));
+        assert_eq!(early.changed, None);
+        let full = c.check(&k, CheckMode::Full, Op::Upsert, 3, 10, A);
+        assert_eq!(full.verdict, Verdict::Skip(SkipReason::Duplicate));
+        assert_eq!(full.changed, Some(confirmed), "written again before the outcome");
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl RetryPolicy {
             return RetryDecision::GiveUp(GiveUpReason::Attempts);
         }
         let delay = retry_after.unwrap_or_else(|| self.backoff(attempts_made, rng));
-        if now.saturating_duration_since(first_failure) + delay > self.max_age {
+        if now.saturating_duration_since(first_failure).saturating_add(delay) > self.max_age {
             return RetryDecision::GiveUp(GiveUpReason::MaxAge);
         }
         RetryDecision::RetryAfter(delay)
@@ -253,7 +253,10 @@ impl Handler<Schedule> for RetryQueueActor {
             }
             self.seq += 1;
             self.queue.push(Reverse(Waiting {
-                due_at: Instant::now() + msg.delay,
+                // A delay no clock can hold waits as long as it can instead.
+                due_at: Instant::now()
+                    .checked_add(msg.delay)
+                    .unwrap_or_else(|| Instant::now() + crate::connectors::http::MAX_CRM_WAIT),
                 seq: self.seq,
                 tenant: msg.tenant,
                 due: msg.due,

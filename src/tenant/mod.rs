@@ -39,7 +39,9 @@ use crate::config::TenantConfig;
 use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
 use crate::diff::store::StateStore;
-use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
+use crate::diff::{
+    is_stale, Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict,
+};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey, RecordMap};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::retry::topic::RetryState;
@@ -226,7 +228,7 @@ impl TenantActor {
             active.also.push(work.reply);
             return;
         }
-        if work.event.version <= active.work.event.version {
+        if is_stale(work.event.version, active.work.event.version) {
             self.report(
                 Pending { work, also: Vec::new() },
                 OutcomeKind::Skipped(SkipReason::Stale),
@@ -243,7 +245,7 @@ impl TenantActor {
                 w.also.push(work.reply);
                 None
             }
-            Some(w) if work.event.version > w.work.event.version => Some((
+            Some(w) if !is_stale(work.event.version, w.work.event.version) => Some((
                 std::mem::replace(w, Pending { work, also: Vec::new() }),
                 SkipReason::Superseded,
             )),
@@ -368,8 +370,9 @@ impl TenantActor {
     fn after_check(&mut self, key: RecordKey, result: CheckResult, ctx: &mut Context<Self>) {
         match result.verdict {
             Verdict::Skip(reason) => match result.changed {
-                // An unchanged newer version moved the record's version: durable first.
-                // (The caller writes the queued states once for the whole answer.)
+                // An unchanged newer version moved the record's version, or a duplicate
+                // repeats a state whose write may have been lost with a restart: durable
+                // first. (The caller writes the queued states once for the whole answer.)
                 Some(state) => self.queue_persist(key, state, OutcomeKind::Skipped(reason)),
                 None => self.complete(key, OutcomeKind::Skipped(reason), ctx),
             },

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::connectors::http::MAX_CRM_WAIT;
 use crate::connectors::Quota;
 
 /// The lowest rate pressure can push a tenant to, in calls per second.
@@ -126,7 +127,9 @@ impl Pacer {
     }
 
     /// Stops all calls until `now + pause` (a later pause wins over an earlier one).
+    /// A pause is at most [`MAX_CRM_WAIT`] long.
     pub fn pause(&mut self, now: Instant, pause: Duration) {
+        let pause = pause.min(MAX_CRM_WAIT);
         let until = now + pause;
         if self.paused_until.is_none_or(|u| u < until) {
             self.paused_until = Some(until);
@@ -158,6 +161,15 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_no_clock_can_hold_is_capped_instead_of_panicking() {
+        let now = Instant::now();
+        let mut p = Pacer::new(10.0, 2, now);
+        p.on_throttle(now, Some(Duration::MAX));
+        assert!(p.is_paused(now));
+        assert_eq!(p.pause_remaining(now), MAX_CRM_WAIT);
+    }
 
     #[test]
     fn allows_a_burst_then_the_rate() {

@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use super::errors;
 use crate::config::{DynamicsConfig, Secret};
-use crate::connectors::http::{self, Meter};
+use crate::connectors::http::{self, Meter, MAX_CRM_WAIT};
 use crate::connectors::DeliveryError;
 
 pub struct TokenSource {
@@ -73,7 +73,7 @@ impl TokenSource {
         }
         let parsed: TokenResponse = serde_json::from_slice(&answer.body)
             .map_err(|e| DeliveryError::unexpected_retryable(format!("Entra ID token response not understood: {e}")))?;
-        let renew_at = Instant::now() + Duration::from_secs(parsed.expires_in).mul_f64(0.9);
+        let renew_at = Instant::now() + Duration::from_secs(parsed.expires_in).min(MAX_CRM_WAIT).mul_f64(0.9);
         let token = Arc::new(Secret::new(parsed.access_token));
         tracing::info!(tenant = %self.meter.tenant, "Fetched a Dataverse access token.");
         *current = Some((token.clone(), renew_at));

@@ -37,7 +37,7 @@ pub fn parse(body: &[u8]) -> (Option<String>, String) {
             o.get("message").and_then(Value::as_str).unwrap_or_default().to_string(),
         ),
         Value::String(code) => (Some(code), envelope.error_description.unwrap_or_default()),
-        _ => (None, String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()),
+        _ => (None, crate::connectors::http::unparsed_body(body)),
     }
 }
 

@@ -10,7 +10,7 @@ use percent_encoding::utf8_percent_encode;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::client::SalesforceClient;
+use super::client::{is_dot_segment, SalesforceClient};
 use super::errors;
 use crate::connectors::http::SEGMENT;
 use crate::connectors::{DeliveryError, WriteOk, WriteRequest};
@@ -55,7 +55,7 @@ pub async fn write_batch(
     let mut out = Vec::with_capacity(requests.len());
     if requests.len() == 1 || max_batch(client, Op::Upsert) == 1 || requests.iter().any(|r| r.op != Op::Upsert) {
         for r in requests {
-            out.push(client.write(r).await);
+            out.push(write_one(client, r).await);
         }
         return out;
     }
@@ -65,6 +65,20 @@ pub async fn write_batch(
         out.extend(upsert_collection(client, chunk).await);
     }
     out
+}
+
+/// Writes one record: by its external-id URL, or, for a key no URL can carry (see
+/// [`is_dot_segment`]), an upsert through a one-record collection, where the key goes in
+/// the body. Such a key cannot be deleted by external id: that is the record's permanent
+/// error.
+pub async fn write_one(client: &SalesforceClient, request: WriteRequest) -> Result<WriteOk, DeliveryError> {
+    if request.op == Op::Upsert && is_dot_segment(&request.external_id) && client.supports_collections() {
+        let mut results = upsert_collection(client, vec![request]).await;
+        return results
+            .pop()
+            .unwrap_or_else(|| Err(DeliveryError::unexpected_retryable("no collection result".into())));
+    }
+    client.write(request).await
 }
 
 /// One collections call. A failure of the whole request is every record's failure.

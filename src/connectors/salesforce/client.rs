@@ -70,6 +70,9 @@ impl SalesforceClient {
 
     /// Upserts or deletes one record by external id.
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOk, DeliveryError> {
+        if is_dot_segment(&req.external_id) {
+            return Err(unaddressable(&req.external_id));
+        }
         let path = format!(
             "/sobjects/{}/{}/{}",
             utf8_percent_encode(&req.object, SEGMENT),
@@ -87,7 +90,7 @@ impl SalesforceClient {
             (Op::Upsert, StatusCode::CREATED) => Ok(WriteOk::Created),
             (Op::Upsert, StatusCode::OK | StatusCode::NO_CONTENT) => Ok(WriteOk::Updated),
             (Op::Delete, StatusCode::OK | StatusCode::NO_CONTENT) => Ok(WriteOk::Deleted),
-            (Op::Delete, StatusCode::NOT_FOUND) => Ok(WriteOk::AlreadyAbsent),
+            (Op::Delete, StatusCode::NOT_FOUND) if errors::is_record_absent(&answer.body) => Ok(WriteOk::AlreadyAbsent),
             _ => Err(self.classify(&answer)),
         }
     }
@@ -125,6 +128,29 @@ pub fn parse_api_usage(value: &str) -> Option<(u64, u64)> {
         let (used, max) = part.trim().strip_prefix("api-usage=")?.split_once('/')?;
         Some((used.trim().parse().ok()?, max.trim().parse().ok()?))
     })
+}
+
+/// Whether an external id is a URL dot segment. `.` and `..` in a path are removed by
+/// every URL parser on the way (reqwest's, the server's), percent-encoded or not (`%2E` is
+/// a dot segment too), so `/sobjects/Contact/Ext__c/.` would address the field, not the
+/// record: a delete of it was answered 404 and taken for "already gone". Such a key can
+/// only go in a request body (sObject Collections upsert).
+pub fn is_dot_segment(external_id: &str) -> bool {
+    external_id == "." || external_id == ".."
+}
+
+/// The record-level error for a key no URL can carry.
+pub fn unaddressable(external_id: &str) -> DeliveryError {
+    DeliveryError {
+        class: crate::connectors::ErrorClass::Permanent,
+        code: crate::connectors::ErrorCode::CrmUnaddressableKey,
+        http_status: None,
+        crm_code: None,
+        message: format!(
+            "external id `{external_id}` is a URL dot segment, which Salesforce's by-external-id URLs cannot address"
+        ),
+        retry_after: None,
+    }
 }
 
 #[cfg(test)]

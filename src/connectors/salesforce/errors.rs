@@ -39,6 +39,25 @@ pub fn is_expired_session(body: &[u8]) -> bool {
     first_error(body).is_some_and(|e| e.error_code == "INVALID_SESSION_ID" && !blocked_for_rest(&e.message))
 }
 
+/// Whether a 404 to a DELETE by external id says that no record has this value, as
+/// opposed to a request that named something that does not exist (an sObject or an
+/// external-id field): only the former means "already deleted".
+///
+/// UNVERIFIED: the documentation gives `NOT_FOUND` "The requested resource does not
+/// exist" for an unknown external-id field, and Salesforce is reported to answer the
+/// same for a value that matches no record; a message naming the field or the sObject
+/// type ("Provided external ID field does not exist or is not accessible", "sObject type
+/// … is not supported") is the configuration error. Anything that is not a `NOT_FOUND`
+/// error array (an HTML page from a proxy, another code) is not taken as absence either;
+/// `ENTITY_IS_DELETED` is.
+pub fn is_record_absent(body: &[u8]) -> bool {
+    first_error(body).is_some_and(|e| {
+        let m = e.message.to_ascii_lowercase();
+        let named_something_else = m.contains("external id field") || m.contains("sobject type");
+        (e.error_code == "NOT_FOUND" && !named_something_else) || e.error_code == "ENTITY_IS_DELETED"
+    })
+}
+
 fn blocked_for_rest(message: &str) -> bool {
     message.contains("not valid for use with the REST API")
 }
@@ -75,7 +94,7 @@ pub fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, limit_p
     let crm_code = first.as_ref().map(|e| e.error_code.clone()).filter(|c| !c.is_empty());
     let message = match &first {
         Some(e) => e.message.clone(),
-        None => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+        None => crate::connectors::http::unparsed_body(body),
     };
     let code_is = |c: &str| crm_code.as_deref() == Some(c);
     let err = match status {
@@ -129,6 +148,25 @@ pub fn classify_token_error(status: u16, body: &[u8]) -> DeliveryError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_not_found_for_the_record_means_already_absent() {
+        assert!(is_record_absent(
+            br#"[{"message":"The requested resource does not exist","errorCode":"NOT_FOUND"}]"#
+        ));
+        assert!(!is_record_absent(
+            br#"[{"message":"Provided external ID field does not exist or is not accessible: Ext__c","errorCode":"NOT_FOUND"}]"#
+        ));
+        assert!(!is_record_absent(
+            br#"[{"message":"sObject type 'Contct' is not supported.","errorCode":"NOT_FOUND"}]"#
+        ));
+        assert!(!is_record_absent(b"<html>Not Found</html>"));
+        assert!(is_record_absent(
+            br#"[{"message":"entity is deleted","errorCode":"ENTITY_IS_DELETED"}]"#
+        ));
+        assert!(!is_record_absent(br#"[{"message":"x","errorCode":"INVALID_FIELD"}]"#));
+    }
+
     use super::*;
 
     const PAUSE: Duration = Duration::from_secs(60);

@@ -62,7 +62,7 @@ impl Connector for SalesforceConnector {
 
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>> {
         let client = self.client.clone();
-        on_io_runtime(async move { client.write(request).await }, Err)
+        on_io_runtime(async move { batching::write_one(&client, request).await }, Err)
     }
 
     fn max_batch(&self, op: Op, _object: &str) -> usize {

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 
 use super::errors;
 use crate::config::{Secret, ZendeskConfig};
-use crate::connectors::http::{self, Meter};
+use crate::connectors::http::{self, Meter, MAX_CRM_WAIT};
 use crate::connectors::DeliveryError;
 
 /// How long before a token's announced expiry a new one is fetched.
@@ -120,7 +120,7 @@ impl TokenSource {
             .map_err(|e| DeliveryError::unexpected_retryable(format!("Zendesk token response not understood: {e}")))?;
         let renew_at = parsed
             .expires_in
-            .map(|s| Instant::now() + Duration::from_secs(s).saturating_sub(RENEW_BEFORE));
+            .map(|s| Instant::now() + Duration::from_secs(s).min(MAX_CRM_WAIT).saturating_sub(RENEW_BEFORE));
         let token = Arc::new(Secret::new(format!("Bearer {}", parsed.access_token)));
         tracing::info!(tenant = %self.meter.tenant, "Fetched a Zendesk OAuth access token.");
         *current = Some((token.clone(), renew_at));

@@ -347,12 +347,18 @@ fn outcomes(requests: &[WriteRequest], job: &JobStatus) -> Vec<Result<WriteOk, D
                 .iter()
                 .find(|i| i.index == Some(position))
                 .or_else(|| {
-                    items.iter().find(|i| {
-                        i.index.is_none()
-                            && i.external_id
-                                .as_deref()
-                                .is_some_and(|x| x.eq_ignore_ascii_case(&req.external_id))
-                    })
+                    let by_id = |i: &&JobItem| i.index.is_none() && i.external_id.as_deref() == Some(&req.external_id);
+                    items.iter().find(by_id)
+                })
+                .or_else(|| {
+                    // Zendesk's external-id lookup ignores case (crm-apis.md §2.2), so a
+                    // result may name the record in the case it had: accepted only when no
+                    // other record of the batch has the same id in another case, which
+                    // would make the result ambiguous.
+                    let folds = |x: &str| x.eq_ignore_ascii_case(&req.external_id);
+                    let unique = requests.iter().filter(|r| folds(&r.external_id)).count() == 1;
+                    let by_folded = |i: &&JobItem| i.index.is_none() && i.external_id.as_deref().is_some_and(folds);
+                    items.iter().find(by_folded).filter(|_| unique)
                 })
                 .or_else(|| by_position.then(|| &items[position]));
             match item {
@@ -425,6 +431,22 @@ mod tests {
         assert_eq!(out[0], Ok(WriteOk::Updated));
         assert_eq!(out[2], Ok(WriteOk::Created));
         assert!(out[1].as_ref().unwrap_err().is_retryable(), "no result: retried");
+
+        // Two records whose ids differ only in case: each gets its own result, and a
+        // result in a third case is nobody's.
+        let reqs2 = [request("abc"), request("ABC"), request("Abc")];
+        let cased = job(json!([
+            {"external_id": "ABC", "status": "Failed", "error": "X"},
+            {"external_id": "abc", "status": "Updated"},
+            {"external_id": "aBC", "status": "Created"}
+        ]));
+        let out = outcomes(&reqs2, &cased);
+        assert_eq!(out[0], Ok(WriteOk::Updated));
+        assert!(out[1].is_err() && !out[1].as_ref().unwrap_err().is_retryable());
+        assert!(
+            out[2].as_ref().unwrap_err().is_retryable(),
+            "ambiguous: no result, retried"
+        );
 
         let by_position = job(json!([{"status": "Created"}, {"status": "Updated"}, {"status": "Created"}]));
         assert_eq!(outcomes(&reqs, &by_position)[1], Ok(WriteOk::Updated));

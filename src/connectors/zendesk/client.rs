@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::utf8_percent_encode;
+use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
@@ -63,7 +64,7 @@ impl ZendeskClient {
             let mut builder = self
                 .http
                 .request(method.clone(), &url)
-                .header("Authorization", auth.expose())
+                .header(AUTHORIZATION, authorization(&auth)?)
                 .header("Accept", "application/json");
             if let Some(b) = body {
                 builder = builder.json(b);
@@ -142,31 +143,27 @@ impl ZendeskClient {
                     _ => Err(self.classify(&answer)),
                 }
             }
-            several => Err(DeliveryError {
-                class: crate::connectors::ErrorClass::Permanent,
-                code: ErrorCode::CrmMultipleMatches,
-                http_status: None,
-                crm_code: None,
-                message: format!("{} tickets carry this external_id", several.len()),
-                retry_after: None,
-            }),
+            several => Err(multiple_matches(several.len())),
         }
     }
 
+    /// Deletes the one record with the external id. Several (tickets do not have to carry
+    /// unique external ids) are the record's permanent error, as for an update: which one
+    /// is ours cannot be told, and deleting them all would remove records that are not.
     async fn delete(&self, req: WriteRequest) -> Result<WriteOk, DeliveryError> {
-        let ids = self.find_ids(&req).await?;
-        if ids.is_empty() {
-            return Ok(WriteOk::AlreadyAbsent);
+        let id = match self.find_ids(&req).await?.as_slice() {
+            [] => return Ok(WriteOk::AlreadyAbsent),
+            [id] => *id,
+            several => return Err(multiple_matches(several.len())),
+        };
+        let answer = self
+            .call(Method::DELETE, &format!("/{}/{id}", req.object), None, None)
+            .await?;
+        if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
+            Ok(WriteOk::Deleted)
+        } else {
+            Err(self.classify(&answer))
         }
-        for id in &ids {
-            let answer = self
-                .call(Method::DELETE, &format!("/{}/{id}", req.object), None, None)
-                .await?;
-            if !(answer.status.is_success() || answer.status == StatusCode::NOT_FOUND) {
-                return Err(self.classify(&answer));
-            }
-        }
-        Ok(WriteOk::Deleted)
     }
 
     /// Ids of the records of `req.object` with `req.external_id`.
@@ -197,6 +194,33 @@ impl ZendeskClient {
     }
 }
 
+/// Several records carry the external id: which one is this record cannot be told.
+fn multiple_matches(n: usize) -> DeliveryError {
+    DeliveryError {
+        class: crate::connectors::ErrorClass::Permanent,
+        code: ErrorCode::CrmMultipleMatches,
+        http_status: None,
+        crm_code: None,
+        message: format!("{n} records carry this external_id"),
+        retry_after: None,
+    }
+}
+
+/// The `Authorization` header value, marked sensitive so that no debug output of the
+/// request (reqwest's, hyper's) can show it, as `bearer_auth` does for the other CRMs.
+fn authorization(auth: &Secret) -> Result<HeaderValue, DeliveryError> {
+    let mut value = HeaderValue::from_str(auth.expose()).map_err(|_| DeliveryError {
+        class: crate::connectors::ErrorClass::Permanent,
+        code: crate::connectors::ErrorCode::CrmAuth,
+        http_status: None,
+        crm_code: None,
+        message: "Zendesk credentials hold characters an HTTP header cannot carry".into(),
+        retry_after: None,
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// A record's fields with its `external_id`.
 pub fn record_body(req: &WriteRequest) -> Value {
     let mut fields: Map<String, Value> = req.fields.clone();
@@ -221,6 +245,13 @@ pub fn parse_rate_limit(headers: &reqwest::header::HeaderMap) -> Option<Quota> {
 mod tests {
     use super::*;
     use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn the_authorization_header_is_sensitive() {
+        let value = authorization(&Secret::new("Bearer token-value")).unwrap();
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("token-value"));
+    }
 
     #[test]
     fn reads_either_spelling_of_the_rate_limit_headers() {
