@@ -463,6 +463,11 @@ fn wire(
         retry: retry_route.clone(),
         max_message_bytes: config.kafka.max_message_bytes,
         max_in_flight: config.kafka.max_in_flight_per_partition,
+        // An equal share of the window each; a lone tenant has nobody to make room for.
+        tenant_share: match config.tenants.len() {
+            0 | 1 => config.kafka.max_in_flight_per_partition,
+            n => (config.kafka.max_in_flight_per_partition / n).max(1),
+        },
         commands: commands_tx.clone(),
     });
     let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);

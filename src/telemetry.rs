@@ -29,6 +29,7 @@ pub mod metric {
     pub const TENANT_CONCURRENCY_LIMIT: &str = "crm_sync_tenant_concurrency_limit";
     pub const TENANT_THROTTLES: &str = "crm_sync_tenant_throttles_total";
     pub const TENANT_PAUSES: &str = "crm_sync_tenant_pauses_total";
+    pub const TENANT_WINDOW_PARKS: &str = "crm_sync_tenant_window_parks_total";
     pub const TOKEN_REFRESHES: &str = "crm_sync_crm_token_refreshes_total";
     pub const IN_FLIGHT: &str = "crm_sync_in_flight_events";
     pub const CONSUMER_LAG: &str = "crm_sync_consumer_lag_messages";
@@ -139,6 +140,11 @@ fn describe() {
         DLQ_WRITE_FAILURES,
         Unit::Count,
         "Failed attempts to write the DLQ or failures topic (retried until they succeed)."
+    );
+    describe_counter!(
+        TENANT_WINDOW_PARKS,
+        Unit::Count,
+        "Events parked so that a tenant does not hold its partition's window: over its share (reason share) or waiting for a permit past retry.park_after_ms (reason permit_wait)."
     );
     describe_counter!(
         DLQ_TRIMMED,

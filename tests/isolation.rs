@@ -118,3 +118,51 @@ fn a_tenant_whose_crm_only_throttles_and_fails_does_not_hold_up_another() {
     assert!(env.read_dlq().is_empty());
     service.stop(StopMode::Graceful);
 }
+
+/// A tenant that is merely slow (no failure, nothing to retry) beside a fast one on the
+/// same partition, with a small window: the slow tenant may hold only its share of the
+/// window, and its writes that wait long for a permit are parked, so the fast tenant's
+/// events flow past. Before, the slow tenant's queue filled the window, the partition
+/// was paused, and the fast tenant waited for the slow one (31 s in one run).
+#[test]
+fn a_slow_tenant_cannot_hold_the_partition_window() {
+    let env = Env::new(1);
+    let zd = ZendeskSandbox::start("127.0.0.1:0", ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+    let mut config = config(&env, &zd);
+    config.kafka.max_in_flight_per_partition = 6;
+    let slow = config.tenants.iter_mut().find(|t| t.name == "noisy").unwrap();
+    slow.max_concurrency = 1;
+    slow.batch_size = 1;
+    zd.set_faults(Faults {
+        latency_ms: 1_000,
+        ..Faults::default()
+    });
+    let service = pipeline::start(config).unwrap();
+    const SLOW: usize = 12;
+    const FAST: usize = 30;
+
+    // 1. The slow tenant's events first, then the fast tenant's, on the one partition.
+    env.produce(&(0..SLOW).map(noisy).collect::<Vec<_>>());
+    env.produce(&(0..FAST).map(quiet).collect::<Vec<_>>());
+
+    // 2. The fast tenant's events are all delivered while the slow tenant (one call a
+    //    second, one at a time) has got through at most a window's worth of its own.
+    assert!(
+        wait_until(WAIT, || (0..FAST).all(|i| env.contact(&format!("Q-{i}")).is_some())),
+        "the fast tenant's events were not delivered"
+    );
+    let slow_done = (0..SLOW).filter(|i| zd.contact(&format!("N-{i}")).is_some()).count();
+    assert!(
+        slow_done <= 6,
+        "the fast tenant waited for the slow one: {slow_done} of {SLOW} slow events were delivered first"
+    );
+
+    // 3. Nothing of the slow tenant is lost: it finishes at its own pace.
+    assert!(
+        wait_until(WAIT, || (0..SLOW).all(|i| zd.contact(&format!("N-{i}")).is_some())),
+        "slow events lost"
+    );
+    assert!(env.wait_drained(WAIT));
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}

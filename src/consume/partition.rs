@@ -142,6 +142,16 @@ pub struct PartitionShared {
     pub in_flight: AtomicUsize,
     /// Set by the consumer thread when the partition is handed back.
     pub retired: AtomicBool,
+    /// Set while the window is half full or more and more than one tenant holds events
+    /// of it: a tenant's long waits for a permit are then parked, not held.
+    pub pressure: AtomicBool,
+}
+
+impl PartitionShared {
+    /// Whether the window is under pressure (see `pressure`).
+    pub fn under_pressure(&self) -> bool {
+        self.pressure.load(Ordering::Relaxed)
+    }
 }
 
 /// What every partition actor needs.
@@ -154,6 +164,11 @@ pub struct PartitionDeps {
     pub retry: Option<RetryRoute>,
     pub max_message_bytes: usize,
     pub max_in_flight: usize,
+    /// Undecided events of one partition that one tenant may hold while the window is
+    /// under pressure (half full or more); past it, its new events are handed in marked
+    /// [`Work::over_share`], and the tenant parks them instead of holding them, so that a
+    /// slow tenant cannot fill the window and pause the partition for the others.
+    pub tenant_share: usize,
     /// Requests to the consumer thread (seek after restart).
     pub commands: mpsc::Sender<ConsumerCommand>,
 }
@@ -170,6 +185,8 @@ pub struct PartitionActor {
     tracker: OffsetTracker,
     /// Undecided events already handed to a tenant, for re-dispatch after its restart.
     dispatched: BTreeMap<i64, Work>,
+    /// Events of `dispatched` by tenant: what each tenant holds of the window.
+    held: HashMap<Arc<str>, usize>,
     /// Drain requests to answer once nothing is undecided. Dropping them answers "gone".
     drain_waiters: Vec<mpsc::Sender<()>>,
     retired: bool,
@@ -189,6 +206,7 @@ impl PartitionActor {
             awaiting_resync: false,
             tracker: OffsetTracker::new(),
             dispatched: BTreeMap::new(),
+            held: HashMap::new(),
             drain_waiters: Vec::new(),
             retired: false,
             panic_next: false,
@@ -212,7 +230,11 @@ impl PartitionActor {
     /// Records a final outcome; the caller publishes the new watermark.
     fn finish(&mut self, offset: i64) {
         if self.tracker.finished(offset) {
-            self.dispatched.remove(&offset);
+            if let Some(work) = self.dispatched.remove(&offset) {
+                if let Some(n) = self.held.get_mut(&work.event.record.tenant) {
+                    *n = n.saturating_sub(1);
+                }
+            }
         }
     }
 
@@ -229,6 +251,10 @@ impl PartitionActor {
         } else if low {
             self.shared.pause_wanted.store(false, Ordering::Relaxed);
         }
+        let contended = self.held.values().filter(|n| **n > 0).count() > 1;
+        self.shared
+            .pressure
+            .store(contended && 2 * in_flight >= self.deps.max_in_flight, Ordering::Relaxed);
         self.in_flight_gauge.set(in_flight as f64);
         if in_flight == 0 {
             for waiter in self.drain_waiters.drain(..) {
@@ -257,6 +283,7 @@ impl Supervised for PartitionActor {
         self.generation += 1;
         self.tracker = OffsetTracker::new();
         self.dispatched.clear();
+        self.held.clear();
         self.panic_next = false;
         let watermark = self.shared.watermark.load(Ordering::Acquire);
         self.shared.in_flight.store(0, Ordering::Relaxed);
@@ -298,7 +325,18 @@ impl Handler<Records> for PartitionActor {
         }
         let inject_panic = std::mem::take(&mut self.panic_next);
         let from_retry = self.deps.retry.as_ref().is_some_and(|r| *r.topic == *self.topic);
-        let work = intake(messages, from_retry, self.link(ctx), self.deps.clone(), inject_panic);
+        let window = Window {
+            in_flight: self.tracker.in_flight(),
+            held: self.held.clone(),
+        };
+        let work = intake(
+            messages,
+            from_retry,
+            window,
+            self.link(ctx),
+            self.deps.clone(),
+            inject_panic,
+        );
         let guarded = supervise::catch_future("partition", work);
         AtomicResponse::new(Box::pin(guarded.into_actor(self).map(|steps, act, ctx| {
             let Ok(steps) = steps else {
@@ -316,6 +354,7 @@ impl Handler<Records> for PartitionActor {
                     }
                     Step::Dispatched(work) => {
                         if act.tracker.is_pending(offset) {
+                            *act.held.entry(work.event.record.tenant.clone()).or_default() += 1;
                             act.dispatched.insert(offset, work);
                         }
                     }
@@ -323,6 +362,23 @@ impl Handler<Records> for PartitionActor {
             }
             act.publish();
         })))
+    }
+}
+
+/// The partition's window when a batch came in: undecided events (the batch included),
+/// and how many of them each tenant holds.
+struct Window {
+    in_flight: usize,
+    held: HashMap<Arc<str>, usize>,
+}
+
+impl Window {
+    /// Counts one more event for `tenant`; whether it is past the tenant's share while
+    /// the window is under pressure.
+    fn take(&mut self, tenant: &Arc<str>, deps: &PartitionDeps) -> bool {
+        let held = self.held.entry(tenant.clone()).or_default();
+        *held += 1;
+        *held > deps.tenant_share && 2 * self.in_flight >= deps.max_in_flight
     }
 }
 
@@ -340,6 +396,7 @@ enum Step {
 async fn intake(
     messages: Vec<SourceMessage>,
     from_retry: bool,
+    mut window: Window,
     link: PartitionLink,
     deps: Arc<PartitionDeps>,
     inject_panic: bool,
@@ -444,10 +501,12 @@ async fn intake(
         let Some(tenant) = deps.tenants.get(&event.record.tenant) else {
             unreachable!("decode only accepts configured tenants")
         };
+        let over_share = window.take(&event.record.tenant, &deps);
         let work = Work {
             event,
             source,
             reply: link,
+            over_share,
         };
         match by_tenant.iter_mut().find(|(t, _)| *t == tenant) {
             Some((_, works)) => works.push(work),

@@ -56,6 +56,10 @@ pub struct Work {
     pub event: Arc<Event>,
     pub source: Arc<SourceMessage>,
     pub reply: PartitionLink,
+    /// Handed in while its tenant held more than its share of the partition's window
+    /// under pressure: parked at once (when it can be), so that it does not hold the
+    /// window (see `PartitionDeps::tenant_share`).
+    pub over_share: bool,
 }
 
 /// Hand events to their tenant, in the order their partition read them.
@@ -205,7 +209,15 @@ impl TenantActor {
         }
         let key = work.event.record.clone();
         let Some(slot) = self.records.get_mut(&key) else {
-            self.start(key, Pending { work, also: Vec::new() }, ctx);
+            let over_share = work.over_share && self.parkable(&work.source);
+            let pending = Pending { work, also: Vec::new() };
+            if over_share {
+                self.count_window_park("share");
+                self.take_slot(key.clone(), pending);
+                self.park(key, Duration::ZERO, ctx);
+            } else {
+                self.start(key, pending, ctx);
+            }
             return;
         };
         let parking = matches!(slot.active.state, ActiveState::Parking);
@@ -260,15 +272,25 @@ impl TenantActor {
     /// whether to write; the questions of one turn go out together.
     fn start(&mut self, key: RecordKey, pending: Pending, ctx: &mut Context<Self>) {
         let event = pending.work.event.clone();
-        let (request, payload) = self.build_request(&event);
+        let payload = self.take_slot(key.clone(), pending);
         let check = Check {
-            record: key.clone(),
+            record: key,
             mode: CheckMode::Full,
             op: event.op,
             version: event.version,
             event: event_id_fingerprint(&event.event_id),
             payload,
         };
+        // This record's slot is taken (state `Checking`), so its later versions queue
+        // behind the check.
+        self.to_check.push(check);
+        self.schedule_flush(ctx);
+    }
+
+    /// Takes a record's slot for `pending` (state `Checking`); returns the hash of the
+    /// payload it would write.
+    fn take_slot(&mut self, key: RecordKey, pending: Pending) -> Option<PayloadHash> {
+        let (request, payload) = self.build_request(&pending.work.event);
         // An event back from the retry topic goes on counting its attempts and age.
         let retried = pending.work.source.retried;
         let first_failure = retried.map(|r| {
@@ -279,7 +301,7 @@ impl TenantActor {
             )
         });
         self.records.insert(
-            key.clone(),
+            key,
             Slot {
                 active: Active {
                     pending,
@@ -294,10 +316,19 @@ impl TenantActor {
                 waiting: None,
             },
         );
-        // This record's slot is taken (state `Checking`), so its later versions queue
-        // behind the check.
-        self.to_check.push(check);
-        self.schedule_flush(ctx);
+        payload
+    }
+
+    /// Whether an event can be parked: read from an input topic (a parked event is held
+    /// where it is, not parked again) and with a retry partition to go to.
+    fn parkable(&self, source: &SourceMessage) -> bool {
+        source.retried.is_none() && self.deps.dead_letters.can_park(&source.origin)
+    }
+
+    /// Counts an event parked so that it does not hold its partition's window.
+    fn count_window_park(&self, reason: &'static str) {
+        metrics::counter!(metric::TENANT_WINDOW_PARKS, "tenant" => self.name.to_string(), "reason" => reason)
+            .increment(1);
     }
 
     fn schedule_flush(&mut self, ctx: &mut Context<Self>) {
@@ -407,13 +438,11 @@ impl TenantActor {
         });
     }
 
-    /// Whether the record's event was read from an input topic (not the retry topic),
-    /// and can be parked.
+    /// Whether the record's active event can be parked (see [`parkable`](Self::parkable)).
     fn parkable_from_input(&self, key: &RecordKey) -> bool {
-        self.records.get(key).is_some_and(|s| {
-            let source = &s.active.pending.work.source;
-            source.retried.is_none() && self.deps.dead_letters.can_park(&source.origin)
-        })
+        self.records
+            .get(key)
+            .is_some_and(|s| self.parkable(&s.active.pending.work.source))
     }
 
     /// Writes the record's event to the retry topic, due in `delay`, then releases its
@@ -518,6 +547,7 @@ impl TenantActor {
     /// has waited `batch_linger_ms`. Each record has one slot, so two versions of a record
     /// never share a batch.
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        self.park_long_waits(ctx);
         while self.requests_in_flight < self.pacer.concurrency() {
             let Some(front) = self.ready.front() else { break };
             let Some(first) = self
@@ -549,6 +579,52 @@ impl TenantActor {
             }
             let keys = self.take_batch_keys(&group, max);
             self.send_batch(keys, ctx);
+        }
+    }
+
+    /// Parks writes that have waited `retry.park_after_ms` or longer for a permit while
+    /// their partition's window is under pressure, so that a slow tenant's queue does not
+    /// fill the window and pause the partition for the others. The queue is in the order
+    /// records became ready, so the longest waits are at its front; at most
+    /// [`LONG_WAIT_SCAN`] entries are looked at per call.
+    fn park_long_waits(&mut self, ctx: &mut Context<Self>) {
+        if !self.deps.dead_letters.parks() || self.ready.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let limit = self.deps.policy.park_after;
+        let mut kept = Vec::new();
+        let mut to_park = Vec::new();
+        for _ in 0..LONG_WAIT_SCAN {
+            let Some(key) = self.ready.pop_front() else { break };
+            let Some(slot) = self
+                .records
+                .get(&key)
+                .filter(|s| matches!(s.active.state, ActiveState::Ready))
+            else {
+                continue; // a stale entry: the record left the queue
+            };
+            if now.saturating_duration_since(slot.active.ready_since) < limit {
+                kept.push(key);
+                break;
+            }
+            let work = &slot.active.pending.work;
+            if work.reply.partition.under_pressure() && self.parkable(&work.source) {
+                to_park.push(key);
+            } else {
+                kept.push(key);
+            }
+        }
+        for key in kept.into_iter().rev() {
+            self.ready.push_front(key);
+        }
+        for key in to_park {
+            self.count_window_park("permit_wait");
+            self.park(key, Duration::ZERO, ctx);
+        }
+        if !self.ready.is_empty() {
+            // Look again once the next write in line has waited long enough.
+            self.wake_in(limit, ctx);
         }
     }
 
@@ -867,6 +943,9 @@ impl TenantActor {
         self.schedule_flush(ctx);
     }
 }
+
+/// Most entries of the ready queue [`TenantActor::park_long_waits`] looks at per call.
+const LONG_WAIT_SCAN: usize = 256;
 
 /// What records must share to go in one batch: op, object, external id field.
 type BatchGroup = (Op, String, String);
