@@ -15,8 +15,12 @@
 //! - `crms`: per CRM (Salesforce, Zendesk, Dynamics 365), batched upserts of changed
 //!   records: API calls against the minimum the CRM's batch limit allows, events/s at
 //!   zero sandbox latency, and events/s at 50 ms latency against the ideal.
+//! - `diff-memory`: resident bytes per record the diff cache remembers, against the same
+//!   records kept in a map keyed by their strings (`diff_memory.rs`).
 //!
 //! Run: `cargo run --release --bin load-test -- --scenario all` (see load-tests/README.md).
+
+mod diff_memory;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -54,6 +58,9 @@ struct Args {
     /// Changed records per CRM in the `crms` scenario.
     #[arg(long, default_value_t = 10_000)]
     crm_records: usize,
+    /// Diff cache capacity in the `diff-memory` scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    diff_capacity: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,6 +71,7 @@ enum Scenario {
     Diff,
     Backlog,
     Crms,
+    DiffMemory,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -692,5 +700,8 @@ fn main() {
     }
     if matches!(args.scenario, Scenario::All | Scenario::Crms) {
         crms(&args);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::DiffMemory) {
+        diff_memory::run(args.diff_capacity);
     }
 }

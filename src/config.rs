@@ -185,9 +185,10 @@ pub struct DiffConfig {
     /// Skip duplicates, unchanged payloads and stale versions. Off only for benchmarks.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Records whose last confirmed state is remembered. Past this, the least recently
-    /// used are forgotten: a forgotten record costs one extra write, and its stale
-    /// versions are no longer recognised (see README, "Diff").
+    /// Records whose last confirmed state is remembered (at most this many, at least
+    /// three quarters of it; 56–75 bytes each). Past this, the least recently used are
+    /// forgotten: a forgotten record costs one extra write, and its stale versions are
+    /// no longer recognised (see README, "Diff").
     #[serde(default = "default_diff_capacity")]
     pub capacity: usize,
 }
