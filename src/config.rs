@@ -327,6 +327,21 @@ fn default_rate_limit_per_sec() -> f64 {
 fn default_max_concurrency() -> usize {
     8
 }
+impl TenantConfig {
+    /// The longest one write of this tenant can stay at the CRM: a token fetch, the
+    /// request, and once more each after a refused token, each bounded by
+    /// `request_timeout_ms`; for a Zendesk job, also its polling up to `job_timeout_ms`.
+    pub fn longest_write(&self) -> Duration {
+        let calls = Duration::from_millis(self.request_timeout_ms.saturating_mul(4));
+        let job = self.zendesk.as_ref().map_or(0, |z| z.job_timeout_ms);
+        calls + Duration::from_millis(job)
+    }
+}
+
+/// librdkafka's default `max.poll.interval.ms`: a member that does not poll this long
+/// (a revoke that waits longer) leaves the group.
+const LIBRDKAFKA_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
@@ -570,6 +585,31 @@ impl Config {
                 "kafka.drain_timeout_ms",
                 format!("must be below kafka.session_timeout_ms ({})", k.session_timeout_ms),
             ));
+        }
+        // A revoke drains for up to `drain_timeout_ms`, then waits for the writes still at
+        // the CRM (see `consume`); all of it must fit before librdkafka gives up on the
+        // member.
+        let max_poll = match k.client.get("max.poll.interval.ms") {
+            None => LIBRDKAFKA_MAX_POLL_INTERVAL_MS,
+            Some(v) => v.expose().trim().parse().map_err(|_| {
+                ConfigError::invalid(
+                    "kafka.client.\"max.poll.interval.ms\"",
+                    "must be a number of milliseconds",
+                )
+            })?,
+        };
+        if let Some(t) = self.tenants.iter().max_by_key(|t| t.longest_write()) {
+            let revoke = k.drain_timeout_ms + t.longest_write().as_millis() as u64;
+            if revoke >= max_poll {
+                return Err(ConfigError::invalid(
+                    "kafka.drain_timeout_ms",
+                    format!(
+                        "plus the longest write of tenant {} ({} ms: 4 × request_timeout_ms, plus zendesk.job_timeout_ms) must be below max.poll.interval.ms ({max_poll}): a revoke waits for both",
+                        t.name,
+                        t.longest_write().as_millis()
+                    ),
+                ));
+            }
         }
         if k.session_timeout_ms < 1_000 {
             return Err(ConfigError::invalid(
@@ -946,6 +986,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("kafka.drain_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_revoke_must_fit_the_drain_and_the_longest_write_before_the_poll_interval() {
+        let env = [("SF_ID", "x"), ("SF_SECRET", "y")];
+        // 4 × 80 s of request timeout: a write may take 320 s, past librdkafka's 300 s.
+        let text = MINIMAL.replace(
+            "crm = \"salesforce\"",
+            "crm = \"salesforce\"\nrequest_timeout_ms = 80000",
+        );
+        let err = parse(&text, &env).unwrap_err().to_string();
+        assert!(err.contains("kafka.drain_timeout_ms") && err.contains("acme"), "{err}");
+        let text = text.replace(
+            "state_topic = \"state\"",
+            "state_topic = \"state\"\n[kafka.client]\n\"max.poll.interval.ms\" = \"600000\"",
+        );
+        assert!(parse(&text, &env).is_ok(), "{:?}", parse(&text, &env).err());
     }
 
     #[test]

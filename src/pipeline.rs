@@ -16,7 +16,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
 
-use crate::config::{Config, KafkaConfig};
+use crate::config::{Config, KafkaConfig, TenantConfig};
 use crate::consume::{self, ConsumerCommand, ConsumerSetup, PartitionDeps, PartitionDirectory, StopMode, StopSignal};
 use crate::diff::store::StateStore;
 use crate::diff::DiffActor;
@@ -484,6 +484,12 @@ fn wire(
         shutdown_drain: deadline
             .saturating_sub(Duration::from_secs(2))
             .max(Duration::from_millis(500)),
+        write_timeout: config
+            .tenants
+            .iter()
+            .map(TenantConfig::longest_write)
+            .max()
+            .unwrap_or_default(),
     };
     let consumer_thread = std::thread::Builder::new()
         .name("crm-sync-consumer".into())

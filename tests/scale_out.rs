@@ -119,3 +119,48 @@ fn parked_versions_never_overwrite_newer_ones_delivered_by_another_member() {
     a.stop(StopMode::Graceful);
     b.stop(StopMode::Graceful);
 }
+
+/// A write still at the CRM when its partition is revoked is answered before the
+/// partition's offsets are committed and it is handed over: otherwise the new owner
+/// writes the same record while the old write is still on its way, and the old one can
+/// land last. Two members, a CRM that takes 6 s to answer (longer than B takes to join)
+/// and a drain of 0.3 s: the sandbox must never see two writes of one record at once.
+#[test]
+fn a_write_in_flight_at_a_revoke_is_answered_before_the_handover() {
+    let env = Env::new(2);
+    let mut config = env.config();
+    config.kafka.drain_timeout_ms = 300;
+    config.tenants[0].max_concurrency = 2;
+    config.tenants[0].batch_size = 1;
+    config.tenants[0].request_timeout_ms = 20_000;
+    env.slow_crm(6_000);
+    // 1. A alone, with two records on each partition: on each, one write at the CRM and
+    //    one waiting, whichever partition B takes.
+    let a = pipeline::start(config.clone()).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || a.assigned_partitions() == 2));
+    for i in 0..4 {
+        let event = upsert(&format!("e{i}"), &format!("C-{i}"), 1, "Ada", "Lovelace");
+        env.produce_to(i % 2, &[event]);
+    }
+    assert!(wait_until(Duration::from_secs(20), || env
+        .sf
+        .stats()
+        .max_concurrent_writes_of_one_record
+        >= 1));
+    // 2. B joins while that write is at the CRM and takes one of the partitions.
+    let b = pipeline::start(config.clone()).unwrap();
+    wait_for_split(&[&a, &b]);
+    assert!(env.wait_all_committed(Duration::from_secs(90)));
+    // 3. No record was written by both members at once.
+    assert_eq!(env.sf.stats().max_concurrent_writes_of_one_record, 1);
+    for i in 0..4 {
+        assert!(
+            env.contact(&format!("C-{i}")).is_some(),
+            "C-{i}: {:?}, DLQ {:?}",
+            env.sf.stats(),
+            env.read_dlq().iter().map(|m| m.headers.clone()).collect::<Vec<_>>()
+        );
+    }
+    a.stop(StopMode::Graceful);
+    b.stop(StopMode::Graceful);
+}

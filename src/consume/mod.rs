@@ -47,7 +47,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 pub use partition::{
     Drain, OutcomeKind, Outcomes, PartitionActor, PartitionDeps, PartitionLink, PartitionShared, Records, Redispatch,
-    Resync, Retire,
+    Resync, Retire, Sending,
 };
 
 use crate::config::KafkaConfig;
@@ -177,6 +177,9 @@ pub struct LoopContext {
     /// Arbiter the partition actors run on.
     arbiter: ArbiterHandle,
     drain_timeout: Duration,
+    /// How long a revoke waits, after the drain, for writes still at the CRM (the
+    /// longest write of any tenant).
+    write_timeout: Duration,
     health: Health,
     /// Where confirmed states are read back from when input partitions are assigned.
     state_topic: String,
@@ -217,7 +220,7 @@ impl ConsumerContext for LoopContext {
                 self.forget_restoring(consumer, &revoked);
                 let mut keys = revoked.clone();
                 keys.extend(revoked.iter().filter_map(|k| self.retry_key(k)));
-                self.drain_commit_retire(consumer, &keys, self.drain_timeout);
+                self.drain_commit_retire(consumer, &keys, self.drain_timeout, self.write_timeout);
                 self.release_retry_partitions(&revoked);
             }
             Rebalance::Assign(_) => {}
@@ -487,9 +490,18 @@ impl LoopContext {
         }
     }
 
-    /// Waits (up to `timeout` in all) for the partitions to finish their in-flight events,
-    /// commits their watermarks synchronously, and retires their actors.
-    fn drain_commit_retire(&self, consumer: &BaseConsumer<Self>, keys: &[PartitionKey], timeout: Duration) {
+    /// Waits (up to `timeout` in all) for the partitions to finish their in-flight events;
+    /// then stops their events from going to the CRM (what is undecided is the next
+    /// owner's), waits (up to `write_timeout`) for the writes already at the CRM to be
+    /// answered, commits the watermarks synchronously, and retires the actors. So no write
+    /// of this member for these partitions can land after the next owner's.
+    fn drain_commit_retire(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        keys: &[PartitionKey],
+        timeout: Duration,
+        write_timeout: Duration,
+    ) {
         let deadline = Instant::now() + timeout;
         let mut waiting = Vec::new();
         for key in keys {
@@ -505,6 +517,26 @@ impl LoopContext {
             if rx.recv_timeout(left).is_err() {
                 tracing::warn!(topic = %topic, partition, "Drain deadline passed; undecided events will be re-delivered to the next owner.");
             }
+        }
+        let shared: Vec<Arc<PartitionShared>> = keys
+            .iter()
+            .filter_map(|k| self.directory.get(k).map(|e| e.shared.clone()))
+            .collect();
+        for s in &shared {
+            s.retired.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + write_timeout;
+        let answered = || shared.iter().all(|s| s.sending.load(Ordering::Acquire) == 0);
+        while !answered() && Instant::now() < deadline {
+            // Polled: the writes end on the I/O runtime, which has no way to wake this
+            // thread; the deadline bounds the wait.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !answered() {
+            tracing::error!(
+                partitions = keys.len(),
+                "Writes still at the CRM past the longest a write can take; handing the partitions over anyway."
+            );
         }
         self.commit_watermarks(consumer, Some(keys), CommitMode::Sync);
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
@@ -540,6 +572,8 @@ pub struct ConsumerSetup {
     pub stop: StopSignal,
     /// Upper bound on the graceful drain at shutdown.
     pub shutdown_drain: Duration,
+    /// The longest write of any tenant (`TenantConfig::longest_write`).
+    pub write_timeout: Duration,
 }
 
 /// Connection settings every Kafka client of the service shares.
@@ -596,6 +630,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         deps: setup.deps.clone(),
         arbiter: setup.arbiter.clone(),
         drain_timeout: setup.kafka.drain_timeout(),
+        write_timeout: setup.write_timeout,
         health: setup.health.clone(),
         state_topic: setup.kafka.state_topic.clone(),
         client: client_config(&setup.kafka),
@@ -668,7 +703,8 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
                     let _ = reader.consumer.pause(&assignment);
                 }
             }
-            ctx.drain_commit_retire(&consumer, &keys, setup.shutdown_drain);
+            // At shutdown, the writes at the CRM get what is left of the deadline.
+            ctx.drain_commit_retire(&consumer, &keys, setup.shutdown_drain / 2, setup.shutdown_drain / 2);
             committed.store(true, Ordering::SeqCst);
             consumer.unsubscribe();
         }

@@ -145,6 +145,32 @@ pub struct PartitionShared {
     /// Set while the window is half full or more and more than one tenant holds events
     /// of it: a tenant's long waits for a permit are then parked, not held.
     pub pressure: AtomicBool,
+    /// Events of this partition whose write is at the CRM (counted by [`Sending`]). A
+    /// revoke waits for it to reach zero before it commits and hands the partition over,
+    /// so that no write of this member can land after the new owner's.
+    pub sending: AtomicUsize,
+}
+
+/// Counts events as being written at the CRM, for their partitions' `sending`, until
+/// dropped: it travels with the write to the I/O runtime and is dropped when the write's
+/// task ends, whoever was waiting for it.
+pub struct Sending(Vec<Arc<PartitionShared>>);
+
+impl Sending {
+    pub fn new(partitions: Vec<Arc<PartitionShared>>) -> Self {
+        for p in &partitions {
+            p.sending.fetch_add(1, Ordering::AcqRel);
+        }
+        Sending(partitions)
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            p.sending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl PartitionShared {

@@ -74,6 +74,9 @@ pub struct Stats {
     pub deletes_applied: u64,
     /// Answers other than 2xx, by status.
     pub rejected: BTreeMap<u16, u64>,
+    /// Most requests by external id in progress at once for one record (Salesforce
+    /// sandbox): two writers of one record overlapping show here as 2.
+    pub max_concurrent_writes_of_one_record: u64,
 }
 
 /// A running sandbox as the demo, the scenario tests and the load tests see it.

@@ -37,7 +37,7 @@ use rand::SeedableRng;
 
 use crate::config::TenantConfig;
 use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
-use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch};
+use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch, Sending};
 use crate::diff::store::StateStore;
 use crate::diff::{
     is_stale, Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict,
@@ -715,6 +715,7 @@ impl TenantActor {
     fn send_batch(&mut self, keys: Vec<RecordKey>, ctx: &mut Context<Self>) {
         let mut sent = Vec::with_capacity(keys.len());
         let mut requests = Vec::with_capacity(keys.len());
+        let mut partitions = Vec::with_capacity(keys.len());
         for key in keys {
             if !self.still_owned(&key, ctx) {
                 continue;
@@ -725,6 +726,12 @@ impl TenantActor {
             slot.active.state = ActiveState::Sending;
             slot.active.attempts += 1;
             requests.push(slot.active.request.clone());
+            let pending = &slot.active.pending;
+            partitions.extend(
+                std::iter::once(&pending.work.reply)
+                    .chain(&pending.also)
+                    .map(|l| l.partition.clone()),
+            );
             sent.push(key);
         }
         if sent.is_empty() {
@@ -735,7 +742,22 @@ impl TenantActor {
         // job is before its results are known.
         self.requests_in_flight += 1;
         let (calls_done, answered) = CallsDone::pair();
+        // The partitions of these events count them as at the CRM until the write's task
+        // on the I/O runtime ends, even if this actor stops waiting for it (a restart).
+        let sending = Sending::new(partitions);
+        let n = requests.len();
         let write = self.connector.write_batch(requests, calls_done);
+        let write = async move {
+            let results = crate::offload::spawn(async move {
+                let results = write.await;
+                drop(sending);
+                results
+            })
+            .await;
+            // The runtime is shutting down: so is the service, and nothing was committed.
+            results
+                .unwrap_or_else(|e| vec![Err(DeliveryError::unexpected_retryable(format!("write task ended: {e}"))); n])
+        };
         ctx.spawn(answered.into_actor(self).map(|(), act, ctx| {
             act.requests_in_flight -= 1;
             act.guarded(ctx, |act, ctx| act.pump(ctx));

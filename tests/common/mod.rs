@@ -156,6 +156,28 @@ request_timeout_ms = 5000
             .expect("produce");
     }
 
+    /// Produces `(key, value)` messages to one partition of the input topic, in order.
+    pub fn produce_to(&self, partition: i32, messages: &[(String, Vec<u8>)]) {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .unwrap();
+        rt.block_on(async {
+            for (key, value) in messages {
+                let record = FutureRecord::to(&self.topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value);
+                producer.send(record, Duration::from_secs(30)).await.unwrap();
+            }
+        });
+    }
+
     /// Whether the group has committed every message of the input topic.
     pub fn all_committed(&self) -> bool {
         let ends = tools::end_offsets(&self.bootstrap, &self.topic, self.partitions).unwrap();

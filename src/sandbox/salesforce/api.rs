@@ -97,7 +97,8 @@ async fn by_external_id(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    serve_data(&shared, |org| {
+    let record = (sobject.clone(), field.clone(), value.clone());
+    serve_data(&shared, Some(record), |org| {
         handle_record(org, &method, &version, &sobject, &field, &value, &headers, &body)
     })
     .await
@@ -105,8 +106,24 @@ async fn by_external_id(
 
 /// Waits the injected latency, runs a data API handler on the org, and counts an answer
 /// other than 2xx as rejected.
-async fn serve_data(shared: &Shared, handle: impl FnOnce(&mut Org) -> Response) -> Response {
-    let latency = lock(shared).setup.faults.latency_ms;
+async fn serve_data(
+    shared: &Shared,
+    record: Option<(String, String, String)>,
+    handle: impl FnOnce(&mut Org) -> Response,
+) -> Response {
+    let latency = {
+        let mut org = lock(shared);
+        if let Some(r) = &record {
+            let n = org.in_progress.entry(r.clone()).or_default();
+            *n += 1;
+            let n = *n;
+            org.stats.max_concurrent_writes_of_one_record = org.stats.max_concurrent_writes_of_one_record.max(n);
+        }
+        org.setup.faults.latency_ms
+    };
+    // Counted out however the request ends, also when the client gives up during the
+    // latency and the handler is dropped.
+    let _in_progress = InProgress(shared.clone(), record);
     delay(latency).await;
     let mut org = lock(shared);
     let response = handle(&mut org);
@@ -115,6 +132,23 @@ async fn serve_data(shared: &Shared, handle: impl FnOnce(&mut Org) -> Response) 
         *org.stats.rejected.entry(status).or_default() += 1;
     }
     response
+}
+
+/// One request by external id in progress, counted out when dropped.
+struct InProgress(Shared, Option<(String, String, String)>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Some(r) = &self.1 {
+            let mut org = lock(&self.0);
+            if let Some(n) = org.in_progress.get_mut(r) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    org.in_progress.remove(r);
+                }
+            }
+        }
+    }
 }
 
 /// A data API request that got past authentication, the allocation and the injected
@@ -204,7 +238,7 @@ async fn collection_upsert(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    serve_data(&shared, |org| {
+    serve_data(&shared, None, |org| {
         handle_collection(org, &version, &sobject, &field, &headers, &body)
     })
     .await

@@ -111,6 +111,7 @@ impl SalesforceSandbox {
             tokens: HashMap::new(),
             script: VecDeque::new(),
             stats: Stats::default(),
+            in_progress: HashMap::new(),
             next_id: 1,
             rng: StdRng::seed_from_u64(seed),
         }));

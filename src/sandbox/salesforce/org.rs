@@ -21,6 +21,8 @@ pub(super) struct Org {
     pub(super) tokens: HashMap<String, Instant>,
     pub(super) script: VecDeque<Scripted>,
     pub(super) stats: Stats,
+    /// Requests by external id in progress, by (sObject, field, value).
+    pub(super) in_progress: HashMap<(String, String, String), u64>,
     pub(super) next_id: u64,
     pub(super) rng: StdRng,
 }
