@@ -4,7 +4,8 @@
 //! - **One write per record in flight.** A record's active write (sending, or waiting
 //!   for a retry) holds its slot; the newest version that arrives meanwhile waits behind
 //!   it and supersedes older waiting ones, so two versions never race to the CRM, and an
-//!   older version than the active one is stale.
+//!   older version than the active one is stale. These rules are the pure state machine
+//!   of [`slots`], property-tested there; this actor carries out its decisions.
 //! - **No call for what the CRM has.** Before a record's write starts, the diff actor is
 //!   asked with [`CheckMode::Full`]; after the CRM accepts a write, it is told
 //!   ([`Confirm`]) — never before.
@@ -26,6 +27,7 @@
 
 pub mod mapping;
 pub mod pacing;
+pub mod slots;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -39,16 +41,15 @@ use crate::config::TenantConfig;
 use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch, Sending};
 use crate::diff::store::StateStore;
-use crate::diff::{
-    is_stale, Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict,
-};
-use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey, RecordMap};
+use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
+use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::retry::topic::RetryState;
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
 use pacing::Pacer;
+use slots::{Arrival, Liveness, Phase, Slots};
 
 /// An event on its way to the CRM, and where its outcome goes.
 #[derive(Debug, Clone)]
@@ -86,47 +87,28 @@ pub struct TenantDeps {
     pub policy: RetryPolicy,
 }
 
-/// An event and the partitions to tell about it (a re-delivered copy of the same event
-/// joins the one already here instead of being written twice).
-struct Pending {
-    work: Work,
-    also: Vec<PartitionLink>,
+/// An event and the copies of it that arrived meanwhile (a re-delivered copy of the
+/// same event joins the one already here instead of being written twice).
+type Pending = slots::Pending<Work>;
+
+impl slots::Item for Work {
+    fn same_event(&self, other: &Self) -> bool {
+        same_event(&self.event, &other.event)
+    }
+    fn version(&self) -> u64 {
+        self.event.version
+    }
 }
 
-enum ActiveState {
-    /// Asking the diff actor whether a write is needed.
-    Checking,
-    /// Waiting for a rate/concurrency permit.
-    Ready,
-    Sending,
-    /// Waiting for the retry queue; `ticket` tells this wait from an older one.
-    Backoff {
-        ticket: u64,
-    },
-    /// The CRM accepted it; its new state is being written to the state topic.
-    Persisting,
-    /// Being written to the DLQ.
-    DeadLettering,
-    /// Being written to the retry topic.
-    Parking,
-}
-
-struct Active {
-    pending: Pending,
+/// What the tenant keeps of a record's active write, beside its [`Phase`].
+struct Write {
     request: WriteRequest,
     payload: Option<PayloadHash>,
     attempts: u32,
     first_failure: Option<(Instant, SystemTime)>,
     last_error: Option<DeliveryError>,
-    state: ActiveState,
     /// When the write last joined the queue for a permit (for the batch linger).
     ready_since: Instant,
-}
-
-struct Slot {
-    active: Active,
-    /// The newest version that arrived while `active` was under way.
-    waiting: Option<Pending>,
 }
 
 pub struct TenantActor {
@@ -134,7 +116,8 @@ pub struct TenantActor {
     config: Arc<TenantConfig>,
     connector: Arc<dyn Connector>,
     deps: TenantDeps,
-    records: RecordMap<Slot>,
+    /// Every record with a write under way: the per-record state machine.
+    records: Slots<Work, Write>,
     /// Records whose write waits for a permit, oldest first.
     ready: VecDeque<RecordKey>,
     requests_in_flight: usize,
@@ -167,7 +150,7 @@ impl TenantActor {
             config,
             connector,
             deps,
-            records: RecordMap::default(),
+            records: Slots::default(),
             ready: VecDeque::new(),
             requests_in_flight: 0,
             wake_scheduled: false,
@@ -208,63 +191,18 @@ impl TenantActor {
             panic!("injected panic in tenant actor");
         }
         let key = work.event.record.clone();
-        let Some(slot) = self.records.get_mut(&key) else {
-            let over_share = work.over_share && self.parkable(&work.source);
-            let pending = Pending { work, also: Vec::new() };
-            if over_share {
-                self.count_window_park("share");
-                self.take_slot(key.clone(), pending);
-                self.park(key, Duration::ZERO, ctx);
-            } else {
-                self.start(key, pending, ctx);
-            }
-            return;
-        };
-        let parking = matches!(slot.active.state, ActiveState::Parking);
-        let active = &mut slot.active.pending;
-        if same_event(&active.work.event, &work.event) {
-            if parking {
-                // The copy just written to the retry topic can be read back before the
-                // write is acknowledged. It must not end with the original (as parked):
-                // it goes on after it.
-                match &slot.waiting {
-                    None => slot.waiting = Some(Pending { work, also: Vec::new() }),
-                    Some(_) => self.report(
-                        Pending { work, also: Vec::new() },
-                        OutcomeKind::Skipped(SkipReason::Stale),
-                        ctx,
-                    ),
+        match self.records.arrive(&key, work) {
+            Arrival::Free(pending) => {
+                if pending.work.over_share && self.parkable(&pending.work.source) {
+                    self.count_window_park("share");
+                    self.take_slot(key.clone(), pending);
+                    self.park(key, Duration::ZERO, ctx);
+                } else {
+                    self.start(key, pending, ctx);
                 }
-                return;
             }
-            active.also.push(work.reply);
-            return;
-        }
-        if is_stale(work.event.version, active.work.event.version) {
-            self.report(
-                Pending { work, also: Vec::new() },
-                OutcomeKind::Skipped(SkipReason::Stale),
-                ctx,
-            );
-            return;
-        }
-        let to_skip = match &mut slot.waiting {
-            None => {
-                slot.waiting = Some(Pending { work, also: Vec::new() });
-                None
-            }
-            Some(w) if same_event(&w.work.event, &work.event) => {
-                w.also.push(work.reply);
-                None
-            }
-            Some(w) if !is_stale(work.event.version, w.work.event.version) => Some((
-                std::mem::replace(w, Pending { work, also: Vec::new() }),
-                SkipReason::Superseded,
-            )),
-            Some(_) => Some((Pending { work, also: Vec::new() }, SkipReason::Stale)),
-        };
-        if let Some((pending, reason)) = to_skip {
-            self.report(pending, OutcomeKind::Skipped(reason), ctx);
+            Arrival::Joined | Arrival::Queued => {}
+            Arrival::Ends(pending, reason) => self.report(pending, OutcomeKind::Skipped(reason), ctx),
         }
     }
 
@@ -300,22 +238,15 @@ impl TenantActor {
                 r.first_failure,
             )
         });
-        self.records.insert(
-            key,
-            Slot {
-                active: Active {
-                    pending,
-                    request,
-                    payload,
-                    attempts: retried.map_or(0, |r| r.attempts),
-                    first_failure,
-                    last_error: None,
-                    state: ActiveState::Checking,
-                    ready_since: Instant::now(),
-                },
-                waiting: None,
-            },
-        );
+        let write = Write {
+            request,
+            payload,
+            attempts: retried.map_or(0, |r| r.attempts),
+            first_failure,
+            last_error: None,
+            ready_since: Instant::now(),
+        };
+        self.records.start(key, pending, write);
         payload
     }
 
@@ -411,7 +342,7 @@ impl TenantActor {
                 let not_before = self
                     .records
                     .get(&key)
-                    .and_then(|s| s.active.pending.work.source.retried)
+                    .and_then(|s| s.active.work.source.retried)
                     .and_then(|r| r.not_before.duration_since(SystemTime::now()).ok());
                 match not_before {
                     // Back from the retry topic before it is due: wait for it here.
@@ -430,7 +361,7 @@ impl TenantActor {
         };
         self.next_ticket += 1;
         let ticket = self.next_ticket;
-        slot.active.state = ActiveState::Backoff { ticket };
+        slot.phase = Phase::Backoff { ticket };
         self.deps.retry.do_send(Schedule {
             tenant: self.name.clone(),
             delay,
@@ -442,7 +373,7 @@ impl TenantActor {
     fn parkable_from_input(&self, key: &RecordKey) -> bool {
         self.records
             .get(key)
-            .is_some_and(|s| self.parkable(&s.active.pending.work.source))
+            .is_some_and(|s| self.parkable(&s.active.work.source))
     }
 
     /// Writes the record's event to the retry topic, due in `delay`, then releases its
@@ -454,28 +385,27 @@ impl TenantActor {
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
-        let active = &mut slot.active;
-        if matches!(active.state, ActiveState::Parking) {
+        if slot.phase == Phase::Parking {
             // The ready queue can name a record twice; it is parked once.
             return;
         }
-        active.state = ActiveState::Parking;
-        let parked = active.pending.work.event.clone();
+        slot.phase = Phase::Parking;
+        let parked = slot.active.work.event.clone();
         let now = SystemTime::now();
         let state = RetryState {
-            attempts: active.attempts,
-            first_failure: active.first_failure.map_or(now, |(_, at)| at),
+            attempts: slot.data.attempts,
+            first_failure: slot.data.first_failure.map_or(now, |(_, at)| at),
             not_before: now.checked_add(delay).unwrap_or(now),
         };
         tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
         let sink = self.deps.dead_letters.clone();
-        let source = active.pending.work.source.clone();
+        let source = slot.active.work.source.clone();
         let write = async move { sink.park(&source, state).await };
         ctx.spawn(write.into_actor(self).map(move |written, act, ctx| {
             // Only the event that was parked ends as parked, never a newer one that has
             // taken the record's slot since.
             let still_parking = act.records.get(&key).is_some_and(|s| {
-                matches!(s.active.state, ActiveState::Parking) && Arc::ptr_eq(&s.active.pending.work.event, &parked)
+                matches!(s.phase, Phase::Parking) && Arc::ptr_eq(&s.active.work.event, &parked)
             });
             if !still_parking {
                 return;
@@ -511,11 +441,7 @@ impl TenantActor {
             .ready
             .iter()
             .filter(|k| self.parkable_from_input(k))
-            .filter(|k| {
-                self.records
-                    .get(*k)
-                    .is_some_and(|s| matches!(s.active.state, ActiveState::Ready))
-            })
+            .filter(|k| self.records.get(k).is_some_and(|s| matches!(s.phase, Phase::Ready)))
             .cloned()
             .collect();
         let parked: std::collections::HashSet<RecordKey> = waiting.iter().cloned().collect();
@@ -535,8 +461,8 @@ impl TenantActor {
             }
         }
         if let Some(slot) = self.records.get_mut(&key) {
-            slot.active.state = ActiveState::Ready;
-            slot.active.ready_since = Instant::now();
+            slot.phase = Phase::Ready;
+            slot.data.ready_since = Instant::now();
             self.ready.push_back(key);
         }
     }
@@ -550,22 +476,18 @@ impl TenantActor {
         self.park_long_waits(ctx);
         while self.requests_in_flight < self.pacer.concurrency() {
             let Some(front) = self.ready.front() else { break };
-            let Some(first) = self
-                .records
-                .get(front)
-                .filter(|s| matches!(s.active.state, ActiveState::Ready))
-            else {
+            let Some(first) = self.records.get(front).filter(|s| matches!(s.phase, Phase::Ready)) else {
                 self.ready.pop_front();
                 continue;
             };
-            let group = batch_group(&first.active.request);
+            let group = batch_group(&first.data.request);
             let max = self
                 .config
                 .batch_size
                 .min(self.connector.max_batch(group.0, &group.1))
                 .max(1);
             let now = Instant::now();
-            let linger_ends = first.active.ready_since + Duration::from_millis(self.config.batch_linger_ms);
+            let linger_ends = first.data.ready_since + Duration::from_millis(self.config.batch_linger_ms);
             // Count the group's ready records only when a full batch is possible and the
             // linger has not run out: this runs each time a record becomes ready.
             let must_wait = now < linger_ends && (self.ready.len() < max || self.count_ready(&group, max) < max);
@@ -597,18 +519,14 @@ impl TenantActor {
         let mut to_park = Vec::new();
         for _ in 0..LONG_WAIT_SCAN {
             let Some(key) = self.ready.pop_front() else { break };
-            let Some(slot) = self
-                .records
-                .get(&key)
-                .filter(|s| matches!(s.active.state, ActiveState::Ready))
-            else {
+            let Some(slot) = self.records.get(&key).filter(|s| matches!(s.phase, Phase::Ready)) else {
                 continue; // a stale entry: the record left the queue
             };
-            if now.saturating_duration_since(slot.active.ready_since) < limit {
+            if now.saturating_duration_since(slot.data.ready_since) < limit {
                 kept.push(key);
                 break;
             }
-            let work = &slot.active.pending.work;
+            let work = &slot.active.work;
             if work.reply.partition.under_pressure() && self.parkable(&work.source) {
                 to_park.push(key);
             } else {
@@ -635,8 +553,8 @@ impl TenantActor {
             .take(max.saturating_mul(4))
             .filter(|k| {
                 self.records
-                    .get(*k)
-                    .is_some_and(|s| matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group))
+                    .get(k)
+                    .is_some_and(|s| matches!(s.phase, Phase::Ready) && in_group(&s.data.request, group))
             })
             .take(max)
             .count()
@@ -651,14 +569,15 @@ impl TenantActor {
         let mut taken = Vec::with_capacity(max);
         let mut kept = Vec::with_capacity(scan);
         for key in head {
-            let slot = self.records.get_mut(&key).filter(|s| {
-                taken.len() < max && matches!(s.active.state, ActiveState::Ready) && in_group(&s.active.request, group)
-            });
+            let slot = self
+                .records
+                .get_mut(&key)
+                .filter(|s| taken.len() < max && matches!(s.phase, Phase::Ready) && in_group(&s.data.request, group));
             match slot {
                 Some(slot) => {
                     // Taken now, so that a second entry for the record in the queue
                     // cannot put it in this batch twice.
-                    slot.active.state = ActiveState::Sending;
+                    slot.phase = Phase::Sending;
                     taken.push(key);
                 }
                 None => kept.push(key),
@@ -723,14 +642,14 @@ impl TenantActor {
             let Some(slot) = self.records.get_mut(&key) else {
                 continue;
             };
-            slot.active.state = ActiveState::Sending;
-            slot.active.attempts += 1;
-            requests.push(slot.active.request.clone());
-            let pending = &slot.active.pending;
+            slot.phase = Phase::Sending;
+            slot.data.attempts += 1;
+            requests.push(slot.data.request.clone());
+            let pending = &slot.active;
             partitions.extend(
-                std::iter::once(&pending.work.reply)
+                std::iter::once(&pending.work)
                     .chain(&pending.also)
-                    .map(|l| l.partition.clone()),
+                    .map(|w| w.reply.partition.clone()),
             );
             sent.push(key);
         }
@@ -785,44 +704,40 @@ impl TenantActor {
     }
 
     fn on_result(&mut self, key: RecordKey, result: Result<WriteOk, DeliveryError>, ctx: &mut Context<Self>) {
-        let Some(slot) = self
-            .records
-            .get_mut(&key)
-            .filter(|s| matches!(s.active.state, ActiveState::Sending))
-        else {
+        let Some(slot) = self.records.get_mut(&key).filter(|s| matches!(s.phase, Phase::Sending)) else {
             return;
         };
-        let active = &mut slot.active;
         match result {
             Ok(_) => {
-                let event = &active.pending.work.event;
+                let event = &slot.active.work.event;
                 let state = RecordState {
                     version: event.version,
-                    payload: active.payload,
+                    payload: slot.data.payload,
                     event: event_id_fingerprint(&event.event_id),
                 };
-                active.state = ActiveState::Persisting;
+                slot.phase = Phase::Persisting;
                 self.to_confirm.push((key.clone(), state));
                 self.queue_persist(key, state, OutcomeKind::Delivered);
             }
             Err(error) => {
                 let now = Instant::now();
-                let (first, _) = *active.first_failure.get_or_insert((now, SystemTime::now()));
+                let write = &mut slot.data;
+                let (first, _) = *write.first_failure.get_or_insert((now, SystemTime::now()));
                 let retryable = error.is_retryable();
                 let decision = retryable.then(|| {
                     self.deps
                         .policy
-                        .decide(active.attempts, first, now, error.retry_after, &mut self.rng)
+                        .decide(write.attempts, first, now, error.retry_after, &mut self.rng)
                 });
                 tracing::debug!(tenant = %self.name, error = %error, "CRM write failed.");
-                active.last_error = Some(error);
+                write.last_error = Some(error);
                 if slot.waiting.is_some() {
                     // A newer version is waiting: it replaces this one, failed or not.
                     self.complete(key, OutcomeKind::Skipped(SkipReason::Superseded), ctx);
                     return;
                 }
-                let attempts = active.attempts;
-                let source = active.pending.work.source.clone();
+                let attempts = slot.data.attempts;
+                let source = slot.active.work.source.clone();
                 match decision {
                     Some(RetryDecision::RetryAfter(delay)) => {
                         self.count_outcome(outcome::RETRIED);
@@ -844,26 +759,19 @@ impl TenantActor {
     /// re-reads it from the committed offset) — unless a copy of it came in through a
     /// partition that is live, which then takes over.
     fn still_owned(&mut self, key: &RecordKey, ctx: &mut Context<Self>) -> bool {
-        let Some(slot) = self.records.get_mut(key) else {
-            return false;
-        };
-        let pending = &mut slot.active.pending;
-        if pending.work.reply.is_live() {
-            return true;
+        // Copies (and a dropped event) of partitions that were handed over need no
+        // outcome: those partitions are gone from this instance.
+        match self.records.keep_live(key, |w| w.reply.is_live()) {
+            Liveness::Live { .. } => true,
+            Liveness::HandedOver { waiting, .. } => {
+                self.count_outcome(outcome::HANDED_OVER);
+                if let Some(next) = waiting {
+                    self.start(key.clone(), next, ctx);
+                }
+                false
+            }
+            Liveness::Absent => false,
         }
-        pending.also.retain(PartitionLink::is_live);
-        if let Some(link) = pending.also.pop() {
-            pending.work.reply = link;
-            return true;
-        }
-        self.count_outcome(outcome::HANDED_OVER);
-        let Some(slot) = self.records.remove(key) else {
-            return false;
-        };
-        if let Some(next) = slot.waiting {
-            self.start(key.clone(), next, ctx);
-        }
-        false
     }
 
     fn dead_letter(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
@@ -873,12 +781,11 @@ impl TenantActor {
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
-        let active = &mut slot.active;
-        active.state = ActiveState::DeadLettering;
-        let Some(error) = active.last_error.clone() else {
+        slot.phase = Phase::DeadLettering;
+        let Some(error) = slot.data.last_error.clone() else {
             return;
         };
-        let (_, first_failure) = active.first_failure.unwrap_or((Instant::now(), SystemTime::now()));
+        let (_, first_failure) = slot.data.first_failure.unwrap_or((Instant::now(), SystemTime::now()));
         let failure = Failure {
             stage: "deliver",
             code: error.code.as_str(),
@@ -886,14 +793,14 @@ impl TenantActor {
             http_status: error.http_status,
             crm_code: error.crm_code.clone(),
             message: error.message.clone(),
-            attempts: active.attempts,
+            attempts: slot.data.attempts,
             first_failure,
             last_failure: SystemTime::now(),
         };
         tracing::debug!(tenant = %self.name, record = %key, error = %error, "Dead-lettering event.");
         let sink = self.deps.dead_letters.clone();
-        let source = active.pending.work.source.clone();
-        let event = active.pending.work.event.clone();
+        let source = slot.active.work.source.clone();
+        let event = slot.active.work.event.clone();
         let write = async move { sink.dead_letter(&source, Some(&event), &failure).await };
         ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
             act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::DeadLettered, ctx));
@@ -905,7 +812,7 @@ impl TenantActor {
         let Some(slot) = self.records.get(&key) else { return };
         // The input partition the record's states belong to, also for an event that came
         // back from the retry topic.
-        let partition = slot.active.pending.work.source.origin.partition;
+        let partition = slot.active.work.source.origin.partition;
         self.to_persist.push((key, state, kind, partition));
     }
 
@@ -940,11 +847,11 @@ impl TenantActor {
 
     /// Ends the record's active event with `kind` and starts the one waiting, if any.
     fn complete(&mut self, key: RecordKey, kind: OutcomeKind, ctx: &mut Context<Self>) {
-        let Some(slot) = self.records.remove(&key) else {
+        let Some((active, waiting)) = self.records.finish(&key) else {
             return;
         };
-        self.report(slot.active.pending, kind, ctx);
-        if let Some(next) = slot.waiting {
+        self.report(active, kind, ctx);
+        if let Some(next) = waiting {
             self.start(key, next, ctx);
         }
     }
@@ -953,7 +860,7 @@ impl TenantActor {
     /// them.
     fn report(&mut self, pending: Pending, kind: OutcomeKind, ctx: &mut Context<Self>) {
         self.count_outcome(kind.as_str());
-        for link in std::iter::once(pending.work.reply).chain(pending.also) {
+        for link in std::iter::once(pending.work).chain(pending.also).map(|w| w.reply) {
             match self.to_report.iter_mut().find(|(l, _)| l.same_partition(&link)) {
                 Some((_, offsets)) => offsets.push(link.offset),
                 None => {
@@ -1051,7 +958,7 @@ impl Handler<RetryDue> for TenantActor {
             let Some(slot) = act.records.get_mut(&msg.record) else {
                 return;
             };
-            if !matches!(slot.active.state, ActiveState::Backoff { ticket } if ticket == msg.ticket) {
+            if !matches!(slot.phase, Phase::Backoff { ticket } if ticket == msg.ticket) {
                 return;
             }
             if slot.waiting.is_some() {
@@ -1069,7 +976,7 @@ impl Handler<RearmRetries> for TenantActor {
 
     fn handle(&mut self, _: RearmRetries, _: &mut Self::Context) {
         for (key, slot) in self.records.iter_mut() {
-            if let ActiveState::Backoff { ticket } = &mut slot.active.state {
+            if let Phase::Backoff { ticket } = &mut slot.phase {
                 self.next_ticket += 1;
                 *ticket = self.next_ticket;
                 self.deps.retry.do_send(Schedule {
