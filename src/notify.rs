@@ -23,6 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 
+use crate::diff::store::DeadLettered;
 use crate::event::Event;
 use crate::headers::{HeaderList, RawHeader};
 use crate::retry::topic::{Origin, RetryRoute, RetryState};
@@ -111,6 +112,8 @@ pub struct DeadLetters {
     dlq_topic: Arc<str>,
     failures_topic: Arc<str>,
     retry: Option<RetryRoute>,
+    /// Where a dead-lettered message's marker goes (see [`DeadLettered`]).
+    state_topic: Arc<str>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -118,12 +121,19 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl DeadLetters {
-    pub fn new(producer: FutureProducer, dlq_topic: &str, failures_topic: &str, retry: Option<RetryRoute>) -> Self {
+    pub fn new(
+        producer: FutureProducer,
+        dlq_topic: &str,
+        failures_topic: &str,
+        retry: Option<RetryRoute>,
+        state_topic: &str,
+    ) -> Self {
         DeadLetters {
             producer,
             dlq_topic: dlq_topic.into(),
             failures_topic: failures_topic.into(),
             retry,
+            state_topic: state_topic.into(),
         }
     }
 
@@ -237,6 +247,50 @@ impl DeadLetters {
         let key = source.key.as_deref().map(|k| &k[..k.len().min(ECHO_BYTES)]);
         self.produce_until_acked(&self.failures_topic, key, Some(failure_event.as_bytes()), None)
             .await;
+        // Last: a crash before it means a second DLQ record at worst, never none.
+        let marker = DeadLettered {
+            topic: source.topic.to_string(),
+            partition: source.partition,
+            offset: source.offset,
+        };
+        let (key, value) = marker.encode();
+        let state_partition = self.state_partition_of(&source.topic, source.partition);
+        self.produce_to(&self.state_topic, state_partition, key.as_bytes(), Some(&value))
+            .await;
+    }
+
+    /// The state partition that holds the markers of `topic`/`partition`: its own number
+    /// for an input partition, its origin input partition's for a retry partition (the
+    /// two are restored together).
+    fn state_partition_of(&self, topic: &str, partition: i32) -> i32 {
+        match &self.retry {
+            Some(route) if *route.topic == *topic => route.origin_partition(partition),
+            _ => partition,
+        }
+    }
+
+    /// Deletes the markers of messages of `topic`/`partition` at `offsets` (committed
+    /// since), with tombstones.
+    pub async fn forget_dead_lettered(&self, topic: &str, partition: i32, offsets: Vec<i64>) {
+        let state_partition = self.state_partition_of(topic, partition);
+        for offset in offsets {
+            let marker = DeadLettered {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            };
+            let (key, _) = marker.encode();
+            self.produce_to(&self.state_topic, state_partition, key.as_bytes(), None)
+                .await;
+        }
+    }
+
+    /// Writes a marker (or its tombstone), retrying transient failures. One that can
+    /// never be written is given up: a marker only saves a second DLQ record.
+    async fn produce_to(&self, topic: &str, partition: i32, key: &[u8], payload: Option<&[u8]>) {
+        if let Err(e) = self.produce(topic, Some(partition), Some(key), payload, None).await {
+            tracing::warn!(topic, partition, error = %e, "Could not write a dead-letter marker; a re-read of this message would dead-letter it again.");
+        }
     }
 
     /// Writes a record that is known to fit, retrying every failure: one that persists is

@@ -407,6 +407,7 @@ fn wire(
         &config.kafka.dlq_topic,
         &config.kafka.failures_topic,
         retry_route.clone(),
+        &config.kafka.state_topic,
     );
     if retry_route.is_none() {
         tracing::warn!("No kafka.retry_topic: retries wait in memory, and a tenant whose CRM is down holds up the others on its partitions.");

@@ -122,3 +122,33 @@ fn a_member_that_loses_partitions_drops_their_waiting_retries_and_nothing_is_los
     a.stop(StopMode::Graceful);
     b.stop(StopMode::Graceful);
 }
+
+/// A message dead-lettered just before a crash, whose offset was not committed yet, is
+/// read again by the next owner: it must not be dead-lettered a second time. (The DLQ
+/// write leaves a marker on the state topic, read back with the partition's states.)
+#[test]
+fn a_message_dead_lettered_before_a_crash_is_not_dead_lettered_again() {
+    let env = Env::new(1);
+    // 1. A valid event whose write is slow holds the watermark at offset 0; the bad
+    //    message behind it, at offset 1, is dead-lettered at once.
+    env.slow_crm(5_000);
+    env.produce(&[
+        upsert("e1", "C-1", 1, "Ada", "Lovelace"),
+        ("junk".into(), b"{not json".to_vec()),
+    ]);
+    let service = pipeline::start(env.config()).unwrap();
+    let state_written = || crm_sync::sandbox::kafka::tools::end_offsets(&env.bootstrap, &env.state, 1).unwrap()[0] >= 1;
+    assert!(wait_until(Duration::from_secs(30), || env.read_dlq().len() == 1 && state_written()));
+    // 2. The service dies before anything is committed.
+    assert!(!service.stop(StopMode::Abort).committed);
+    assert!(!env.all_committed());
+    // 3. The next owner reads both messages again: delivers one, and does not
+    //    dead-letter the other twice.
+    env.slow_crm(0);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(Duration::from_secs(60)));
+    assert!(env.contact("C-1").is_some());
+    assert_eq!(env.read_dlq().len(), 1, "dead-lettered again after the crash");
+    assert_eq!(env.read_failures().len(), 1);
+    service.stop(StopMode::Graceful);
+}

@@ -51,7 +51,7 @@ pub use partition::{
 };
 
 use crate::config::KafkaConfig;
-use crate::diff::store;
+use crate::diff::store::{self, DeadLettered};
 use crate::diff::Restore;
 use crate::notify::SourceMessage;
 use crate::retry::topic::RetryRoute;
@@ -300,9 +300,9 @@ impl LoopContext {
         }
         let partitions: Vec<i32> = assigned.iter().map(|(_, p)| *p).collect();
         match self.restore_state(&partitions) {
-            Ok(()) => {
+            Ok(markers) => {
                 for key in assigned {
-                    self.start_with_retry(key);
+                    self.start_with_retry(key, &markers);
                 }
             }
             Err(e) => {
@@ -337,7 +337,7 @@ impl LoopContext {
         }
         let partitions: Vec<i32> = restoring.partitions.iter().map(|(_, p)| *p).collect();
         match self.restore_state(&partitions) {
-            Ok(()) => {
+            Ok(markers) => {
                 tracing::info!(
                     partitions = partitions.len(),
                     "Confirmed states read back; starting the partitions."
@@ -345,7 +345,7 @@ impl LoopContext {
                 for key in std::mem::take(&mut restoring.partitions) {
                     // Its pause is lifted by `sync_pauses`, which seeks back to the first
                     // message held back meanwhile.
-                    self.start_with_retry(key);
+                    self.start_with_retry(key, &markers);
                 }
                 restoring.next_attempt = None;
             }
@@ -372,13 +372,15 @@ impl LoopContext {
 
     /// Reads back the confirmed states of input partitions (before any of their messages
     /// is handled: this runs on the consumer thread, inside the rebalance or before the
-    /// partitions start), streaming them into the diff cache.
-    fn restore_state(&self, partitions: &[i32]) -> KafkaResult<()> {
+    /// partitions start), streaming them into the diff cache. Returns the dead-letter
+    /// markers found beside them.
+    fn restore_state(&self, partitions: &[i32]) -> KafkaResult<Vec<DeadLettered>> {
         let mut partitions = partitions.to_vec();
         partitions.sort_unstable();
         partitions.dedup();
+        let mut markers = Vec::new();
         if partitions.is_empty() {
-            return Ok(());
+            return Ok(markers);
         }
         let diff = &self.deps.diff;
         let records = store::restore(
@@ -387,14 +389,20 @@ impl LoopContext {
             &partitions,
             Duration::from_secs(60),
             |chunk| diff.do_send(Restore(chunk)),
+            &mut markers,
         )?;
-        tracing::debug!(partitions = partitions.len(), records, "Restored confirmed states.");
-        Ok(())
+        tracing::debug!(
+            partitions = partitions.len(),
+            records,
+            markers = markers.len(),
+            "Restored confirmed states."
+        );
+        Ok(markers)
     }
 
     /// Starts an input partition's actor, and its retry partition's (assigned to the retry
     /// reader at its committed offset).
-    fn start_with_retry(&self, key: PartitionKey) {
+    fn start_with_retry(&self, key: PartitionKey, markers: &[DeadLettered]) {
         if let (Some(reader), Some(retry_key)) = (&self.retry, self.retry_key(&key)) {
             if !self.directory.contains_key(&retry_key) {
                 if let Err(e) = reader
@@ -403,10 +411,10 @@ impl LoopContext {
                 {
                     tracing::error!(topic = %retry_key.0, partition = retry_key.1, error = %e, "Could not assign the retry partition.");
                 }
-                self.start_partition(retry_key.0, retry_key.1);
+                self.start_partition(retry_key.0, retry_key.1, markers);
             }
         }
-        self.start_partition(key.0, key.1);
+        self.start_partition(key.0, key.1, markers);
     }
 
     /// Gives up the retry partitions of revoked input partitions (already drained,
@@ -422,13 +430,21 @@ impl LoopContext {
         }
     }
 
-    fn start_partition(&self, topic: Arc<str>, partition: i32) {
+    /// Starts a partition's actor; `markers` may name offsets of it that were already
+    /// dead-lettered.
+    fn start_partition(&self, topic: Arc<str>, partition: i32, markers: &[DeadLettered]) {
         let key = (topic.clone(), partition);
         if self.directory.contains_key(&key) {
             return;
         }
         let shared = Arc::new(PartitionShared::default());
         shared.watermark.store(-1, Ordering::Relaxed);
+        shared.remember_dead_lettered(
+            markers
+                .iter()
+                .filter(|m| m.partition == partition && *m.topic == *topic)
+                .map(|m| m.offset),
+        );
         let deps = self.deps.clone();
         let actor_shared = shared.clone();
         let addr = Supervisor::start_in_arbiter(&self.arbiter, move |_| {

@@ -145,10 +145,15 @@ pub struct PartitionShared {
     /// Set while the window is half full or more and more than one tenant holds events
     /// of it: a tenant's long waits for a permit are then parked, not held.
     pub pressure: AtomicBool,
-    /// Events of this partition whose write is at the CRM (counted by [`Sending`]). A
-    /// revoke waits for it to reach zero before it commits and hands the partition over,
-    /// so that no write of this member can land after the new owner's.
+    /// Events of this partition whose write is at the CRM, or whose dead-letter or park
+    /// write is under way (counted by [`Sending`]). A revoke waits for it to reach zero
+    /// before it commits and hands the partition over, so that no write of this member
+    /// can land after the new owner's, nor be made again by it.
     pub sending: AtomicUsize,
+    /// Offsets of this partition a previous owner already dead-lettered (markers on the
+    /// state topic): read again after a crash, they are not dead-lettered twice. Those
+    /// below the first offset read are dropped then (see [`PartitionActor`]).
+    dead_lettered: std::sync::Mutex<std::collections::BTreeSet<i64>>,
 }
 
 /// Counts events as being written at the CRM, for their partitions' `sending`, until
@@ -174,6 +179,30 @@ impl Drop for Sending {
 }
 
 impl PartitionShared {
+    /// Adds offsets that were already dead-lettered.
+    pub fn remember_dead_lettered(&self, offsets: impl IntoIterator<Item = i64>) {
+        self.dead_lettered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(offsets);
+    }
+
+    /// Whether the message at `offset` was already dead-lettered by a previous owner.
+    pub fn was_dead_lettered(&self, offset: i64) -> bool {
+        self.dead_lettered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&offset)
+    }
+
+    /// Forgets the markers below `first` (the first offset read: those are committed) and
+    /// returns them, to be deleted from the state topic.
+    fn forget_dead_lettered_below(&self, first: i64) -> Vec<i64> {
+        let mut set = self.dead_lettered.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = set.split_off(&first);
+        std::mem::replace(&mut *set, kept).into_iter().collect()
+    }
+
     /// Whether the window is under pressure (see `pressure`).
     pub fn under_pressure(&self) -> bool {
         self.pressure.load(Ordering::Relaxed)
@@ -348,6 +377,17 @@ impl Handler<Records> for PartitionActor {
             // The first messages: publish where this partition starts, so that a restart
             // before any outcome still knows where to re-read from.
             self.publish();
+            // Dead-letter markers below the first offset read are of committed messages:
+            // deleted, so that the state topic does not keep one for every message ever
+            // dead-lettered.
+            let obsolete = self.shared.forget_dead_lettered_below(messages[0].offset);
+            if !obsolete.is_empty() {
+                let (sink, topic, partition) = (self.deps.dead_letters.clone(), self.topic.clone(), self.partition);
+                // Fire and forget: a marker left behind is only read and dropped again.
+                drop(offload::spawn(async move {
+                    sink.forget_dead_lettered(&topic, partition, obsolete).await
+                }));
+            }
         }
         let inject_panic = std::mem::take(&mut self.panic_next);
         let from_retry = self.deps.retry.as_ref().is_some_and(|r| *r.topic == *self.topic);
@@ -478,6 +518,7 @@ async fn intake(
                 // Parked for another retry partition: forwarded there. One that cannot be
                 // written there (its origin has no retry partition any more) is
                 // dead-lettered, as a retry message with a bad origin.
+                let _sending = Sending::new(vec![link.partition.clone()]);
                 let forwarded = match source.retried {
                     Some(state) => deps.dead_letters.park(&source, state).await.is_ok(),
                     None => false,
@@ -491,7 +532,12 @@ async fn intake(
                 }
             }
             Err(e) => {
-                dead_letter_undecodable(&deps, &source, &e).await;
+                // Already dead-lettered by a previous owner that crashed before committing.
+                if !link.partition.was_dead_lettered(link.offset) {
+                    // A revoke waits for it (see `Sending`).
+                    let _sending = Sending::new(vec![link.partition.clone()]);
+                    dead_letter_undecodable(&deps, &source, &e).await;
+                }
                 steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
             }
         }

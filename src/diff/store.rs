@@ -55,6 +55,43 @@ fn unhex(s: &str) -> Option<PayloadHash> {
     Some(PayloadHash(out))
 }
 
+/// A message that was dead-lettered, by its Kafka coordinates: written to the state
+/// topic (its origin's partition) once its DLQ record is durable, so that a later owner
+/// that reads the message again (its offset was not committed before a crash) does not
+/// dead-letter it a second time. Markers of offsets below the committed one are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLettered {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MarkerRecord {
+    dead_lettered: DeadLettered,
+}
+
+impl DeadLettered {
+    /// Key and value on the state topic.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        let key = format!(
+            "\u{1f}dead-lettered\u{1f}{}\u{1f}{}\u{1f}{}",
+            self.topic, self.partition, self.offset
+        );
+        let value = serde_json::to_vec(&MarkerRecord {
+            dead_lettered: self.clone(),
+        })
+        .unwrap_or_default();
+        (key, value)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice::<MarkerRecord>(bytes)
+            .ok()
+            .map(|m| m.dead_lettered)
+    }
+}
+
 /// The record identity as the state topic's message key (what compaction keeps one of).
 fn state_key(record: &RecordKey) -> String {
     format!("{}\u{1f}{}\u{1f}{}", record.tenant, record.entity, record.key)
@@ -146,14 +183,16 @@ impl StateStore {
 const RESTORE_CHUNK: usize = 10_000;
 
 /// Reads state partitions from their start to their current end, with one client, and
-/// hands the states to `sink` in chunks as they come. Returns how many were read. A
-/// partition the topic does not have is an error: its states cannot be read.
+/// hands the states to `sink` in chunks as they come, and the dead-letter markers to
+/// `markers`. Returns how many states were read. A partition the topic does not have is
+/// an error: its states cannot be read.
 pub fn restore(
     client: &ClientConfig,
     topic: &str,
     partitions: &[i32],
     timeout: Duration,
     mut sink: impl FnMut(Vec<(RecordKey, RecordState)>),
+    markers: &mut Vec<DeadLettered>,
 ) -> KafkaResult<usize> {
     let consumer: BaseConsumer = client
         .clone()
@@ -218,6 +257,8 @@ pub fn restore(
             if chunk.len() >= RESTORE_CHUNK {
                 sink(std::mem::take(&mut chunk));
             }
+        } else if let Some(marker) = message.payload().and_then(DeadLettered::decode) {
+            markers.push(marker);
         }
     }
     if !chunk.is_empty() {

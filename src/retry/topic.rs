@@ -117,6 +117,11 @@ impl RetryRoute {
             .then_some(index * self.stride + partition)
     }
 
+    /// The input partition number whose parked events go to retry partition `retry`.
+    pub fn origin_partition(&self, retry: i32) -> i32 {
+        retry % self.stride
+    }
+
     /// The headers of a parked event: the original ones, less any retry headers, then its
     /// origin and retry state.
     pub fn headers(original: &[RawHeader], origin: &Origin, state: &RetryState) -> Vec<RawHeader> {

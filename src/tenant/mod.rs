@@ -400,7 +400,13 @@ impl TenantActor {
         tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
         let sink = self.deps.dead_letters.clone();
         let source = slot.active.work.source.clone();
-        let write = async move { sink.park(&source, state).await };
+        // A revoke waits for this write too (see `dead_letter`).
+        let sending = Sending::new(vec![slot.active.work.reply.partition.clone()]);
+        let write = async move {
+            let parked = sink.park(&source, state).await;
+            drop(sending);
+            parked
+        };
         ctx.spawn(write.into_actor(self).map(move |written, act, ctx| {
             // Only the event that was parked ends as parked, never a newer one that has
             // taken the record's slot since.
@@ -801,7 +807,18 @@ impl TenantActor {
         let sink = self.deps.dead_letters.clone();
         let source = slot.active.work.source.clone();
         let event = slot.active.work.event.clone();
-        let write = async move { sink.dead_letter(&source, Some(&event), &failure).await };
+        let reply = &slot.active.work.reply;
+        // Already dead-lettered by a previous owner that crashed before committing.
+        let done_before = reply.partition.was_dead_lettered(reply.offset);
+        // A revoke waits for this write too: written after the hand-over, it would be
+        // written again by the next owner.
+        let sending = Sending::new(vec![reply.partition.clone()]);
+        let write = async move {
+            if !done_before {
+                sink.dead_letter(&source, Some(&event), &failure).await
+            }
+            drop(sending);
+        };
         ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
             act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::DeadLettered, ctx));
         }));
