@@ -142,8 +142,8 @@ pub struct PartitionShared {
     pub in_flight: AtomicUsize,
     /// Set by the consumer thread when the partition is handed back.
     pub retired: AtomicBool,
-    /// Set while the window is half full or more and more than one tenant holds events
-    /// of it: a tenant's long waits for a permit are then parked, not held.
+    /// Set while the window is half full or more and more than one tenant is configured:
+    /// a tenant's long waits for a permit are then parked, not held.
     pub pressure: AtomicBool,
     /// Events of this partition whose write is at the CRM, or whose dead-letter or park
     /// write is under way (counted by [`Sending`]). A revoke waits for it to reach zero
@@ -306,10 +306,14 @@ impl PartitionActor {
         } else if low {
             self.shared.pause_wanted.store(false, Ordering::Relaxed);
         }
-        let contended = self.held.values().filter(|n| **n > 0).count() > 1;
-        self.shared
-            .pressure
-            .store(contended && 2 * in_flight >= self.deps.max_in_flight, Ordering::Relaxed);
+        // With one tenant there is nobody to make room for. With more, a window held by
+        // one of them pauses the partition for all, and their events wait unseen in
+        // Kafka (so whether they hold events here says nothing).
+        let shared_window = self.deps.tenant_share < self.deps.max_in_flight;
+        self.shared.pressure.store(
+            shared_window && 2 * in_flight >= self.deps.max_in_flight,
+            Ordering::Relaxed,
+        );
         self.in_flight_gauge.set(in_flight as f64);
         if in_flight == 0 {
             for waiter in self.drain_waiters.drain(..) {

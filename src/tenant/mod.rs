@@ -122,8 +122,9 @@ pub struct TenantActor {
     ready: VecDeque<RecordKey>,
     requests_in_flight: usize,
     pacer: Pacer,
-    /// Whether a timer to resume pumping after a pacing wait is already set.
-    wake_scheduled: bool,
+    /// When the earliest timer to pump again (after a linger, a pacing wait, or to park
+    /// long waits) fires, if one is set.
+    wake_at: Option<Instant>,
     next_ticket: u64,
     rng: StdRng,
     /// Set by [`InjectPanic`]; the next delivery panics.
@@ -153,7 +154,7 @@ impl TenantActor {
             records: Slots::default(),
             ready: VecDeque::new(),
             requests_in_flight: 0,
-            wake_scheduled: false,
+            wake_at: None,
             next_ticket: 0,
             rng: StdRng::from_entropy(),
             panic_next: false,
@@ -625,14 +626,22 @@ impl TenantActor {
         metrics::gauge!(metric::TENANT_CONCURRENCY_LIMIT, "tenant" => tenant).set(self.pacer.concurrency() as f64);
     }
 
+    /// Pumps again in `wait`, unless a timer already set fires sooner. A later timer
+    /// never delays an earlier one: a batch's 20 ms linger must not wait for the one
+    /// second after which long waits are parked (it did, and every write of a fast
+    /// tenant waited long enough to be parked).
     fn wake_in(&mut self, wait: Duration, ctx: &mut Context<Self>) {
-        if !self.wake_scheduled {
-            self.wake_scheduled = true;
-            ctx.run_later(wait, |act, ctx| {
-                act.wake_scheduled = false;
-                act.guarded(ctx, |act, ctx| act.pump(ctx));
-            });
+        let at = Instant::now() + wait;
+        if self.wake_at.is_some_and(|set| set <= at) {
+            return;
         }
+        self.wake_at = Some(at);
+        ctx.run_later(wait, move |act, ctx| {
+            if act.wake_at == Some(at) {
+                act.wake_at = None;
+            }
+            act.guarded(ctx, |act, ctx| act.pump(ctx));
+        });
     }
 
     /// Sends one batch (one CRM call, or as few as the connector needs) and hands each
@@ -929,7 +938,7 @@ impl Supervised for TenantActor {
         // Their records' slots are gone: the events come in again by re-dispatch.
         self.to_persist.clear();
         self.requests_in_flight = 0;
-        self.wake_scheduled = false;
+        self.wake_at = None;
         self.panic_next = false;
         self.pacer = Pacer::new(
             self.config.rate_limit_per_sec,
