@@ -17,10 +17,17 @@
 //!   zero sandbox latency, and events/s at 50 ms latency against the ideal.
 //! - `diff-memory`: resident bytes per record the diff cache remembers, against the same
 //!   records kept in a map keyed by their strings (`diff_memory.rs`).
+//! - `isolation`: p50/p99 delivery latency of a fast tenant, alone and beside a
+//!   saturated slow tenant on the same partitions, in one run (`isolation.rs`).
+//! - `chaos` (not part of `all`): `crm-sync run` members of one group killed with SIGKILL
+//!   and started again at random moments, under CRM faults, with a slow tenant and
+//!   hostile messages; figures, and exit status 1 when an invariant failed (`chaos.rs`).
 //!
 //! Run: `cargo run --release --bin load-test -- --scenario all` (see load-tests/README.md).
 
+mod chaos;
 mod diff_memory;
+mod isolation;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -61,6 +68,11 @@ struct Args {
     /// Diff cache capacity in the `diff-memory` scenario.
     #[arg(long, default_value_t = 1_000_000)]
     diff_capacity: usize,
+    /// Fast-tenant events per run in the `isolation` scenario (produced at 200/s).
+    #[arg(long, default_value_t = 3_000)]
+    isolation_events: usize,
+    #[command(flatten)]
+    chaos: chaos::ChaosArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,6 +84,9 @@ enum Scenario {
     Backlog,
     Crms,
     DiffMemory,
+    Isolation,
+    /// Not part of `all`.
+    Chaos,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -703,5 +718,11 @@ fn main() {
     }
     if matches!(args.scenario, Scenario::All | Scenario::DiffMemory) {
         diff_memory::run(args.diff_capacity);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Isolation) {
+        isolation::run(args.isolation_events);
+    }
+    if args.scenario == Scenario::Chaos && !chaos::run(&args.chaos, sibling_binary()) {
+        std::process::exit(1);
     }
 }

@@ -7,6 +7,7 @@
 //! would start it, live progress read from its own `/metrics`, and a final check that
 //! every sandbox holds the newest version of every record.
 
+pub mod chaos;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
