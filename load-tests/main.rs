@@ -62,6 +62,13 @@ struct Args {
     /// How long to sample memory in the backlog scenario.
     #[arg(long, default_value_t = 30)]
     backlog_seconds: u64,
+    /// The tenant's requests per second in the backlog scenario (one record a request).
+    #[arg(long, default_value_t = 2000.0)]
+    backlog_rate: f64,
+    /// Diff cache capacity in the backlog scenario (default: the service's), so that a
+    /// run can fill it and show memory once it turns over.
+    #[arg(long)]
+    backlog_diff_capacity: Option<usize>,
     /// Changed records per CRM in the `crms` scenario.
     #[arg(long, default_value_t = 10_000)]
     crm_records: usize,
@@ -572,11 +579,20 @@ fn backlog(args: &Args) {
         .expect("ends")
         .iter()
         .sum();
-    println!("\n### backlog: {produced} events wait in Kafka ({ends} retained), tenant limited to 2,000 requests/s\n");
+    let mut config = config(&s, "load-backlog", true, args.backlog_rate, 16, 1);
+    if let Some(capacity) = args.backlog_diff_capacity {
+        config.diff.capacity = capacity;
+    }
+    println!(
+        "\n### backlog: {produced} events wait in Kafka ({ends} retained), tenant limited to {} requests/s, diff cache capacity {}\n",
+        args.backlog_rate, config.diff.capacity
+    );
     let rss_before = status_kib("VmRSS:");
-    let service = pipeline::start(config(&s, "load-backlog", true, 2000.0, 16, 1)).expect("start");
-    println!("| second | RSS MiB | committed | lag |\n|---|---|---|---|");
+    let service = pipeline::start(config).expect("start");
+    println!("| second | RSS MiB | diff cache records | committed | lag |\n|---|---|---|---|---|");
     let mut samples = Vec::new();
+    // The second the diff cache first turned a generation over (it was full).
+    let (mut cache_full_at, mut last_cached) = (None, 0.0);
     for second in 1..=args.backlog_seconds {
         std::thread::sleep(Duration::from_secs(1)); // sampling cadence
         let committed: i64 = tools::committed(&s.bootstrap, "load-backlog", TOPIC, partitions)
@@ -585,9 +601,17 @@ fn backlog(args: &Args) {
             .map(|c| c.unwrap_or(0))
             .sum();
         let rss = status_kib("VmRSS:") as f64 / 1024.0;
+        let cached = metric_total(&telemetry::prometheus().render(), metric::DIFF_RECORDS, None);
+        if cache_full_at.is_none() && cached < last_cached {
+            cache_full_at = Some(samples.len());
+        }
+        last_cached = cached;
         samples.push(rss);
         if second % 5 == 0 || second == 1 {
-            println!("| {second} | {rss:.1} | {committed} | {} |", ends - committed);
+            println!(
+                "| {second} | {rss:.1} | {cached:.0} | {committed} | {} |",
+                ends - committed
+            );
         }
     }
     let text = telemetry::prometheus().render();
@@ -615,6 +639,23 @@ fn backlog(args: &Args) {
         max,
         max - min
     );
+    match cache_full_at {
+        Some(from) => {
+            let full = &samples[from..];
+            let mean = full.iter().sum::<f64>() / full.len() as f64;
+            let (lo, hi) = full
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+            println!(
+                "Once the diff cache was full (second {} on, {} s): RSS mean {mean:.1} MiB, min {lo:.1} ({:+.1}%), max {hi:.1} ({:+.1}%)",
+                from + 1,
+                full.len(),
+                100.0 * (lo - mean) / mean,
+                100.0 * (hi - mean) / mean
+            );
+        }
+        None => println!("The diff cache never filled in this run: no steady-state figure."),
+    }
 }
 
 /// Batch size of the latency runs: the CRM's limit, at most 200 (Dataverse's 1000 at two

@@ -104,8 +104,10 @@ pub struct KafkaConfig {
     /// Retry topic: an event whose retries would hold its partition longer than
     /// `retry.park_after_ms` is parked here (original key, value and headers plus its
     /// retry state) and its input offset released, so that a tenant whose CRM is down
-    /// or throttling does not hold up other tenants on the same partitions. It is read
-    /// back by the same consumer group and tried again when due. Without it, retries
+    /// or throttling does not hold up other tenants on the same partitions. It is
+    /// co-partitioned with the input (a partition per input partition, checked at
+    /// start): the member that owns an input partition reads its retry partition back,
+    /// committing under `{group_id}.retry` (see `retry::topic`). Without it, retries
     /// wait in memory and hold their partitions.
     #[serde(default)]
     pub retry_topic: Option<String>,
@@ -117,7 +119,9 @@ pub struct KafkaConfig {
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
     /// How long a revoked partition may take to finish its in-flight events before its
-    /// offsets are committed and it is handed over. Must be below `session_timeout_ms`.
+    /// offsets are committed and it is handed over; the writes still at the CRM are then
+    /// awaited. Must be below `session_timeout_ms`; plus the longest write of any tenant
+    /// ([`TenantConfig::longest_write`]), below `max.poll.interval.ms`.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
     /// Events of one partition that may be undecided at once; at this number the partition
