@@ -24,6 +24,9 @@
 //! - [`notify`]: the dead-letter and failures topics for terminal failures, and the
 //!   retry topic where long retries are parked (read back by [`consume`]).
 //!
+//! The stages talk through the types in [`messages`], which both sides import, so no
+//! stage imports the one that feeds it or the one it feeds.
+//!
 //! Cross-cutting: [`config`], [`headers`] (Kafka headers as bytes), [`telemetry`] (metrics, health), [`supervise`] (turning
 //! panics into supervised restarts), [`offload`] (the I/O runtime that keeps CRM calls
 //! and state writes off the actor thread), [`shutdown`], [`pipeline`] (wiring it all into a
@@ -36,6 +39,7 @@ pub mod demo;
 pub mod diff;
 pub mod event;
 pub mod headers;
+pub mod messages;
 pub mod notify;
 pub mod offload;
 pub mod pipeline;

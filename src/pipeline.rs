@@ -458,7 +458,10 @@ fn wire(
     let (commands_tx, commands_rx) = mpsc::channel();
     let deps = Arc::new(PartitionDeps {
         routes: Arc::new(RouteTable(routes)),
-        tenants: tenants.clone(),
+        tenants: tenants
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().recipient()))
+            .collect(),
         diff: diff.clone(),
         dead_letters,
         retry: retry_route.clone(),

@@ -45,14 +45,12 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-pub use partition::{
-    Drain, OutcomeKind, Outcomes, PartitionActor, PartitionDeps, PartitionLink, PartitionShared, Records, Redispatch,
-    Resync, Retire, Sending,
-};
+pub use partition::{Drain, PartitionActor, PartitionDeps, Records, Resync, Retire};
 
 use crate::config::KafkaConfig;
 use crate::diff::store::{self, DeadLettered};
 use crate::diff::Restore;
+use crate::messages::{PartitionShared, Partitions, Redispatch};
 use crate::notify::SourceMessage;
 use crate::retry::topic::RetryRoute;
 use crate::supervise::InjectPanic;
@@ -69,8 +67,16 @@ pub struct PartitionEntry {
 }
 
 /// Live partitions by (topic, partition); shared by the consumer thread (which adds and
-/// removes them) and the tenants (which ask them for re-dispatch).
+/// removes them) and the tenants (which ask them for re-dispatch, as [`Partitions`]).
 pub type PartitionDirectory = Arc<DashMap<PartitionKey, PartitionEntry>>;
+
+impl Partitions for DashMap<PartitionKey, PartitionEntry> {
+    fn redispatch_all(&self, tenant: &Arc<str>) {
+        for entry in self.iter() {
+            entry.redispatch.do_send(Redispatch { tenant: tenant.clone() });
+        }
+    }
+}
 
 /// Requests from partition actors to the consumer thread.
 #[derive(Debug)]

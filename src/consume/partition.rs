@@ -16,96 +16,22 @@
 //! [`Resync`] marker arrives).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::SystemTime;
 
 use actix::prelude::*;
-use actix::WeakRecipient;
 
 use super::offsets::OffsetTracker;
 use super::ConsumerCommand;
-use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, SkipReason, Verdict};
+use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, Verdict};
 use crate::event::{self, event_id_fingerprint, DecodeError, Event, Routes};
+use crate::messages::{Deliver, OutcomeKind, Outcomes, PartitionLink, PartitionShared, Redispatch, Sending, Work};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::offload;
 use crate::retry::topic::{header as retry_header, BadRetryHeader, Parked, RetryRoute};
 use crate::supervise::{self, InjectPanic};
-use crate::telemetry::{metric, outcome};
-use crate::tenant::{Deliver, TenantActor, Work};
-
-/// The final outcome of one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutcomeKind {
-    Delivered,
-    Skipped(SkipReason),
-    DeadLettered,
-    /// Written to the retry topic, where it lives on.
-    Parked,
-}
-
-impl OutcomeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutcomeKind::Delivered => outcome::DELIVERED,
-            OutcomeKind::Skipped(r) => r.as_str(),
-            OutcomeKind::DeadLettered => outcome::DEAD_LETTERED,
-            OutcomeKind::Parked => outcome::PARKED,
-        }
-    }
-}
-
-/// Offsets whose events have their final outcome, back at their partition.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct Outcomes {
-    pub generation: u64,
-    pub offsets: Vec<i64>,
-}
-
-/// Where an event's outcome goes. Weak, so a retired partition is not kept alive (or
-/// restarted by its supervisor) by events still out with a tenant.
-#[derive(Debug, Clone)]
-pub struct PartitionLink {
-    pub recipient: WeakRecipient<Outcomes>,
-    pub generation: u64,
-    pub offset: i64,
-    /// Tells whether this instance still owns the partition.
-    pub partition: Arc<PartitionShared>,
-}
-
-impl PartitionLink {
-    /// False once the partition was revoked (or the service is stopping): its next owner
-    /// reads the event again from the committed offset, so this instance must not write
-    /// it any more — an old write landing after the new owner's newer one would undo it.
-    pub fn is_live(&self) -> bool {
-        !self.partition.retired.load(Ordering::Acquire)
-    }
-
-    /// Whether both links lead to the same partition generation.
-    pub fn same_partition(&self, other: &PartitionLink) -> bool {
-        Arc::ptr_eq(&self.partition, &other.partition) && self.generation == other.generation
-    }
-
-    /// Tells this link's partition generation that the events at `offsets` are decided.
-    /// `do_send`: outcomes must never wait on the partition's mailbox (the partition may
-    /// itself be waiting on the tenant's); their number is bounded by the in-flight window.
-    pub fn send_all(&self, offsets: Vec<i64>) {
-        if let Some(r) = self.recipient.upgrade() {
-            r.do_send(Outcomes {
-                generation: self.generation,
-                offsets,
-            });
-        }
-    }
-}
-
-/// A tenant restarted: hand it this partition's undecided events again.
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct Redispatch {
-    pub tenant: Arc<str>,
-}
+use crate::telemetry::metric;
 
 /// Messages from Kafka for this partition, in offset order.
 #[derive(Debug, Message)]
@@ -132,87 +58,11 @@ pub struct Drain {
 #[rtype(result = "()")]
 pub struct Retire;
 
-/// State shared between a partition actor and the consumer thread.
-#[derive(Debug, Default)]
-pub struct PartitionShared {
-    /// Next offset to commit; -1 before the first outcome.
-    pub watermark: AtomicI64,
-    /// Set while the in-flight window is full; the consumer thread pauses the partition.
-    pub pause_wanted: AtomicBool,
-    pub in_flight: AtomicUsize,
-    /// Set by the consumer thread when the partition is handed back.
-    pub retired: AtomicBool,
-    /// Set while the window is half full or more and more than one tenant is configured:
-    /// a tenant's long waits for a permit are then parked, not held.
-    pub pressure: AtomicBool,
-    /// Events of this partition whose write is at the CRM, or whose dead-letter or park
-    /// write is under way (counted by [`Sending`]). A revoke waits for it to reach zero
-    /// before it commits and hands the partition over, so that no write of this member
-    /// can land after the new owner's, nor be made again by it.
-    pub sending: AtomicUsize,
-    /// Offsets of this partition a previous owner already dead-lettered (markers on the
-    /// state topic): read again after a crash, they are not dead-lettered twice. Those
-    /// below the first offset read are dropped then (see [`PartitionActor`]).
-    dead_lettered: std::sync::Mutex<std::collections::BTreeSet<i64>>,
-}
-
-/// Counts events as being written at the CRM, for their partitions' `sending`, until
-/// dropped: it travels with the write to the I/O runtime and is dropped when the write's
-/// task ends, whoever was waiting for it.
-pub struct Sending(Vec<Arc<PartitionShared>>);
-
-impl Sending {
-    pub fn new(partitions: Vec<Arc<PartitionShared>>) -> Self {
-        for p in &partitions {
-            p.sending.fetch_add(1, Ordering::AcqRel);
-        }
-        Sending(partitions)
-    }
-}
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            p.sending.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-impl PartitionShared {
-    /// Adds offsets that were already dead-lettered.
-    pub fn remember_dead_lettered(&self, offsets: impl IntoIterator<Item = i64>) {
-        self.dead_lettered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(offsets);
-    }
-
-    /// Whether the message at `offset` was already dead-lettered by a previous owner.
-    pub fn was_dead_lettered(&self, offset: i64) -> bool {
-        self.dead_lettered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&offset)
-    }
-
-    /// Forgets the markers below `first` (the first offset read: those are committed) and
-    /// returns them, to be deleted from the state topic.
-    fn forget_dead_lettered_below(&self, first: i64) -> Vec<i64> {
-        let mut set = self.dead_lettered.lock().unwrap_or_else(|p| p.into_inner());
-        let kept = set.split_off(&first);
-        std::mem::replace(&mut *set, kept).into_iter().collect()
-    }
-
-    /// Whether the window is under pressure (see `pressure`).
-    pub fn under_pressure(&self) -> bool {
-        self.pressure.load(Ordering::Relaxed)
-    }
-}
-
 /// What every partition actor needs.
 pub struct PartitionDeps {
     pub routes: Arc<dyn Routes + Send + Sync>,
-    pub tenants: HashMap<Arc<str>, Addr<TenantActor>>,
+    /// Where each tenant's events go.
+    pub tenants: HashMap<Arc<str>, Recipient<Deliver>>,
     pub diff: Addr<DiffActor>,
     pub dead_letters: DeadLetters,
     /// The retry topic's route: its partitions' messages are checked against it.
@@ -564,7 +414,7 @@ async fn intake(
     // checks again before writing.
     let verdicts = deps.diff.send(Checks(checks)).await.unwrap_or_default();
     // Per tenant, in offset order; a partition feeds few tenants.
-    let mut by_tenant: Vec<(&Addr<TenantActor>, Vec<Work>)> = Vec::new();
+    let mut by_tenant: Vec<(&Arc<str>, &Recipient<Deliver>, Vec<Work>)> = Vec::new();
     for (i, (event, source, link)) in decoded.into_iter().enumerate() {
         if let Some(CheckResult {
             verdict: Verdict::Skip(reason),
@@ -574,7 +424,7 @@ async fn intake(
             steps.push((link.offset, Step::Done(OutcomeKind::Skipped(*reason), Some(event))));
             continue;
         }
-        let Some(tenant) = deps.tenants.get(&event.record.tenant) else {
+        let Some((name, tenant)) = deps.tenants.get_key_value(&event.record.tenant) else {
             unreachable!("decode only accepts configured tenants")
         };
         let over_share = window.take(&event.record.tenant, &deps);
@@ -584,12 +434,12 @@ async fn intake(
             reply: link,
             over_share,
         };
-        match by_tenant.iter_mut().find(|(t, _)| *t == tenant) {
-            Some((_, works)) => works.push(work),
-            None => by_tenant.push((tenant, vec![work])),
+        match by_tenant.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, _, works)) => works.push(work),
+            None => by_tenant.push((name, tenant, vec![work])),
         }
     }
-    for (tenant, works) in by_tenant {
+    for (_, tenant, works) in by_tenant {
         // send().await: a full tenant mailbox holds this partition back. An error means
         // the tenant is restarting; it will ask for a re-dispatch.
         let _ = tenant.send(Deliver(works.clone())).await;

@@ -39,10 +39,10 @@ use rand::SeedableRng;
 
 use crate::config::TenantConfig;
 use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
-use crate::consume::{OutcomeKind, PartitionDirectory, PartitionLink, Redispatch, Sending};
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
+use crate::messages::{Deliver, OutcomeKind, PartitionLink, Partitions, Sending, Work};
 use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::retry::topic::RetryState;
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
@@ -50,23 +50,6 @@ use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
 use pacing::Pacer;
 use slots::{Arrival, Liveness, Phase, Slots};
-
-/// An event on its way to the CRM, and where its outcome goes.
-#[derive(Debug, Clone)]
-pub struct Work {
-    pub event: Arc<Event>,
-    pub source: Arc<SourceMessage>,
-    pub reply: PartitionLink,
-    /// Handed in while its tenant held more than its share of the partition's window
-    /// under pressure: parked at once (when it can be), so that it does not hold the
-    /// window (see `PartitionDeps::tenant_share`).
-    pub over_share: bool,
-}
-
-/// Hand events to their tenant, in the order their partition read them.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Deliver(pub Vec<Work>);
 
 /// Sends what this turn queued to other actors, in one message each: the diff checks of
 /// records just started, and outcomes by partition.
@@ -83,7 +66,7 @@ pub struct TenantDeps {
     /// Where confirmed states become durable before an outcome is reported.
     pub state: StateStore,
     /// Every live partition, to ask for re-dispatch after a restart.
-    pub partitions: PartitionDirectory,
+    pub partitions: Arc<dyn Partitions>,
     pub policy: RetryPolicy,
 }
 
@@ -946,11 +929,7 @@ impl Supervised for TenantActor {
             Instant::now(),
         );
         // Everything this actor held is still undecided at its partitions.
-        for entry in self.deps.partitions.iter() {
-            entry.redispatch.do_send(Redispatch {
-                tenant: self.name.clone(),
-            });
-        }
+        self.deps.partitions.redispatch_all(&self.name);
     }
 }
 
