@@ -338,7 +338,7 @@ impl TenantConfig {
     pub fn longest_write(&self) -> Duration {
         let calls = Duration::from_millis(self.request_timeout_ms.saturating_mul(4));
         let job = self.zendesk.as_ref().map_or(0, |z| z.job_timeout_ms);
-        calls + Duration::from_millis(job)
+        calls.saturating_add(Duration::from_millis(job))
     }
 }
 
@@ -603,7 +603,8 @@ impl Config {
             })?,
         };
         if let Some(t) = self.tenants.iter().max_by_key(|t| t.longest_write()) {
-            let revoke = k.drain_timeout_ms + t.longest_write().as_millis() as u64;
+            let longest = u64::try_from(t.longest_write().as_millis()).unwrap_or(u64::MAX);
+            let revoke = k.drain_timeout_ms.saturating_add(longest);
             if revoke >= max_poll {
                 return Err(ConfigError::invalid(
                     "kafka.drain_timeout_ms",

@@ -84,6 +84,12 @@ pub enum DecodeError {
     UnknownTenant(String),
     #[error("tenant `{tenant}` has no mapping for entity `{entity}`")]
     UnknownEntity { tenant: String, entity: String },
+    #[error("field `{field}` is {size} bytes, more than the limit of {limit}")]
+    TooLong {
+        field: &'static str,
+        size: usize,
+        limit: usize,
+    },
     /// A message on the retry topic whose retry headers are missing or invalid.
     #[error(transparent)]
     BadRetryHeader(#[from] crate::retry::topic::BadRetryHeader),
@@ -103,6 +109,7 @@ impl DecodeError {
             DecodeError::UnknownOp(_) => "unknown_op",
             DecodeError::UnknownTenant(_) => "unknown_tenant",
             DecodeError::UnknownEntity { .. } => "unknown_entity",
+            DecodeError::TooLong { .. } => "field_too_long",
             DecodeError::BadRetryHeader(_) => "bad_retry_header",
         }
     }
@@ -113,6 +120,12 @@ pub trait Routes {
     fn has_tenant(&self, tenant: &str) -> bool;
     fn has_entity(&self, tenant: &str, entity: &str) -> bool;
 }
+
+/// Most bytes of a record's `key`, and of its `event_id`: the record identity is written
+/// to the state topic (twice: as the message key and in the value), to CRM URLs and to
+/// DLQ headers, so it must stay small whatever the message's size. CRMs cap external ids
+/// far below this (Salesforce 255 characters).
+pub const MAX_ID_BYTES: usize = 1_024;
 
 /// Decodes and validates one message value.
 pub fn decode(bytes: Option<&[u8]>, max_bytes: usize, routes: &dyn Routes) -> Result<Event, DecodeError> {
@@ -133,6 +146,15 @@ pub fn decode(bytes: Option<&[u8]>, max_bytes: usize, routes: &dyn Routes) -> Re
     let tenant = take_string(&mut obj, "tenant")?;
     let entity = take_string(&mut obj, "entity")?;
     let key = take_string(&mut obj, "key")?;
+    for (field, value) in [("event_id", &event_id), ("key", &key)] {
+        if value.len() > MAX_ID_BYTES {
+            return Err(DecodeError::TooLong {
+                field,
+                size: value.len(),
+                limit: MAX_ID_BYTES,
+            });
+        }
+    }
     let op = match take_string(&mut obj, "op")?.as_str() {
         "upsert" => Op::Upsert,
         "delete" => Op::Delete,
@@ -312,6 +334,7 @@ mod tests {
             (GOOD.replace("\"contact\"", "\"lead\""), "unknown_entity"),
             (GOOD.replace("2026-11-29T10:00:00Z", "yesterday"), "wrong_type"),
             (GOOD.replace(",\"data\":{\"a\":1}", ""), "missing_field"),
+            (GOOD.replace("C-1", &"k".repeat(MAX_ID_BYTES + 1)), "field_too_long"),
         ];
         for (text, code) in cases {
             assert_eq!(decode_str(&text).unwrap_err().code(), code, "{text}");

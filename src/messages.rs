@@ -77,7 +77,7 @@ impl PartitionLink {
     /// reads the event again from the committed offset, so this instance must not write
     /// it any more — an old write landing after the new owner's newer one would undo it.
     pub fn is_live(&self) -> bool {
-        !self.partition.retired.load(Ordering::Acquire)
+        !self.partition.retired.load(Ordering::SeqCst)
     }
 
     /// Whether both links lead to the same partition generation.
@@ -136,9 +136,12 @@ pub struct PartitionShared {
 pub struct Sending(Vec<Arc<PartitionShared>>);
 
 impl Sending {
+    /// Counts the events. SeqCst, as the revoke's `retired` store and `sending` load: a
+    /// claim that counts first and then checks `retired` either sees the revoke or is
+    /// seen by it.
     pub fn new(partitions: Vec<Arc<PartitionShared>>) -> Self {
         for p in &partitions {
-            p.sending.fetch_add(1, Ordering::AcqRel);
+            p.sending.fetch_add(1, Ordering::SeqCst);
         }
         Sending(partitions)
     }
@@ -147,7 +150,7 @@ impl Sending {
 impl Drop for Sending {
     fn drop(&mut self) {
         for p in &self.0 {
-            p.sending.fetch_sub(1, Ordering::AcqRel);
+            p.sending.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -167,6 +170,16 @@ impl PartitionShared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&offset)
+    }
+
+    /// Forgets (in memory only) the offsets below the watermark: this member never reads
+    /// them again. Their markers stay on the state topic until the partition's next owner
+    /// finds them committed (see `forget_dead_lettered_below`).
+    pub fn drop_dead_lettered_below(&self, watermark: i64) {
+        let mut set = self.dead_lettered.lock().unwrap_or_else(|p| p.into_inner());
+        if set.first().is_some_and(|first| *first < watermark) {
+            *set = set.split_off(&watermark);
+        }
     }
 
     /// Forgets the markers below `first` (the first offset read: those are committed) and

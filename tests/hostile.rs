@@ -110,6 +110,13 @@ fn every_hostile_message_is_dead_lettered_once_or_processed_and_the_partition_mo
             .into_bytes(),
             &[],
         ),
+        // a 600 KB record key in the envelope: dead-lettered (its state record could never
+        // be written, which held the partition for good);
+        raw(
+            "huge-record-key",
+            upsert("e7", &"r".repeat(600_000), 1, "Huge", "Key").1,
+            &[],
+        ),
         // a message larger than any the service can write again: dead-lettered trimmed;
         raw("too-large", vec![b'x'; 1_200_000], &[]),
         // a valid event under a 500 KB Kafka key: processed (the envelope names the record);
@@ -167,6 +174,7 @@ fn every_hostile_message_is_dead_lettered_once_or_processed_and_the_partition_mo
         ("unknown_tenant", 1),
         ("too_large", 1),
         ("bad_retry_header", 1),
+        ("field_too_long", 1),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -191,7 +199,7 @@ fn every_hostile_message_is_dead_lettered_once_or_processed_and_the_partition_mo
         trimmed.header("crm-sync.trimmed"),
         Some("key=9 value=1200000 headers=0")
     );
-    assert_eq!(trimmed.header("crm-sync.source.offset"), Some("4"));
+    assert_eq!(trimmed.header("crm-sync.source.offset"), Some("5"));
     // Echoed strings are capped: no record or failure event carries the 600 KB name.
     for m in dlq
         .iter()
@@ -200,7 +208,7 @@ fn every_hostile_message_is_dead_lettered_once_or_processed_and_the_partition_mo
         assert!(m.header("crm-sync.error.message").unwrap().len() < 2_048);
     }
     let failures = env.read_failures();
-    assert_eq!(failures.len(), 4);
+    assert_eq!(failures.len(), 5);
     for f in &failures {
         assert!(f.payload.as_ref().unwrap().len() < 4_096, "failure event not capped");
     }

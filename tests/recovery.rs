@@ -152,3 +152,34 @@ fn a_message_dead_lettered_before_a_crash_is_not_dead_lettered_again() {
     assert_eq!(env.read_failures().len(), 1);
     service.stop(StopMode::Graceful);
 }
+
+/// The same without a crash: a partition actor that restarts re-reads its undecided
+/// messages from its watermark, among them one it had already dead-lettered. It must
+/// not dead-letter it twice.
+#[test]
+fn a_restarted_partition_does_not_dead_letter_a_message_twice() {
+    let env = Env::new(1);
+    env.slow_crm(3_000);
+    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace"), ("junk".into(), b"{not json".to_vec())]);
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || env.read_dlq().len() == 1));
+    // 1. The partition actor panics at its next batch, while the slow event holds its
+    //    watermark at 0.
+    service.inject_panic(crm_sync::pipeline::ActorKind::Partition);
+    env.produce(&[upsert("e2", "C-2", 1, "Grace", "Hopper")]);
+    let restarted = || {
+        crm_sync::demo::metric_total(
+            &scrape(service.http_addr()),
+            crm_sync::telemetry::metric::ACTOR_RESTARTS,
+            Some(("actor", "partition")),
+        ) >= 1.0
+    };
+    assert!(wait_until(Duration::from_secs(30), restarted), "the partition actor did not restart");
+    env.slow_crm(0);
+    // 2. It re-reads the messages: delivers the events, and does not dead-letter the
+    //    bad one again.
+    assert!(env.wait_all_committed(Duration::from_secs(60)));
+    assert!(env.contact("C-1").is_some() && env.contact("C-2").is_some());
+    assert_eq!(env.read_dlq().len(), 1, "dead-lettered again after the restart");
+    service.stop(StopMode::Graceful);
+}

@@ -545,10 +545,10 @@ impl LoopContext {
             .filter_map(|k| self.directory.get(k).map(|e| e.shared.clone()))
             .collect();
         for s in &shared {
-            s.retired.store(true, Ordering::Release);
+            s.retired.store(true, Ordering::SeqCst);
         }
         let deadline = Instant::now() + write_timeout;
-        let answered = || shared.iter().all(|s| s.sending.load(Ordering::Acquire) == 0);
+        let answered = || shared.iter().all(|s| s.sending.load(Ordering::SeqCst) == 0);
         while !answered() && Instant::now() < deadline {
             // Polled: the writes end on the I/O runtime, which has no way to wake this
             // thread; the deadline bounds the wait.
@@ -749,10 +749,13 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
 /// Most messages taken from the consumer before they are handed to partition actors.
 const INTAKE_BATCH: usize = 512;
 
-/// Messages taken from the consumers, by partition, waiting to be handed off.
+/// Messages taken from the consumers, by partition, waiting to be handed off, each batch
+/// with the partition actor's shared state it was taken for: a rebalance inside the
+/// round (callbacks run inside `poll`) may have replaced that actor, and the new one
+/// must not get messages from before its own start.
 #[derive(Default)]
 struct Intake {
-    batches: Vec<(PartitionKey, Vec<SourceMessage>)>,
+    batches: Vec<(PartitionKey, Option<Arc<PartitionShared>>, Vec<SourceMessage>)>,
 }
 
 impl Intake {
@@ -760,16 +763,17 @@ impl Intake {
         let index = match self
             .batches
             .iter()
-            .position(|((t, p), _)| *p == message.partition() && **t == *message.topic())
+            .position(|((t, p), _, _)| *p == message.partition() && **t == *message.topic())
         {
             Some(i) => i,
             None => {
                 let key = (Arc::<str>::from(message.topic()), message.partition());
-                self.batches.push((key, Vec::new()));
+                let shared = ctx.directory.get(&key).map(|e| e.shared.clone());
+                self.batches.push((key, shared, Vec::new()));
                 self.batches.len() - 1
             }
         };
-        let (key, batch) = &mut self.batches[index];
+        let (key, _, batch) = &mut self.batches[index];
         if hold_back(ctx, key, message.offset()) {
             return;
         }
@@ -785,7 +789,7 @@ impl Intake {
 
     /// Hands each partition actor its messages, in one message per partition.
     fn hand_off(&mut self, ctx: &LoopContext) {
-        for (key, batch) in self.batches.drain(..) {
+        for (key, taken_for, batch) in self.batches.drain(..) {
             if batch.is_empty() {
                 continue;
             }
@@ -793,7 +797,8 @@ impl Intake {
             // sender may put one message past the mailbox's capacity, which would make the
             // mailbox (and the in-flight window behind it) unbounded. Holding the read
             // guard while blocking is safe: only this thread changes the map.
-            if let Some(entry) = ctx.directory.get(&key) {
+            let same_actor = |entry: &PartitionEntry| taken_for.as_ref().is_some_and(|t| Arc::ptr_eq(t, &entry.shared));
+            if let Some(entry) = ctx.directory.get(&key).filter(|e| same_actor(e)) {
                 // Fast path without a thread park; when the partition's mailbox is full,
                 // block until it has room, so intake follows processing.
                 if let Err(SendError::Full(records)) = entry.addr.try_send(Records(batch)) {

@@ -146,6 +146,7 @@ impl PartitionActor {
     fn publish(&mut self) {
         if let Some(wm) = self.tracker.watermark() {
             self.shared.watermark.store(wm, Ordering::Release);
+            self.shared.drop_dead_lettered_below(wm);
         }
         let in_flight = self.tracker.in_flight();
         self.shared.in_flight.store(in_flight, Ordering::Relaxed);
@@ -228,13 +229,13 @@ impl Handler<Records> for PartitionActor {
         }
         self.consumed.increment(messages.len() as u64);
         if self.shared.watermark.load(Ordering::Acquire) < 0 {
-            // The first messages: publish where this partition starts, so that a restart
-            // before any outcome still knows where to re-read from.
-            self.publish();
             // Dead-letter markers below the first offset read are of committed messages:
             // deleted, so that the state topic does not keep one for every message ever
             // dead-lettered.
             let obsolete = self.shared.forget_dead_lettered_below(messages[0].offset);
+            // The first messages: publish where this partition starts, so that a restart
+            // before any outcome still knows where to re-read from.
+            self.publish();
             if !obsolete.is_empty() {
                 let (sink, topic, partition) = (self.deps.dead_letters.clone(), self.topic.clone(), self.partition);
                 // Fire and forget: a marker left behind is only read and dropped again.
@@ -372,26 +373,24 @@ async fn intake(
                 // Parked for another retry partition: forwarded there. One that cannot be
                 // written there (its origin has no retry partition any more) is
                 // dead-lettered, as a retry message with a bad origin.
-                let _sending = Sending::new(vec![link.partition.clone()]);
+                // Counted first, then checked (see `Sending`): a revoke waits for it.
+                let guard = Sending::new(vec![link.partition.clone()]);
                 let forwarded = match source.retried {
+                    _ if !link.is_live() => true, // handed over: the next owner forwards it
                     Some(state) => deps.dead_letters.park(&source, state).await.is_ok(),
                     None => false,
                 };
+                drop(guard);
                 if forwarded {
                     steps.push((link.offset, Step::Done(OutcomeKind::Parked, None)));
                 } else {
                     let e = DecodeError::from(BadRetryHeader(retry_header::ORIGIN_PARTITION));
-                    dead_letter_undecodable(&deps, &source, &e).await;
+                    dead_letter_undecodable(&deps, &source, &link, &e).await;
                     steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
                 }
             }
             Err(e) => {
-                // Already dead-lettered by a previous owner that crashed before committing.
-                if !link.partition.was_dead_lettered(link.offset) {
-                    // A revoke waits for it (see `Sending`).
-                    let _sending = Sending::new(vec![link.partition.clone()]);
-                    dead_letter_undecodable(&deps, &source, &e).await;
-                }
+                dead_letter_undecodable(&deps, &source, &link, &e).await;
                 steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
             }
         }
@@ -448,8 +447,15 @@ async fn intake(
     steps
 }
 
-/// Dead-letters a message that could not become an event.
-async fn dead_letter_undecodable(deps: &PartitionDeps, source: &SourceMessage, e: &DecodeError) {
+/// Dead-letters a message that could not become an event, unless it was dead-lettered
+/// before (by a previous owner that crashed before committing, or by this partition
+/// before a restart) or its partition was just handed over (the next owner does it).
+async fn dead_letter_undecodable(deps: &PartitionDeps, source: &SourceMessage, link: &PartitionLink, e: &DecodeError) {
+    // Counted first, then checked (see `Sending`): a revoke waits for this write.
+    let _guard = Sending::new(vec![link.partition.clone()]);
+    if !link.is_live() || link.partition.was_dead_lettered(link.offset) {
+        return;
+    }
     metrics::counter!(metric::DECODE_ERRORS, "reason" => e.code()).increment(1);
     let now = SystemTime::now();
     let failure = Failure {
@@ -464,6 +470,7 @@ async fn dead_letter_undecodable(deps: &PartitionDeps, source: &SourceMessage, e
         last_failure: now,
     };
     deps.dead_letters.dead_letter(source, None, &failure).await;
+    link.partition.remember_dead_lettered([link.offset]);
 }
 
 impl Handler<Outcomes> for PartitionActor {

@@ -363,9 +363,11 @@ impl TenantActor {
     /// Writes the record's event to the retry topic, due in `delay`, then releases its
     /// offset: a tenant that cannot write for a while does not hold its partitions.
     fn park(&mut self, key: RecordKey, delay: Duration, ctx: &mut Context<Self>) {
-        if !self.still_owned(&key, ctx) {
+        // A revoke waits for this write too: made after the hand-over, it would be made
+        // again by the next owner.
+        let Some(guard) = self.claim(&key, ctx) else {
             return;
-        }
+        };
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
@@ -384,14 +386,15 @@ impl TenantActor {
         tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
         let sink = self.deps.dead_letters.clone();
         let source = slot.active.work.source.clone();
-        // A revoke waits for this write too (see `dead_letter`).
-        let sending = Sending::new(vec![slot.active.work.reply.partition.clone()]);
-        let write = async move {
+        // On the I/O runtime: it is finished (and counted until then) even if this actor
+        // restarts meanwhile.
+        let write = crate::offload::spawn(async move {
             let parked = sink.park(&source, state).await;
-            drop(sending);
+            drop(guard);
             parked
-        };
+        });
         ctx.spawn(write.into_actor(self).map(move |written, act, ctx| {
+            let written = written.unwrap_or(Err(crate::notify::Unwritable::NoRetryTopic));
             // Only the event that was parked ends as parked, never a newer one that has
             // taken the record's slot since.
             let still_parking = act.records.get(&key).is_some_and(|s| {
@@ -632,23 +635,18 @@ impl TenantActor {
     fn send_batch(&mut self, keys: Vec<RecordKey>, ctx: &mut Context<Self>) {
         let mut sent = Vec::with_capacity(keys.len());
         let mut requests = Vec::with_capacity(keys.len());
-        let mut partitions = Vec::with_capacity(keys.len());
+        let mut guards = Vec::with_capacity(keys.len());
         for key in keys {
-            if !self.still_owned(&key, ctx) {
+            let Some(guard) = self.claim(&key, ctx) else {
                 continue;
-            }
+            };
             let Some(slot) = self.records.get_mut(&key) else {
                 continue;
             };
             slot.phase = Phase::Sending;
-            slot.data.attempts += 1;
+            slot.data.attempts = slot.data.attempts.saturating_add(1);
             requests.push(slot.data.request.clone());
-            let pending = &slot.active;
-            partitions.extend(
-                std::iter::once(&pending.work)
-                    .chain(&pending.also)
-                    .map(|w| w.reply.partition.clone()),
-            );
+            guards.push(guard);
             sent.push(key);
         }
         if sent.is_empty() {
@@ -660,26 +658,23 @@ impl TenantActor {
         self.requests_in_flight += 1;
         let (calls_done, answered) = CallsDone::pair();
         // The partitions of these events count them as at the CRM until the write's task
-        // on the I/O runtime ends, even if this actor stops waiting for it (a restart).
-        let sending = Sending::new(partitions);
+        // on the I/O runtime ends (even if this actor stops waiting for it, a restart),
+        // and then until the accepted ones' states are on their way (`flush_persists`).
         let n = requests.len();
         let write = self.connector.write_batch(requests, calls_done);
         let write = async move {
-            let results = crate::offload::spawn(async move {
-                let results = write.await;
-                drop(sending);
-                results
-            })
-            .await;
+            let done = crate::offload::spawn(async move { (write.await, guards) }).await;
             // The runtime is shutting down: so is the service, and nothing was committed.
-            results
-                .unwrap_or_else(|e| vec![Err(DeliveryError::unexpected_retryable(format!("write task ended: {e}"))); n])
+            done.unwrap_or_else(|e| {
+                let lost = DeliveryError::unexpected_retryable(format!("write task ended: {e}"));
+                (vec![Err(lost); n], Vec::new())
+            })
         };
         ctx.spawn(answered.into_actor(self).map(|(), act, ctx| {
             act.requests_in_flight -= 1;
             act.guarded(ctx, |act, ctx| act.pump(ctx));
         }));
-        ctx.spawn(write.into_actor(self).map(move |results, act, ctx| {
+        ctx.spawn(write.into_actor(self).map(move |(results, guards), act, ctx| {
             if !act.guarded(ctx, |act, ctx| act.adapt_pace(&results, ctx)) {
                 return;
             }
@@ -698,6 +693,8 @@ impl TenantActor {
                 act.flush_persists(ctx);
                 act.pump(ctx);
             });
+            // The states of the accepted writes now count as writes in flight instead.
+            drop(guards);
         }));
     }
 
@@ -752,6 +749,20 @@ impl TenantActor {
         }
     }
 
+    /// Counts the record's event as a write in flight for its partitions, then checks that
+    /// this instance still owns it (see [`still_owned`](Self::still_owned)). In this order:
+    /// a revoke marks its partition retired, then waits for the count to reach zero, so
+    /// either the revoke sees this write or this write sees the revoke.
+    fn claim(&mut self, key: &RecordKey, ctx: &mut Context<Self>) -> Option<Sending> {
+        let slot = self.records.get(key)?;
+        let partitions = std::iter::once(&slot.active.work)
+            .chain(&slot.active.also)
+            .map(|w| w.reply.partition.clone())
+            .collect();
+        let guard = Sending::new(partitions);
+        self.still_owned(key, ctx).then_some(guard)
+    }
+
     /// Whether the record's active event still belongs to a partition this instance
     /// owns. If its partition was handed over, the event is dropped here (the new owner
     /// re-reads it from the committed offset) — unless a copy of it came in through a
@@ -773,9 +784,11 @@ impl TenantActor {
     }
 
     fn dead_letter(&mut self, key: RecordKey, ctx: &mut Context<Self>) {
-        if !self.still_owned(&key, ctx) {
+        // A revoke waits for this write too: written after the hand-over, it would be
+        // written again by the next owner.
+        let Some(guard) = self.claim(&key, ctx) else {
             return;
-        }
+        };
         let Some(slot) = self.records.get_mut(&key) else {
             return;
         };
@@ -799,19 +812,19 @@ impl TenantActor {
         let sink = self.deps.dead_letters.clone();
         let source = slot.active.work.source.clone();
         let event = slot.active.work.event.clone();
-        let reply = &slot.active.work.reply;
-        // Already dead-lettered by a previous owner that crashed before committing.
-        let done_before = reply.partition.was_dead_lettered(reply.offset);
-        // A revoke waits for this write too: written after the hand-over, it would be
-        // written again by the next owner.
-        let sending = Sending::new(vec![reply.partition.clone()]);
-        let write = async move {
-            if !done_before {
-                sink.dead_letter(&source, Some(&event), &failure).await
+        let (partition, offset) = (slot.active.work.reply.partition.clone(), slot.active.work.reply.offset);
+        // On the I/O runtime: finished (and counted until then) even if this actor
+        // restarts meanwhile. An offset dead-lettered before (by a previous owner that
+        // crashed before committing, or by this one before a partition restart) is not
+        // dead-lettered again.
+        let write = crate::offload::spawn(async move {
+            if !partition.was_dead_lettered(offset) {
+                sink.dead_letter(&source, Some(&event), &failure).await;
+                partition.remember_dead_lettered([offset]);
             }
-            drop(sending);
-        };
-        ctx.spawn(write.into_actor(self).map(move |(), act, ctx| {
+            drop(guard);
+        });
+        ctx.spawn(write.into_actor(self).map(move |_, act, ctx| {
             act.guarded(ctx, |act, ctx| act.complete(key, OutcomeKind::DeadLettered, ctx));
         }));
     }
@@ -838,7 +851,18 @@ impl TenantActor {
             .iter()
             .map(|(key, state, _, partition)| (*partition, key.clone(), *state))
             .collect();
-        let persist = crate::offload::spawn(async move { store.persist_all(states).await });
+        // A revoke waits for these writes too: an old owner's state landing after the new
+        // owner's would, once compacted, be what a later owner reads back.
+        let partitions = batch
+            .iter()
+            .filter_map(|(key, ..)| self.records.get(key))
+            .map(|slot| slot.active.work.reply.partition.clone())
+            .collect();
+        let guard = Sending::new(partitions);
+        let persist = crate::offload::spawn(async move {
+            store.persist_all(states).await;
+            drop(guard);
+        });
         ctx.spawn(persist.into_actor(self).map(move |written, act, ctx| {
             if let Err(e) = written {
                 // Not durable, so no outcome: a restart hands these events in again.
