@@ -227,26 +227,30 @@ impl DeadLetters {
         })
         .to_string();
 
-        let whole = self
-            .produce(
-                &self.dlq_topic,
-                None,
-                source.key.as_deref(),
-                source.payload.as_deref(),
-                Some(&headers),
-            )
-            .await;
-        if let Err(why) = whole {
-            metrics::counter!(metric::DLQ_TRIMMED).increment(1);
-            tracing::warn!(topic = %self.dlq_topic, error = %why, source_topic = %origin.topic, source_partition = origin.partition, source_offset = origin.offset, "Dead-letter record cannot be written whole; writing it trimmed.");
-            let (key, payload, headers) = trimmed(source, context);
-            self.produce_until_acked(&self.dlq_topic, key.as_deref(), Some(&payload), Some(&headers))
+        let dlq_record = async {
+            let whole = self
+                .produce(
+                    &self.dlq_topic,
+                    None,
+                    source.key.as_deref(),
+                    source.payload.as_deref(),
+                    Some(&headers),
+                )
                 .await;
-        }
+            if let Err(why) = whole {
+                metrics::counter!(metric::DLQ_TRIMMED).increment(1);
+                tracing::warn!(topic = %self.dlq_topic, error = %why, source_topic = %origin.topic, source_partition = origin.partition, source_offset = origin.offset, "Dead-letter record cannot be written whole; writing it trimmed.");
+                let (key, payload, headers) = trimmed(source, context);
+                self.produce_until_acked(&self.dlq_topic, key.as_deref(), Some(&payload), Some(&headers))
+                    .await;
+            }
+        };
         // Capped strings and a capped key: always small enough.
         let key = source.key.as_deref().map(|k| &k[..k.len().min(ECHO_BYTES)]);
-        self.produce_until_acked(&self.failures_topic, key, Some(failure_event.as_bytes()), None)
-            .await;
+        let failure = self.produce_until_acked(&self.failures_topic, key, Some(failure_event.as_bytes()), None);
+        // Both at once: the time between the DLQ record being durable and its marker (a
+        // crash then gives a second record) is one write, not two.
+        futures::future::join(dlq_record, failure).await;
         // Last: a crash before it means a second DLQ record at worst, never none.
         let marker = DeadLettered {
             topic: source.topic.to_string(),
