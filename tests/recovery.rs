@@ -160,7 +160,10 @@ fn a_message_dead_lettered_before_a_crash_is_not_dead_lettered_again() {
 fn a_restarted_partition_does_not_dead_letter_a_message_twice() {
     let env = Env::new(1);
     env.slow_crm(3_000);
-    env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace"), ("junk".into(), b"{not json".to_vec())]);
+    env.produce(&[
+        upsert("e1", "C-1", 1, "Ada", "Lovelace"),
+        ("junk".into(), b"{not json".to_vec()),
+    ]);
     let service = pipeline::start(env.config()).unwrap();
     assert!(wait_until(Duration::from_secs(30), || env.read_dlq().len() == 1));
     // 1. The partition actor panics at its next batch, while the slow event holds its
@@ -174,7 +177,10 @@ fn a_restarted_partition_does_not_dead_letter_a_message_twice() {
             Some(("actor", "partition")),
         ) >= 1.0
     };
-    assert!(wait_until(Duration::from_secs(30), restarted), "the partition actor did not restart");
+    assert!(
+        wait_until(Duration::from_secs(30), restarted),
+        "the partition actor did not restart"
+    );
     env.slow_crm(0);
     // 2. It re-reads the messages: delivers the events, and does not dead-letter the
     //    bad one again.

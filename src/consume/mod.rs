@@ -307,8 +307,12 @@ impl LoopContext {
         let partitions: Vec<i32> = assigned.iter().map(|(_, p)| *p).collect();
         match self.restore_state(&partitions) {
             Ok(markers) => {
-                for key in assigned {
-                    self.start_with_retry(key, &markers);
+                let unstarted: Vec<PartitionKey> = assigned
+                    .into_iter()
+                    .filter(|key| !self.start_with_retry(key.clone(), &markers))
+                    .collect();
+                if !unstarted.is_empty() {
+                    self.hold_back_partitions(consumer, unstarted);
                 }
             }
             Err(e) => {
@@ -319,19 +323,25 @@ impl LoopContext {
                     "Could not read confirmed states back; the partitions stay paused until they can be read."
                 );
                 metrics::counter!(metric::STATE_RESTORE_FAILURES).increment(1);
-                let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-                if consumer.pause(&tpl_of(&assigned)).is_ok() {
-                    for key in &assigned {
-                        paused.entry(key.clone()).or_insert(None);
-                    }
-                }
-                drop(paused);
-                let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
-                restoring.partitions.extend(assigned);
-                restoring.backoff = Duration::from_millis(500);
-                restoring.next_attempt = Some(Instant::now() + restoring.backoff);
+                self.hold_back_partitions(consumer, assigned);
             }
         }
+    }
+
+    /// Pauses assigned partitions that could not start, and has the loop try again (see
+    /// `retry_restores`).
+    fn hold_back_partitions(&self, consumer: &BaseConsumer<LoopContext>, keys: Vec<PartitionKey>) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if consumer.pause(&tpl_of(&keys)).is_ok() {
+            for key in &keys {
+                paused.entry(key.clone()).or_insert(None);
+            }
+        }
+        drop(paused);
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        restoring.partitions.extend(keys);
+        restoring.backoff = Duration::from_millis(500);
+        restoring.next_attempt = Some(Instant::now() + restoring.backoff);
     }
 
     /// Tries again to read the states of partitions still waiting for them; those that
@@ -348,12 +358,20 @@ impl LoopContext {
                     partitions = partitions.len(),
                     "Confirmed states read back; starting the partitions."
                 );
-                for key in std::mem::take(&mut restoring.partitions) {
-                    // Its pause is lifted by `sync_pauses`, which seeks back to the first
-                    // message held back meanwhile.
-                    self.start_with_retry(key, &markers);
+                // A started partition's pause is lifted by `sync_pauses`, which seeks back
+                // to the first message held back meanwhile; one that still cannot start
+                // waits for the next attempt.
+                let waiting = std::mem::take(&mut restoring.partitions);
+                restoring.partitions = waiting
+                    .into_iter()
+                    .filter(|key| !self.start_with_retry(key.clone(), &markers))
+                    .collect();
+                if restoring.partitions.is_empty() {
+                    restoring.next_attempt = None;
+                } else {
+                    restoring.backoff = (restoring.backoff * 2).min(Duration::from_secs(30));
+                    restoring.next_attempt = Some(Instant::now() + restoring.backoff);
                 }
-                restoring.next_attempt = None;
             }
             Err(e) => {
                 metrics::counter!(metric::STATE_RESTORE_FAILURES).increment(1);
@@ -408,19 +426,23 @@ impl LoopContext {
 
     /// Starts an input partition's actor, and its retry partition's (assigned to the retry
     /// reader at its committed offset).
-    fn start_with_retry(&self, key: PartitionKey, markers: &[DeadLettered]) {
+    /// Returns false, starting nothing, if the retry partition cannot be assigned: its
+    /// parked events would never be read back while the input's offsets move on.
+    fn start_with_retry(&self, key: PartitionKey, markers: &[DeadLettered]) -> bool {
         if let (Some(reader), Some(retry_key)) = (&self.retry, self.retry_key(&key)) {
             if !self.directory.contains_key(&retry_key) {
                 if let Err(e) = reader
                     .consumer
                     .incremental_assign(&tpl_of(std::slice::from_ref(&retry_key)))
                 {
-                    tracing::error!(topic = %retry_key.0, partition = retry_key.1, error = %e, "Could not assign the retry partition.");
+                    tracing::error!(topic = %retry_key.0, partition = retry_key.1, error = %e, "Could not assign the retry partition; its input partition stays paused and this is tried again.");
+                    return false;
                 }
                 self.start_partition(retry_key.0, retry_key.1, markers);
             }
         }
         self.start_partition(key.0, key.1, markers);
+        true
     }
 
     /// Gives up the retry partitions of revoked input partitions (already drained,

@@ -177,7 +177,7 @@ impl TenantActor {
         let key = work.event.record.clone();
         match self.records.arrive(&key, work) {
             Arrival::Free(pending) => {
-                if pending.work.over_share && self.parkable(&pending.work.source) {
+                if pending.work.over_share && self.saturated() && self.parkable(&pending.work.source) {
                     self.count_window_park("share");
                     self.take_slot(key.clone(), pending);
                     self.park(key, Duration::ZERO, ctx);
@@ -238,6 +238,15 @@ impl TenantActor {
     /// where it is, not parked again) and with a retry partition to go to.
     fn parkable(&self, source: &SourceMessage) -> bool {
         source.retried.is_none() && self.deps.dead_letters.can_park(&source.origin)
+    }
+
+    /// Whether this tenant holds more writes than one round of its calls can carry
+    /// (concurrency × batch size), or the CRM paused it. Only then is an event past its
+    /// share of a window parked: a tenant that keeps up with a burst keeps its events
+    /// (parking them made a burst of 1,500 three times slower), a slow one does not.
+    fn saturated(&self) -> bool {
+        let one_round = self.pacer.concurrency().max(1) * self.config.batch_size.max(1);
+        self.records.len() >= one_round || self.pacer.is_paused(Instant::now())
     }
 
     /// Counts an event parked so that it does not hold its partition's window.
