@@ -19,18 +19,21 @@
 //! - [`connectors`]: the CRM clients (Salesforce, Zendesk, Dynamics 365) behind one
 //!   [`connectors::Connector`] trait, each with its batch call and per-record results,
 //!   classifying failures by the CRM's own semantics.
-//! - [`retry`]: the backoff policy and the supervised [`retry::RetryQueueActor`] that
-//!   hands retryable writes back to their tenant when they are due.
+//! - [`retry`]: the backoff policy, the supervised [`retry::RetryQueueActor`] that hands
+//!   retryable writes back to their tenant when they are due, and the retry topic's
+//!   format and co-partitioning with the input ([`retry::topic`]).
 //! - [`notify`]: the dead-letter and failures topics for terminal failures, and the
 //!   retry topic where long retries are parked (read back by [`consume`]).
 //!
-//! The stages talk through the types in [`messages`], which both sides import, so no
-//! stage imports the one that feeds it or the one it feeds.
+//! Partitions and tenants talk through the types in [`messages`], which both import, so
+//! neither imports the other.
 //!
-//! Cross-cutting: [`config`], [`headers`] (Kafka headers as bytes), [`telemetry`] (metrics, health), [`supervise`] (turning
-//! panics into supervised restarts), [`offload`] (the I/O runtime that keeps CRM calls
-//! and state writes off the actor thread), [`shutdown`], [`pipeline`] (wiring it all into a
-//! running service), [`sandbox`] (local stand-ins for Kafka and the CRMs) and [`demo`].
+//! Cross-cutting: [`config`], [`headers`] (Kafka headers as bytes), [`telemetry`]
+//! (metrics, health), [`supervise`] (turning panics into supervised restarts),
+//! [`offload`] (the I/O runtime that keeps CRM calls and state writes off the actor
+//! thread), [`shutdown`], [`pipeline`] (wiring it all into a running service),
+//! [`sandbox`] (local stand-ins for Kafka and the CRMs) and [`demo`] (the demo, and the
+//! chaos harness in [`demo::chaos`]).
 
 pub mod config;
 pub mod connectors;
