@@ -22,7 +22,7 @@
 //!   through the retry topic with their attempts and age, and wait there until due.
 //!
 //! On restart the actor forgets everything and asks every partition to hand its
-//! undecided events for this tenant in again ([`Redispatch`]); nothing of them was
+//! undecided events for this tenant in again ([`Redispatch`](crate::messages::Redispatch)); nothing of them was
 //! committed, so nothing is lost.
 
 pub mod mapping;

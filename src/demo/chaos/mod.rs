@@ -6,7 +6,7 @@
 //! stale versions, deletes) with [`hostile`] messages mixed in. The broker (librdkafka's
 //! mock cluster) and the CRM sandboxes run in this process, so they outlive every
 //! member. The sandboxes answer with 5xx, row locks and expired tokens all along, and
-//! with 429 storms, bursts of 5xx and latency spikes at random moments ([`crms`]); one
+//! with 429 storms, bursts of 5xx and latency spikes at random moments (`crms.rs`); one
 //! tenant is slow on every call. Retries park on the retry topic at the first failure.
 //!
 //! Then the faults stop, every member runs, and once every offset is committed the
