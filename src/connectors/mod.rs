@@ -16,6 +16,7 @@
 pub mod dynamics;
 pub mod http;
 pub mod salesforce;
+pub mod token;
 pub mod zendesk;
 
 use std::fmt;

@@ -7,14 +7,14 @@
 //! request gets 401.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 use super::errors;
 use crate::config::{DynamicsConfig, Secret};
 use crate::connectors::http::{self, Meter, MAX_CRM_WAIT};
+use crate::connectors::token::TokenCache;
 use crate::connectors::DeliveryError;
 
 pub struct TokenSource {
@@ -24,8 +24,8 @@ pub struct TokenSource {
     client_id: Secret,
     client_secret: Secret,
     meter: Meter,
-    /// The cached token and when to renew it.
-    current: Mutex<Option<(Arc<Secret>, Instant)>>,
+    /// The cached token, renewed at nine tenths of its lifetime.
+    current: TokenCache<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -47,18 +47,17 @@ impl TokenSource {
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
             meter,
-            current: Mutex::new(None),
+            current: TokenCache::default(),
         }
     }
 
     /// The cached access token, or a new one when it is due for renewal.
     pub async fn get(&self) -> Result<Arc<Secret>, DeliveryError> {
-        let mut current = self.current.lock().await;
-        if let Some((token, renew_at)) = current.as_ref() {
-            if Instant::now() < *renew_at {
-                return Ok(token.clone());
-            }
-        }
+        self.current.get(|| self.fetch()).await
+    }
+
+    /// A new token, and how long to use it: nine tenths of its `expires_in`.
+    async fn fetch(&self) -> Result<(Secret, Option<Duration>), DeliveryError> {
         self.meter.token_refresh();
         let request = self.http.post(&self.token_url).form(&[
             ("client_id", self.client_id.expose()),
@@ -73,18 +72,13 @@ impl TokenSource {
         }
         let parsed: TokenResponse = serde_json::from_slice(&answer.body)
             .map_err(|e| DeliveryError::unexpected_retryable(format!("Entra ID token response not understood: {e}")))?;
-        let renew_at = Instant::now() + Duration::from_secs(parsed.expires_in).min(MAX_CRM_WAIT).mul_f64(0.9);
-        let token = Arc::new(Secret::new(parsed.access_token));
+        let lifetime = Duration::from_secs(parsed.expires_in).min(MAX_CRM_WAIT).mul_f64(0.9);
         tracing::info!(tenant = %self.meter.tenant, "Fetched a Dataverse access token.");
-        *current = Some((token.clone(), renew_at));
-        Ok(token)
+        Ok((Secret::new(parsed.access_token), Some(lifetime)))
     }
 
     /// Drops `stale` so that the next request fetches a new token.
     pub async fn invalidate(&self, stale: &Arc<Secret>) {
-        let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, stale)) {
-            *current = None;
-        }
+        self.current.invalidate(stale).await;
     }
 }

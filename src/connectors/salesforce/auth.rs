@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 use super::errors;
 use crate::config::Secret;
 use crate::connectors::http::Meter;
+use crate::connectors::token::TokenCache;
 use crate::connectors::DeliveryError;
 
 /// A bearer token and where to use it.
@@ -36,7 +36,7 @@ pub struct TokenSource {
     meter: Meter,
     /// The cached token. An async mutex, so that concurrent requests that find it missing
     /// wait for one fetch instead of each fetching their own.
-    current: Mutex<Option<Arc<Token>>>,
+    current: TokenCache<Token>,
 }
 
 impl TokenSource {
@@ -47,28 +47,20 @@ impl TokenSource {
             client_id,
             client_secret,
             meter,
-            current: Mutex::new(None),
+            current: TokenCache::default(),
         }
     }
 
     /// The cached token, or a new one.
     pub async fn get(&self) -> Result<Arc<Token>, DeliveryError> {
-        let mut current = self.current.lock().await;
-        if let Some(token) = current.as_ref() {
-            return Ok(token.clone());
-        }
-        let token = Arc::new(self.fetch().await?);
-        *current = Some(token.clone());
-        Ok(token)
+        // Salesforce tokens carry no lifetime: kept until a call finds one refused.
+        self.current.get(|| async { Ok((self.fetch().await?, None)) }).await
     }
 
     /// Drops `stale` so that the next [`get`](Self::get) fetches a new token; a token
     /// another request already replaced is left alone.
     pub async fn invalidate(&self, stale: &Arc<Token>) {
-        let mut current = self.current.lock().await;
-        if current.as_ref().is_some_and(|t| Arc::ptr_eq(t, stale)) {
-            *current = None;
-        }
+        self.current.invalidate(stale).await;
     }
 
     async fn fetch(&self) -> Result<Token, DeliveryError> {

@@ -9,15 +9,15 @@
 //!   the answer may carry runs out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 use super::errors;
 use crate::config::{Secret, ZendeskConfig};
 use crate::connectors::http::{self, Meter, MAX_CRM_WAIT};
+use crate::connectors::token::TokenCache;
 use crate::connectors::DeliveryError;
 
 /// How long before a token's announced expiry a new one is fetched.
@@ -37,7 +37,7 @@ pub struct TokenSource {
     scope: String,
     meter: Meter,
     /// The cached header value and when it should be renewed.
-    current: Mutex<Option<(Arc<Secret>, Option<Instant>)>>,
+    current: TokenCache<Secret>,
 }
 
 #[derive(Deserialize)]
@@ -68,7 +68,7 @@ impl Auth {
             client_secret: client_secret.clone(),
             scope: config.oauth_scope.clone(),
             meter,
-            current: Mutex::new(None),
+            current: TokenCache::default(),
         })
     }
 
@@ -88,22 +88,19 @@ impl Auth {
     /// Drops `stale` so that the next request fetches a new token.
     pub async fn invalidate(&self, stale: &Arc<Secret>) {
         if let Auth::ClientCredentials(source) = self {
-            let mut current = source.current.lock().await;
-            if current.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, stale)) {
-                *current = None;
-            }
+            source.current.invalidate(stale).await;
         }
     }
 }
 
 impl TokenSource {
     async fn get(&self) -> Result<Arc<Secret>, DeliveryError> {
-        let mut current = self.current.lock().await;
-        if let Some((token, renew_at)) = current.as_ref() {
-            if renew_at.is_none_or(|at| Instant::now() < at) {
-                return Ok(token.clone());
-            }
-        }
+        self.current.get(|| self.fetch()).await
+    }
+
+    /// A new `Authorization` value, and how long to use it (until refused when Zendesk
+    /// gives no `expires_in`).
+    async fn fetch(&self) -> Result<(Secret, Option<Duration>), DeliveryError> {
         self.meter.token_refresh();
         let body = serde_json::json!({
             "grant_type": "client_credentials",
@@ -118,12 +115,10 @@ impl TokenSource {
         }
         let parsed: TokenResponse = serde_json::from_slice(&answer.body)
             .map_err(|e| DeliveryError::unexpected_retryable(format!("Zendesk token response not understood: {e}")))?;
-        let renew_at = parsed
+        let lifetime = parsed
             .expires_in
-            .map(|s| Instant::now() + Duration::from_secs(s).min(MAX_CRM_WAIT).saturating_sub(RENEW_BEFORE));
-        let token = Arc::new(Secret::new(format!("Bearer {}", parsed.access_token)));
+            .map(|s| Duration::from_secs(s).min(MAX_CRM_WAIT).saturating_sub(RENEW_BEFORE));
         tracing::info!(tenant = %self.meter.tenant, "Fetched a Zendesk OAuth access token.");
-        *current = Some((token.clone(), renew_at));
-        Ok(token)
+        Ok((Secret::new(format!("Bearer {}", parsed.access_token)), lifetime))
     }
 }
