@@ -316,6 +316,38 @@ fn dynamics_batch_stops_or_continues_and_change_sets_are_atomic() {
 }
 
 #[test]
+fn dynamics_batch_refuses_a_part_whose_header_block_is_not_ended() {
+    let (d, http, token) = dynamics();
+    let batch = |body: String| {
+        send(
+            http.post(format!("{}/api/data/v9.2/$batch", d.base_url()))
+                .bearer_auth(&token)
+                .header("Content-Type", "multipart/mixed; boundary=batch_t")
+                .header("Prefer", "odata.continue-on-error")
+                .body(body),
+        )
+    };
+    let part = |request: &str| {
+        format!("--batch_t\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n{request}\r\n--batch_t--\r\n")
+    };
+    // One CRLF after the request line: under RFC 2046 it belongs to the delimiter, so
+    // the request's header block never ends.
+    let unterminated = batch(part("DELETE /api/data/v9.2/contacts(crm_externalid='X') HTTP/1.1"));
+    assert_eq!(unterminated.status, 400, "{}", unterminated.body);
+    assert!(unterminated.body.contains("0x80048d19"), "{}", unterminated.body);
+    // The request line, the blank line that ends its (empty) header block, no body.
+    let terminated = batch(part(
+        "DELETE /api/data/v9.2/contacts(crm_externalid='X') HTTP/1.1\r\n\r\n",
+    ));
+    assert_eq!(terminated.status, 200, "{}", terminated.body);
+    // A delimiter must open its line.
+    let glued = batch(
+        "--batch_t\r\nContent-Type: application/http\r\n\r\nPATCH /api/data/v9.2/contacts(crm_externalid='Y') HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{}--batch_t--\r\n".to_string(),
+    );
+    assert_eq!(glued.status, 400, "{}", glued.body);
+}
+
+#[test]
 fn dynamics_service_protection_answers_429_with_retry_after() {
     let (d, http, token) = dynamics();
     d.set_limits(2, 52);

@@ -114,6 +114,10 @@ pub enum ErrorCode {
     /// The CRM's API cannot address this record's key (Salesforce: `.` or `..` in a URL
     /// path).
     CrmUnaddressableKey,
+    /// Not tried: an earlier write of the record is still running at the CRM and may
+    /// land later (a Zendesk job past `job_timeout_ms`). Not the record's failure: it
+    /// counts no attempt and no age.
+    CrmWritePending,
 }
 
 impl ErrorCode {
@@ -130,6 +134,7 @@ impl ErrorCode {
             ErrorCode::CrmConnection => "crm_connection",
             ErrorCode::CrmUnexpected => "crm_unexpected",
             ErrorCode::CrmUnaddressableKey => "crm_unaddressable_key",
+            ErrorCode::CrmWritePending => "crm_write_pending",
         }
     }
 }
@@ -187,6 +192,25 @@ impl DeliveryError {
             message,
             retry_after: None,
         }
+    }
+
+    /// The record's write was not tried because an earlier write of it may still land;
+    /// to be tried again after `wait`.
+    pub fn write_pending(message: String, wait: Duration) -> Self {
+        DeliveryError {
+            class: ErrorClass::Retryable,
+            code: ErrorCode::CrmWritePending,
+            http_status: None,
+            crm_code: None,
+            message,
+            retry_after: Some(wait),
+        }
+    }
+
+    /// Whether the write waits on an earlier one instead of having failed: no attempt or
+    /// age is counted against the record.
+    pub fn is_wait(&self) -> bool {
+        self.code == ErrorCode::CrmWritePending
     }
 
     /// Keeps the CRM's `Retry-After` on an error worth retrying.

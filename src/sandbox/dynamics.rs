@@ -641,32 +641,61 @@ fn boundary_param(content_type: &str) -> Option<String> {
     })
 }
 
-fn split_block(text: &str) -> (&str, &str) {
-    text.split_once("\r\n\r\n")
-        .or_else(|| text.split_once("\n\n"))
-        .unwrap_or((text, ""))
-}
-
 fn header_map(block: &str) -> HashMap<String, String> {
     block
-        .lines()
+        .split("\r\n")
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect()
 }
 
+/// The contents of a multipart body's parts, read as RFC 2046 §5.1.1 has it: a delimiter
+/// is `--boundary` at the start of a line, and the CRLF before it belongs to it, not to
+/// the part before; a delimiter is followed by optional padding and a CRLF, the close
+/// delimiter by `--`. Lenient readers accept a part whose content lost a CRLF to the next
+/// delimiter; this one reads the bytes the way a strict parser does.
+fn split_parts<'a>(body: &'a str, boundary: &str) -> Result<Vec<&'a str>, String> {
+    let dash = format!("--{boundary}");
+    let delimiter = format!("\r\n{dash}");
+    // The first delimiter may open the body; otherwise a preamble comes before it.
+    let mut rest = match body.strip_prefix(dash.as_str()) {
+        Some(after) => after,
+        None => {
+            let at = body.find(&delimiter).ok_or("The batch request has no part.")?;
+            &body[at + delimiter.len()..]
+        }
+    };
+    let mut parts = Vec::new();
+    loop {
+        if rest.starts_with("--") {
+            return Ok(parts);
+        }
+        let line_end = rest.find("\r\n").ok_or("A delimiter line is not ended by CRLF.")?;
+        if !rest[..line_end].trim_matches([' ', '\t']).is_empty() {
+            return Err("A delimiter line carries more than the boundary.".into());
+        }
+        let content = &rest[line_end + 2..];
+        let end = content.find(&delimiter).ok_or("The batch request is not terminated.")?;
+        parts.push(&content[..end]);
+        rest = &content[end + delimiter.len()..];
+    }
+}
+
+/// Splits a part, or an `application/http` message, into its header block and what
+/// follows the blank line that ends it; an unterminated header block is refused.
+fn split_block<'a>(text: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
+    if let Some(body) = text.strip_prefix("\r\n") {
+        return Ok(("", body));
+    }
+    text.split_once("\r\n\r\n")
+        .ok_or_else(|| format!("The {what} has no blank line after its headers."))
+}
+
 /// Parses a multipart body into its items (change sets one level deep).
 fn parse_multipart(body: &str, boundary: &str, nested: bool) -> Result<Vec<Item>, String> {
-    let delimiter = format!("--{boundary}");
     let mut items = Vec::new();
-    let mut closed = false;
-    for raw in body.split(delimiter.as_str()).skip(1) {
-        if raw.starts_with("--") {
-            closed = true;
-            break;
-        }
-        let raw = raw.trim_start_matches("\r\n").trim_start_matches('\n');
-        let (part_headers, rest) = split_block(raw);
+    for raw in split_parts(body, boundary)? {
+        let (part_headers, rest) = split_block(raw, "batch part")?;
         let part_headers = header_map(part_headers);
         let content_type = part_headers.get("content-type").cloned().unwrap_or_default();
         if content_type.to_ascii_lowercase().starts_with("multipart/mixed") {
@@ -684,9 +713,8 @@ fn parse_multipart(body: &str, boundary: &str, nested: bool) -> Result<Vec<Item>
             items.push(Item::ChangeSet(parts));
             continue;
         }
-        let (head, body) = split_block(rest);
-        let mut lines = head.lines();
-        let request_line = lines.next().unwrap_or_default();
+        let (head, body) = split_block(rest, "request inside a batch part")?;
+        let (request_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
         let mut words = request_line.split_whitespace();
         let (Some(method), Some(url)) = (words.next(), words.next()) else {
             return Err(format!("Malformed request line: '{request_line}'."));
@@ -695,12 +723,9 @@ fn parse_multipart(body: &str, boundary: &str, nested: bool) -> Result<Vec<Item>
             content_id: part_headers.get("content-id").cloned(),
             method: method.to_string(),
             url: url.to_string(),
-            headers: header_map(&lines.collect::<Vec<_>>().join("\r\n")),
-            body: body.trim_end_matches(['\r', '\n']).to_string(),
+            headers: header_map(headers),
+            body: body.to_string(),
         }));
-    }
-    if !closed {
-        return Err("The batch request is not terminated.".into());
     }
     Ok(items)
 }

@@ -3,18 +3,21 @@
 //!
 //! - Auth: API token (`Basic base64("{email}/token:{token}")`) → 401 `{"error":"Couldn't
 //!   authenticate you"}` when wrong; OAuth bearer tokens from `POST /oauth/tokens`
-//!   (client credentials, JSON body) → 401 `invalid_token` once expired.
+//!   (client credentials, JSON body) → 401 `invalid_token` once expired. A token's scopes
+//!   (`read`, `write`, `users:write`, ...) bound what it may call: anything else is 403
+//!   "Forbidden", the same body as for an account without bulk import.
 //! - `POST /api/v2/{users|organizations}/create_or_update`: matched by `external_id`
 //!   (ignoring case, and rewriting it to the case sent) or, for users, by `email`; 201
 //!   created, 200 updated. Users and organizations need a `name` on create; a user's
 //!   `email` must look like one: 422 `RecordInvalid` with `details` otherwise.
-//! - `POST /api/v2/{users|organizations}/create_or_update_many` (≤100, 403 unless bulk
-//!   import is enabled): a job `V3-<32 hex>` answered `queued`, then `working`, then
-//!   `completed` with one result per item (`index`, `id`, `external_id`, `status`
+//! - `POST /api/v2/users/create_or_update_many` (≤100, 403 unless bulk import is
+//!   enabled): a job `V3-<32 hex>` answered `queued`, then `working`, then `completed`
+//!   with one result per item (`index`, `id`, `external_id`, `status`
 //!   `Created`/`Updated`/`Failed`, `error`, `details`) at `GET /api/v2/job_statuses/{id}`
-//!   and, for several jobs, `GET /api/v2/job_statuses/show_many?ids=a,b`.
-//!   The creating answer is always `queued`; records are written when the job is
-//!   created.
+//!   and, for several jobs, `GET /api/v2/job_statuses/show_many?ids=a,b`. A job's writes
+//!   land when it runs, `job_duration_ms` after it was queued, whether or not anyone still
+//!   waits for it: jobs cannot be cancelled. Organizations have no bulk upsert:
+//!   `organizations/create_or_update_many` is 404 (crm-apis.md §2.4).
 //! - Tickets: `GET /api/v2/tickets?external_id=`, `POST /api/v2/tickets` (a `comment` is
 //!   required) honouring `Idempotency-Key` (same key and body within 2 h: the first
 //!   answer again with `x-idempotency-lookup: hit`; same key, other body: 400
@@ -101,7 +104,12 @@ const JOB_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 struct Job {
     created: Instant,
-    results: Vec<Value>,
+    /// How long this job takes, from the setup when it was queued.
+    duration: Duration,
+    total: usize,
+    /// Each item's result, once the job has run: its writes land then, not when it is
+    /// queued, so a job can land after a later write of the same record.
+    results: Option<Vec<Value>>,
 }
 
 struct Replay {
@@ -118,7 +126,8 @@ struct Account {
     records: HashMap<&'static str, BTreeMap<u64, Map<String, Value>>>,
     /// (object, lower-cased external id or `email:` + lower-cased email) → ids.
     index: HashMap<(&'static str, String), Vec<u64>>,
-    tokens: HashMap<String, Instant>,
+    /// OAuth access token → when issued, and the scopes it was granted.
+    tokens: HashMap<String, (Instant, String)>,
     idempotency: HashMap<String, Replay>,
     jobs: HashMap<String, Job>,
     window_start: Instant,
@@ -127,6 +136,8 @@ struct Account {
     stats: Stats,
     next_id: u64,
     rng: StdRng,
+    /// The account itself, for the tasks that run queued jobs.
+    me: std::sync::Weak<Mutex<Account>>,
 }
 
 type Shared = Arc<Mutex<Account>>;
@@ -141,21 +152,24 @@ pub struct ZendeskSandbox {
 impl ZendeskSandbox {
     pub fn start(bind: &str, setup: ZendeskSetup) -> std::io::Result<Self> {
         let seed = setup.faults.seed;
-        let account = Arc::new(Mutex::new(Account {
-            setup,
-            base_url: String::new(),
-            records: OBJECTS.iter().map(|o| (*o, BTreeMap::new())).collect(),
-            index: HashMap::new(),
-            tokens: HashMap::new(),
-            idempotency: HashMap::new(),
-            jobs: HashMap::new(),
-            window_start: Instant::now(),
-            window_count: 0,
-            script: VecDeque::new(),
-            stats: Stats::default(),
-            next_id: 1,
-            rng: StdRng::seed_from_u64(seed),
-        }));
+        let account = Arc::new_cyclic(|me| {
+            Mutex::new(Account {
+                setup,
+                base_url: String::new(),
+                records: OBJECTS.iter().map(|o| (*o, BTreeMap::new())).collect(),
+                index: HashMap::new(),
+                tokens: HashMap::new(),
+                idempotency: HashMap::new(),
+                jobs: HashMap::new(),
+                window_start: Instant::now(),
+                window_count: 0,
+                script: VecDeque::new(),
+                stats: Stats::default(),
+                next_id: 1,
+                rng: StdRng::seed_from_u64(seed),
+                me: me.clone(),
+            })
+        });
         let app = Router::new()
             .route("/oauth/tokens", post(token))
             .route("/api/v2/{*path}", any(api))
@@ -199,6 +213,20 @@ impl ZendeskSandbox {
 
     pub fn set_faults(&self, faults: Faults) {
         lock(&self.account).set_faults(faults);
+    }
+
+    /// How long jobs queued from now on take to run.
+    pub fn set_job_duration_ms(&self, ms: u64) {
+        lock(&self.account).setup.job_duration_ms = ms;
+    }
+
+    /// Jobs queued that have not run yet.
+    pub fn open_jobs(&self) -> usize {
+        lock(&self.account)
+            .jobs
+            .values()
+            .filter(|j| j.results.is_none())
+            .count()
     }
 
     pub fn set_bulk_enabled(&self, enabled: bool) {
@@ -265,6 +293,39 @@ impl Account {
     fn remove(&mut self, object: &'static str, id: u64) -> Option<Map<String, Value>> {
         self.unindex(object, id);
         self.records.get_mut(object)?.remove(&id)
+    }
+
+    /// Runs a queued `create_or_update_many` job: each item is written now, and its
+    /// result kept for the job's status.
+    fn run_job(&mut self, id: &str, object: &'static str, items: &[Value]) {
+        let mut results = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            let record = item.as_object().cloned().unwrap_or_default();
+            let external_id = record.get("external_id").cloned().unwrap_or(Value::Null);
+            results.push(match self.create_or_update(object, &record) {
+                Ok((id, created)) => json!({
+                    "index": index, "id": id, "external_id": external_id, "success": true,
+                    "action": if created { "create" } else { "update" },
+                    "status": if created { "Created" } else { "Updated" },
+                }),
+                Err(details) => {
+                    let text = details
+                        .as_object()
+                        .map(|d| {
+                            d.values()
+                                .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+                                .filter_map(|p| p.get("description").and_then(Value::as_str).map(str::to_string))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default();
+                    json!({"index": index, "id": index, "external_id": external_id, "success": false, "status": "Failed", "error": "RecordInvalid", "details": text})
+                }
+            });
+        }
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.results = Some(results);
+        }
     }
 
     /// The per-minute window: the rate-limit headers' values, or how long to wait.
@@ -365,8 +426,13 @@ async fn token(State(account): State<Shared>, Json(req): Json<TokenRequest>) -> 
         );
     }
     let access_token = format!("{:064x}", account.rng.gen::<u128>());
-    account.tokens.insert(access_token.clone(), Instant::now());
-    let mut body = json!({"access_token": access_token, "token_type": "bearer", "scope": req.scope.unwrap_or_else(|| "read".into())});
+    // An invalid or narrow scope still yields a token; calls it does not cover get
+    // "Forbidden" (crm-apis.md §2.1).
+    let scope = req.scope.unwrap_or_else(|| "read".into());
+    account
+        .tokens
+        .insert(access_token.clone(), (Instant::now(), scope.clone()));
+    let mut body = json!({"access_token": access_token, "token_type": "bearer", "scope": scope});
     if let Some(expires_in) = req.expires_in {
         body["expires_in"] = json!(expires_in);
     }
@@ -375,6 +441,17 @@ async fn token(State(account): State<Shared>, Json(req): Json<TokenRequest>) -> 
 
 fn error(status: StatusCode, body: Value) -> Response {
     (status, Json(body)).into_response()
+}
+
+/// 403: the same body for every refusal (a scope that does not cover the call, an
+/// account without bulk import). The documentation shows "Forbidden" for both and does
+/// not say that the bodies differ (crm-apis.md §2.4, §2.8), so the sandbox gives a
+/// client nothing to tell them apart by.
+fn forbidden() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        json!({"error": "Forbidden", "description": "You do not have access to this page. Please contact the account owner of this help desk for further help."}),
+    )
 }
 
 fn record_invalid(details: Value) -> Response {
@@ -400,7 +477,7 @@ async fn api(
     let path = path.trim_end_matches(".json").to_string();
     let mut response = match authenticate(&account, &headers) {
         Err(r) => *r,
-        Ok(()) => {
+        Ok(access) => {
             account.stats.api_requests += 1;
             let (limit, remaining, reset, allowed) = account.take_quota();
             let scripted = account.script.pop_front();
@@ -421,6 +498,8 @@ async fn api(
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({"error": "ServiceUnavailable", "description": "Service temporarily unavailable"}),
                 )
+            } else if !access.permits(&method, &path) {
+                forbidden()
             } else if scripted == Some(Scripted::LostResponse) {
                 route(&mut account, &method, &path, &query, &headers, &body);
                 error(
@@ -456,11 +535,33 @@ async fn api(
     response
 }
 
-fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Box<Response>> {
+/// What a caller may do: an API token acts as its agent, with every scope; an OAuth token
+/// what its scopes cover.
+enum Access {
+    Agent,
+    Scopes(String),
+}
+
+impl Access {
+    /// `read` covers GET, `write` the rest; `{resource}:read` / `{resource}:write` cover
+    /// one resource (`users:write`).
+    fn permits(&self, method: &Method, path: &str) -> bool {
+        let Access::Scopes(scopes) = self else {
+            return true;
+        };
+        let kind = if method == Method::GET { "read" } else { "write" };
+        let resource = path.split('/').next().unwrap_or_default();
+        scopes
+            .split_whitespace()
+            .any(|s| s == kind || s == format!("{resource}:{kind}"))
+    }
+}
+
+fn authenticate(account: &Account, headers: &HeaderMap) -> Result<Access, Box<Response>> {
     if let Some((user, token)) = basic_credentials(headers) {
         let expected_user = format!("{}/token", account.setup.email);
         if user == expected_user && token == account.setup.api_token {
-            return Ok(());
+            return Ok(Access::Agent);
         }
         return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
@@ -470,9 +571,9 @@ fn authenticate(account: &Account, headers: &HeaderMap) -> Result<(), Box<Respon
     let lifetime = account.setup.faults.token_lifetime();
     let valid = bearer(headers)
         .and_then(|t| account.tokens.get(t))
-        .is_some_and(|issued| lifetime.is_none_or(|l| issued.elapsed() < l));
-    if valid {
-        Ok(())
+        .filter(|(issued, _)| lifetime.is_none_or(|l| issued.elapsed() < l));
+    if let Some((_, scopes)) = valid {
+        Ok(Access::Scopes(scopes.clone()))
     } else {
         Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
@@ -525,13 +626,13 @@ fn route(
                 }
             }
         }
-        ("POST", [object @ ("users" | "organizations"), "create_or_update_many"]) => {
-            let object = object_of(object).expect("matched");
+        // Users only: organizations have `create_many` and `update_many`, but no bulk
+        // upsert (crm-apis.md §2.4), so `organizations/create_or_update_many` falls
+        // through to the 404 below.
+        ("POST", ["users", "create_or_update_many"]) => {
+            let object = "users";
             if !account.setup.bulk_enabled {
-                return error(
-                    StatusCode::FORBIDDEN,
-                    json!({"error": "Forbidden", "description": "You do not have access to this page. Please contact the account owner of this help desk for further help."}),
-                );
+                return forbidden();
             }
             let Some(items) = json_body().and_then(|b| b.get(object).and_then(Value::as_array).cloned()) else {
                 return error(
@@ -545,36 +646,34 @@ fn route(
                     json!({"error": "TooManyValues", "description": format!("{object} may contain at most {BULK_LIMIT} items")}),
                 );
             }
-            let mut results = Vec::with_capacity(items.len());
-            for (index, item) in items.iter().enumerate() {
-                let record = item.as_object().cloned().unwrap_or_default();
-                let external_id = record.get("external_id").cloned().unwrap_or(Value::Null);
-                results.push(match account.create_or_update(object, &record) {
-                    Ok((id, created)) => json!({
-                        "index": index, "id": id, "external_id": external_id, "success": true,
-                        "action": if created { "create" } else { "update" },
-                        "status": if created { "Created" } else { "Updated" },
-                    }),
-                    Err(details) => {
-                        let text = details
-                            .as_object()
-                            .map(|d| d.values().flat_map(|v| v.as_array().cloned().unwrap_or_default()).filter_map(|p| p.get("description").and_then(Value::as_str).map(str::to_string)).collect::<Vec<_>>().join(" "))
-                            .unwrap_or_default();
-                        json!({"index": index, "id": index, "external_id": external_id, "success": false, "status": "Failed", "error": "RecordInvalid", "details": text})
-                    }
-                });
-            }
             let id = format!("V3-{:032x}", account.rng.gen::<u128>());
+            let duration = Duration::from_millis(account.setup.job_duration_ms);
             account.jobs.insert(
                 id.clone(),
                 Job {
                     created: Instant::now(),
-                    results,
+                    duration,
+                    total: items.len(),
+                    results: None,
                 },
             );
             // Status data is kept for a day.
             account.jobs.retain(|_, j| j.created.elapsed() < JOB_RETENTION);
             let status = job_json(account, &id, true);
+            if duration.is_zero() {
+                account.run_job(&id, object, &items);
+            } else {
+                // Jobs cannot be cancelled: this one runs when its time comes, whoever
+                // still waits for it.
+                let me = account.me.clone();
+                let job = id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(duration).await;
+                    if let Some(shared) = me.upgrade() {
+                        lock(&shared).run_job(&job, object, &items);
+                    }
+                });
+            }
             Json(json!({ "job_status": status })).into_response()
         }
         ("GET", ["job_statuses", "show_many"]) => {
@@ -659,23 +758,24 @@ fn route(
     }
 }
 
-/// A job's status: `queued` when just created, then by the time it has run.
+/// A job's status: `queued` when just created, `completed` once it has run, `working`
+/// from half its duration until then.
 fn job_json(account: &Account, id: &str, just_created: bool) -> Value {
     let job = &account.jobs[id];
-    let duration = Duration::from_millis(account.setup.job_duration_ms);
-    let elapsed = job.created.elapsed();
-    let total = job.results.len();
+    let total = job.total;
     let url = format!("{}/api/v2/job_statuses/{id}.json", account.base_url);
-    if just_created {
-        json!({"id": id, "url": url, "total": total, "progress": null, "status": "queued", "message": null, "results": null})
-    } else if elapsed >= duration {
-        json!({"id": id, "url": url, "total": total, "progress": total, "status": "completed",
-               "message": "Completed", "results": job.results})
-    } else if elapsed >= duration / 2 {
-        json!({"id": id, "url": url, "total": total, "progress": total / 2, "status": "working",
-               "message": format!("Processing item #{}", total / 2), "results": null})
-    } else {
-        json!({"id": id, "url": url, "total": total, "progress": null, "status": "queued", "message": null, "results": null})
+    match &job.results {
+        Some(results) if !just_created => {
+            json!({"id": id, "url": url, "total": total, "progress": total, "status": "completed",
+                   "message": "Completed", "results": results})
+        }
+        _ if !just_created && job.created.elapsed() >= job.duration / 2 => {
+            json!({"id": id, "url": url, "total": total, "progress": total / 2, "status": "working",
+                   "message": format!("Processing item #{}", total / 2), "results": null})
+        }
+        _ => {
+            json!({"id": id, "url": url, "total": total, "progress": null, "status": "queued", "message": null, "results": null})
+        }
     }
 }
 

@@ -726,13 +726,21 @@ impl TenantActor {
             Err(error) => {
                 let now = Instant::now();
                 let write = &mut slot.data;
-                let (first, _) = *write.first_failure.get_or_insert((now, SystemTime::now()));
-                let retryable = error.is_retryable();
-                let decision = retryable.then(|| {
-                    self.deps
-                        .policy
-                        .decide(write.attempts, first, now, error.retry_after, &mut self.rng)
-                });
+                let decision = if error.is_wait() {
+                    // Not tried: an earlier write of the record may still land. Waiting
+                    // for it is not this version's failure, so it costs no attempt and
+                    // starts no age clock.
+                    write.attempts = write.attempts.saturating_sub(1);
+                    let delay = error.retry_after.unwrap_or(self.deps.policy.base_delay);
+                    Some(RetryDecision::RetryAfter(delay))
+                } else {
+                    let (first, _) = *write.first_failure.get_or_insert((now, SystemTime::now()));
+                    error.is_retryable().then(|| {
+                        self.deps
+                            .policy
+                            .decide(write.attempts, first, now, error.retry_after, &mut self.rng)
+                    })
+                };
                 tracing::debug!(tenant = %self.name, error = %error, "CRM write failed.");
                 write.last_error = Some(error);
                 if slot.waiting.is_some() {

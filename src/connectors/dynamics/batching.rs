@@ -83,7 +83,10 @@ async fn batch(client: &DynamicsClient, requests: Vec<WriteRequest>) -> Vec<Resu
         .collect()
 }
 
-/// The request body: one `application/http` part per request.
+/// The request body: one `application/http` part per request. Each part is a whole HTTP
+/// request: the request line and its headers, the blank line that ends them, the body
+/// if any; then the CRLF that, under RFC 2046, belongs to the next delimiter. A request
+/// without a body still ends its header block with a blank line (crm-apis.md §3.4).
 fn encode(client: &DynamicsClient, boundary: &str, requests: &[WriteRequest]) -> String {
     let mut body = String::new();
     for req in requests {
@@ -95,12 +98,13 @@ fn encode(client: &DynamicsClient, boundary: &str, requests: &[WriteRequest]) ->
             Op::Upsert => {
                 let json = serde_json::to_string(&req.fields).unwrap_or_else(|_| "{}".into());
                 body.push_str(&format!(
-                    "PATCH {url} HTTP/1.1\r\nContent-Type: application/json; type=entry\r\nContent-Length: {}\r\n\r\n{json}\r\n",
+                    "PATCH {url} HTTP/1.1\r\nContent-Type: application/json; type=entry\r\nContent-Length: {}\r\n\r\n{json}",
                     json.len()
                 ));
             }
             Op::Delete => body.push_str(&format!("DELETE {url} HTTP/1.1\r\n\r\n")),
         }
+        body.push_str("\r\n");
     }
     body.push_str(&format!("--{boundary}--\r\n"));
     body

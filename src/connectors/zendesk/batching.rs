@@ -1,27 +1,43 @@
-//! Zendesk batches: `create_or_update_many` jobs for users and organizations.
+//! Zendesk batches: `create_or_update_many` jobs for users.
 //!
-//! `POST /api/v2/{users|organizations}/create_or_update_many` with up to 100 records
-//! queues a background job and answers with its `job_status`. Once that call is answered
-//! the batch's concurrency permit goes back ([`CallsDone`]): the job runs on Zendesk's
-//! side. The account's open jobs are followed together ([`Jobs`]): while any is open,
-//! one `GET /api/v2/job_statuses/show_many?ids=…` per poll interval asks for all of them,
-//! so polling costs one call per interval, not one per job, and at most
-//! [`JOB_LIMIT`] jobs are open at once (Zendesk's per-account job limit). Each item of a
-//! finished job's `results` becomes its record's outcome: `Created`, `Updated`, or
-//! `Failed` with `error` and `details`. A record's outcome (and so its event's offset) is
-//! only known once the job's result is. Tickets and deletes go one by one.
+//! `POST /api/v2/users/create_or_update_many` with up to 100 records queues a background
+//! job and answers with its `job_status`. Once that call is answered the batch's
+//! concurrency permit goes back ([`CallsDone`]): the job runs on Zendesk's side. The
+//! account's open jobs are followed together ([`Jobs`]): while any is open, one
+//! `GET /api/v2/job_statuses/show_many?ids=…` per poll interval asks for all of them, so
+//! polling costs one call per interval, not one per job, and at most [`JOB_LIMIT`] jobs
+//! are open at once (Zendesk's per-account job limit). Each item of a finished job's
+//! `results` becomes its record's outcome: `Created`, `Updated`, or `Failed` with `error`
+//! and `details`. A record's outcome (and so its event's offset) is only known once the
+//! job's result is. Organizations, tickets and deletes go one by one: Zendesk has no bulk
+//! upsert for organizations (crm-apis.md §2.4).
+//!
+//! **Late jobs.** Zendesk jobs cannot be cancelled. A job still unfinished at
+//! `job_timeout_ms` gives its records a [`CrmWritePending`] answer (their events park
+//! without ageing), but it is followed on, and until it has finished no write of its
+//! records starts: each gets the same answer without a call. A record is released when
+//! its job reports `completed` or `failed`, or once the job's status has expired (a day
+//! after it was queued, [`JOB_STATUS_LIFETIME`]): no job outlives that.
 //!
 //! Which result belongs to which record is not fully documented (crm-apis.md §2.3,
 //! UNVERIFIED): an item is matched by its `index` when it has one, else by its
 //! `external_id`, else by position when the job reports one item per record. A record no
 //! item matches is retried: a replay is safe, records are matched by external id.
-//! A 403 (bulk import not enabled for the account) switches the tenant to one call per
-//! record.
+//!
+//! **403.** "Forbidden" answers both a bulk call on an account without bulk import and a
+//! token that may not write (an OAuth scope, an agent's role), and the documentation
+//! shows no body that tells them apart (crm-apis.md §2.4, §2.8). So a 403 to a job is
+//! followed by the first record alone through `users/create_or_update`: if that single
+//! call is refused too, the credentials are at fault and every record of the batch gets
+//! the 403 (`crm_auth`, the tenant's failure, not the records'); otherwise bulk import is
+//! off, and the tenant switches to one call per record for good.
+//!
+//! [`CrmWritePending`]: crate::connectors::ErrorCode::CrmWritePending
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 
@@ -40,6 +56,9 @@ pub const MANY_LIMIT: usize = 100;
 /// Most jobs queued or running at once per account (crm-apis.md §2.3); also the most
 /// ids one `show_many` poll asks for.
 pub const JOB_LIMIT: usize = 30;
+
+/// How long Zendesk keeps a job's status (crm-apis.md §2.3): a job is over by then.
+pub const JOB_STATUS_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 const BULK_REFUSED_NOTE: &str = "bulk import is not enabled for this Zendesk account; writing one record per call";
 
@@ -82,8 +101,25 @@ pub struct JobItem {
 
 pub fn max_batch(bulk_refused: &AtomicBool, op: Op, object: &str) -> usize {
     match (op, object) {
-        (Op::Upsert, "users" | "organizations") if !bulk_refused.load(Ordering::Relaxed) => MANY_LIMIT,
+        (Op::Upsert, "users") if !bulk_refused.load(Ordering::Relaxed) => MANY_LIMIT,
         _ => 1,
+    }
+}
+
+/// A record as Zendesk matches it: object and external id, ignoring case (crm-apis.md
+/// §2.2).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordRef {
+    object: String,
+    external_id: String,
+}
+
+impl RecordRef {
+    pub fn of(req: &WriteRequest) -> Self {
+        RecordRef {
+            object: req.object.clone(),
+            external_id: req.external_id.to_lowercase(),
+        }
     }
 }
 
@@ -91,6 +127,35 @@ pub fn max_batch(bulk_refused: &AtomicBool, op: Op, object: &str) -> usize {
 /// object has one, else one by one. One result per request, in order. `calls_done` is
 /// dropped once no more write calls are to come: jobs are followed without it.
 pub async fn write_batch(
+    client: &Arc<ZendeskClient>,
+    bulk_refused: &AtomicBool,
+    requests: Vec<WriteRequest>,
+    calls_done: CallsDone,
+) -> Vec<Result<WriteOk, DeliveryError>> {
+    // Records with a late job are answered at once; the others are written, and the
+    // answers are put back in the requests' order.
+    let mut out: Vec<Option<Result<WriteOk, DeliveryError>>> = requests
+        .iter()
+        .map(|r| client.jobs.pending(r, client.job_poll_interval).map(Err))
+        .collect();
+    let to_write: Vec<WriteRequest> = requests
+        .into_iter()
+        .zip(&out)
+        .filter(|(_, answered)| answered.is_none())
+        .map(|(r, _)| r)
+        .collect();
+    let mut written = write_free(client, bulk_refused, to_write, calls_done).await.into_iter();
+    out.iter_mut()
+        .map(|slot| {
+            slot.take()
+                .or_else(|| written.next())
+                .unwrap_or_else(|| Err(DeliveryError::unexpected_retryable("no result for this record".into())))
+        })
+        .collect()
+}
+
+/// Writes records no late job holds.
+async fn write_free(
     client: &Arc<ZendeskClient>,
     bulk_refused: &AtomicBool,
     requests: Vec<WriteRequest>,
@@ -115,10 +180,26 @@ pub async fn write_batch(
                 &mut not_last
             };
             match create_or_update_many(client, &chunk, done).await {
-                Some(results) => out.extend(results),
-                None => {
+                Ok(results) => out.extend(results),
+                Err(refusal) => {
+                    // One record alone tells a refused bulk call from refused credentials.
+                    let mut chunk = chunk.into_iter();
+                    let first = chunk.next().expect("a chunk has a record");
+                    let probe = client.write(first).await;
+                    if matches!(&probe, Err(e) if e.http_status == Some(403)) {
+                        tracing::error!(
+                            tenant = %client.meter.tenant,
+                            "Zendesk refuses this tenant's writes (403 Forbidden to a bulk and to a single call): the credentials lack the scope or role to write users."
+                        );
+                        let e = refused_credentials(refusal);
+                        out.push(Err(e.clone()));
+                        out.extend(chunk.map(|_| Err(e.clone())));
+                        out.extend(rest.drain(..).map(|_| Err(e.clone())));
+                        return out;
+                    }
                     tracing::warn!(tenant = %client.meter.tenant, "{BULK_REFUSED_NOTE}.");
                     bulk_refused.store(true, Ordering::Relaxed);
+                    out.push(probe);
                     rest.splice(0..0, chunk);
                     break;
                 }
@@ -131,40 +212,61 @@ pub async fn write_batch(
     out
 }
 
-/// One job. `None` when the account refuses bulk calls (403): the records then go one by
-/// one, so `calls_done` is only let go once the job was accepted.
+/// A 403 to a bulk call and to a single one: the credentials may not write.
+fn refused_credentials(refusal: DeliveryError) -> DeliveryError {
+    DeliveryError {
+        message: format!(
+            "the credentials may not write (403 to a bulk and to a single call; check the OAuth scope or the agent's role): {}",
+            refusal.message
+        ),
+        ..refusal
+    }
+}
+
+/// One job. `Err` with the 403 when Zendesk refuses the bulk call: the caller finds out
+/// why; `calls_done` is only let go once the job was accepted.
 async fn create_or_update_many(
     client: &Arc<ZendeskClient>,
     requests: &[WriteRequest],
     calls_done: &mut Option<CallsDone>,
-) -> Option<Vec<Result<WriteOk, DeliveryError>>> {
+) -> Result<Vec<Result<WriteOk, DeliveryError>>, DeliveryError> {
     let n = requests.len();
     let object = &requests[0].object;
     let records: Vec<Value> = requests.iter().map(record_body).collect();
     let body = json!({ object.as_str(): records });
     let path = format!("/{object}/create_or_update_many");
-    // Held until the job's result is known: at most JOB_LIMIT jobs are open.
-    let _open = client.jobs.slots.acquire().await;
+    // Held until the job's result is known, or it has run: at most JOB_LIMIT jobs are
+    // open.
+    let slot = client
+        .jobs
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the job slots are never closed");
     let answer = match client.call(Method::POST, &path, Some(&body), None).await {
         Ok(a) => a,
-        Err(e) => return Some(vec![Err(e); n]),
+        Err(e) => return Ok(vec![Err(e); n]),
     };
     if answer.status == StatusCode::FORBIDDEN {
-        return None;
+        return Err(client.classify(&answer));
     }
     // Dropped: the job runs on Zendesk's side from here.
     calls_done.take();
     if !answer.status.is_success() {
-        return Some(vec![Err(client.classify(&answer)); n]);
+        return Ok(vec![Err(client.classify(&answer)); n]);
     }
     let job = match serde_json::from_slice::<JobEnvelope>(&answer.body) {
         Ok(j) => j.job_status,
         Err(e) => {
+            // Queued or not, it cannot be followed without its id: its records wait for
+            // a job that cannot be named, so they are retried (a replay is safe).
             let e = DeliveryError::unexpected_retryable(format!("job status not understood: {e}"));
-            return Some(vec![Err(e); n]);
+            return Ok(vec![Err(e); n]);
         }
     };
-    Some(match Jobs::follow(client, job).await {
+    let records = requests.iter().map(RecordRef::of).collect();
+    Ok(match Jobs::follow(client, job, records, slot).await {
         Ok(job) => outcomes(requests, &job),
         Err(e) => vec![Err(e); n],
     })
@@ -175,20 +277,21 @@ fn finished(job: &JobStatus) -> bool {
 }
 
 /// The account's open jobs, followed together by one poller task that runs while any
-/// job is open.
+/// job is open: those whose records wait for them, and late ones (past `job_timeout_ms`)
+/// whose records are held until they finish.
 pub struct Jobs {
     open: Mutex<OpenJobs>,
     /// One permit per open job, held from its submission until its result is known:
     /// Zendesk runs at most [`JOB_LIMIT`] jobs per account, and a further write waits
     /// here (holding its concurrency permit) instead of being refused.
-    slots: tokio::sync::Semaphore,
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for Jobs {
     fn default() -> Self {
         Jobs {
             open: Mutex::new(OpenJobs::default()),
-            slots: tokio::sync::Semaphore::new(JOB_LIMIT),
+            slots: Arc::new(tokio::sync::Semaphore::new(JOB_LIMIT)),
         }
     }
 }
@@ -196,6 +299,10 @@ impl Default for Jobs {
 #[derive(Default)]
 struct OpenJobs {
     waiting: HashMap<String, Waiter>,
+    /// Jobs given up on at `job_timeout_ms` that may still run.
+    late: HashMap<String, Late>,
+    /// The records of late jobs, with the job that holds each.
+    held: HashMap<RecordRef, String>,
     /// Whether the poller task runs; it ends when no job is open.
     polling: bool,
 }
@@ -204,8 +311,20 @@ struct Waiter {
     /// Where the finished job goes; dropped unanswered only if the poller dies.
     done: oneshot::Sender<Result<JobStatus, DeliveryError>>,
     deadline: Instant,
+    /// When the job was queued (as far as we know: when its answer came).
+    queued: Instant,
     /// The status last reported, for the timeout's message.
     status: String,
+    records: Vec<RecordRef>,
+    /// The job's slot among the account's [`JOB_LIMIT`]: a late job keeps it.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+struct Late {
+    /// Its status expires then, and the job with it.
+    expires: Instant,
+    records: Vec<RecordRef>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Jobs {
@@ -214,20 +333,41 @@ impl Jobs {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until the job has finished, or the job timeout passes.
-    async fn follow(client: &Arc<ZendeskClient>, job: JobStatus) -> Result<JobStatus, DeliveryError> {
+    /// The answer for a write of `req` while a late job holds its record, if one does.
+    pub fn pending(&self, req: &WriteRequest, poll_interval: Duration) -> Option<DeliveryError> {
+        let open = self.lock();
+        let job = open.held.get(&RecordRef::of(req))?;
+        Some(DeliveryError::write_pending(
+            format!("Zendesk job {job} with an earlier write of this record is still running"),
+            // A few polls: long enough not to spin, short next to a job's run.
+            poll_interval.saturating_mul(4).max(Duration::from_secs(1)),
+        ))
+    }
+
+    /// Waits until the job has finished, or the job timeout passes; in the latter case
+    /// the job is followed on and its records held (see the module's "Late jobs").
+    async fn follow(
+        client: &Arc<ZendeskClient>,
+        job: JobStatus,
+        records: Vec<RecordRef>,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<JobStatus, DeliveryError> {
         if finished(&job) {
             return Ok(job);
         }
         let (done, result) = oneshot::channel();
         let start_poller = {
             let mut open = client.jobs.lock();
+            let now = Instant::now();
             open.waiting.insert(
                 job.id.clone(),
                 Waiter {
                     done,
-                    deadline: Instant::now() + client.job_timeout,
+                    deadline: now + client.job_timeout,
+                    queued: now,
                     status: job.status,
+                    records,
+                    slot: Some(slot),
                 },
             );
             !std::mem::replace(&mut open.polling, true)
@@ -240,48 +380,105 @@ impl Jobs {
             .unwrap_or_else(|_| Err(DeliveryError::unexpected_retryable("job status poller ended".into())))
     }
 
-    /// Ends the waits that have timed out; returns the ids still open, or `None` (and the
-    /// poller ends) when none is.
-    fn open_ids(&self) -> Option<Vec<String>> {
+    /// Moves the jobs past their timeout to the late ones (their waiters get a
+    /// [`CrmWritePending`](crate::connectors::ErrorCode::CrmWritePending) answer), drops
+    /// late jobs whose status has expired, and returns the ids still open, or `None` (and
+    /// the poller ends) when none is.
+    fn open_ids(&self, poll_interval: Duration, tenant: &str) -> Option<Vec<String>> {
         let mut open = self.lock();
         let now = Instant::now();
-        let expired: Vec<String> = open
+        let timed_out: Vec<String> = open
             .waiting
             .iter()
             .filter(|(_, w)| now >= w.deadline)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in expired {
-            if let Some(w) = open.waiting.remove(&id) {
-                let e = DeliveryError::unexpected_retryable(format!("job {id} still {} at the job timeout", w.status));
-                let _ = w.done.send(Err(e));
+        for id in timed_out {
+            let Some(mut w) = open.waiting.remove(&id) else {
+                continue;
+            };
+            tracing::warn!(
+                tenant,
+                job = %id,
+                records = w.records.len(),
+                "Zendesk job still {} at the job timeout; its records wait until it has run.",
+                w.status
+            );
+            for r in &w.records {
+                open.held.insert(r.clone(), id.clone());
             }
+            let e = DeliveryError::write_pending(
+                format!(
+                    "Zendesk job {id} still {} at the job timeout; it may still run",
+                    w.status
+                ),
+                poll_interval.saturating_mul(4).max(Duration::from_secs(1)),
+            );
+            let _ = w.done.send(Err(e));
+            open.late.insert(
+                id,
+                Late {
+                    expires: w.queued + JOB_STATUS_LIFETIME,
+                    records: std::mem::take(&mut w.records),
+                    _slot: w.slot.take(),
+                },
+            );
         }
-        if open.waiting.is_empty() {
+        let expired: Vec<String> = open
+            .late
+            .iter()
+            .filter(|(_, l)| now >= l.expires)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            tracing::warn!(tenant, job = %id, "Zendesk job's status expired before it reported an end; its records are released.");
+            open.release(&id);
+        }
+        if open.waiting.is_empty() && open.late.is_empty() {
             open.polling = false;
             return None;
         }
-        Some(open.waiting.keys().cloned().collect())
+        Some(open.waiting.keys().chain(open.late.keys()).cloned().collect())
     }
 
-    /// Hands a reported status to its waiter if the job has finished.
-    fn report(&self, job: JobStatus) {
+    /// Hands a reported status to its waiter if the job has finished, or releases the
+    /// records of a late job that has.
+    fn report(&self, job: JobStatus, tenant: &str) {
         let mut open = self.lock();
         if finished(&job) {
             if let Some(w) = open.waiting.remove(&job.id) {
                 let _ = w.done.send(Ok(job));
+            } else if open.late.contains_key(&job.id) {
+                tracing::info!(tenant, job = %job.id, status = %job.status, "Late Zendesk job has run; its records are released.");
+                open.release(&job.id);
             }
         } else if let Some(w) = open.waiting.get_mut(&job.id) {
             w.status = job.status;
         }
     }
 
-    /// Ends the waits for `ids` with `error`.
-    fn fail(&self, ids: &[String], error: &DeliveryError) {
+    /// Ends the waits for `ids` with `error`. A late job among them is dropped too: a
+    /// permanent refusal to tell its status will not change.
+    fn fail(&self, ids: &[String], error: &DeliveryError, tenant: &str) {
         let mut open = self.lock();
         for id in ids {
             if let Some(w) = open.waiting.remove(id) {
                 let _ = w.done.send(Err(error.clone()));
+            } else if open.late.contains_key(id) {
+                tracing::warn!(tenant, job = %id, error = %error, "Late Zendesk job's status cannot be read; its records are released.");
+                open.release(id);
+            }
+        }
+    }
+}
+
+impl OpenJobs {
+    fn release(&mut self, id: &str) {
+        if let Some(late) = self.late.remove(id) {
+            for r in late.records {
+                if self.held.get(&r).is_some_and(|j| j == id) {
+                    self.held.remove(&r);
+                }
             }
         }
     }
@@ -300,7 +497,8 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
     cadence.tick().await;
     loop {
         cadence.tick().await;
-        let Some(ids) = client.jobs.open_ids() else {
+        let tenant = client.meter.tenant.as_ref();
+        let Some(ids) = client.jobs.open_ids(client.job_poll_interval, tenant) else {
             return;
         };
         for chunk in ids.chunks(JOB_LIMIT) {
@@ -320,12 +518,15 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
                         cadence.reset_after(pause);
                     }
                 } else {
-                    client.jobs.fail(chunk, &e);
+                    client.jobs.fail(chunk, &e, tenant);
                 }
                 continue;
             }
             match serde_json::from_slice::<JobStatuses>(&answer.body) {
-                Ok(statuses) => statuses.job_statuses.into_iter().for_each(|j| client.jobs.report(j)),
+                Ok(statuses) => statuses
+                    .job_statuses
+                    .into_iter()
+                    .for_each(|j| client.jobs.report(j, tenant)),
                 Err(e) => {
                     tracing::debug!(tenant = %client.meter.tenant, error = %e, "Job statuses not understood; polling again.")
                 }

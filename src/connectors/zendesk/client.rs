@@ -1,8 +1,9 @@
 //! Zendesk Support API calls for one record.
 //!
 //! - Users and organizations: `POST /api/v2/{users|organizations}/create_or_update` with
-//!   `{"user": {...}}` / `{"organization": {...}}`, matched by `external_id`: 201 created,
-//!   200 updated. A repeat is an update: safe to retry.
+//!   `{"user": {...}}` / `{"organization": {...}}`, matched by `external_id` (users also
+//!   by `email`, crm-apis.md §2.2: a mapped email that belongs to another user updates
+//!   that user): 201 created, 200 updated. A repeat is an update: safe to retry.
 //! - Tickets have no upsert and their `external_id` need not be unique: look the ticket up
 //!   (`GET /api/v2/tickets?external_id=`), `PUT /api/v2/tickets/{id}` when found, else
 //!   `POST /api/v2/tickets` with an `Idempotency-Key` derived from the event, so a retried
@@ -66,8 +67,11 @@ impl ZendeskClient {
                 .request(method.clone(), &url)
                 .header(AUTHORIZATION, authorization(&auth)?)
                 .header("Accept", "application/json");
-            if let Some(b) = body {
-                builder = builder.json(b);
+            match body {
+                Some(b) => builder = builder.json(b),
+                // Required on PUT, POST and DELETE, body or not (crm-apis.md §2.1).
+                None if method != Method::GET => builder = builder.header("Content-Type", "application/json"),
+                None => {}
             }
             if let Some(key) = idempotency_key {
                 builder = builder.header("Idempotency-Key", key);

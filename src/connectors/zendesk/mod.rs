@@ -4,7 +4,9 @@
 //! - `auth.rs`: API token, OAuth access token, or OAuth client credentials.
 //! - `client.rs`: one record's calls, token replay, the rate-limit headers.
 //! - `errors.rs`: classification by Zendesk's `error` values.
-//! - `batching.rs`: `create_or_update_many` jobs, followed to their per-record results.
+//! - `batching.rs`: `users/create_or_update_many` jobs, followed to their per-record
+//!   results (and past `job_timeout_ms`: a late job holds its records), and what a 403
+//!   to a job means.
 
 mod auth;
 mod batching;
@@ -31,7 +33,8 @@ pub use client::parse_rate_limit;
 #[derive(Clone)]
 pub struct ZendeskConnector {
     client: Arc<client::ZendeskClient>,
-    /// Set once the account answered a bulk call with 403 (bulk import not enabled).
+    /// Set once the account refused a bulk call but took a single one (bulk import not
+    /// enabled).
     bulk_refused: Arc<AtomicBool>,
 }
 
@@ -63,7 +66,15 @@ impl Connector for ZendeskConnector {
 
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>> {
         let client = self.client.clone();
-        on_io_runtime(async move { client.write(request).await }, Err)
+        on_io_runtime(
+            async move {
+                match client.jobs.pending(&request, client.job_poll_interval) {
+                    Some(held) => Err(held),
+                    None => client.write(request).await,
+                }
+            },
+            Err,
+        )
     }
 
     fn max_batch(&self, op: Op, object: &str) -> usize {

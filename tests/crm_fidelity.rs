@@ -1,0 +1,250 @@
+//! The connectors against sandboxes that behave as the vendors document, where an earlier
+//! crm-sync and its own sandboxes agreed on something the real APIs do not do
+//! (shared/crm-apis.md §2.3, §2.4, §3.4):
+//! - Zendesk has no `organizations/create_or_update_many`;
+//! - a Zendesk job cannot be cancelled, and lands whenever it runs;
+//! - a Zendesk 403 means either "no bulk import" or "these credentials may not write";
+//! - a Dataverse `$batch` part without a body still ends its header block.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use crm_sync::config::Config;
+use crm_sync::connectors::{self, CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
+use crm_sync::consume::StopMode;
+use crm_sync::event::Op;
+use crm_sync::pipeline;
+use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
+use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
+use crm_sync::sandbox::CrmSandbox;
+use serde_json::{json, Map, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A config with tenant `acme` on `crm` (no broker is contacted: only the connector is
+/// built from it).
+fn config_for(crm: &dyn CrmSandbox) -> Config {
+    let text = format!(
+        r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+group_id = "fidelity"
+input_topics = ["in"]
+dlq_topic = "dlq"
+failures_topic = "failures"
+state_topic = "state"
+
+[[tenants]]
+name = "acme"
+request_timeout_ms = 5000
+{}"#,
+        crm.tenant_toml("CRM_SECRET")
+    );
+    let secret = crm.secret();
+    Config::from_toml_with_env(&text, |v| (v == "CRM_SECRET").then(|| secret.clone())).expect("valid config")
+}
+
+fn connector(config: &Config) -> std::sync::Arc<dyn Connector> {
+    connectors::build(config, &config.tenants[0]).expect("connector builds")
+}
+
+fn request(op: Op, object: &str, field: &str, key: &str, version: u64, fields: Value) -> WriteRequest {
+    WriteRequest {
+        op,
+        object: object.into(),
+        external_id_field: field.into(),
+        external_id: key.into(),
+        fields: fields.as_object().cloned().unwrap_or_default(),
+        event_id: format!("e-{key}-{version}"),
+        version,
+    }
+}
+
+fn user(key: &str, version: u64, name: &str) -> WriteRequest {
+    request(
+        Op::Upsert,
+        "users",
+        "external_id",
+        key,
+        version,
+        json!({ "name": name }),
+    )
+}
+
+fn write_batch(c: &dyn Connector, requests: Vec<WriteRequest>) -> Vec<Result<WriteOk, DeliveryError>> {
+    let (calls_done, _) = CallsDone::pair();
+    block(c.write_batch(requests, calls_done))
+}
+
+fn name_of(zd: &ZendeskSandbox, object: &str, key: &str) -> Option<String> {
+    let found: Vec<Map<String, Value>> = zd.find(object, key);
+    found.first().and_then(|r| r["name"].as_str()).map(str::to_string)
+}
+
+fn zendesk() -> ZendeskSandbox {
+    ZendeskSandbox::start("127.0.0.1:0", ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap()
+}
+
+#[test]
+fn zendesk_organizations_are_written_through_calls_that_exist() {
+    let zd = zendesk();
+    // The sandbox answers the missing bulk endpoint as Zendesk does.
+    let missing = block(async {
+        reqwest::Client::new()
+            .post(format!("{}/api/v2/organizations/create_or_update_many", zd.base_url()))
+            .basic_auth(format!("{}/token", zd.api_token().0), Some(zd.api_token().1))
+            .json(&json!({"organizations": [{"name": "Acme", "external_id": "o-0"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(missing, 404);
+    let rejected_before = zd.stats().rejected;
+
+    let config = config_for(&zd);
+    let c = connector(&config);
+    assert_eq!(
+        c.max_batch(Op::Upsert, "organizations"),
+        1,
+        "no bulk upsert for organizations"
+    );
+    let orgs: Vec<WriteRequest> = (1..=3)
+        .map(|i| {
+            request(
+                Op::Upsert,
+                "organizations",
+                "external_id",
+                &format!("o-{i}"),
+                1,
+                json!({ "name": format!("Org {i}") }),
+            )
+        })
+        .collect();
+    let results = write_batch(c.as_ref(), orgs);
+    assert_eq!(results, vec![Ok(WriteOk::Created); 3]);
+    assert_eq!(name_of(&zd, "organizations", "o-2").as_deref(), Some("Org 2"));
+    assert_eq!(zd.stats().rejected, rejected_before, "no call was refused");
+}
+
+#[test]
+fn a_zendesk_403_for_a_scope_is_the_tenant_s_auth_failure_not_a_missing_bulk_import() {
+    let zd = zendesk();
+    let mut config = config_for(&zd);
+    config.tenants[0].zendesk.as_mut().unwrap().oauth_scope = "read".into();
+    let read_only = connector(&config);
+    let results = write_batch(read_only.as_ref(), vec![user("u-1", 1, "A"), user("u-2", 1, "B")]);
+    for r in &results {
+        let e = r.as_ref().expect_err("a read-only token cannot write");
+        assert_eq!((e.code, e.http_status), (ErrorCode::CrmAuth, Some(403)), "{e}");
+    }
+    assert_eq!(
+        read_only.max_batch(Op::Upsert, "users"),
+        100,
+        "a scope refusal does not switch the tenant to single calls"
+    );
+    assert!(zd.records("users").is_empty());
+
+    // The same 403 from an account without bulk import: single calls, which work.
+    zd.set_bulk_enabled(false);
+    let no_bulk = connector(&config_for(&zd));
+    let results = write_batch(no_bulk.as_ref(), vec![user("u-1", 1, "A"), user("u-2", 1, "B")]);
+    assert_eq!(results, vec![Ok(WriteOk::Created); 2]);
+    assert_eq!(no_bulk.max_batch(Op::Upsert, "users"), 1);
+}
+
+#[test]
+fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
+    let zd = zendesk();
+    zd.set_job_duration_ms(1_500);
+    let mut config = config_for(&zd);
+    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 200;
+    let c = connector(&config);
+
+    // The job outlives the timeout: its records are told to wait, not failed.
+    let first = write_batch(c.as_ref(), vec![user("u-1", 1, "Old"), user("u-2", 1, "Two")]);
+    for r in &first {
+        assert!(r.as_ref().is_err_and(DeliveryError::is_wait), "{r:?}");
+    }
+    // Jobs queued from now on run at once; the late one still runs later.
+    zd.set_job_duration_ms(0);
+    let calls_before = zd.stats().api_requests;
+    let second = write_batch(c.as_ref(), vec![user("u-1", 2, "New"), user("u-3", 1, "Three")]);
+    assert!(second[0].as_ref().is_err_and(DeliveryError::is_wait), "{:?}", second[0]);
+    assert_eq!(second[1], Ok(WriteOk::Created), "a record no job holds is written");
+    let single = block(c.write(user("u-1", 2, "New")));
+    assert!(
+        single.as_ref().is_err_and(DeliveryError::is_wait),
+        "a single write waits too: {single:?}"
+    );
+    assert!(zd.stats().api_requests > calls_before);
+    assert_ne!(name_of(&zd, "users", "u-1").as_deref(), Some("New"));
+
+    // Once the late job has run (and been polled), the record is free again.
+    assert!(wait_until(WAIT, || zd.open_jobs() == 0));
+    assert_eq!(name_of(&zd, "users", "u-1").as_deref(), Some("Old"));
+    assert!(wait_until(WAIT, || write_batch(
+        c.as_ref(),
+        vec![user("u-1", 2, "New")]
+    )[0]
+    .is_ok()));
+    assert_eq!(name_of(&zd, "users", "u-1").as_deref(), Some("New"));
+}
+
+/// Through the whole pipeline: an older version's job that lands late does not leave the
+/// record on the older version.
+#[test]
+fn the_pipeline_never_lets_a_late_job_overwrite_a_newer_version() {
+    let zd = ZendeskSandbox::start("127.0.0.1:0", ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+    zd.set_job_duration_ms(2_000);
+    let env = Env::new(1);
+    let mut config = env.config_for(&zd);
+    config.tenants[0].batch_linger_ms = 300;
+    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 300;
+    let service = pipeline::start(config).expect("service starts");
+    // Two records, so that they travel in one job.
+    env.produce(&[
+        upsert("e1", "Z-1", 1, "Ada", "Old"),
+        upsert("e2", "Z-2", 1, "Bob", "Two"),
+    ]);
+    assert!(wait_until(WAIT, || zd.open_jobs() == 1), "the first job was queued");
+    zd.set_job_duration_ms(0);
+    env.produce(&[
+        upsert("e3", "Z-1", 2, "Ada", "New"),
+        upsert("e4", "Z-3", 1, "Cy", "Three"),
+    ]);
+    assert!(wait_until(WAIT, || zd.open_jobs() == 0), "the late job ran");
+    assert!(env.wait_drained(WAIT), "every event has an outcome");
+    assert!(
+        wait_until(WAIT, || name_of(&zd, "users", "Z-1").as_deref() == Some("New")),
+        "Z-1 holds {:?}",
+        name_of(&zd, "users", "Z-1")
+    );
+    assert_eq!(name_of(&zd, "users", "Z-3").as_deref(), Some("Three"));
+    assert!(env.read_dlq().is_empty(), "waiting for a job dead-letters nothing");
+    service.stop(StopMode::Graceful);
+}
+
+#[test]
+fn dataverse_batches_of_deletes_are_well_formed() {
+    let d = DynamicsSandbox::start("127.0.0.1:0", DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+    let c = connector(&config_for(&d));
+    let contact = |op, key: &str| request(op, "contacts", "crm_externalid", key, 1, json!({ "lastname": key }));
+    let upserts = write_batch(c.as_ref(), vec![contact(Op::Upsert, "D-1"), contact(Op::Upsert, "D-2")]);
+    assert!(upserts.iter().all(Result::is_ok), "{upserts:?}");
+    // The sandbox reads `$batch` bodies as a strict RFC 2046 parser does
+    // (sandbox_crms.rs: a part without a body and without its blank line is refused).
+    let deletes = write_batch(c.as_ref(), vec![contact(Op::Delete, "D-1"), contact(Op::Delete, "D-2")]);
+    assert_eq!(deletes, vec![Ok(WriteOk::Deleted); 2]);
+    assert!(d.find("contacts", "D-1").is_none() && d.find("contacts", "D-2").is_none());
+}
