@@ -305,9 +305,15 @@ pub struct TenantConfig {
     /// Timeout of one CRM HTTP request (each attempt separately).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// How long a call we gave up on (timed out, or answered 504 by a gateway) may still
+    /// run at the CRM: until then no other version of its record is written
+    /// (`connectors::holds`). Salesforce ends REST calls after 10 minutes; Dataverse and
+    /// Zendesk do not document a limit.
+    #[serde(default = "default_late_write_window_ms")]
+    pub late_write_window_ms: u64,
     /// Most records per CRM write call; capped at what the CRM allows for the operation
     /// (Salesforce: 200 upserts through sObject Collections from API v46, deletes one by
-    /// one; Zendesk: 100 user or organization upserts per `create_or_update_many` job,
+    /// one; Zendesk: 100 user upserts per `users/create_or_update_many` job, organizations,
     /// tickets and deletes one by one; Dynamics 365: 1000 operations per `$batch`).
     /// 1 turns batching off.
     #[serde(default = "default_batch_size")]
@@ -348,6 +354,9 @@ const LIBRDKAFKA_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
 fn default_request_timeout_ms() -> u64 {
     30_000
+}
+fn default_late_write_window_ms() -> u64 {
+    600_000
 }
 fn default_batch_size() -> usize {
     200
@@ -402,8 +411,9 @@ pub struct ZendeskConfig {
     /// `job_statuses/show_many` call for all of them).
     #[serde(default = "default_zd_job_poll_interval_ms")]
     pub job_poll_interval_ms: u64,
-    /// How long a job may stay unfinished before its records are retried (a replay is
-    /// safe: records are matched by external id).
+    /// How long a write waits for its job. A job still unfinished then goes on being
+    /// polled and holds its records until it has run (`connectors::holds`); their events
+    /// are parked meanwhile.
     #[serde(default = "default_zd_job_timeout_ms")]
     pub job_timeout_ms: u64,
 }

@@ -16,8 +16,8 @@ use crm_sync::connectors::{self, CallsDone, Connector, DeliveryError, ErrorCode,
 use crm_sync::consume::StopMode;
 use crm_sync::event::Op;
 use crm_sync::pipeline;
-use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
-use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
+use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup, Scripted as DynamicsScripted};
+use crm_sync::sandbox::zendesk::{Scripted, ZendeskSandbox, ZendeskSetup};
 use crm_sync::sandbox::CrmSandbox;
 use serde_json::{json, Map, Value};
 
@@ -201,6 +201,32 @@ fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
     assert_eq!(name_of(&zd, "users", "u-1").as_deref(), Some("New"));
 }
 
+#[test]
+fn a_write_that_may_still_land_holds_its_record_against_other_versions() {
+    let zd = zendesk();
+    let c = connector(&config_for(&zd));
+    let org = |key: &str, version: u64| {
+        request(
+            Op::Upsert,
+            "organizations",
+            "external_id",
+            key,
+            version,
+            json!({ "name": format!("{key} v{version}") }),
+        )
+    };
+    // Zendesk carries the write out, but the answer is lost at a gateway (504).
+    zd.script([Scripted::LostResponse]);
+    let lost = block(c.write(org("o-1", 1))).expect_err("the answer was lost");
+    assert_eq!(lost.http_status, Some(504));
+    let newer = block(c.write(org("o-1", 2)));
+    assert!(newer.as_ref().is_err_and(DeliveryError::is_wait), "{newer:?}");
+    assert_ne!(name_of(&zd, "organizations", "o-1").as_deref(), Some("o-1 v2"));
+    // The same version carries the same data: it goes, as do other records.
+    assert_eq!(block(c.write(org("o-1", 1))), Ok(WriteOk::Updated));
+    assert_eq!(block(c.write(org("o-2", 1))), Ok(WriteOk::Created));
+}
+
 /// Through the whole pipeline: an older version's job that lands late does not leave the
 /// record on the older version.
 #[test]
@@ -247,4 +273,31 @@ fn dataverse_batches_of_deletes_are_well_formed() {
     let deletes = write_batch(c.as_ref(), vec![contact(Op::Delete, "D-1"), contact(Op::Delete, "D-2")]);
     assert_eq!(deletes, vec![Ok(WriteOk::Deleted); 2]);
     assert!(d.find("contacts", "D-1").is_none() && d.find("contacts", "D-2").is_none());
+    assert!(
+        d.stats().rejected.is_empty(),
+        "no batch was refused: {:?}",
+        d.stats().rejected
+    );
+}
+
+#[test]
+fn a_dataverse_batch_refused_as_a_whole_fails_none_of_its_records() {
+    let d = DynamicsSandbox::start("127.0.0.1:0", DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+    let c = connector(&config_for(&d));
+    let contact = |key: &str| {
+        request(
+            Op::Upsert,
+            "contacts",
+            "crm_externalid",
+            key,
+            1,
+            json!({ "lastname": key }),
+        )
+    };
+    // A 400 for the batch names no record: each is written alone instead.
+    d.script([DynamicsScripted::BadRequest]);
+    let results = write_batch(c.as_ref(), vec![contact("W-1"), contact("W-2")]);
+    assert_eq!(results, vec![Ok(WriteOk::Updated); 2]);
+    assert!(d.find("contacts", "W-1").is_some() && d.find("contacts", "W-2").is_some());
+    assert_eq!(d.stats().rejected.get(&400), Some(&1));
 }

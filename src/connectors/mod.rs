@@ -11,9 +11,11 @@
 //! codes) and `batching.rs` (the CRM's batch call and its per-record results). [`build`]
 //! is the one place that picks a connector for a tenant; the pipeline only sees the
 //! trait. `http.rs` holds what every client shares: request metrics, `Retry-After`, and
-//! the remaining quota the CRM reports.
+//! the remaining quota the CRM reports. `holds.rs` wraps every connector: no write of a
+//! record starts while an older write of it may still land.
 
 pub mod dynamics;
+pub mod holds;
 pub mod http;
 pub mod salesforce;
 pub mod token;
@@ -347,7 +349,8 @@ pub trait Connector: Send + Sync + 'static {
 pub fn build(config: &Config, tenant: &TenantConfig) -> Result<Arc<dyn Connector>, reqwest::Error> {
     let limit_pause = Duration::from_millis(config.retry.max_delay_ms);
     let missing = "validate() requires the CRM's section for the tenant's crm";
-    Ok(match tenant.crm {
+    let holds = Arc::new(holds::Holds::default());
+    let connector: Arc<dyn Connector> = match tenant.crm {
         CrmKind::Salesforce => Arc::new(salesforce::SalesforceConnector::new(
             tenant,
             tenant.salesforce.as_ref().expect(missing),
@@ -356,12 +359,16 @@ pub fn build(config: &Config, tenant: &TenantConfig) -> Result<Arc<dyn Connector
         CrmKind::Zendesk => Arc::new(zendesk::ZendeskConnector::new(
             tenant,
             tenant.zendesk.as_ref().expect(missing),
+            holds.clone(),
         )?),
         CrmKind::Dynamics => Arc::new(dynamics::DynamicsConnector::new(
             tenant,
             tenant.dynamics.as_ref().expect(missing),
         )?),
-    })
+    };
+    // Every CRM's calls can outlive our wait for them ([`holds`]).
+    let window = Duration::from_millis(tenant.late_write_window_ms);
+    Ok(Arc::new(holds::Held::new(connector, holds, window)))
 }
 
 #[cfg(test)]

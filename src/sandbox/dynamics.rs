@@ -11,7 +11,9 @@
 //!   `@odata.etag`. Only declared alternate keys are accepted (400 otherwise). Key columns
 //!   in the body are dropped on update and win on create. A string longer than the column
 //!   limit → 400 `0x80044331`. `DELETE` on the same URL → 204, or 404 `0x80060891`.
-//! - `POST /api/data/v9.2/$batch`: `multipart/mixed` parts, change sets one level deep
+//! - `POST /api/data/v9.2/$batch`: `multipart/mixed` parts read as RFC 2046 frames them
+//!   (the CRLF before a delimiter is the delimiter's; a part whose request never ends its
+//!   header block → 400 `0x80048d19`), change sets one level deep
 //!   (atomic, with `Content-ID` references `$n`), answered in order as
 //!   `batchresponse_`/`changesetresponse_` parts; processing stops at the first failure
 //!   (whose status becomes the top-level one) unless `Prefer: odata.continue-on-error`.
@@ -19,8 +21,8 @@
 //!   requests; past either, 429 with `Retry-After` and `0x80072322` / `0x80072326`. Every
 //!   answer carries `x-ms-ratelimit-burst-remaining-xrm-requests` and
 //!   `x-ms-ratelimit-time-remaining-xrm-requests`.
-//! - Faults: latency, a rate of 503s, scripted 503s and 429s, token lifetime, expiring all
-//!   tokens. `/__sandbox/records`, `/__sandbox/stats` (GET), `/__sandbox/faults`,
+//! - Faults: latency, a rate of 503s, scripted 503s, 429s and whole-request 400s, token
+//!   lifetime, expiring all tokens. `/__sandbox/records`, `/__sandbox/stats` (GET), `/__sandbox/faults`,
 //!   `/__sandbox/expire-tokens`, `/__sandbox/script` (POST).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -91,6 +93,8 @@ pub enum Scripted {
     ServerError,
     /// 429 `0x80072322` (request count).
     TooManyRequests,
+    /// 400 `0x80048d19` for the request as a whole (for a `$batch`: no part is run).
+    BadRequest,
 }
 
 const WINDOW: Duration = Duration::from_secs(300);
@@ -383,6 +387,13 @@ fn admit(env: &mut Environment, headers: &HeaderMap) -> Admission {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "0x80040216",
                 "An unexpected error occurred.",
+            ))
+        }
+        Some(Scripted::BadRequest) => {
+            return Admission::Refused(odata_error(
+                StatusCode::BAD_REQUEST,
+                "0x80048d19",
+                "Error identified in Payload provided by the user for Entity :''",
             ))
         }
         None if roll < env.setup.faults.server_error_rate => {

@@ -5,8 +5,10 @@
 //! sets: a change set is atomic, and one bad record must not fail its batch-mates. With
 //! continue-on-error the answer is 200 and a `multipart/mixed` body with one part per
 //! request, in order, each a full HTTP response (`HTTP/1.1 204 No Content`, headers, an
-//! optional JSON body); each part's status and body become that record's outcome. Any
-//! other top-level answer (429, 401, 5xx) is every record's.
+//! optional JSON body); each part's status and body become that record's outcome. A
+//! top-level 429, 401 or 5xx is every record's; any other top-level refusal (a 400 for
+//! the batch as a whole) names no record, so the batch's records are then written one by
+//! one, each with its own answer.
 
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use reqwest::{Method, StatusCode};
 
 use super::client::{outcome, DynamicsClient};
 use crate::connectors::http::parse_retry_after;
-use crate::connectors::{DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::event::Op;
 
 /// Most requests one `$batch` may carry.
@@ -62,7 +64,21 @@ async fn batch(client: &DynamicsClient, requests: Vec<WriteRequest>) -> Vec<Resu
         let e = outcome(Op::Upsert, answer.status.as_u16(), &answer.body, answer.retry_after)
             .err()
             .unwrap_or_else(|| DeliveryError::unexpected_retryable(format!("$batch answered {}", answer.status)));
-        return vec![Err(e); n];
+        if e.is_retryable() || e.code == ErrorCode::CrmAuth {
+            // Throttling, an outage, a token: the whole call's, so every record's.
+            return vec![Err(e); n];
+        }
+        // A refusal of the batch as a whole (or, had continue-on-error not been applied,
+        // of the first failing operation, with the ones before it committed and the
+        // ones after it never run): which record it concerns cannot be told, and it
+        // must not dead-letter its batch-mates. Each record is written alone (upserts
+        // and deletes by key are safe to repeat) and gets its own answer.
+        tracing::warn!(error = %e, records = n, "Dataverse refused a $batch as a whole; writing its records one by one.");
+        let mut out = Vec::with_capacity(n);
+        for r in requests {
+            out.push(client.write(r).await);
+        }
+        return out;
     }
     let content_type = answer
         .headers

@@ -14,10 +14,10 @@
 //!
 //! **Late jobs.** Zendesk jobs cannot be cancelled. A job still unfinished at
 //! `job_timeout_ms` gives its records a [`CrmWritePending`] answer (their events park
-//! without ageing), but it is followed on, and until it has finished no write of its
-//! records starts: each gets the same answer without a call. A record is released when
-//! its job reports `completed` or `failed`, or once the job's status has expired (a day
-//! after it was queued, [`JOB_STATUS_LIFETIME`]): no job outlives that.
+//! without ageing), but it is followed on, and until it has finished it holds its
+//! records ([`Holds`]): no write of another version of them starts. A record is released
+//! when its job reports `completed` or `failed`, or once the job's status has expired (a
+//! day after it was queued, [`JOB_STATUS_LIFETIME`]): no job outlives that.
 //!
 //! Which result belongs to which record is not fully documented (crm-apis.md §2.3,
 //! UNVERIFIED): an item is matched by its `index` when it has one, else by its
@@ -47,6 +47,7 @@ use serde_json::{json, Value};
 
 use super::client::{record_body, ZendeskClient};
 use super::errors;
+use crate::connectors::holds::{Holds, RecordRef};
 use crate::connectors::{CallsDone, DeliveryError, WriteOk, WriteRequest};
 use crate::event::Op;
 
@@ -106,56 +107,10 @@ pub fn max_batch(bulk_refused: &AtomicBool, op: Op, object: &str) -> usize {
     }
 }
 
-/// A record as Zendesk matches it: object and external id, ignoring case (crm-apis.md
-/// §2.2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RecordRef {
-    object: String,
-    external_id: String,
-}
-
-impl RecordRef {
-    pub fn of(req: &WriteRequest) -> Self {
-        RecordRef {
-            object: req.object.clone(),
-            external_id: req.external_id.to_lowercase(),
-        }
-    }
-}
-
 /// Writes records that share op and object, in jobs of up to [`MANY_LIMIT`] when the
 /// object has one, else one by one. One result per request, in order. `calls_done` is
 /// dropped once no more write calls are to come: jobs are followed without it.
 pub async fn write_batch(
-    client: &Arc<ZendeskClient>,
-    bulk_refused: &AtomicBool,
-    requests: Vec<WriteRequest>,
-    calls_done: CallsDone,
-) -> Vec<Result<WriteOk, DeliveryError>> {
-    // Records with a late job are answered at once; the others are written, and the
-    // answers are put back in the requests' order.
-    let mut out: Vec<Option<Result<WriteOk, DeliveryError>>> = requests
-        .iter()
-        .map(|r| client.jobs.pending(r, client.job_poll_interval).map(Err))
-        .collect();
-    let to_write: Vec<WriteRequest> = requests
-        .into_iter()
-        .zip(&out)
-        .filter(|(_, answered)| answered.is_none())
-        .map(|(r, _)| r)
-        .collect();
-    let mut written = write_free(client, bulk_refused, to_write, calls_done).await.into_iter();
-    out.iter_mut()
-        .map(|slot| {
-            slot.take()
-                .or_else(|| written.next())
-                .unwrap_or_else(|| Err(DeliveryError::unexpected_retryable("no result for this record".into())))
-        })
-        .collect()
-}
-
-/// Writes records no late job holds.
-async fn write_free(
     client: &Arc<ZendeskClient>,
     bulk_refused: &AtomicBool,
     requests: Vec<WriteRequest>,
@@ -265,7 +220,7 @@ async fn create_or_update_many(
             return Ok(vec![Err(e); n]);
         }
     };
-    let records = requests.iter().map(RecordRef::of).collect();
+    let records = requests.iter().map(|r| (RecordRef::of(r), r.version)).collect();
     Ok(match Jobs::follow(client, job, records, slot).await {
         Ok(job) => outcomes(requests, &job),
         Err(e) => vec![Err(e); n],
@@ -281,16 +236,19 @@ fn finished(job: &JobStatus) -> bool {
 /// whose records are held until they finish.
 pub struct Jobs {
     open: Mutex<OpenJobs>,
+    /// Where a late job holds its records.
+    holds: Arc<Holds>,
     /// One permit per open job, held from its submission until its result is known:
     /// Zendesk runs at most [`JOB_LIMIT`] jobs per account, and a further write waits
     /// here (holding its concurrency permit) instead of being refused.
     slots: Arc<tokio::sync::Semaphore>,
 }
 
-impl Default for Jobs {
-    fn default() -> Self {
+impl Jobs {
+    pub fn new(holds: Arc<Holds>) -> Self {
         Jobs {
             open: Mutex::new(OpenJobs::default()),
+            holds,
             slots: Arc::new(tokio::sync::Semaphore::new(JOB_LIMIT)),
         }
     }
@@ -301,8 +259,6 @@ struct OpenJobs {
     waiting: HashMap<String, Waiter>,
     /// Jobs given up on at `job_timeout_ms` that may still run.
     late: HashMap<String, Late>,
-    /// The records of late jobs, with the job that holds each.
-    held: HashMap<RecordRef, String>,
     /// Whether the poller task runs; it ends when no job is open.
     polling: bool,
 }
@@ -315,7 +271,8 @@ struct Waiter {
     queued: Instant,
     /// The status last reported, for the timeout's message.
     status: String,
-    records: Vec<RecordRef>,
+    /// The job's records, with the version each carries.
+    records: Vec<(RecordRef, u64)>,
     /// The job's slot among the account's [`JOB_LIMIT`]: a late job keeps it.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -333,23 +290,12 @@ impl Jobs {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The answer for a write of `req` while a late job holds its record, if one does.
-    pub fn pending(&self, req: &WriteRequest, poll_interval: Duration) -> Option<DeliveryError> {
-        let open = self.lock();
-        let job = open.held.get(&RecordRef::of(req))?;
-        Some(DeliveryError::write_pending(
-            format!("Zendesk job {job} with an earlier write of this record is still running"),
-            // A few polls: long enough not to spin, short next to a job's run.
-            poll_interval.saturating_mul(4).max(Duration::from_secs(1)),
-        ))
-    }
-
     /// Waits until the job has finished, or the job timeout passes; in the latter case
     /// the job is followed on and its records held (see the module's "Late jobs").
     async fn follow(
         client: &Arc<ZendeskClient>,
         job: JobStatus,
-        records: Vec<RecordRef>,
+        records: Vec<(RecordRef, u64)>,
         slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<JobStatus, DeliveryError> {
         if finished(&job) {
@@ -404,8 +350,9 @@ impl Jobs {
                 "Zendesk job still {} at the job timeout; its records wait until it has run.",
                 w.status
             );
-            for r in &w.records {
-                open.held.insert(r.clone(), id.clone());
+            for (record, version) in &w.records {
+                let why = format!("Zendesk job {id} with it is still {}", w.status);
+                self.holds.hold(record.clone(), *version, &id, why, None);
             }
             let e = DeliveryError::write_pending(
                 format!(
@@ -419,7 +366,7 @@ impl Jobs {
                 id,
                 Late {
                     expires: w.queued + JOB_STATUS_LIFETIME,
-                    records: std::mem::take(&mut w.records),
+                    records: w.records.drain(..).map(|(r, _)| r).collect(),
                     _slot: w.slot.take(),
                 },
             );
@@ -432,7 +379,7 @@ impl Jobs {
             .collect();
         for id in expired {
             tracing::warn!(tenant, job = %id, "Zendesk job's status expired before it reported an end; its records are released.");
-            open.release(&id);
+            self.release(&mut open, &id);
         }
         if open.waiting.is_empty() && open.late.is_empty() {
             open.polling = false;
@@ -450,7 +397,7 @@ impl Jobs {
                 let _ = w.done.send(Ok(job));
             } else if open.late.contains_key(&job.id) {
                 tracing::info!(tenant, job = %job.id, status = %job.status, "Late Zendesk job has run; its records are released.");
-                open.release(&job.id);
+                self.release(&mut open, &job.id);
             }
         } else if let Some(w) = open.waiting.get_mut(&job.id) {
             w.status = job.status;
@@ -466,20 +413,17 @@ impl Jobs {
                 let _ = w.done.send(Err(error.clone()));
             } else if open.late.contains_key(id) {
                 tracing::warn!(tenant, job = %id, error = %error, "Late Zendesk job's status cannot be read; its records are released.");
-                open.release(id);
+                self.release(&mut open, id);
             }
         }
     }
 }
 
-impl OpenJobs {
-    fn release(&mut self, id: &str) {
-        if let Some(late) = self.late.remove(id) {
-            for r in late.records {
-                if self.held.get(&r).is_some_and(|j| j == id) {
-                    self.held.remove(&r);
-                }
-            }
+impl Jobs {
+    /// Forgets a late job and ends its holds.
+    fn release(&self, open: &mut OpenJobs, id: &str) {
+        if let Some(late) = open.late.remove(id) {
+            self.holds.release(&late.records, id);
         }
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::config::{TenantConfig, ZendeskConfig};
+use crate::connectors::holds::Holds;
 use crate::connectors::http::{self, Quota, QuotaCell};
 use crate::connectors::{
     batch_on_io_runtime, on_io_runtime, CallsDone, Connector, DeliveryError, WriteOk, WriteRequest,
@@ -39,7 +40,8 @@ pub struct ZendeskConnector {
 }
 
 impl ZendeskConnector {
-    pub fn new(tenant: &TenantConfig, zd: &ZendeskConfig) -> Result<Self, reqwest::Error> {
+    /// `holds`: the tenant's held records, where a late job holds its own.
+    pub fn new(tenant: &TenantConfig, zd: &ZendeskConfig, holds: Arc<Holds>) -> Result<Self, reqwest::Error> {
         let (http, meter) = http::tenant_client(tenant, "zendesk")?;
         let base_url = zd.base_url.trim_end_matches('/').to_string();
         let auth = auth::Auth::new(http.clone(), &base_url, zd, meter.clone());
@@ -52,7 +54,7 @@ impl ZendeskConnector {
                 meter,
                 job_poll_interval: Duration::from_millis(zd.job_poll_interval_ms),
                 job_timeout: Duration::from_millis(zd.job_timeout_ms),
-                jobs: batching::Jobs::default(),
+                jobs: batching::Jobs::new(holds),
             }),
             bulk_refused: Arc::new(AtomicBool::new(false)),
         })
@@ -66,15 +68,7 @@ impl Connector for ZendeskConnector {
 
     fn write(&self, request: WriteRequest) -> BoxFuture<'static, Result<WriteOk, DeliveryError>> {
         let client = self.client.clone();
-        on_io_runtime(
-            async move {
-                match client.jobs.pending(&request, client.job_poll_interval) {
-                    Some(held) => Err(held),
-                    None => client.write(request).await,
-                }
-            },
-            Err,
-        )
+        on_io_runtime(async move { client.write(request).await }, Err)
     }
 
     fn max_batch(&self, op: Op, object: &str) -> usize {
