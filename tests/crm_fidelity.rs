@@ -17,6 +17,7 @@ use crm_sync::consume::StopMode;
 use crm_sync::event::Op;
 use crm_sync::pipeline;
 use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup, Scripted as DynamicsScripted};
+use crm_sync::sandbox::kafka::tools;
 use crm_sync::sandbox::zendesk::{Scripted, ZendeskSandbox, ZendeskSetup};
 use crm_sync::sandbox::CrmSandbox;
 use serde_json::{json, Map, Value};
@@ -166,7 +167,8 @@ fn a_zendesk_403_for_a_scope_is_the_tenant_s_auth_failure_not_a_missing_bulk_imp
 #[test]
 fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
     let zd = zendesk();
-    zd.set_job_duration_ms(1_500);
+    // A slow job queue: jobs stay queued until it moves again.
+    zd.set_job_queue_stalled(true);
     let mut config = config_for(&zd);
     config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 200;
     let c = connector(&config);
@@ -176,9 +178,6 @@ fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
     for r in &first {
         assert!(r.as_ref().is_err_and(DeliveryError::is_wait), "{r:?}");
     }
-    // Jobs queued from now on run at once; the late one still runs later.
-    zd.set_job_duration_ms(0);
-    let calls_before = zd.stats().api_requests;
     let second = write_batch(c.as_ref(), vec![user("u-1", 2, "New"), user("u-3", 1, "Three")]);
     assert!(second[0].as_ref().is_err_and(DeliveryError::is_wait), "{:?}", second[0]);
     assert_eq!(second[1], Ok(WriteOk::Created), "a record no job holds is written");
@@ -187,11 +186,18 @@ fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
         single.as_ref().is_err_and(DeliveryError::is_wait),
         "a single write waits too: {single:?}"
     );
-    assert!(zd.stats().api_requests > calls_before);
-    assert_ne!(name_of(&zd, "users", "u-1").as_deref(), Some("New"));
+    // Not even the job's own event goes again: its replay would queue a second job,
+    // which could go late too and take another of the account's 30 job slots.
+    let replay = write_batch(c.as_ref(), vec![user("u-1", 1, "Old"), user("u-2", 1, "Two")]);
+    assert!(
+        replay.iter().all(|r| r.as_ref().is_err_and(DeliveryError::is_wait)),
+        "{replay:?}"
+    );
+    assert_eq!(zd.open_jobs(), 1, "no second job was queued");
+    assert!(name_of(&zd, "users", "u-1").is_none());
 
     // Once the late job has run (and been polled), the record is free again.
-    assert!(wait_until(WAIT, || zd.open_jobs() == 0));
+    zd.set_job_queue_stalled(false);
     assert_eq!(name_of(&zd, "users", "u-1").as_deref(), Some("Old"));
     assert!(wait_until(WAIT, || write_batch(
         c.as_ref(),
@@ -199,6 +205,44 @@ fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
     )[0]
     .is_ok()));
     assert_eq!(name_of(&zd, "users", "u-1").as_deref(), Some("New"));
+}
+
+#[test]
+fn a_job_whose_status_cannot_be_read_still_holds_its_records() {
+    let zd = zendesk();
+    zd.set_job_queue_stalled(true);
+    let mut config = config_for(&zd);
+    // May write users, may not read job statuses: every poll is refused (403).
+    config.tenants[0].zendesk.as_mut().unwrap().oauth_scope = "users:write".into();
+    let c = connector(&config);
+    let first = write_batch(c.as_ref(), vec![user("u-1", 1, "Old"), user("u-2", 1, "Two")]);
+    for r in &first {
+        assert!(
+            r.as_ref().is_err_and(DeliveryError::is_wait),
+            "not the records' failure: {r:?}"
+        );
+    }
+    let newer = block(c.write(user("u-1", 2, "New")));
+    assert!(newer.as_ref().is_err_and(DeliveryError::is_wait), "{newer:?}");
+}
+
+#[test]
+fn a_403_probe_that_is_throttled_decides_nothing() {
+    let zd = zendesk();
+    zd.set_bulk_enabled(false);
+    // The bulk call is let through (and refused, 403); the probe after it is throttled.
+    zd.set_rate_limit_per_minute(1);
+    let c = connector(&config_for(&zd));
+    let results = write_batch(c.as_ref(), vec![user("u-1", 1, "A"), user("u-2", 1, "B")]);
+    for r in &results {
+        let e = r.as_ref().expect_err("throttled");
+        assert!(e.is_retryable() && e.http_status == Some(429), "{e}");
+    }
+    assert_eq!(
+        c.max_batch(Op::Upsert, "users"),
+        100,
+        "bulk is decided on a probe that answered"
+    );
 }
 
 #[test]
@@ -261,6 +305,45 @@ fn the_pipeline_never_lets_a_late_job_overwrite_a_newer_version() {
     service.stop(StopMode::Graceful);
 }
 
+/// Waiting for a late job is not a failure: a version parked for it carries no age, so
+/// a retryable failure after a long job does not find it past `retry.max_age_ms`.
+#[test]
+fn a_version_parked_behind_a_late_job_starts_no_age_clock() {
+    let zd = zendesk();
+    zd.set_job_queue_stalled(true);
+    let env = Env::new(1);
+    let mut config = env.config_for(&zd);
+    config.kafka.retry_topic = Some(env.retry.clone());
+    config.tenants[0].batch_linger_ms = 300;
+    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 300;
+    let service = pipeline::start(config).expect("service starts");
+    env.produce(&[
+        upsert("e1", "Z-1", 1, "Ada", "Old"),
+        upsert("e2", "Z-2", 1, "Bob", "Two"),
+    ]);
+    let parked = || {
+        tools::end_offsets(&env.bootstrap, &env.retry, env.partitions)
+            .map(|ends| ends.iter().sum::<i64>())
+            .unwrap_or(0)
+    };
+    assert!(wait_until(WAIT, || parked() >= 2), "the waiting versions were parked");
+    let headers = |m: &tools::ReadMessage, name: &str| -> u64 { m.headers[name].parse().unwrap() };
+    for m in tools::read_all(&env.bootstrap, &env.retry, env.partitions, WAIT).unwrap() {
+        let first_failure = headers(&m, "crm-sync.retry.first-failure-ms");
+        let not_before = headers(&m, "crm-sync.retry.not-before-ms");
+        assert!(
+            first_failure >= not_before,
+            "a version that never failed ages from when it is due, not from its park: {first_failure} < {not_before}"
+        );
+        assert_eq!(m.headers["crm-sync.retry.attempts"], "0", "waiting is no attempt");
+    }
+    zd.set_job_queue_stalled(false);
+    assert!(env.wait_drained(WAIT), "every event has an outcome");
+    assert_eq!(name_of(&zd, "users", "Z-1").as_deref(), Some("Old"));
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}
+
 #[test]
 fn dataverse_batches_of_deletes_are_well_formed() {
     let d = DynamicsSandbox::start("127.0.0.1:0", DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
@@ -300,4 +383,20 @@ fn a_dataverse_batch_refused_as_a_whole_fails_none_of_its_records() {
     assert_eq!(results, vec![Ok(WriteOk::Updated); 2]);
     assert!(d.find("contacts", "W-1").is_some() && d.find("contacts", "W-2").is_some());
     assert_eq!(d.stats().rejected.get(&400), Some(&1));
+
+    // A throttle on the way is every remaining record's: no further calls.
+    d.script([DynamicsScripted::BadRequest, DynamicsScripted::TooManyRequests]);
+    let calls = d.stats().api_requests;
+    let results = write_batch(c.as_ref(), vec![contact("W-3"), contact("W-4"), contact("W-5")]);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_err_and(DeliveryError::is_retryable)),
+        "{results:?}"
+    );
+    assert_eq!(
+        d.stats().api_requests - calls,
+        2,
+        "the batch and one record, then no more"
+    );
 }

@@ -1,6 +1,6 @@
 //! Records whose earlier write may still land at the CRM, and the rule that keeps an
-//! older version from landing after a newer one: **no write of another version of a
-//! record starts while an older write of it may still land.**
+//! older version from landing after a newer one: **no write of a record starts while an
+//! older write of it may still land** (but the replay of a timed-out event itself).
 //!
 //! A write we stopped waiting for is not a write that did not happen:
 //! - a request our client timed out (`request_timeout_ms`), or that a gateway answered
@@ -12,11 +12,12 @@
 //! - a Zendesk job past `job_timeout_ms` cannot be cancelled: it holds its records until
 //!   its status says it has run, or has expired (`zendesk::batching`).
 //!
-//! A held record's writes of **another** version get a
-//! [`CrmWritePending`](super::ErrorCode::CrmWritePending) answer without a call: the
-//! tenant parks them without counting an attempt or age, and tries again. A write of the
-//! held version itself goes ahead: it carries the same data, so whichever lands last,
-//! the record ends the same.
+//! A held record's writes get a [`CrmWritePending`](super::ErrorCode::CrmWritePending)
+//! answer without a call: the tenant parks them without counting an attempt or age, and
+//! tries again. After a timeout, a replay of the very event that timed out goes ahead: it
+//! carries the same data, so whichever lands last, the record ends the same. A late
+//! Zendesk job lets nothing through, not even its own event: a replay would queue
+//! another job, which could go late too and take another of the account's 30 job slots.
 //!
 //! Holds live in the member's memory. A record whose partition moves to another member,
 //! or whose member is killed, while a hold is on, is not held by the new owner (README,
@@ -31,8 +32,18 @@ use futures::future::BoxFuture;
 use super::{CallsDone, Connector, DeliveryError, ErrorCode, Quota, WriteOk, WriteRequest};
 use crate::event::Op;
 
-/// How long a held record's writes wait before they ask again.
-const RECHECK: Duration = Duration::from_secs(2);
+/// Shortest and longest wait of a held record's write before it asks again: a timeout's
+/// hold ends at a known time, waited for in steps of at most the longest; a late job's
+/// hold ends when the job has run, asked after every `RECHECK_JOB`.
+const RECHECK_MIN: Duration = Duration::from_secs(2);
+const RECHECK_MAX: Duration = Duration::from_secs(60);
+const RECHECK_JOB: Duration = Duration::from_secs(5);
+
+/// The tag of the holds placed after a timeout or a 504.
+const TIMEOUT: &str = "timeout";
+
+/// Expired holds are swept once the map holds this many records.
+const SWEEP_AT: usize = 1024;
 
 /// A record as the CRMs match it: object and external id, ignoring case (Zendesk
 /// matches external ids so, crm-apis.md §2.2; for the others this only holds more).
@@ -54,8 +65,10 @@ impl RecordRef {
 /// What keeps a record held.
 #[derive(Debug, Clone)]
 struct Hold {
-    /// The version whose write may still land.
+    /// The version whose write may still land (for the answer's message).
     version: u64,
+    /// The event whose replay may go through (it carries the same data); `None`: none.
+    passes: Option<String>,
     /// Tells holds apart for [`Holds::release`]: a job id, or `timeout`.
     by: String,
     /// Shown in the answer to a held write.
@@ -76,10 +89,29 @@ impl Holds {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Holds `record`: its write of `version` may still land.
-    pub fn hold(&self, record: RecordRef, version: u64, by: &str, why: String, until: Option<Instant>) {
-        self.lock().entry(record).or_default().push(Hold {
+    /// Holds `record`: its write of `version` may still land; `passes`, the event whose
+    /// replay may go through anyway.
+    pub fn hold(
+        &self,
+        record: RecordRef,
+        version: u64,
+        passes: Option<String>,
+        by: &str,
+        why: String,
+        until: Option<Instant>,
+    ) {
+        let mut held = self.lock();
+        if held.len() >= SWEEP_AT && held.len().is_power_of_two() {
+            // Records never written again would keep their expired holds for good.
+            let now = Instant::now();
+            held.retain(|_, holds| {
+                holds.retain(|h| h.until.is_none_or(|t| t > now));
+                !holds.is_empty()
+            });
+        }
+        held.entry(record).or_default().push(Hold {
             version,
+            passes,
             by: by.to_string(),
             why,
             until,
@@ -99,8 +131,8 @@ impl Holds {
         }
     }
 
-    /// The answer for `req` while an earlier write of another version of its record may
-    /// still land; `None` when it may go.
+    /// The answer for `req` while an earlier write of its record may still land; `None`
+    /// when it may go.
     pub fn check(&self, req: &WriteRequest) -> Option<DeliveryError> {
         let mut held = self.lock();
         let key = RecordRef::of(req);
@@ -111,13 +143,22 @@ impl Holds {
             held.remove(&key);
             return None;
         }
-        let blocking = holds.iter().find(|h| h.version != req.version)?;
+        let blocking = holds
+            .iter()
+            .find(|h| h.passes.as_deref() != Some(req.event_id.as_str()))?;
+        // A timeout's hold ends at a known time; a job's when it has run (its `until` is
+        // only the day after which no status is kept).
+        let wait = match blocking.until {
+            Some(t) if blocking.by == TIMEOUT => t.saturating_duration_since(now),
+            _ => RECHECK_JOB,
+        }
+        .clamp(RECHECK_MIN, RECHECK_MAX);
         Some(DeliveryError::write_pending(
             format!(
                 "an earlier write of this record (version {}) may still land: {}",
                 blocking.version, blocking.why
             ),
-            RECHECK,
+            wait,
         ))
     }
 
@@ -158,7 +199,8 @@ impl Held {
                     e.code.as_str()
                 );
                 let until = Some(Instant::now() + window);
-                holds.hold(RecordRef::of(req), req.version, "timeout", why, until);
+                let passes = Some(req.event_id.clone());
+                holds.hold(RecordRef::of(req), req.version, passes, TIMEOUT, why, until);
             }
         }
     }
@@ -245,13 +287,15 @@ mod tests {
     }
 
     #[test]
-    fn a_hold_stops_other_versions_until_released_or_over() {
+    fn a_hold_stops_other_writes_of_its_record_until_released_or_over() {
         let holds = Holds::default();
         let a = || RecordRef::of(&request("A", 0));
-        holds.hold(a(), 1, "job-1", "job 1 is still queued".into(), None);
+        let later = Some(Instant::now() + Duration::from_secs(60));
+        holds.hold(a(), 1, Some("e-A-1".into()), "timeout", "timed out".into(), later);
         holds.hold(
             RecordRef::of(&request("a", 0)),
             2,
+            None,
             "job-2",
             "job 2 is still queued".into(),
             None,
@@ -259,23 +303,29 @@ mod tests {
         assert!(holds.check(&request("B", 5)).is_none(), "another record goes");
         let e = holds.check(&request("A", 3)).expect("held, ignoring case");
         assert!(e.is_wait() && e.message.contains("version 1"), "{e}");
-        // Version 1 goes (the same data), but version 2's hold still stops it.
+        // The event that timed out may go again (the same data), but the job stops it,
+        // and the job's own event too.
         assert!(holds.check(&request("A", 1)).is_some());
-        holds.release([&a()], "job-2");
-        assert!(holds.check(&request("A", 1)).is_none(), "the held version itself goes");
         assert!(holds.check(&request("A", 2)).is_some());
-        holds.release([&a()], "job-1");
-        assert!(holds.check(&request("A", 2)).is_none() && holds.is_empty());
+        holds.release([&a()], "job-2");
+        assert!(
+            holds.check(&request("A", 1)).is_none(),
+            "the timed-out event itself goes"
+        );
+        assert!(
+            holds.check(&request("A", 2)).is_some(),
+            "another version waits out the window"
+        );
 
         let past = Instant::now();
         holds.hold(
             RecordRef::of(&request("C", 0)),
             1,
+            None,
             "timeout",
             "timed out".into(),
             Some(past),
         );
         assert!(holds.check(&request("C", 2)).is_none(), "an expired hold is over");
-        assert!(holds.is_empty());
     }
 }

@@ -116,9 +116,9 @@ pub enum ErrorCode {
     /// The CRM's API cannot address this record's key (Salesforce: `.` or `..` in a URL
     /// path).
     CrmUnaddressableKey,
-    /// Not tried: an earlier write of the record is still running at the CRM and may
-    /// land later (a Zendesk job past `job_timeout_ms`). Not the record's failure: it
-    /// counts no attempt and no age.
+    /// Not tried: an earlier write of the record may still be running at the CRM and
+    /// land later (a Zendesk job past `job_timeout_ms`, a call that timed out or got a
+    /// 504; see `holds`). Not the record's failure: it counts no attempt and no age.
     CrmWritePending,
 }
 

@@ -110,6 +110,8 @@ struct Job {
     /// Each item's result, once the job has run: its writes land then, not when it is
     /// queued, so a job can land after a later write of the same record.
     results: Option<Vec<Value>>,
+    /// The items of a job queued while the queue is stalled, run when it moves again.
+    stalled: Option<Vec<Value>>,
 }
 
 struct Replay {
@@ -138,6 +140,8 @@ struct Account {
     rng: StdRng,
     /// The account itself, for the tasks that run queued jobs.
     me: std::sync::Weak<Mutex<Account>>,
+    /// While set, jobs queued stay queued (a slow job queue), however long they take.
+    queue_stalled: bool,
 }
 
 type Shared = Arc<Mutex<Account>>;
@@ -168,6 +172,7 @@ impl ZendeskSandbox {
                 next_id: 1,
                 rng: StdRng::seed_from_u64(seed),
                 me: me.clone(),
+                queue_stalled: false,
             })
         });
         let app = Router::new()
@@ -218,6 +223,30 @@ impl ZendeskSandbox {
     /// How long jobs queued from now on take to run.
     pub fn set_job_duration_ms(&self, ms: u64) {
         lock(&self.account).setup.job_duration_ms = ms;
+    }
+
+    /// Stalls the job queue (jobs queued from now on wait), or lets it move again: the
+    /// jobs it held run now, in the order they were queued.
+    pub fn set_job_queue_stalled(&self, stalled: bool) {
+        let mut account = lock(&self.account);
+        account.queue_stalled = stalled;
+        if !stalled {
+            let mut held: Vec<(Instant, String)> = account
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.stalled.is_some())
+                .map(|(id, j)| (j.created, id.clone()))
+                .collect();
+            held.sort();
+            for (_, id) in held {
+                let items = account
+                    .jobs
+                    .get_mut(&id)
+                    .and_then(|j| j.stalled.take())
+                    .unwrap_or_default();
+                account.run_job(&id, "users", &items);
+            }
+        }
     }
 
     /// Jobs queued that have not run yet.
@@ -655,12 +684,17 @@ fn route(
                     duration,
                     total: items.len(),
                     results: None,
+                    stalled: None,
                 },
             );
             // Status data is kept for a day.
             account.jobs.retain(|_, j| j.created.elapsed() < JOB_RETENTION);
             let status = job_json(account, &id, true);
-            if duration.is_zero() {
+            if account.queue_stalled {
+                if let Some(job) = account.jobs.get_mut(&id) {
+                    job.stalled = Some(items);
+                }
+            } else if duration.is_zero() {
                 account.run_job(&id, object, &items);
             } else {
                 // Jobs cannot be cancelled: this one runs when its time comes, whoever

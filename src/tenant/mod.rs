@@ -387,10 +387,13 @@ impl TenantActor {
         slot.phase = Phase::Parking;
         let parked = slot.active.work.event.clone();
         let now = SystemTime::now();
+        let not_before = now.checked_add(delay).unwrap_or(now);
         let state = RetryState {
             attempts: slot.data.attempts,
-            first_failure: slot.data.first_failure.map_or(now, |(_, at)| at),
-            not_before: now.checked_add(delay).unwrap_or(now),
+            // A version parked without having failed (waiting for room, or for an older
+            // write to land) starts its age when it is due, not now.
+            first_failure: slot.data.first_failure.map_or(not_before, |(_, at)| at),
+            not_before,
         };
         tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
         let sink = self.deps.dead_letters.clone();
@@ -732,6 +735,11 @@ impl TenantActor {
                     // starts no age clock.
                     write.attempts = write.attempts.saturating_sub(1);
                     let delay = error.retry_after.unwrap_or(self.deps.policy.base_delay);
+                    if let Some((at, wall)) = write.first_failure.as_mut() {
+                        // An earlier failure's age does not grow while it waits.
+                        *at += delay;
+                        *wall += delay;
+                    }
                     Some(RetryDecision::RetryAfter(delay))
                 } else {
                     let (first, _) = *write.first_failure.get_or_insert((now, SystemTime::now()));

@@ -74,9 +74,14 @@ async fn batch(client: &DynamicsClient, requests: Vec<WriteRequest>) -> Vec<Resu
         // must not dead-letter its batch-mates. Each record is written alone (upserts
         // and deletes by key are safe to repeat) and gets its own answer.
         tracing::warn!(error = %e, records = n, "Dataverse refused a $batch as a whole; writing its records one by one.");
-        let mut out = Vec::with_capacity(n);
+        let mut out: Vec<Result<WriteOk, DeliveryError>> = Vec::with_capacity(n);
         for r in requests {
-            out.push(client.write(r).await);
+            // A throttle or an outage on the way is every remaining record's too.
+            let result = match out.last() {
+                Some(Err(e)) if e.is_retryable() => Err(e.clone()),
+                _ => client.write(r).await,
+            };
+            out.push(result);
         }
         return out;
     }

@@ -48,7 +48,7 @@ use serde_json::{json, Value};
 use super::client::{record_body, ZendeskClient};
 use super::errors;
 use crate::connectors::holds::{Holds, RecordRef};
-use crate::connectors::{CallsDone, DeliveryError, WriteOk, WriteRequest};
+use crate::connectors::{CallsDone, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::event::Op;
 
 /// Most records one `create_or_update_many` call may carry.
@@ -57,6 +57,15 @@ pub const MANY_LIMIT: usize = 100;
 /// Most jobs queued or running at once per account (crm-apis.md §2.3); also the most
 /// ids one `show_many` poll asks for.
 pub const JOB_LIMIT: usize = 30;
+
+/// How often late jobs are polled when no job has a waiter.
+const LATE_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The jobs to poll: all open ones, and whether only late ones are left.
+struct OpenIds {
+    ids: Vec<String>,
+    only_late: bool,
+}
 
 /// How long Zendesk keeps a job's status (crm-apis.md §2.3): a job is over by then.
 pub const JOB_STATUS_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -152,6 +161,17 @@ pub async fn write_batch(
                         out.extend(rest.drain(..).map(|_| Err(e.clone())));
                         return out;
                     }
+                    let inconclusive = probe
+                        .as_ref()
+                        .err()
+                        .filter(|e| e.is_retryable() || e.code == ErrorCode::CrmAuth);
+                    if let Some(e) = inconclusive {
+                        // The probe told nothing (a throttle, an outage): decide next time.
+                        let e = e.clone();
+                        out.push(Err(e.clone()));
+                        out.extend(chunk.chain(rest.drain(..)).map(|_| Err(e.clone())));
+                        return out;
+                    }
                     tracing::warn!(tenant = %client.meter.tenant, "{BULK_REFUSED_NOTE}.");
                     bulk_refused.store(true, Ordering::Relaxed);
                     out.push(probe);
@@ -238,6 +258,8 @@ pub struct Jobs {
     open: Mutex<OpenJobs>,
     /// Where a late job holds its records.
     holds: Arc<Holds>,
+    /// Wakes a poller that waits the longer late-job interval when a new job comes.
+    wake: tokio::sync::Notify,
     /// One permit per open job, held from its submission until its result is known:
     /// Zendesk runs at most [`JOB_LIMIT`] jobs per account, and a further write waits
     /// here (holding its concurrency permit) instead of being refused.
@@ -249,6 +271,7 @@ impl Jobs {
         Jobs {
             open: Mutex::new(OpenJobs::default()),
             holds,
+            wake: tokio::sync::Notify::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(JOB_LIMIT)),
         }
     }
@@ -320,6 +343,8 @@ impl Jobs {
         };
         if start_poller {
             tokio::spawn(poll_open_jobs(client.clone()));
+        } else {
+            client.jobs.wake.notify_one();
         }
         result
             .await
@@ -330,7 +355,7 @@ impl Jobs {
     /// [`CrmWritePending`](crate::connectors::ErrorCode::CrmWritePending) answer), drops
     /// late jobs whose status has expired, and returns the ids still open, or `None` (and
     /// the poller ends) when none is.
-    fn open_ids(&self, poll_interval: Duration, tenant: &str) -> Option<Vec<String>> {
+    fn open_ids(&self, poll_interval: Duration, tenant: &str) -> Option<OpenIds> {
         let mut open = self.lock();
         let now = Instant::now();
         let timed_out: Vec<String> = open
@@ -352,7 +377,9 @@ impl Jobs {
             );
             for (record, version) in &w.records {
                 let why = format!("Zendesk job {id} with it is still {}", w.status);
-                self.holds.hold(record.clone(), *version, &id, why, None);
+                // Its status expires a day after it was queued: no later than that.
+                let until = Some(w.queued + JOB_STATUS_LIFETIME);
+                self.holds.hold(record.clone(), *version, None, &id, why, until);
             }
             let e = DeliveryError::write_pending(
                 format!(
@@ -385,7 +412,10 @@ impl Jobs {
             open.polling = false;
             return None;
         }
-        Some(open.waiting.keys().chain(open.late.keys()).cloned().collect())
+        Some(OpenIds {
+            ids: open.waiting.keys().chain(open.late.keys()).cloned().collect(),
+            only_late: open.waiting.is_empty(),
+        })
     }
 
     /// Hands a reported status to its waiter if the job has finished, or releases the
@@ -404,16 +434,15 @@ impl Jobs {
         }
     }
 
-    /// Ends the waits for `ids` with `error`. A late job among them is dropped too: a
-    /// permanent refusal to tell its status will not change.
+    /// Zendesk refuses to tell the status of `ids` (a permanent error): the jobs may
+    /// still run, so waiting ones are given up on as at the job timeout (their records
+    /// held), and late ones stay held until their status would have expired.
     fn fail(&self, ids: &[String], error: &DeliveryError, tenant: &str) {
+        tracing::debug!(tenant, jobs = ids.len(), error = %error, "Zendesk job statuses cannot be read; their records stay held.");
         let mut open = self.lock();
         for id in ids {
-            if let Some(w) = open.waiting.remove(id) {
-                let _ = w.done.send(Err(error.clone()));
-            } else if open.late.contains_key(id) {
-                tracing::warn!(tenant, job = %id, error = %error, "Late Zendesk job's status cannot be read; its records are released.");
-                self.release(&mut open, id);
+            if let Some(w) = open.waiting.get_mut(id) {
+                w.deadline = Instant::now();
             }
         }
     }
@@ -442,9 +471,10 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
     loop {
         cadence.tick().await;
         let tenant = client.meter.tenant.as_ref();
-        let Some(ids) = client.jobs.open_ids(client.job_poll_interval, tenant) else {
+        let Some(OpenIds { ids, only_late }) = client.jobs.open_ids(client.job_poll_interval, tenant) else {
             return;
         };
+
         for chunk in ids.chunks(JOB_LIMIT) {
             let path = format!("/job_statuses/show_many?ids={}", chunk.join(","));
             let answer = match client.call(Method::GET, &path, None, None).await {
@@ -475,6 +505,12 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
                     tracing::debug!(tenant = %client.meter.tenant, error = %e, "Job statuses not understood; polling again.")
                 }
             }
+        }
+        if only_late {
+            // Nobody waits on an answer: late jobs are asked about less often, so that one
+            // that runs for hours does not spend the account's rate limit; a new job wakes
+            // the poller.
+            let _ = tokio::time::timeout(LATE_POLL_INTERVAL, client.jobs.wake.notified()).await;
         }
     }
 }
