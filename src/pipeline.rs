@@ -426,11 +426,17 @@ fn wire(
 
     let mut tenants = HashMap::new();
     let mut routes = HashMap::new();
+    let mut holds = HashMap::new();
     for tenant in &config.tenants {
-        let connector = crate::connectors::build(config, tenant).map_err(|source| StartError::HttpClient {
-            tenant: tenant.name.clone(),
-            source,
-        })?;
+        // Recorded on the state topic, read back by the next owner of a held record.
+        let log: Arc<dyn crate::connectors::holds::HoldLog> = Arc::new(state.clone());
+        let tenant_holds = Arc::new(crate::connectors::holds::Holds::new(&tenant.name, Some(log)));
+        holds.insert(Arc::<str>::from(tenant.name.as_str()), tenant_holds.clone());
+        let connector =
+            crate::connectors::build(config, tenant, tenant_holds).map_err(|source| StartError::HttpClient {
+                tenant: tenant.name.clone(),
+                source,
+            })?;
         let deps = TenantDeps {
             diff: diff.clone(),
             retry: retry.clone(),
@@ -473,6 +479,7 @@ fn wire(
             n => (config.kafka.max_in_flight_per_partition / n).max(1),
         },
         commands: commands_tx.clone(),
+        holds,
     });
     let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
     let setup = ConsumerSetup {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use crm_sync::config::Config;
+use crm_sync::connectors::holds::Holds;
 use crm_sync::connectors::{self, CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crm_sync::consume::StopMode;
 use crm_sync::event::Op;
@@ -56,7 +57,8 @@ request_timeout_ms = 5000
 }
 
 fn connector(config: &Config) -> std::sync::Arc<dyn Connector> {
-    connectors::build(config, &config.tenants[0]).expect("connector builds")
+    let holds = std::sync::Arc::new(Holds::new("acme", None));
+    connectors::build(config, &config.tenants[0], holds).expect("connector builds")
 }
 
 fn request(op: Op, object: &str, field: &str, key: &str, version: u64, fields: Value) -> WriteRequest {
@@ -68,6 +70,7 @@ fn request(op: Op, object: &str, field: &str, key: &str, version: u64, fields: V
         fields: fields.as_object().cloned().unwrap_or_default(),
         event_id: format!("e-{key}-{version}"),
         version,
+        state_partition: 0,
     }
 }
 
@@ -198,6 +201,7 @@ fn a_late_zendesk_job_holds_its_record_until_it_has_run() {
 
     // Once the late job has run (and been polled), the record is free again.
     zd.set_job_queue_stalled(false);
+    zd.run_stalled_jobs();
     assert_eq!(name_of(&zd, "users", "u-1").as_deref(), Some("Old"));
     assert!(wait_until(WAIT, || write_batch(
         c.as_ref(),
@@ -338,10 +342,61 @@ fn a_version_parked_behind_a_late_job_starts_no_age_clock() {
         assert_eq!(m.headers["crm-sync.retry.attempts"], "0", "waiting is no attempt");
     }
     zd.set_job_queue_stalled(false);
+    zd.run_stalled_jobs();
     assert!(env.wait_drained(WAIT), "every event has an outcome");
     assert_eq!(name_of(&zd, "users", "Z-1").as_deref(), Some("Old"));
     assert!(env.read_dlq().is_empty());
     service.stop(StopMode::Graceful);
+}
+
+/// A late job's hold is on the state topic: the record's next owner (here, after a
+/// restart) holds the record too, follows the job, and writes the newer version only once
+/// the job has run.
+#[test]
+fn the_next_owner_holds_a_record_whose_late_job_may_still_land() {
+    let zd = zendesk();
+    zd.set_job_queue_stalled(true);
+    let env = Env::new(1);
+    let mut config = env.config_for(&zd);
+    config.kafka.retry_topic = Some(env.retry.clone());
+    config.tenants[0].batch_linger_ms = 300;
+    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 300;
+    let first = pipeline::start(config.clone()).expect("service starts");
+    env.produce(&[
+        upsert("e1", "Z-1", 1, "Ada", "Old"),
+        upsert("e2", "Z-2", 1, "Bob", "Two"),
+    ]);
+    let parked = || {
+        tools::end_offsets(&env.bootstrap, &env.retry, env.partitions)
+            .map(|ends| ends.iter().sum::<i64>())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(WAIT, || parked() >= 2),
+        "the job went late and its events were parked"
+    );
+    first.stop(StopMode::Graceful);
+    // The late job is still queued at Zendesk; jobs queued from now on run at once.
+    zd.set_job_queue_stalled(false);
+
+    let second = pipeline::start(config).expect("service starts again");
+    env.produce(&[
+        upsert("e3", "Z-1", 2, "Ada", "New"),
+        upsert("e4", "Z-3", 1, "Cy", "Three"),
+    ]);
+    assert!(wait_until(WAIT, || name_of(&zd, "users", "Z-3").as_deref() == Some("Three")));
+    assert_eq!(name_of(&zd, "users", "Z-1"), None, "Z-1 waits for the late job");
+    zd.run_stalled_jobs();
+    assert!(
+        wait_until(WAIT, || name_of(&zd, "users", "Z-1").as_deref() == Some("New")),
+        "Z-1 holds {:?}",
+        name_of(&zd, "users", "Z-1")
+    );
+    assert!(env.wait_drained(WAIT), "every event has an outcome");
+    assert_eq!(name_of(&zd, "users", "Z-1").as_deref(), Some("New"));
+    assert_eq!(name_of(&zd, "users", "Z-2").as_deref(), Some("Two"));
+    assert!(env.read_dlq().is_empty());
+    second.stop(StopMode::Graceful);
 }
 
 #[test]

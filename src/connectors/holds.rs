@@ -19,13 +19,16 @@
 //! Zendesk job lets nothing through, not even its own event: a replay would queue
 //! another job, which could go late too and take another of the account's 30 job slots.
 //!
-//! Holds live in the member's memory. A record whose partition moves to another member,
-//! or whose member is killed, while a hold is on, is not held by the new owner (README,
-//! known limits).
+//! A hold is written to the state topic ([`HoldLog`]) before the write's answer goes
+//! back (the answer lets the event's offset be committed), so the record's next owner
+//! reads it back with the confirmed states ([`Holds::restore`]) and holds the record too;
+//! a Zendesk job it names is taken over and followed ([`Holds::set_adopter`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use futures::future::BoxFuture;
 
@@ -54,68 +57,183 @@ pub struct RecordRef {
 }
 
 impl RecordRef {
-    pub fn of(req: &WriteRequest) -> Self {
+    pub fn new(object: &str, external_id: &str) -> Self {
         RecordRef {
-            object: req.object.clone(),
-            external_id: req.external_id.to_lowercase(),
+            object: object.to_string(),
+            external_id: external_id.to_lowercase(),
         }
     }
+
+    pub fn of(req: &WriteRequest) -> Self {
+        RecordRef::new(&req.object, &req.external_id)
+    }
 }
+
+/// A hold as it is recorded on the state topic (in the partition of the record's
+/// state), so that the record's next owner, after a crash or a rebalance, holds it too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldMarker {
+    pub tenant: String,
+    /// The state topic partition: the record's input partition.
+    pub partition: i32,
+    pub object: String,
+    /// As the CRMs match it (lower-cased).
+    pub external_id: String,
+    /// The version whose write may still land.
+    pub version: u64,
+    /// The event whose replay may go through (it carries the same data); `None`: none.
+    pub passes: Option<String>,
+    /// Tells holds apart: a job id, or `timeout`.
+    pub by: String,
+    /// Shown in the answer to a held write.
+    pub why: String,
+    /// Milliseconds since the Unix epoch after which the hold is over, whatever happened.
+    pub until_ms: u64,
+    /// The Zendesk job that holds the record, which the next owner polls.
+    pub job: Option<String>,
+}
+
+impl HoldMarker {
+    /// A marker for `req`'s record, held `by` until `until`.
+    pub fn of(tenant: &str, req: &WriteRequest, passes: Option<String>, by: &str, why: String, until: Instant) -> Self {
+        let record = RecordRef::of(req);
+        HoldMarker {
+            tenant: tenant.to_string(),
+            partition: req.state_partition,
+            object: record.object,
+            external_id: record.external_id,
+            version: req.version,
+            passes,
+            by: by.to_string(),
+            why,
+            until_ms: epoch_ms(until),
+            job: None,
+        }
+    }
+
+    fn record(&self) -> RecordRef {
+        RecordRef::new(&self.object, &self.external_id)
+    }
+
+    /// When the hold is over, on this process's clock; `None` if it already is.
+    fn until(&self) -> Option<Instant> {
+        let now_ms = epoch_ms(Instant::now());
+        let left = self.until_ms.checked_sub(now_ms).filter(|ms| *ms > 0)?;
+        Some(Instant::now() + Duration::from_millis(left))
+    }
+}
+
+/// An instant as milliseconds since the Unix epoch.
+fn epoch_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    };
+    wall.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where holds are recorded (the state topic), each write until it is acknowledged.
+pub trait HoldLog: Send + Sync {
+    fn record(&self, markers: Vec<HoldMarker>) -> BoxFuture<'static, ()>;
+}
+
+/// Takes over a Zendesk job a hold read back from the state topic names: follows it and
+/// ends the hold when it has run (its records, and when its status expires).
+pub type Adopter = Box<dyn Fn(String, Vec<RecordRef>, Instant) + Send + Sync>;
 
 /// What keeps a record held.
 #[derive(Debug, Clone)]
 struct Hold {
-    /// The version whose write may still land (for the answer's message).
     version: u64,
-    /// The event whose replay may go through (it carries the same data); `None`: none.
     passes: Option<String>,
-    /// Tells holds apart for [`Holds::release`]: a job id, or `timeout`.
     by: String,
-    /// Shown in the answer to a held write.
     why: String,
-    /// Over then, whatever happened; `None`: until released.
-    until: Option<Instant>,
+    /// Over then, whatever happened.
+    until: Instant,
 }
 
 /// The holds of one tenant's connector.
 #[derive(Default)]
 pub struct Holds {
     held: Mutex<HashMap<RecordRef, Vec<Hold>>>,
+    tenant: String,
+    log: Option<Arc<dyn HoldLog>>,
+    adopter: std::sync::OnceLock<Adopter>,
 }
 
 impl Holds {
+    /// The holds of `tenant`, recorded in `log`.
+    pub fn new(tenant: &str, log: Option<Arc<dyn HoldLog>>) -> Self {
+        Holds {
+            tenant: tenant.to_string(),
+            log,
+            ..Holds::default()
+        }
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// Sets who takes over the Zendesk jobs named by holds read back (once).
+    pub fn set_adopter(&self, adopter: Adopter) {
+        let _ = self.adopter.set(adopter);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RecordRef, Vec<Hold>>> {
         // Never held across an await or a call that can panic.
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Holds `record`: its write of `version` may still land; `passes`, the event whose
-    /// replay may go through anyway.
-    pub fn hold(
-        &self,
-        record: RecordRef,
-        version: u64,
-        passes: Option<String>,
-        by: &str,
-        why: String,
-        until: Option<Instant>,
-    ) {
+    /// Holds the marker's record in memory (see [`record`](Self::record) for the state
+    /// topic).
+    pub fn hold(&self, marker: &HoldMarker) {
+        let Some(until) = marker.until() else { return };
         let mut held = self.lock();
         if held.len() >= SWEEP_AT && held.len().is_power_of_two() {
             // Records never written again would keep their expired holds for good.
             let now = Instant::now();
             held.retain(|_, holds| {
-                holds.retain(|h| h.until.is_none_or(|t| t > now));
+                holds.retain(|h| h.until > now);
                 !holds.is_empty()
             });
         }
-        held.entry(record).or_default().push(Hold {
-            version,
-            passes,
-            by: by.to_string(),
-            why,
+        held.entry(marker.record()).or_default().push(Hold {
+            version: marker.version,
+            passes: marker.passes.clone(),
+            by: marker.by.clone(),
+            why: marker.why.clone(),
             until,
         });
+    }
+
+    /// Writes holds to the state topic; returns once they are acknowledged there.
+    pub async fn record(&self, markers: Vec<HoldMarker>) {
+        if let (Some(log), false) = (&self.log, markers.is_empty()) {
+            log.record(markers).await;
+        }
+    }
+
+    /// Takes up holds read back from the state topic: those not over yet hold their
+    /// records, and the Zendesk jobs they name are followed.
+    pub fn restore(&self, markers: &[HoldMarker]) {
+        let mut jobs: HashMap<String, (Vec<RecordRef>, Instant)> = HashMap::new();
+        for m in markers.iter().filter(|m| m.tenant == self.tenant) {
+            let Some(until) = m.until() else { continue };
+            self.hold(m);
+            if let Some(job) = &m.job {
+                let entry = jobs.entry(job.clone()).or_insert_with(|| (Vec::new(), until));
+                entry.0.push(m.record());
+            }
+        }
+        if let Some(adopt) = self.adopter.get() {
+            for (job, (records, until)) in jobs {
+                adopt(job, records, until);
+            }
+        }
     }
 
     /// Ends the holds placed `by` (a finished job) on `records`.
@@ -138,7 +256,7 @@ impl Holds {
         let key = RecordRef::of(req);
         let holds = held.get_mut(&key)?;
         let now = Instant::now();
-        holds.retain(|h| h.until.is_none_or(|t| t > now));
+        holds.retain(|h| h.until > now);
         if holds.is_empty() {
             held.remove(&key);
             return None;
@@ -149,7 +267,7 @@ impl Holds {
         // A timeout's hold ends at a known time; a job's when it has run (its `until` is
         // only the day after which no status is kept).
         let wait = match blocking.until {
-            Some(t) if blocking.by == TIMEOUT => t.saturating_duration_since(now),
+            t if blocking.by == TIMEOUT => t.saturating_duration_since(now),
             _ => RECHECK_JOB,
         }
         .clamp(RECHECK_MIN, RECHECK_MAX);
@@ -191,18 +309,25 @@ impl Held {
         Held { inner, holds, window }
     }
 
-    fn note(holds: &Holds, window: Duration, req: &WriteRequest, result: &Result<WriteOk, DeliveryError>) {
-        if let Err(e) = result {
-            if may_still_land(e) && !window.is_zero() {
-                let why = format!(
-                    "the write of it we gave up on ({}) may still be running",
-                    e.code.as_str()
-                );
-                let until = Some(Instant::now() + window);
-                let passes = Some(req.event_id.clone());
-                holds.hold(RecordRef::of(req), req.version, passes, TIMEOUT, why, until);
-            }
-        }
+    /// The hold a failed write leaves on its record, if it may still land.
+    fn hold_after(
+        holds: &Holds,
+        window: Duration,
+        req: &WriteRequest,
+        result: &Result<WriteOk, DeliveryError>,
+    ) -> Option<HoldMarker> {
+        let e = result
+            .as_ref()
+            .err()
+            .filter(|e| may_still_land(e) && !window.is_zero())?;
+        let why = format!(
+            "the write of it we gave up on ({}) may still be running",
+            e.code.as_str()
+        );
+        let passes = Some(req.event_id.clone());
+        let marker = HoldMarker::of(holds.tenant(), req, passes, TIMEOUT, why, Instant::now() + window);
+        holds.hold(&marker);
+        Some(marker)
     }
 }
 
@@ -219,7 +344,12 @@ impl Connector for Held {
         let write = self.inner.write(request.clone());
         Box::pin(async move {
             let result = write.await;
-            Held::note(&holds, window, &request, &result);
+            // Recorded before the answer goes back: the answer lets the event's offset be
+            // committed, after which only the state topic tells the next owner.
+            let markers = Held::hold_after(&holds, window, &request, &result)
+                .into_iter()
+                .collect();
+            holds.record(markers).await;
             result
         })
     }
@@ -250,9 +380,12 @@ impl Connector for Held {
                 Some(w) => w.await,
                 None => Vec::new(),
             };
-            for (req, result) in free.iter().zip(&written) {
-                Held::note(&holds, window, req, result);
-            }
+            let markers = free
+                .iter()
+                .zip(&written)
+                .filter_map(|(req, result)| Held::hold_after(&holds, window, req, result))
+                .collect();
+            holds.record(markers).await;
             let mut written = written.into_iter();
             answers
                 .iter_mut()
@@ -283,23 +416,22 @@ mod tests {
             fields: Default::default(),
             event_id: format!("e-{key}-{version}"),
             version,
+            state_partition: 0,
         }
+    }
+
+    fn marker(key: &str, version: u64, passes: bool, by: &str, until: Instant) -> HoldMarker {
+        let req = request(key, version);
+        let passes = passes.then(|| req.event_id.clone());
+        HoldMarker::of("acme", &req, passes, by, format!("held by {by}"), until)
     }
 
     #[test]
     fn a_hold_stops_other_writes_of_its_record_until_released_or_over() {
-        let holds = Holds::default();
-        let a = || RecordRef::of(&request("A", 0));
-        let later = Some(Instant::now() + Duration::from_secs(60));
-        holds.hold(a(), 1, Some("e-A-1".into()), "timeout", "timed out".into(), later);
-        holds.hold(
-            RecordRef::of(&request("a", 0)),
-            2,
-            None,
-            "job-2",
-            "job 2 is still queued".into(),
-            None,
-        );
+        let holds = Holds::new("acme", None);
+        let later = Instant::now() + Duration::from_secs(60);
+        holds.hold(&marker("A", 1, true, TIMEOUT, later));
+        holds.hold(&marker("a", 2, false, "job-2", later));
         assert!(holds.check(&request("B", 5)).is_none(), "another record goes");
         let e = holds.check(&request("A", 3)).expect("held, ignoring case");
         assert!(e.is_wait() && e.message.contains("version 1"), "{e}");
@@ -307,7 +439,7 @@ mod tests {
         // and the job's own event too.
         assert!(holds.check(&request("A", 1)).is_some());
         assert!(holds.check(&request("A", 2)).is_some());
-        holds.release([&a()], "job-2");
+        holds.release([&RecordRef::new("users", "A")], "job-2");
         assert!(
             holds.check(&request("A", 1)).is_none(),
             "the timed-out event itself goes"
@@ -317,15 +449,37 @@ mod tests {
             "another version waits out the window"
         );
 
-        let past = Instant::now();
-        holds.hold(
-            RecordRef::of(&request("C", 0)),
-            1,
-            None,
-            "timeout",
-            "timed out".into(),
-            Some(past),
-        );
+        holds.hold(&marker("C", 1, false, TIMEOUT, Instant::now()));
         assert!(holds.check(&request("C", 2)).is_none(), "an expired hold is over");
+    }
+
+    #[test]
+    fn holds_read_back_hold_their_records_and_hand_their_jobs_over() {
+        let later = Instant::now() + Duration::from_secs(60);
+        let mut job = marker("J", 1, false, "V3-1", later);
+        job.job = Some("V3-1".into());
+        let other_tenant = HoldMarker {
+            tenant: "globex".into(),
+            ..marker("K", 1, false, TIMEOUT, later)
+        };
+        let expired = marker("L", 1, false, TIMEOUT, Instant::now() - Duration::from_secs(1));
+        let round_trip: Vec<HoldMarker> = [job, other_tenant, expired]
+            .iter()
+            .map(|m| serde_json::from_slice(&serde_json::to_vec(m).unwrap()).unwrap())
+            .collect();
+        let holds = Holds::new("acme", None);
+        let adopted = Arc::new(Mutex::new(Vec::new()));
+        let seen = adopted.clone();
+        holds.set_adopter(Box::new(move |job, records, _| {
+            seen.lock().unwrap().push((job, records));
+        }));
+        holds.restore(&round_trip);
+        assert!(holds.check(&request("J", 2)).is_some(), "held by the job");
+        assert!(holds.check(&request("K", 2)).is_none(), "another tenant's hold");
+        assert!(holds.check(&request("L", 2)).is_none(), "over already");
+        assert_eq!(
+            *adopted.lock().unwrap(),
+            vec![("V3-1".to_string(), vec![RecordRef::new("users", "J")])]
+        );
     }
 }

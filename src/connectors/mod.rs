@@ -49,6 +49,9 @@ pub struct WriteRequest {
     /// [`idempotency_key`]: WriteRequest::idempotency_key
     pub event_id: String,
     pub version: u64,
+    /// The state topic partition of the record (its input partition), where a hold on
+    /// it is recorded ([`holds`]).
+    pub state_partition: i32,
 }
 
 impl WriteRequest {
@@ -346,10 +349,14 @@ pub trait Connector: Send + Sync + 'static {
 
 /// The connector of one tenant, for its configured CRM. `validate()` has checked that the
 /// CRM's section is present.
-pub fn build(config: &Config, tenant: &TenantConfig) -> Result<Arc<dyn Connector>, reqwest::Error> {
+/// `holds`: where the connector holds records whose older write may still land.
+pub fn build(
+    config: &Config,
+    tenant: &TenantConfig,
+    holds: Arc<holds::Holds>,
+) -> Result<Arc<dyn Connector>, reqwest::Error> {
     let limit_pause = Duration::from_millis(config.retry.max_delay_ms);
     let missing = "validate() requires the CRM's section for the tenant's crm";
-    let holds = Arc::new(holds::Holds::default());
     let connector: Arc<dyn Connector> = match tenant.crm {
         CrmKind::Salesforce => Arc::new(salesforce::SalesforceConnector::new(
             tenant,

@@ -402,9 +402,9 @@ impl LoopContext {
         let mut partitions = partitions.to_vec();
         partitions.sort_unstable();
         partitions.dedup();
-        let mut markers = Vec::new();
+        let mut markers = store::Markers::default();
         if partitions.is_empty() {
-            return Ok(markers);
+            return Ok(markers.dead_lettered);
         }
         let diff = &self.deps.diff;
         let records = store::restore(
@@ -418,10 +418,16 @@ impl LoopContext {
         tracing::debug!(
             partitions = partitions.len(),
             records,
-            markers = markers.len(),
+            dead_lettered = markers.dead_lettered.len(),
+            holds = markers.holds.len(),
             "Restored confirmed states."
         );
-        Ok(markers)
+        // Before any of these partitions' events is handed to a tenant: a write that an
+        // earlier owner gave up on may still land, and its record is held here too.
+        for holds in self.deps.holds.values() {
+            holds.restore(&markers.holds);
+        }
+        Ok(markers.dead_lettered)
     }
 
     /// Starts an input partition's actor, and its retry partition's (assigned to the retry

@@ -76,6 +76,9 @@ pub struct PartitionDeps {
     pub tenant_share: usize,
     /// Requests to the consumer thread (seek after restart).
     pub commands: mpsc::Sender<ConsumerCommand>,
+    /// Each tenant's held records (`connectors::holds`), where holds read back from the
+    /// state topic are taken up.
+    pub holds: HashMap<Arc<str>, Arc<crate::connectors::holds::Holds>>,
 }
 
 pub struct PartitionActor {

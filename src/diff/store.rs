@@ -19,7 +19,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use futures::future::BoxFuture;
+
 use super::RecordState;
+use crate::connectors::holds::{HoldLog, HoldMarker};
 use crate::event::{PayloadHash, RecordKey};
 use crate::telemetry::metric;
 
@@ -92,6 +95,31 @@ impl DeadLettered {
     }
 }
 
+#[derive(Serialize, Deserialize)]
+struct HoldRecord {
+    hold: HoldMarker,
+}
+
+/// A hold's key on the state topic: one per record and holder (compaction keeps the
+/// latest of each).
+fn hold_key(m: &HoldMarker) -> String {
+    format!(
+        "\u{1f}hold\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+        m.tenant, m.object, m.external_id, m.by
+    )
+}
+
+fn decode_hold(bytes: &[u8]) -> Option<HoldMarker> {
+    serde_json::from_slice::<HoldRecord>(bytes).ok().map(|r| r.hold)
+}
+
+/// What a state partition holds besides confirmed states.
+#[derive(Debug, Default)]
+pub struct Markers {
+    pub dead_lettered: Vec<DeadLettered>,
+    pub holds: Vec<HoldMarker>,
+}
+
 /// The record identity as the state topic's message key (what compaction keeps one of).
 fn state_key(record: &RecordKey) -> String {
     format!("{}\u{1f}{}\u{1f}{}", record.tenant, record.entity, record.key)
@@ -156,14 +184,17 @@ impl StateStore {
     /// Writes one record's confirmed state to `partition`, retrying until acknowledged.
     /// Until it returns, the event's outcome is not final, so its offset stays uncommitted.
     pub async fn persist(&self, partition: i32, record: &RecordKey, state: &RecordState) {
-        let key = state_key(record);
-        let value = encode(record, state);
+        self.write(partition, &state_key(record), &encode(record, state)).await;
+    }
+
+    /// Writes one message to `partition`, retrying until acknowledged.
+    async fn write(&self, partition: i32, key: &str, value: &[u8]) {
         let mut delay = Duration::from_millis(100);
         loop {
             let msg = FutureRecord::to(&self.topic)
                 .partition(partition)
-                .key(&key)
-                .payload(&value);
+                .key(key)
+                .payload(value);
             match self.producer.send(msg, Duration::from_secs(30)).await {
                 Ok(_) => return,
                 Err((e, _)) => {
@@ -178,12 +209,26 @@ impl StateStore {
     }
 }
 
+impl HoldLog for StateStore {
+    fn record(&self, markers: Vec<HoldMarker>) -> BoxFuture<'static, ()> {
+        let store = self.clone();
+        Box::pin(async move {
+            let writes = markers.iter().map(|m| {
+                let value = serde_json::to_vec(&HoldRecord { hold: m.clone() }).unwrap_or_default();
+                let store = &store;
+                async move { store.write(m.partition, &hold_key(m), &value).await }
+            });
+            futures::future::join_all(writes).await;
+        })
+    }
+}
+
 /// States handed on at a time while a partition is read back, so that a large partition
 /// is never held in memory whole.
 const RESTORE_CHUNK: usize = 10_000;
 
 /// Reads state partitions from their start to their current end, with one client, and
-/// hands the states to `sink` in chunks as they come, and the dead-letter markers to
+/// hands the states to `sink` in chunks as they come, and the dead-letter and hold markers to
 /// `markers`. Returns how many states were read. A partition the topic does not have is
 /// an error: its states cannot be read.
 pub fn restore(
@@ -192,7 +237,7 @@ pub fn restore(
     partitions: &[i32],
     timeout: Duration,
     mut sink: impl FnMut(Vec<(RecordKey, RecordState)>),
-    markers: &mut Vec<DeadLettered>,
+    markers: &mut Markers,
 ) -> KafkaResult<usize> {
     let consumer: BaseConsumer = client
         .clone()
@@ -258,7 +303,9 @@ pub fn restore(
                 sink(std::mem::take(&mut chunk));
             }
         } else if let Some(marker) = message.payload().and_then(DeadLettered::decode) {
-            markers.push(marker);
+            markers.dead_lettered.push(marker);
+        } else if let Some(hold) = message.payload().and_then(decode_hold) {
+            markers.holds.push(hold);
         }
     }
     if !chunk.is_empty() {

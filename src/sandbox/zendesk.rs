@@ -225,27 +225,29 @@ impl ZendeskSandbox {
         lock(&self.account).setup.job_duration_ms = ms;
     }
 
-    /// Stalls the job queue (jobs queued from now on wait), or lets it move again: the
-    /// jobs it held run now, in the order they were queued.
+    /// Stalls the job queue: jobs queued from now on wait until
+    /// [`run_stalled_jobs`](Self::run_stalled_jobs); `false` lets new jobs run again.
     pub fn set_job_queue_stalled(&self, stalled: bool) {
+        lock(&self.account).queue_stalled = stalled;
+    }
+
+    /// Runs the jobs the stalled queue held, in the order they were queued.
+    pub fn run_stalled_jobs(&self) {
         let mut account = lock(&self.account);
-        account.queue_stalled = stalled;
-        if !stalled {
-            let mut held: Vec<(Instant, String)> = account
+        let mut held: Vec<(Instant, String)> = account
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.stalled.is_some())
+            .map(|(id, j)| (j.created, id.clone()))
+            .collect();
+        held.sort();
+        for (_, id) in held {
+            let items = account
                 .jobs
-                .iter()
-                .filter(|(_, j)| j.stalled.is_some())
-                .map(|(id, j)| (j.created, id.clone()))
-                .collect();
-            held.sort();
-            for (_, id) in held {
-                let items = account
-                    .jobs
-                    .get_mut(&id)
-                    .and_then(|j| j.stalled.take())
-                    .unwrap_or_default();
-                account.run_job(&id, "users", &items);
-            }
+                .get_mut(&id)
+                .and_then(|j| j.stalled.take())
+                .unwrap_or_default();
+            account.run_job(&id, "users", &items);
         }
     }
 

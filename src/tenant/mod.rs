@@ -212,7 +212,7 @@ impl TenantActor {
     /// Takes a record's slot for `pending` (state `Checking`); returns the hash of the
     /// payload it would write.
     fn take_slot(&mut self, key: RecordKey, pending: Pending) -> Option<PayloadHash> {
-        let (request, payload) = self.build_request(&pending.work.event);
+        let (request, payload) = self.build_request(&pending.work.event, pending.work.source.origin.partition);
         // An event back from the retry topic goes on counting its attempts and age.
         let retried = pending.work.source.retried;
         let first_failure = retried.map(|r| {
@@ -302,7 +302,8 @@ impl TenantActor {
         );
     }
 
-    fn build_request(&self, event: &Event) -> (WriteRequest, Option<PayloadHash>) {
+    /// `state_partition`: the input partition of the record's state (its origin's).
+    fn build_request(&self, event: &Event, state_partition: i32) -> (WriteRequest, Option<PayloadHash>) {
         // Indexing cannot fail: decode only accepts entities this tenant maps.
         let entity = &self.config.entities[&*event.record.entity];
         let fields = match event.op {
@@ -318,6 +319,7 @@ impl TenantActor {
             fields,
             event_id: event.event_id.clone(),
             version: event.version,
+            state_partition,
         };
         (request, payload)
     }

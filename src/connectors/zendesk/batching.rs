@@ -47,7 +47,7 @@ use serde_json::{json, Value};
 
 use super::client::{record_body, ZendeskClient};
 use super::errors;
-use crate::connectors::holds::{Holds, RecordRef};
+use crate::connectors::holds::{HoldMarker, Holds, RecordRef};
 use crate::connectors::{CallsDone, DeliveryError, ErrorCode, WriteOk, WriteRequest};
 use crate::event::Op;
 
@@ -240,8 +240,7 @@ async fn create_or_update_many(
             return Ok(vec![Err(e); n]);
         }
     };
-    let records = requests.iter().map(|r| (RecordRef::of(r), r.version)).collect();
-    Ok(match Jobs::follow(client, job, records, slot).await {
+    Ok(match Jobs::follow(client, job, requests, slot).await {
         Ok(job) => outcomes(requests, &job),
         Err(e) => vec![Err(e); n],
     })
@@ -294,8 +293,8 @@ struct Waiter {
     queued: Instant,
     /// The status last reported, for the timeout's message.
     status: String,
-    /// The job's records, with the version each carries.
-    records: Vec<(RecordRef, u64)>,
+    /// The holds the job's records get if it goes late.
+    records: Vec<HoldMarker>,
     /// The job's slot among the account's [`JOB_LIMIT`]: a late job keeps it.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -318,16 +317,26 @@ impl Jobs {
     async fn follow(
         client: &Arc<ZendeskClient>,
         job: JobStatus,
-        records: Vec<(RecordRef, u64)>,
+        requests: &[WriteRequest],
         slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<JobStatus, DeliveryError> {
         if finished(&job) {
             return Ok(job);
         }
+        let now = Instant::now();
+        // Its status expires a day after it was queued: no hold outlasts that.
+        let expires = now + JOB_STATUS_LIFETIME;
+        let why = format!("Zendesk job {} with it may still run", job.id);
+        let records = requests
+            .iter()
+            .map(|r| HoldMarker {
+                job: Some(job.id.clone()),
+                ..HoldMarker::of(client.jobs.holds.tenant(), r, None, &job.id, why.clone(), expires)
+            })
+            .collect();
         let (done, result) = oneshot::channel();
         let start_poller = {
             let mut open = client.jobs.lock();
-            let now = Instant::now();
             open.waiting.insert(
                 job.id.clone(),
                 Waiter {
@@ -351,23 +360,32 @@ impl Jobs {
             .unwrap_or_else(|_| Err(DeliveryError::unexpected_retryable("job status poller ended".into())))
     }
 
-    /// Moves the jobs past their timeout to the late ones (their waiters get a
-    /// [`CrmWritePending`](crate::connectors::ErrorCode::CrmWritePending) answer), drops
-    /// late jobs whose status has expired, and returns the ids still open, or `None` (and
-    /// the poller ends) when none is.
-    fn open_ids(&self, poll_interval: Duration, tenant: &str) -> Option<OpenIds> {
+    /// Takes the waits past their job timeout out of the waiting ones.
+    fn take_timed_out(&self) -> Vec<(String, Waiter)> {
         let mut open = self.lock();
         let now = Instant::now();
-        let timed_out: Vec<String> = open
+        let ids: Vec<String> = open
             .waiting
             .iter()
             .filter(|(_, w)| now >= w.deadline)
             .map(|(id, _)| id.clone())
             .collect();
-        for id in timed_out {
-            let Some(mut w) = open.waiting.remove(&id) else {
-                continue;
-            };
+        ids.into_iter()
+            .filter_map(|id| open.waiting.remove(&id).map(|w| (id, w)))
+            .collect()
+    }
+
+    /// Gives up waiting for jobs past their timeout: their records are held (in memory,
+    /// then on the state topic, before anyone is answered), the jobs are followed on as
+    /// late ones, and their waiters get a
+    /// [`CrmWritePending`](crate::connectors::ErrorCode::CrmWritePending) answer.
+    async fn give_up(&self, timed_out: Vec<(String, Waiter)>, poll_interval: Duration, tenant: &str) {
+        let markers: Vec<HoldMarker> = timed_out.iter().flat_map(|(_, w)| w.records.clone()).collect();
+        for m in &markers {
+            self.holds.hold(m);
+        }
+        self.holds.record(markers).await;
+        for (id, mut w) in timed_out {
             tracing::warn!(
                 tenant,
                 job = %id,
@@ -375,12 +393,6 @@ impl Jobs {
                 "Zendesk job still {} at the job timeout; its records wait until it has run.",
                 w.status
             );
-            for (record, version) in &w.records {
-                let why = format!("Zendesk job {id} with it is still {}", w.status);
-                // Its status expires a day after it was queued: no later than that.
-                let until = Some(w.queued + JOB_STATUS_LIFETIME);
-                self.holds.hold(record.clone(), *version, None, &id, why, until);
-            }
             let e = DeliveryError::write_pending(
                 format!(
                     "Zendesk job {id} still {} at the job timeout; it may still run",
@@ -388,16 +400,52 @@ impl Jobs {
                 ),
                 poll_interval.saturating_mul(4).max(Duration::from_secs(1)),
             );
-            let _ = w.done.send(Err(e));
-            open.late.insert(
+            self.lock().late.insert(
                 id,
                 Late {
                     expires: w.queued + JOB_STATUS_LIFETIME,
-                    records: w.records.drain(..).map(|(r, _)| r).collect(),
+                    records: w
+                        .records
+                        .iter()
+                        .map(|m| RecordRef::new(&m.object, &m.external_id))
+                        .collect(),
                     _slot: w.slot.take(),
                 },
             );
+            let _ = w.done.send(Err(e));
         }
+    }
+
+    /// Follows a job named by a hold read back from the state topic (its records are
+    /// held already): as a late job, until it has run or `expires`.
+    pub fn adopt(client: &Arc<ZendeskClient>, job: String, records: Vec<RecordRef>, expires: Instant) {
+        let start_poller = {
+            let mut open = client.jobs.lock();
+            if open.waiting.contains_key(&job) {
+                return;
+            }
+            let slot = client.jobs.slots.clone().try_acquire_owned().ok();
+            let late = open.late.entry(job).or_insert_with(|| Late {
+                expires,
+                records: Vec::new(),
+                _slot: slot,
+            });
+            late.records.extend(records);
+            !std::mem::replace(&mut open.polling, true)
+        };
+        if start_poller {
+            // Called from the consumer thread: the poller runs on the I/O runtime.
+            drop(crate::offload::spawn(poll_open_jobs(client.clone())));
+        } else {
+            client.jobs.wake.notify_one();
+        }
+    }
+
+    /// Drops late jobs whose status has expired, and returns the ids still open, or
+    /// `None` (and the poller ends) when none is.
+    fn open_ids(&self, tenant: &str) -> Option<OpenIds> {
+        let mut open = self.lock();
+        let now = Instant::now();
         let expired: Vec<String> = open
             .late
             .iter()
@@ -471,7 +519,11 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
     loop {
         cadence.tick().await;
         let tenant = client.meter.tenant.as_ref();
-        let Some(OpenIds { ids, only_late }) = client.jobs.open_ids(client.job_poll_interval, tenant) else {
+        let timed_out = client.jobs.take_timed_out();
+        if !timed_out.is_empty() {
+            client.jobs.give_up(timed_out, client.job_poll_interval, tenant).await;
+        }
+        let Some(OpenIds { ids, only_late }) = client.jobs.open_ids(tenant) else {
             return;
         };
 
@@ -582,6 +634,7 @@ mod tests {
             fields: Default::default(),
             event_id: format!("e-{key}"),
             version: 1,
+            state_partition: 0,
         }
     }
 

@@ -45,7 +45,8 @@ impl ZendeskConnector {
         let (http, meter) = http::tenant_client(tenant, "zendesk")?;
         let base_url = zd.base_url.trim_end_matches('/').to_string();
         let auth = auth::Auth::new(http.clone(), &base_url, zd, meter.clone());
-        Ok(ZendeskConnector {
+        let adopter_holds = holds.clone();
+        let connector = ZendeskConnector {
             client: Arc::new(client::ZendeskClient {
                 http,
                 base_url,
@@ -57,7 +58,15 @@ impl ZendeskConnector {
                 jobs: batching::Jobs::new(holds),
             }),
             bulk_refused: Arc::new(AtomicBool::new(false)),
-        })
+        };
+        // A late job named by a hold read back from the state topic is followed here.
+        let client = Arc::downgrade(&connector.client);
+        adopter_holds.set_adopter(Box::new(move |job, records, expires| {
+            if let Some(client) = client.upgrade() {
+                batching::Jobs::adopt(&client, job, records, expires);
+            }
+        }));
+        Ok(connector)
     }
 }
 
