@@ -275,6 +275,55 @@ fn a_write_that_may_still_land_holds_its_record_against_other_versions() {
     assert_eq!(block(c.write(org("o-2", 1))), Ok(WriteOk::Created));
 }
 
+/// A connection that breaks after the request was sent may have delivered it; one that
+/// could not be made did not.
+#[test]
+fn a_write_whose_connection_broke_after_sending_holds_its_record() {
+    // Reads each request, then closes the connection without an answer.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+        }
+    });
+    let config_at = |url: &str| {
+        let text = format!(
+            "[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\ngroup_id = \"g\"\ninput_topics = [\"in\"]\ndlq_topic = \"d\"\nfailures_topic = \"f\"\nstate_topic = \"s\"\n\n[[tenants]]\nname = \"acme\"\ncrm = \"zendesk\"\nrequest_timeout_ms = 5000\n[tenants.zendesk]\nbase_url = \"{url}\"\nemail = \"a@b.c\"\napi_token = \"t\"\n[tenants.entities.org]\nobject = \"organizations\"\nexternal_id_field = \"external_id\"\nfields = {{ name = \"name\" }}\n"
+        );
+        Config::from_toml_with_env(&text, |_| None).expect("valid config")
+    };
+    let org = |version: u64| {
+        request(
+            Op::Upsert,
+            "organizations",
+            "external_id",
+            "o-1",
+            version,
+            json!({"name": "O"}),
+        )
+    };
+
+    let broken = connector(&config_at(&format!("http://{addr}")));
+    let lost = block(broken.write(org(1))).expect_err("no answer");
+    assert_eq!(lost.code, ErrorCode::CrmConnectionLost, "{lost}");
+    let newer = block(broken.write(org(2)));
+    assert!(newer.as_ref().is_err_and(DeliveryError::is_wait), "{newer:?}");
+
+    // Nothing listens here: the request never left.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let refused = connector(&config_at(&format!("http://{closed}")));
+    let never_sent = block(refused.write(org(1))).expect_err("refused");
+    assert_eq!(never_sent.code, ErrorCode::CrmConnection, "{never_sent}");
+    let newer = block(refused.write(org(2))).expect_err("refused again");
+    assert_eq!(newer.code, ErrorCode::CrmConnection, "not held: {newer}");
+}
+
 /// Through the whole pipeline: an older version's job that lands late does not leave the
 /// record on the older version.
 #[test]

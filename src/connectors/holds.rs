@@ -3,8 +3,8 @@
 //! older write of it may still land** (but the replay of a timed-out event itself).
 //!
 //! A write we stopped waiting for is not a write that did not happen:
-//! - a request our client timed out (`request_timeout_ms`), or that a gateway answered
-//!   504, may still be running at the CRM, for up to `tenants[].late_write_window_ms`.
+//! - a request our client timed out (`request_timeout_ms`), that a gateway answered 504,
+//!   or whose connection broke after it was sent, may still be running at the CRM, for up to `tenants[].late_write_window_ms`.
 //!   Its default of 10 minutes is Salesforce's documented limit ("The timeout limit for
 //!   REST and SOAP API calls is 10 minutes"); Dataverse and Zendesk document none
 //!   (UNVERIFIED: third parties cite 2 minutes for a Dataverse message), so the same is
@@ -290,9 +290,10 @@ impl Holds {
     }
 }
 
-/// Whether a failed write may still land at the CRM: we timed out, or a gateway did.
+/// Whether a failed write may still land at the CRM: we timed out, or a gateway did, or
+/// the connection broke after the request was sent.
 fn may_still_land(e: &DeliveryError) -> bool {
-    e.code == ErrorCode::CrmTimeout || e.http_status == Some(504)
+    matches!(e.code, ErrorCode::CrmTimeout | ErrorCode::CrmConnectionLost) || e.http_status == Some(504)
 }
 
 /// A connector whose writes respect [`Holds`]: held records are answered without a call,

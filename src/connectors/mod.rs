@@ -114,7 +114,10 @@ pub enum ErrorCode {
     CrmRowLock,
     CrmServerError,
     CrmTimeout,
+    /// No connection could be made: the request never reached the CRM.
     CrmConnection,
+    /// The connection broke after the request was sent: it may have reached the CRM.
+    CrmConnectionLost,
     CrmUnexpected,
     /// The CRM's API cannot address this record's key (Salesforce: `.` or `..` in a URL
     /// path).
@@ -137,6 +140,7 @@ impl ErrorCode {
             ErrorCode::CrmServerError => "crm_server_error",
             ErrorCode::CrmTimeout => "crm_timeout",
             ErrorCode::CrmConnection => "crm_connection",
+            ErrorCode::CrmConnectionLost => "crm_connection_lost",
             ErrorCode::CrmUnexpected => "crm_unexpected",
             ErrorCode::CrmUnaddressableKey => "crm_unaddressable_key",
             ErrorCode::CrmWritePending => "crm_write_pending",
@@ -244,8 +248,10 @@ impl DeliveryError {
     pub fn from_transport(e: reqwest::Error) -> Self {
         let code = if e.is_timeout() {
             ErrorCode::CrmTimeout
-        } else {
+        } else if e.is_connect() {
             ErrorCode::CrmConnection
+        } else {
+            ErrorCode::CrmConnectionLost
         };
         DeliveryError {
             class: ErrorClass::Retryable,
