@@ -467,6 +467,23 @@ fn dataverse_batches_of_deletes_are_well_formed() {
     );
 }
 
+/// A 404 to a delete means "already gone" only when it says the record does not exist;
+/// an entity set the environment lacks is a mapping error, not a deleted record.
+#[test]
+fn a_dataverse_404_for_a_missing_entity_set_is_not_a_deleted_record() {
+    let d = DynamicsSandbox::start("127.0.0.1:0", DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+    let c = connector(&config_for(&d));
+    let delete = |set: &str| request(Op::Delete, set, "crm_externalid", "N-1", 1, json!({}));
+    assert_eq!(block(c.write(delete("contacts"))), Ok(WriteOk::AlreadyAbsent));
+    let wrong_set = block(c.write(delete("contactz"))).expect_err("no such entity set");
+    assert_eq!(
+        (wrong_set.code, wrong_set.http_status),
+        (ErrorCode::CrmNotFound, Some(404)),
+        "{wrong_set}"
+    );
+    assert!(!wrong_set.is_retryable());
+}
+
 #[test]
 fn a_dataverse_batch_refused_as_a_whole_fails_none_of_its_records() {
     let d = DynamicsSandbox::start("127.0.0.1:0", DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();

@@ -97,7 +97,7 @@ pub fn outcome(op: Op, status: u16, body: &[u8], retry_after: Option<Duration>) 
         (Op::Upsert, 201) => Ok(WriteOk::Created),
         (Op::Upsert, 200 | 204) => Ok(WriteOk::Updated),
         (Op::Delete, 200 | 204) => Ok(WriteOk::Deleted),
-        (Op::Delete, 404) => Ok(WriteOk::AlreadyAbsent),
+        (Op::Delete, 404) if errors::is_record_absent(body) => Ok(WriteOk::AlreadyAbsent),
         _ => Err(errors::classify(status, body, retry_after)),
     }
 }

@@ -41,6 +41,21 @@ pub fn parse(body: &[u8]) -> (Option<String>, String) {
     }
 }
 
+/// `ObjectDoesNotExist`.
+const OBJECT_DOES_NOT_EXIST: &str = "0x80040217";
+
+/// Whether a 404 says the record is not there, as opposed to anything else not being
+/// found (an entity set the environment lacks, a wrong URL): `RecordNotFoundByEntityKey`,
+/// `ObjectDoesNotExist`, or an empty code with "Does Not Exist" (crm-apis.md §3.2, §3.3).
+pub fn is_record_absent(body: &[u8]) -> bool {
+    let (code, message) = parse(body);
+    match code.as_deref() {
+        Some(NOT_FOUND_BY_KEY | OBJECT_DOES_NOT_EXIST) => true,
+        None => message.contains("Does Not Exist"),
+        Some(_) => false,
+    }
+}
+
 /// Classifies a failed answer (of a request, or of one part of a `$batch`).
 pub fn classify(status: u16, body: &[u8], retry_after: Option<std::time::Duration>) -> DeliveryError {
     use ErrorClass::*;
