@@ -358,6 +358,8 @@ fn default_request_timeout_ms() -> u64 {
 fn default_late_write_window_ms() -> u64 {
     600_000
 }
+/// A hold read back after a restart lasts a day at most (`connectors::holds`).
+const MAX_LATE_WRITE_WINDOW_MS: u64 = 86_400_000;
 fn default_batch_size() -> usize {
     200
 }
@@ -731,6 +733,12 @@ impl Config {
             if t.batch_size == 0 {
                 return Err(ConfigError::invalid(key("batch_size"), "must be at least 1"));
             }
+            if t.late_write_window_ms > MAX_LATE_WRITE_WINDOW_MS {
+                return Err(ConfigError::invalid(
+                    key("late_write_window_ms"),
+                    format!("must be at most {MAX_LATE_WRITE_WINDOW_MS} (a day)"),
+                ));
+            }
             if t.request_timeout_ms == 0 {
                 return Err(ConfigError::invalid(key("request_timeout_ms"), "must be positive"));
             }
@@ -1001,6 +1009,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("kafka.drain_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_late_write_window_longer_than_a_day_is_refused() {
+        let env = [("SF_ID", "x"), ("SF_SECRET", "y")];
+        let with = |ms: u64| {
+            MINIMAL.replace(
+                "crm = \"salesforce\"",
+                &format!("crm = \"salesforce\"\nlate_write_window_ms = {ms}"),
+            )
+        };
+        let err = parse(&with(86_400_001), &env).unwrap_err().to_string();
+        assert!(err.contains("tenants[0].late_write_window_ms"), "{err}");
+        assert!(parse(&with(86_400_000), &env).is_ok());
     }
 
     #[test]

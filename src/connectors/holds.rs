@@ -115,11 +115,12 @@ impl HoldMarker {
         RecordRef::new(&self.object, &self.external_id)
     }
 
-    /// When the hold is over, on this process's clock; `None` if it already is.
-    fn until(&self) -> Option<Instant> {
+    /// How long the hold has left by this process's clock, at most `cap`; `None` if it
+    /// is over.
+    fn left(&self, cap: Duration) -> Option<Duration> {
         let now_ms = epoch_ms(Instant::now());
         let left = self.until_ms.checked_sub(now_ms).filter(|ms| *ms > 0)?;
-        Some(Instant::now() + Duration::from_millis(left))
+        Some(Duration::from_millis(left).min(cap))
     }
 }
 
@@ -138,21 +139,36 @@ fn epoch_ms(at: Instant) -> u64 {
 /// Where holds are recorded (the state topic), each write until it is acknowledged.
 pub trait HoldLog: Send + Sync {
     fn record(&self, markers: Vec<HoldMarker>) -> BoxFuture<'static, ()>;
+    /// Deletes the markers of holds that are over (tombstones).
+    fn forget(&self, markers: Vec<HoldMarker>) -> BoxFuture<'static, ()>;
+}
+
+/// No hold read back lasts longer than this from the moment it is read: a Zendesk job's
+/// status lives a day, and a late-write window of more than a day is not believed.
+const MAX_RESTORED_HOLD: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether a job id read back from the state topic looks like one Zendesk gives
+/// (`V3-<hex>`): anything else is not put into a poll's URL.
+fn plausible_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Takes over a Zendesk job a hold read back from the state topic names: follows it and
 /// ends the hold when it has run (its records, and when its status expires).
 pub type Adopter = Box<dyn Fn(String, Vec<RecordRef>, Instant) + Send + Sync>;
 
-/// What keeps a record held.
+/// What keeps a record held: its marker, and when it is over on this process's clock.
 #[derive(Debug, Clone)]
 struct Hold {
-    version: u64,
-    passes: Option<String>,
-    by: String,
-    why: String,
-    /// Over then, whatever happened.
+    marker: HoldMarker,
     until: Instant,
+}
+
+/// Takes the holds `pred` picks out of `holds`, and returns their markers.
+fn take_where(holds: &mut Vec<Hold>, pred: impl Fn(&Hold) -> bool) -> Vec<HoldMarker> {
+    let (taken, kept): (Vec<Hold>, Vec<Hold>) = std::mem::take(holds).into_iter().partition(|h| pred(h));
+    *holds = kept;
+    taken.into_iter().map(|h| h.marker).collect()
 }
 
 /// The holds of one tenant's connector.
@@ -188,26 +204,32 @@ impl Holds {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Holds the marker's record in memory (see [`record`](Self::record) for the state
-    /// topic).
-    pub fn hold(&self, marker: &HoldMarker) {
-        let Some(until) = marker.until() else { return };
-        let mut held = self.lock();
-        if held.len() >= SWEEP_AT && held.len().is_power_of_two() {
-            // Records never written again would keep their expired holds for good.
-            let now = Instant::now();
-            held.retain(|_, holds| {
-                holds.retain(|h| h.until > now);
-                !holds.is_empty()
-            });
+    /// Holds the marker's record in memory until `until` (see [`record`](Self::record)
+    /// for the state topic). The same hold twice is kept once.
+    pub fn hold(&self, marker: &HoldMarker, until: Instant) {
+        let mut expired = Vec::new();
+        {
+            let mut held = self.lock();
+            if held.len() >= SWEEP_AT && held.len() % SWEEP_AT == 0 {
+                // Records never written again would keep their expired holds for good.
+                let now = Instant::now();
+                held.retain(|_, holds| {
+                    expired.extend(take_where(holds, |h| h.until <= now));
+                    !holds.is_empty()
+                });
+            }
+            let holds = held.entry(marker.record()).or_default();
+            if !holds
+                .iter()
+                .any(|h| h.marker.by == marker.by && h.marker.version == marker.version)
+            {
+                holds.push(Hold {
+                    marker: marker.clone(),
+                    until,
+                });
+            }
         }
-        held.entry(marker.record()).or_default().push(Hold {
-            version: marker.version,
-            passes: marker.passes.clone(),
-            by: marker.by.clone(),
-            why: marker.why.clone(),
-            until,
-        });
+        self.forget(expired);
     }
 
     /// Writes holds to the state topic; returns once they are acknowledged there.
@@ -217,13 +239,30 @@ impl Holds {
         }
     }
 
+    /// Deletes the markers of holds that are over from the state topic, in the
+    /// background: one left behind only holds its record again, briefly, after a restore
+    /// (a timeout's is over by then; a job's is released at its first poll).
+    fn forget(&self, markers: Vec<HoldMarker>) {
+        if let (Some(log), false) = (&self.log, markers.is_empty()) {
+            drop(crate::offload::spawn(log.forget(markers)));
+        }
+    }
+
     /// Takes up holds read back from the state topic: those not over yet hold their
-    /// records, and the Zendesk jobs they name are followed.
+    /// records (for a day at most), and the Zendesk jobs they name are followed. A
+    /// marker naming a job id Zendesk would not give is ignored.
     pub fn restore(&self, markers: &[HoldMarker]) {
         let mut jobs: HashMap<String, (Vec<RecordRef>, Instant)> = HashMap::new();
         for m in markers.iter().filter(|m| m.tenant == self.tenant) {
-            let Some(until) = m.until() else { continue };
-            self.hold(m);
+            if m.job.as_deref().is_some_and(|j| !plausible_job_id(j)) {
+                tracing::warn!(tenant = %self.tenant, "A hold read back names a job id that is not Zendesk's; ignored.");
+                continue;
+            }
+            let Some(left) = m.left(MAX_RESTORED_HOLD) else {
+                continue;
+            };
+            let until = Instant::now() + left;
+            self.hold(m, until);
             if let Some(job) = &m.job {
                 let entry = jobs.entry(job.clone()).or_insert_with(|| (Vec::new(), until));
                 entry.0.push(m.record());
@@ -236,48 +275,58 @@ impl Holds {
         }
     }
 
-    /// Ends the holds placed `by` (a finished job) on `records`.
+    /// Ends the holds placed `by` (a finished job) on `records`, and deletes their markers.
     pub fn release<'a>(&self, records: impl IntoIterator<Item = &'a RecordRef>, by: &str) {
-        let mut held = self.lock();
-        for r in records {
-            if let Some(holds) = held.get_mut(r) {
-                holds.retain(|h| h.by != by);
-                if holds.is_empty() {
-                    held.remove(r);
+        let mut ended = Vec::new();
+        {
+            let mut held = self.lock();
+            for r in records {
+                if let Some(holds) = held.get_mut(r) {
+                    ended.extend(take_where(holds, |h| h.marker.by == by));
+                    if holds.is_empty() {
+                        held.remove(r);
+                    }
                 }
             }
         }
+        self.forget(ended);
     }
 
     /// The answer for `req` while an earlier write of its record may still land; `None`
     /// when it may go.
     pub fn check(&self, req: &WriteRequest) -> Option<DeliveryError> {
-        let mut held = self.lock();
         let key = RecordRef::of(req);
-        let holds = held.get_mut(&key)?;
         let now = Instant::now();
-        holds.retain(|h| h.until > now);
-        if holds.is_empty() {
-            held.remove(&key);
-            return None;
-        }
-        let blocking = holds
-            .iter()
-            .find(|h| h.passes.as_deref() != Some(req.event_id.as_str()))?;
-        // A timeout's hold ends at a known time; a job's when it has run (its `until` is
-        // only the day after which no status is kept).
-        let wait = match blocking.until {
-            t if blocking.by == TIMEOUT => t.saturating_duration_since(now),
-            _ => RECHECK_JOB,
-        }
-        .clamp(RECHECK_MIN, RECHECK_MAX);
-        Some(DeliveryError::write_pending(
-            format!(
-                "an earlier write of this record (version {}) may still land: {}",
-                blocking.version, blocking.why
-            ),
-            wait,
-        ))
+        let (answer, expired) = {
+            let mut held = self.lock();
+            let holds = held.get_mut(&key)?;
+            let expired: Vec<HoldMarker> = take_where(holds, |h| h.until <= now);
+            let blocking = holds
+                .iter()
+                .find(|h| h.marker.passes.as_deref() != Some(req.event_id.as_str()));
+            let answer = blocking.map(|h| {
+                // A timeout's hold ends at a known time; a job's when it has run (its
+                // `until` is only the day after which no status is kept).
+                let wait = if h.marker.by == TIMEOUT {
+                    h.until.saturating_duration_since(now)
+                } else {
+                    RECHECK_JOB
+                };
+                DeliveryError::write_pending(
+                    format!(
+                        "an earlier write of this record (version {}) may still land: {}",
+                        h.marker.version, h.marker.why
+                    ),
+                    wait.clamp(RECHECK_MIN, RECHECK_MAX),
+                )
+            });
+            if holds.is_empty() {
+                held.remove(&key);
+            }
+            (answer, expired)
+        };
+        self.forget(expired);
+        answer
     }
 
     /// Records held now (for tests and the README's figures).
@@ -326,8 +375,9 @@ impl Held {
             e.code.as_str()
         );
         let passes = Some(req.event_id.clone());
-        let marker = HoldMarker::of(holds.tenant(), req, passes, TIMEOUT, why, Instant::now() + window);
-        holds.hold(&marker);
+        let until = Instant::now() + window;
+        let marker = HoldMarker::of(holds.tenant(), req, passes, TIMEOUT, why, until);
+        holds.hold(&marker, until);
         Some(marker)
     }
 }
@@ -431,8 +481,9 @@ mod tests {
     fn a_hold_stops_other_writes_of_its_record_until_released_or_over() {
         let holds = Holds::new("acme", None);
         let later = Instant::now() + Duration::from_secs(60);
-        holds.hold(&marker("A", 1, true, TIMEOUT, later));
-        holds.hold(&marker("a", 2, false, "job-2", later));
+        holds.hold(&marker("A", 1, true, TIMEOUT, later), later);
+        holds.hold(&marker("a", 2, false, "job-2", later), later);
+        holds.hold(&marker("a", 2, false, "job-2", later), later);
         assert!(holds.check(&request("B", 5)).is_none(), "another record goes");
         let e = holds.check(&request("A", 3)).expect("held, ignoring case");
         assert!(e.is_wait() && e.message.contains("version 1"), "{e}");
@@ -450,8 +501,10 @@ mod tests {
             "another version waits out the window"
         );
 
-        holds.hold(&marker("C", 1, false, TIMEOUT, Instant::now()));
+        let now = Instant::now();
+        holds.hold(&marker("C", 1, false, TIMEOUT, now), now);
         assert!(holds.check(&request("C", 2)).is_none(), "an expired hold is over");
+        assert!(holds.check(&request("A", 2)).is_some());
     }
 
     #[test]
@@ -464,7 +517,11 @@ mod tests {
             ..marker("K", 1, false, TIMEOUT, later)
         };
         let expired = marker("L", 1, false, TIMEOUT, Instant::now() - Duration::from_secs(1));
-        let round_trip: Vec<HoldMarker> = [job, other_tenant, expired]
+        let mut hostile = marker("M", 1, false, "x", later);
+        hostile.job = Some("V3-1,V3-2&x=1".into());
+        let mut forever = marker("N", 1, false, TIMEOUT, later);
+        forever.until_ms = u64::MAX;
+        let round_trip: Vec<HoldMarker> = [job, other_tenant, expired, hostile, forever]
             .iter()
             .map(|m| serde_json::from_slice(&serde_json::to_vec(m).unwrap()).unwrap())
             .collect();
@@ -478,6 +535,14 @@ mod tests {
         assert!(holds.check(&request("J", 2)).is_some(), "held by the job");
         assert!(holds.check(&request("K", 2)).is_none(), "another tenant's hold");
         assert!(holds.check(&request("L", 2)).is_none(), "over already");
+        assert!(
+            holds.check(&request("M", 2)).is_none(),
+            "a job id Zendesk would not give"
+        );
+        let capped = holds.check(&request("N", 2)).expect("held");
+        assert_eq!(capped.retry_after, Some(RECHECK_MAX), "asked again within the minute");
+        let held_for = holds.lock()[&RecordRef::new("users", "N")][0].until - Instant::now();
+        assert!(held_for <= MAX_RESTORED_HOLD, "a day at most: {held_for:?}");
         assert_eq!(
             *adopted.lock().unwrap(),
             vec![("V3-1".to_string(), vec![RecordRef::new("users", "J")])]

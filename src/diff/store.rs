@@ -101,12 +101,11 @@ struct HoldRecord {
 }
 
 /// A hold's key on the state topic: one per record and holder (compaction keeps the
-/// latest of each).
+/// latest of each, and a tombstone deletes it). Its parts are a JSON array, so no part
+/// can run into the next.
 fn hold_key(m: &HoldMarker) -> String {
-    format!(
-        "\u{1f}hold\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
-        m.tenant, m.object, m.external_id, m.by
-    )
+    let parts = serde_json::to_string(&[&m.tenant, &m.object, &m.external_id, &m.by]).unwrap_or_default();
+    format!("\u{1f}hold{parts}")
 }
 
 fn decode_hold(bytes: &[u8]) -> Option<HoldMarker> {
@@ -213,12 +212,29 @@ impl HoldLog for StateStore {
     fn record(&self, markers: Vec<HoldMarker>) -> BoxFuture<'static, ()> {
         let store = self.clone();
         Box::pin(async move {
-            let writes = markers.iter().map(|m| {
-                let value = serde_json::to_vec(&HoldRecord { hold: m.clone() }).unwrap_or_default();
+            let writes = markers.iter().filter_map(|m| {
+                let value = serde_json::to_vec(&HoldRecord { hold: m.clone() }).ok()?;
                 let store = &store;
-                async move { store.write(m.partition, &hold_key(m), &value).await }
+                Some(async move { store.write(m.partition, &hold_key(m), &value).await })
             });
             futures::future::join_all(writes).await;
+        })
+    }
+
+    fn forget(&self, markers: Vec<HoldMarker>) -> BoxFuture<'static, ()> {
+        let store = self.clone();
+        Box::pin(async move {
+            for m in markers {
+                let key = hold_key(&m);
+                let tombstone = FutureRecord::<str, [u8]>::to(&store.topic)
+                    .partition(m.partition)
+                    .key(&key);
+                // One try: a marker left behind only holds its record again, briefly,
+                // after a restore.
+                if let Err((e, _)) = store.producer.send(tombstone, Duration::from_secs(30)).await {
+                    tracing::debug!(error = %e, "Could not delete a hold's marker.");
+                }
+            }
         })
     }
 }

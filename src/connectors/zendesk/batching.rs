@@ -58,8 +58,13 @@ pub const MANY_LIMIT: usize = 100;
 /// ids one `show_many` poll asks for.
 pub const JOB_LIMIT: usize = 30;
 
-/// How often late jobs are polled when no job has a waiter.
-const LATE_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// How often late jobs are polled when no job has a waiter: 20 poll intervals, from 1 to
+/// 10 seconds (10 s with the default interval).
+fn late_poll_interval(poll_interval: Duration) -> Duration {
+    poll_interval
+        .saturating_mul(20)
+        .clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
 
 /// The jobs to poll: all open ones, and whether only late ones are left.
 struct OpenIds {
@@ -381,8 +386,23 @@ impl Jobs {
     /// [`CrmWritePending`](crate::connectors::ErrorCode::CrmWritePending) answer.
     async fn give_up(&self, timed_out: Vec<(String, Waiter)>, poll_interval: Duration, tenant: &str) {
         let markers: Vec<HoldMarker> = timed_out.iter().flat_map(|(_, w)| w.records.clone()).collect();
-        for m in &markers {
-            self.holds.hold(m);
+        for (id, w) in &timed_out {
+            for m in &w.records {
+                self.holds.hold(m, w.queued + JOB_STATUS_LIFETIME);
+            }
+            // Followed from now on, also while the holds are being written.
+            self.lock().late.insert(
+                id.clone(),
+                Late {
+                    expires: w.queued + JOB_STATUS_LIFETIME,
+                    records: w
+                        .records
+                        .iter()
+                        .map(|m| RecordRef::new(&m.object, &m.external_id))
+                        .collect(),
+                    _slot: None,
+                },
+            );
         }
         self.holds.record(markers).await;
         for (id, mut w) in timed_out {
@@ -400,18 +420,10 @@ impl Jobs {
                 ),
                 poll_interval.saturating_mul(4).max(Duration::from_secs(1)),
             );
-            self.lock().late.insert(
-                id,
-                Late {
-                    expires: w.queued + JOB_STATUS_LIFETIME,
-                    records: w
-                        .records
-                        .iter()
-                        .map(|m| RecordRef::new(&m.object, &m.external_id))
-                        .collect(),
-                    _slot: w.slot.take(),
-                },
-            );
+            if let Some(late) = self.lock().late.get_mut(&id) {
+                // A late job keeps its place among the account's jobs.
+                late._slot = w.slot.take();
+            }
             let _ = w.done.send(Err(e));
         }
     }
@@ -421,16 +433,23 @@ impl Jobs {
     pub fn adopt(client: &Arc<ZendeskClient>, job: String, records: Vec<RecordRef>, expires: Instant) {
         let start_poller = {
             let mut open = client.jobs.lock();
-            if open.waiting.contains_key(&job) {
-                return;
+            if let Some(w) = open.waiting.get_mut(&job) {
+                // Ours, still waited on: give it up at the next poll; it goes late then.
+                w.deadline = Instant::now();
+            } else {
+                let late = open.late.entry(job).or_insert_with(|| Late {
+                    expires,
+                    records: Vec::new(),
+                    // It counts among the account's jobs if a place is free; it is
+                    // running already, whether or not one is.
+                    _slot: client.jobs.slots.clone().try_acquire_owned().ok(),
+                });
+                for r in records {
+                    if !late.records.contains(&r) {
+                        late.records.push(r);
+                    }
+                }
             }
-            let slot = client.jobs.slots.clone().try_acquire_owned().ok();
-            let late = open.late.entry(job).or_insert_with(|| Late {
-                expires,
-                records: Vec::new(),
-                _slot: slot,
-            });
-            late.records.extend(records);
             !std::mem::replace(&mut open.polling, true)
         };
         if start_poller {
@@ -472,6 +491,13 @@ impl Jobs {
         let mut open = self.lock();
         if finished(&job) {
             if let Some(w) = open.waiting.remove(&job.id) {
+                // Holds read back for it (see `adopt`) end with it too.
+                let records: Vec<RecordRef> = w
+                    .records
+                    .iter()
+                    .map(|m| RecordRef::new(&m.object, &m.external_id))
+                    .collect();
+                self.holds.release(&records, &job.id);
                 let _ = w.done.send(Ok(job));
             } else if open.late.contains_key(&job.id) {
                 tracing::info!(tenant, job = %job.id, status = %job.status, "Late Zendesk job has run; its records are released.");
@@ -562,7 +588,8 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
             // Nobody waits on an answer: late jobs are asked about less often, so that one
             // that runs for hours does not spend the account's rate limit; a new job wakes
             // the poller.
-            let _ = tokio::time::timeout(LATE_POLL_INTERVAL, client.jobs.wake.notified()).await;
+            let late = late_poll_interval(client.job_poll_interval);
+            let _ = tokio::time::timeout(late, client.jobs.wake.notified()).await;
         }
     }
 }
