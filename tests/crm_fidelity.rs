@@ -448,6 +448,58 @@ fn the_next_owner_holds_a_record_whose_late_job_may_still_land() {
     second.stop(StopMode::Graceful);
 }
 
+/// A job's hold is on the state topic from the moment it is queued: a member that dies
+/// while it waits for the job leaves the hold to the record's next owner.
+#[test]
+fn a_member_killed_while_its_job_runs_leaves_the_hold_to_the_next_owner() {
+    let zd = zendesk();
+    zd.set_job_queue_stalled(true);
+    let env = Env::new(1);
+    let mut config = env.config_for(&zd);
+    config.kafka.retry_topic = Some(env.retry.clone());
+    config.tenants[0].batch_linger_ms = 300;
+    // Long: the first member is still waiting for its job when it dies.
+    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 60_000;
+    let state_messages = || {
+        tools::end_offsets(&env.bootstrap, &env.state, env.partitions)
+            .map(|ends| ends.iter().sum::<i64>())
+            .unwrap_or(0)
+    };
+    let first = pipeline::start(config.clone()).expect("service starts");
+    env.produce(&[
+        upsert("e1", "Z-1", 1, "Ada", "Old"),
+        upsert("e2", "Z-2", 1, "Bob", "Two"),
+    ]);
+    assert!(
+        wait_until(WAIT, || zd.open_jobs() == 1 && state_messages() >= 2),
+        "the job is queued and its holds are on the state topic"
+    );
+    first.stop(StopMode::Abort);
+    zd.set_job_queue_stalled(false);
+
+    let second = pipeline::start(config).expect("service starts again");
+    env.produce(&[
+        upsert("e3", "Z-1", 2, "Ada", "New"),
+        upsert("e4", "Z-3", 1, "Cy", "Three"),
+    ]);
+    assert!(wait_until(WAIT, || name_of(&zd, "users", "Z-3").as_deref() == Some("Three")));
+    assert_eq!(
+        name_of(&zd, "users", "Z-1"),
+        None,
+        "Z-1 waits for the dead member's job"
+    );
+    zd.run_stalled_jobs();
+    assert!(
+        wait_until(WAIT, || name_of(&zd, "users", "Z-1").as_deref() == Some("New")),
+        "Z-1 holds {:?}",
+        name_of(&zd, "users", "Z-1")
+    );
+    assert!(env.wait_drained(WAIT), "every event has an outcome");
+    assert_eq!(name_of(&zd, "users", "Z-1").as_deref(), Some("New"));
+    assert!(env.read_dlq().is_empty());
+    second.stop(StopMode::Graceful);
+}
+
 #[test]
 fn dataverse_batches_of_deletes_are_well_formed() {
     let d = DynamicsSandbox::start("127.0.0.1:0", DynamicsSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();

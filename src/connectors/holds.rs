@@ -20,9 +20,11 @@
 //! another job, which could go late too and take another of the account's 30 job slots.
 //!
 //! A hold is written to the state topic ([`HoldLog`]) before the write's answer goes
-//! back (the answer lets the event's offset be committed), so the record's next owner
-//! reads it back with the confirmed states ([`Holds::restore`]) and holds the record too;
-//! a Zendesk job it names is taken over and followed ([`Holds::set_adopter`]).
+//! back (the answer lets the event's offset be committed); a Zendesk job's, from the
+//! moment the job is queued. The record's next owner reads it back with the confirmed
+//! states ([`Holds::restore`]) and holds the record too; a Zendesk job it names is taken
+//! over and followed ([`Holds::set_adopter`]). A synchronous call still in flight when its
+//! member dies leaves no hold.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -242,7 +244,7 @@ impl Holds {
     /// Deletes the markers of holds that are over from the state topic, in the
     /// background: one left behind only holds its record again, briefly, after a restore
     /// (a timeout's is over by then; a job's is released at its first poll).
-    fn forget(&self, markers: Vec<HoldMarker>) {
+    pub fn forget(&self, markers: Vec<HoldMarker>) {
         if let (Some(log), false) = (&self.log, markers.is_empty()) {
             drop(crate::offload::spawn(log.forget(markers)));
         }

@@ -15,9 +15,11 @@
 //! **Late jobs.** Zendesk jobs cannot be cancelled. A job still unfinished at
 //! `job_timeout_ms` gives its records a [`CrmWritePending`] answer (their events park
 //! without ageing), but it is followed on, and until it has finished it holds its
-//! records ([`Holds`]): no write of another version of them starts. A record is released
-//! when its job reports `completed` or `failed`, or once the job's status has expired (a
-//! day after it was queued, [`JOB_STATUS_LIFETIME`]): no job outlives that.
+//! records ([`Holds`]): no write of them starts. A record is released when its job
+//! reports `completed` or `failed`, or once the job's status has expired (a day after it
+//! was queued, [`JOB_STATUS_LIFETIME`]): no job outlives that. The holds are on the state
+//! topic from the moment the job is queued until it has run, so that if this member dies
+//! meanwhile, the records' next owner holds them and follows the job.
 //!
 //! Which result belongs to which record is not fully documented (crm-apis.md §2.3,
 //! UNVERIFIED): an item is matched by its `index` when it has one, else by its
@@ -332,13 +334,18 @@ impl Jobs {
         // Its status expires a day after it was queued: no hold outlasts that.
         let expires = now + JOB_STATUS_LIFETIME;
         let why = format!("Zendesk job {} with it may still run", job.id);
-        let records = requests
+        let records: Vec<HoldMarker> = requests
             .iter()
             .map(|r| HoldMarker {
                 job: Some(job.id.clone()),
                 ..HoldMarker::of(client.jobs.holds.tenant(), r, None, &job.id, why.clone(), expires)
             })
             .collect();
+        // On the state topic from the moment the job is queued until it has run: if this
+        // member dies meanwhile, the records' next owner holds them and follows the job.
+        // In this member the record's write is in flight until then: nothing else of it
+        // is written, no hold in memory is needed yet.
+        client.jobs.holds.record(records.clone()).await;
         let (done, result) = oneshot::channel();
         let start_poller = {
             let mut open = client.jobs.lock();
@@ -380,31 +387,11 @@ impl Jobs {
             .collect()
     }
 
-    /// Gives up waiting for jobs past their timeout: their records are held (in memory,
-    /// then on the state topic, before anyone is answered), the jobs are followed on as
-    /// late ones, and their waiters get a
+    /// Gives up waiting for jobs past their timeout: their records are held (their
+    /// markers have been on the state topic since the job was queued), the jobs are
+    /// followed on as late ones, and their waiters get a
     /// [`CrmWritePending`](crate::connectors::ErrorCode::CrmWritePending) answer.
-    async fn give_up(&self, timed_out: Vec<(String, Waiter)>, poll_interval: Duration, tenant: &str) {
-        let markers: Vec<HoldMarker> = timed_out.iter().flat_map(|(_, w)| w.records.clone()).collect();
-        for (id, w) in &timed_out {
-            for m in &w.records {
-                self.holds.hold(m, w.queued + JOB_STATUS_LIFETIME);
-            }
-            // Followed from now on, also while the holds are being written.
-            self.lock().late.insert(
-                id.clone(),
-                Late {
-                    expires: w.queued + JOB_STATUS_LIFETIME,
-                    records: w
-                        .records
-                        .iter()
-                        .map(|m| RecordRef::new(&m.object, &m.external_id))
-                        .collect(),
-                    _slot: None,
-                },
-            );
-        }
-        self.holds.record(markers).await;
+    fn give_up(&self, timed_out: Vec<(String, Waiter)>, poll_interval: Duration, tenant: &str) {
         for (id, mut w) in timed_out {
             tracing::warn!(
                 tenant,
@@ -413,6 +400,23 @@ impl Jobs {
                 "Zendesk job still {} at the job timeout; its records wait until it has run.",
                 w.status
             );
+            let expires = w.queued + JOB_STATUS_LIFETIME;
+            for m in &w.records {
+                self.holds.hold(m, expires);
+            }
+            self.lock().late.insert(
+                id.clone(),
+                Late {
+                    expires,
+                    records: w
+                        .records
+                        .iter()
+                        .map(|m| RecordRef::new(&m.object, &m.external_id))
+                        .collect(),
+                    // A late job keeps its place among the account's jobs.
+                    _slot: w.slot.take(),
+                },
+            );
             let e = DeliveryError::write_pending(
                 format!(
                     "Zendesk job {id} still {} at the job timeout; it may still run",
@@ -420,10 +424,6 @@ impl Jobs {
                 ),
                 poll_interval.saturating_mul(4).max(Duration::from_secs(1)),
             );
-            if let Some(late) = self.lock().late.get_mut(&id) {
-                // A late job keeps its place among the account's jobs.
-                late._slot = w.slot.take();
-            }
             let _ = w.done.send(Err(e));
         }
     }
@@ -433,9 +433,9 @@ impl Jobs {
     pub fn adopt(client: &Arc<ZendeskClient>, job: String, records: Vec<RecordRef>, expires: Instant) {
         let start_poller = {
             let mut open = client.jobs.lock();
-            if let Some(w) = open.waiting.get_mut(&job) {
-                // Ours, still waited on: give it up at the next poll; it goes late then.
-                w.deadline = Instant::now();
+            if open.waiting.contains_key(&job) {
+                // Ours, still waited on (its partition came back to this member): it ends
+                // the holds read back for it when it finishes.
             } else {
                 let late = open.late.entry(job).or_insert_with(|| Late {
                     expires,
@@ -491,13 +491,14 @@ impl Jobs {
         let mut open = self.lock();
         if finished(&job) {
             if let Some(w) = open.waiting.remove(&job.id) {
-                // Holds read back for it (see `adopt`) end with it too.
+                // Holds read back for it (see `adopt`) end with it, and so do its markers.
                 let records: Vec<RecordRef> = w
                     .records
                     .iter()
                     .map(|m| RecordRef::new(&m.object, &m.external_id))
                     .collect();
                 self.holds.release(&records, &job.id);
+                self.holds.forget(w.records);
                 let _ = w.done.send(Ok(job));
             } else if open.late.contains_key(&job.id) {
                 tracing::info!(tenant, job = %job.id, status = %job.status, "Late Zendesk job has run; its records are released.");
@@ -546,9 +547,7 @@ async fn poll_open_jobs(client: Arc<ZendeskClient>) {
         cadence.tick().await;
         let tenant = client.meter.tenant.as_ref();
         let timed_out = client.jobs.take_timed_out();
-        if !timed_out.is_empty() {
-            client.jobs.give_up(timed_out, client.job_poll_interval, tenant).await;
-        }
+        client.jobs.give_up(timed_out, client.job_poll_interval, tenant);
         let Some(OpenIds { ids, only_late }) = client.jobs.open_ids(tenant) else {
             return;
         };
