@@ -300,7 +300,8 @@ struct Waiter {
     queued: Instant,
     /// The status last reported, for the timeout's message.
     status: String,
-    /// The holds the job's records get if it goes late.
+    /// The job's holds: on the state topic since it was queued, held in memory too once
+    /// it is late.
     records: Vec<HoldMarker>,
     /// The job's slot among the account's [`JOB_LIMIT`]: a late job keeps it.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
