@@ -50,6 +50,10 @@ pub struct Config {
     /// Backoff of retryable CRM failures.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Tenant health: when a tenant's outage or refused credentials stop its writes, and
+    /// how often it is probed.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
     /// One entry per CRM tenant. Events name their tenant in the `tenant` field.
     pub tenants: Vec<TenantConfig>,
 }
@@ -235,6 +239,42 @@ pub struct RetryConfig {
     /// backoff, a `Retry-After`, a paused tenant) is parked at once.
     #[serde(default = "default_park_after_ms")]
     pub park_after_ms: u64,
+}
+
+/// Each tenant's circuit breaker (see `tenant::breaker`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Outage failures in a row (5xx, timeouts, connections), with no call getting
+    /// through, that open the breaker. One refusal of the credentials is enough.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Wait before the first probe of an open breaker; doubles after each failed probe.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// Longest wait between probes.
+    #[serde(default = "default_max_probe_interval_ms")]
+    pub max_probe_interval_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: default_failure_threshold(),
+            probe_interval_ms: default_probe_interval_ms(),
+            max_probe_interval_ms: default_max_probe_interval_ms(),
+        }
+    }
+}
+
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_probe_interval_ms() -> u64 {
+    1_000
+}
+fn default_max_probe_interval_ms() -> u64 {
+    60_000
 }
 
 impl Default for RetryConfig {
@@ -704,6 +744,19 @@ impl Config {
             return Err(ConfigError::invalid(
                 "retry.max_age_ms",
                 "must be at least retry.base_delay_ms",
+            ));
+        }
+        let b = &self.breaker;
+        if b.failure_threshold == 0 {
+            return Err(ConfigError::invalid("breaker.failure_threshold", "must be at least 1"));
+        }
+        if b.probe_interval_ms == 0 {
+            return Err(ConfigError::invalid("breaker.probe_interval_ms", "must be positive"));
+        }
+        if b.max_probe_interval_ms < b.probe_interval_ms || b.max_probe_interval_ms > MAX_LATE_WRITE_WINDOW_MS {
+            return Err(ConfigError::invalid(
+                "breaker.max_probe_interval_ms",
+                "must be at least breaker.probe_interval_ms and at most a day",
             ));
         }
         if self.tenants.is_empty() {

@@ -208,6 +208,7 @@ impl DeadLetters {
         headers.extend(context.iter().cloned());
 
         let failure_event = json!({
+            "kind": "dead_lettered",
             "stage": failure.stage,
             "error_code": failure.code,
             "error_class": failure.class,
@@ -260,6 +261,23 @@ impl DeadLetters {
         let (key, value) = marker.encode();
         let state_partition = self.state_partition_of(&source.topic, source.partition);
         self.produce_to(&self.state_topic, state_partition, key.as_bytes(), Some(&value))
+            .await;
+    }
+
+    /// Writes a tenant's change of health to the failures topic (keyed by the tenant):
+    /// `{"kind":"tenant_state","tenant","from","to","reason","at"}`.
+    pub async fn tenant_state(&self, tenant: &str, from: &str, to: &str, reason: &str) {
+        let event = json!({
+            "kind": "tenant_state",
+            "tenant": cap(tenant),
+            "from": from,
+            "to": to,
+            "reason": cap(reason),
+            "at": rfc3339(SystemTime::now()),
+        })
+        .to_string();
+        let key = cap(tenant);
+        self.produce_until_acked(&self.failures_topic, Some(key.as_bytes()), Some(event.as_bytes()), None)
             .await;
     }
 

@@ -444,6 +444,7 @@ fn wire(
             state: state.clone(),
             partitions: partitions.clone(),
             policy: RetryPolicy::from(&config.retry),
+            breaker: config.breaker.clone(),
         };
         let tenant_config = Arc::new(tenant.clone());
         let addr = Supervisor::start_in_arbiter(&actors.handle(), move |_| {

@@ -29,6 +29,8 @@ pub mod metric {
     pub const TENANT_CONCURRENCY_LIMIT: &str = "crm_sync_tenant_concurrency_limit";
     pub const TENANT_THROTTLES: &str = "crm_sync_tenant_throttles_total";
     pub const TENANT_PAUSES: &str = "crm_sync_tenant_pauses_total";
+    pub const TENANT_STATE: &str = "crm_sync_tenant_state";
+    pub const TENANT_TRANSITIONS: &str = "crm_sync_tenant_state_transitions_total";
     pub const TENANT_WINDOW_PARKS: &str = "crm_sync_tenant_window_parks_total";
     pub const TOKEN_REFRESHES: &str = "crm_sync_crm_token_refreshes_total";
     pub const IN_FLIGHT: &str = "crm_sync_in_flight_events";
@@ -99,6 +101,15 @@ fn describe() {
         TENANT_PAUSES,
         Unit::Count,
         "Times a tenant stopped calling its CRM for a while (Retry-After, an exhausted quota, REQUEST_LIMIT_EXCEEDED)."
+    );
+    describe_gauge!(
+        TENANT_STATE,
+        "1 for a tenant's current health, 0 for the others: closed, open (its CRM is down), half_open (probing), auth_failed (its credentials are refused), paused (its CRM asked for a pause)."
+    );
+    describe_counter!(
+        TENANT_TRANSITIONS,
+        Unit::Count,
+        "Changes of a tenant's health, by tenant and the state entered."
     );
     describe_gauge!(
         CRM_API_USAGE,

@@ -191,10 +191,13 @@ fn dead_letters_permanent_errors_and_malformed_input_while_later_events_flow() {
 }
 
 #[test]
+/// A record whose own write keeps failing transiently (a row it cannot lock) is
+/// dead-lettered once its retries are used up. (A CRM that fails every call is an outage,
+/// not the record's failure: tenant_health.rs.)
 fn exhausted_retries_are_dead_lettered() {
     let env = Env::new(1);
     env.sf.set_faults(Faults {
-        server_error_rate: 1.0,
+        lock_error_rate: 1.0,
         ..Faults::default()
     });
     env.produce(&[upsert("e1", "C-1", 1, "Ada", "Lovelace")]);
@@ -203,10 +206,10 @@ fn exhausted_retries_are_dead_lettered() {
     let dlq = env.read_dlq();
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].header("crm-sync.error.class"), Some("retryable"));
-    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_server_error"));
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_row_lock"));
     // max_attempts = 6 in the test config.
     assert_eq!(dlq[0].header("crm-sync.attempts"), Some("6"));
-    assert_eq!(env.sf.stats().rejected.get(&503), Some(&6));
+    assert_eq!(env.sf.stats().rejected.get(&400), Some(&6));
     service.stop(StopMode::Graceful);
 }
 

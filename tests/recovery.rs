@@ -86,6 +86,9 @@ fn a_member_that_loses_partitions_drops_their_waiting_retries_and_nothing_is_los
     config.retry.max_attempts = 10_000;
     config.retry.max_delay_ms = 100;
     config.retry.max_age_ms = 120_000;
+    // The breaker stays closed: this is about retries waiting in memory, not about a
+    // tenant that stops writing (tenant_health.rs).
+    config.breaker.failure_threshold = 1_000_000;
     env.sf.set_faults(Faults {
         server_error_rate: 1.0,
         ..Faults::default()

@@ -80,7 +80,7 @@ fn tickets_are_created_once_then_updated_in_place() {
 }
 
 #[test]
-fn api_token_auth_delivers_and_a_wrong_token_is_dead_lettered_as_auth() {
+fn api_token_auth_delivers_and_a_wrong_token_pauses_the_tenant_without_dead_lettering() {
     let env = Env::new(1);
     let zd = sandbox();
     let (email, token) = zd.api_token();
@@ -99,19 +99,29 @@ fn api_token_auth_delivers_and_a_wrong_token_is_dead_lettered_as_auth() {
     assert_eq!(zd.find("users", "C-1").len(), 1);
     service.stop(StopMode::Graceful);
 
+    // A wrong token: the tenant is auth_failed, probes now and then, and waits for the
+    // right one; the event is not dead-lettered.
     let service = pipeline::start(config("not-the-token")).unwrap();
     env.produce(&[upsert("e2", "C-2", 1, "Grace", "Hopper")]);
-    assert!(env.wait_all_committed(WAIT));
-    let dlq = env.read_dlq();
-    assert_eq!(dlq.len(), 1);
-    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_auth"));
-    assert_eq!(
-        dlq[0].header("crm-sync.attempts"),
-        Some("1"),
-        "a fixed credential will not get better"
+    assert!(wait_until(WAIT, || zd.stats().rejected.get(&401).copied().unwrap_or(0) >= 2));
+    assert!(env.read_dlq().is_empty());
+    assert!(zd.find("users", "C-2").is_empty());
+    let failures: String = env
+        .read_failures()
+        .iter()
+        .filter_map(|m| m.payload.as_deref().map(|p| String::from_utf8_lossy(p).into_owned()))
+        .collect();
+    assert!(failures.contains("auth_failed"), "{failures}");
+    assert!(
+        !failures.contains("not-the-token"),
+        "the token never reaches the failures topic"
     );
-    let all: String = dlq[0].headers.values().cloned().collect();
-    assert!(!all.contains("not-the-token"), "the token never reaches the DLQ");
+    service.stop(StopMode::Graceful);
+    // The right token again: the waiting event is delivered.
+    let service = pipeline::start(config(&token)).unwrap();
+    assert!(env.wait_all_committed(WAIT));
+    assert_eq!(zd.find("users", "C-2").len(), 1);
+    assert!(env.read_dlq().is_empty());
     service.stop(StopMode::Graceful);
 }
 

@@ -25,6 +25,7 @@
 //! undecided events for this tenant in again ([`Redispatch`](crate::messages::Redispatch)); nothing of them was
 //! committed, so nothing is lost.
 
+pub mod breaker;
 pub mod mapping;
 pub mod pacing;
 pub mod slots;
@@ -48,6 +49,7 @@ use crate::retry::topic::RetryState;
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
+use breaker::{tenant_failure, Breaker, Health, TenantFailure, Transition};
 use pacing::Pacer;
 use slots::{Arrival, Liveness, Phase, Slots};
 
@@ -68,6 +70,7 @@ pub struct TenantDeps {
     /// Every live partition, to ask for re-dispatch after a restart.
     pub partitions: Arc<dyn Partitions>,
     pub policy: RetryPolicy,
+    pub breaker: crate::config::BreakerConfig,
 }
 
 /// An event and the copies of it that arrived meanwhile (a re-delivered copy of the
@@ -105,6 +108,10 @@ pub struct TenantActor {
     ready: VecDeque<RecordKey>,
     requests_in_flight: usize,
     pacer: Pacer,
+    /// The tenant's health; kept across restarts of this actor.
+    breaker: Breaker,
+    /// The `crm_sync_tenant_state` last published.
+    shown_state: Option<&'static str>,
     /// When the earliest timer to pump again (after a linger, a pacing wait, or to park
     /// long waits) fires, if one is set.
     wake_at: Option<Instant>,
@@ -131,6 +138,13 @@ impl TenantActor {
         TenantActor {
             name: config.name.as_str().into(),
             pacer: Pacer::new(config.rate_limit_per_sec, config.max_concurrency, Instant::now()),
+            breaker: Breaker::new(
+                deps.breaker.failure_threshold,
+                Duration::from_millis(deps.breaker.probe_interval_ms),
+                Duration::from_millis(deps.breaker.max_probe_interval_ms),
+                Instant::now(),
+            ),
+            shown_state: None,
             config,
             connector,
             deps,
@@ -481,7 +495,8 @@ impl TenantActor {
     /// never share a batch.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         self.park_long_waits(ctx);
-        while self.requests_in_flight < self.pacer.concurrency() {
+        self.publish_state(Instant::now());
+        while self.requests_in_flight < self.breaker.in_flight_limit(self.pacer.concurrency()) {
             let Some(front) = self.ready.front() else { break };
             let Some(first) = self.records.get(front).filter(|s| matches!(s.phase, Phase::Ready)) else {
                 self.ready.pop_front();
@@ -501,6 +516,14 @@ impl TenantActor {
             if must_wait {
                 self.wake_in(linger_ends - now, ctx);
                 break;
+            }
+            match self.breaker.gate(now) {
+                Err(wait) => {
+                    self.wake_in(wait, ctx);
+                    break;
+                }
+                Ok(Some(probing)) => self.announce(probing, "probing the CRM with one call", ctx),
+                Ok(None) => {}
             }
             if let Err(wait) = self.pacer.try_acquire(now) {
                 self.wake_in(wait, ctx);
@@ -689,7 +712,10 @@ impl TenantActor {
             act.guarded(ctx, |act, ctx| act.pump(ctx));
         }));
         ctx.spawn(write.into_actor(self).map(move |(results, guards), act, ctx| {
-            if !act.guarded(ctx, |act, ctx| act.adapt_pace(&results, ctx)) {
+            if !act.guarded(ctx, |act, ctx| {
+                act.observe_health(&results, ctx);
+                act.adapt_pace(&results, ctx);
+            }) {
                 return;
             }
             for (key, result) in sent.into_iter().zip(results) {
@@ -731,7 +757,25 @@ impl TenantActor {
             Err(error) => {
                 let now = Instant::now();
                 let write = &mut slot.data;
-                let decision = if error.is_wait() {
+                let tenant_wait = match tenant_failure(&error) {
+                    Some(TenantFailure::Throttled) => true,
+                    Some(TenantFailure::Outage | TenantFailure::Auth) => !self.breaker.is_closed(),
+                    None => false,
+                };
+                let decision = if tenant_wait {
+                    // The CRM, or our access to it, is broken: not this record's failure.
+                    // It waits for the tenant to recover (the next probe, or the CRM's
+                    // pause), however long that takes, and what it failed before in this
+                    // outage does not count against it either.
+                    write.attempts = 0;
+                    write.first_failure = None;
+                    let delay = error
+                        .retry_after
+                        .unwrap_or_default()
+                        .max(self.breaker.until_probe(now))
+                        .max(self.deps.policy.base_delay);
+                    Some(RetryDecision::RetryAfter(delay))
+                } else if error.is_wait() {
                     // Not tried: an earlier write of the record may still land. Waiting
                     // for it is not this version's failure, so it costs no attempt and
                     // starts no age clock.
@@ -773,6 +817,74 @@ impl TenantActor {
                     Some(RetryDecision::GiveUp(_)) | None => self.dead_letter(key, ctx),
                 }
             }
+        }
+    }
+
+    /// Feeds a call's results to the tenant's breaker, and announces a change of health.
+    fn observe_health(&mut self, results: &[Result<WriteOk, DeliveryError>], ctx: &mut Context<Self>) {
+        let answered = results.iter().any(|r| match r {
+            Ok(_) => true,
+            Err(e) => tenant_failure(e).is_none() && !e.is_wait(),
+        });
+        let worst = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .filter_map(|e| tenant_failure(e).map(|f| (f, e)))
+            .max_by_key(|(f, _)| match f {
+                TenantFailure::Auth => 2,
+                TenantFailure::Outage => 1,
+                TenantFailure::Throttled => 0,
+            });
+        let reason = worst.map_or_else(|| "the CRM answered".to_string(), |(_, e)| e.to_string());
+        if let Some(t) = self.breaker.on_call(Instant::now(), answered, worst.map(|(f, _)| f)) {
+            self.announce(t, &reason, ctx);
+        }
+    }
+
+    /// A change of the tenant's health, made visible: an ERROR log line, the
+    /// `crm_sync_tenant_state` gauge, and an event on the failures topic. Opening (or
+    /// refused credentials) pauses the tenant until the next probe, and parks what waits.
+    fn announce(&mut self, t: Transition, reason: &str, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let (from, to) = (t.from.as_str(), t.to.as_str());
+        match t.to {
+            Health::Open | Health::AuthFailed => {
+                let probe = self.breaker.until_probe(now);
+                tracing::error!(tenant = %self.name, from, to, next_probe_in = ?probe, reason, "Tenant stops writing to its CRM; its events are parked, not dead-lettered, until a probe gets through.");
+                self.pacer.pause(now, probe);
+                self.park_waiting(ctx);
+            }
+            Health::HalfOpen => tracing::error!(tenant = %self.name, from, to, "Tenant probes its CRM with one call."),
+            Health::Closed => {
+                tracing::error!(tenant = %self.name, from, to, "Tenant's CRM answers again; its events flow.")
+            }
+        }
+        metrics::counter!(metric::TENANT_TRANSITIONS, "tenant" => self.name.to_string(), "state" => to).increment(1);
+        self.publish_state(now);
+        let sink = self.deps.dead_letters.clone();
+        let (tenant, reason) = (self.name.to_string(), reason.to_string());
+        drop(crate::offload::spawn(async move {
+            sink.tenant_state(&tenant, from, to, &reason).await;
+        }));
+    }
+
+    /// Sets `crm_sync_tenant_state` when the tenant's health (or a pause the CRM asked
+    /// for) changed since it was last set.
+    fn publish_state(&mut self, now: Instant) {
+        let state = match self.breaker.health() {
+            Health::Closed if self.pacer.is_paused(now) => "paused",
+            health => health.as_str(),
+        };
+        if self.shown_state == Some(state) {
+            return;
+        }
+        self.shown_state = Some(state);
+        for s in Health::ALL.iter().map(|h| h.as_str()).chain(["paused"]) {
+            metrics::gauge!(metric::TENANT_STATE, "tenant" => self.name.to_string(), "state" => s).set(if s == state {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 
