@@ -72,6 +72,8 @@ fn an_outage_three_times_max_age_dead_letters_nothing_and_holds_up_no_other_tena
     })
     .unwrap();
     tighten(&mut config, &env);
+    // Enough attempts that only age could dead-letter a record after the outage.
+    config.retry.max_attempts = 50;
     // Every data call of tenant `down` fails with 503.
     zd.set_faults(Faults {
         server_error_rate: 1.0,
@@ -103,7 +105,12 @@ fn an_outage_three_times_max_age_dead_letters_nothing_and_holds_up_no_other_tena
         "the breaker opened: {:?}",
         transitions(&env)
     );
-    zd.set_faults(Faults::default());
+    // It recovers, shakily: one call in five still fails. A record that failed before the
+    // outage and fails once more now must not be found too old.
+    zd.set_faults(Faults {
+        server_error_rate: 0.2,
+        ..Faults::default()
+    });
     assert!(env.wait_drained(WAIT), "every event has an outcome");
     let users = zd.records("users");
     assert_eq!(users.len(), RECORDS, "every record of the outage converged");
@@ -141,5 +148,35 @@ fn a_wrong_secret_dead_letters_nothing_and_the_right_one_delivers_everything() {
         "every record converged"
     );
     assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}
+
+/// One record the CRM cannot process, among others that go through, is that record's
+/// failure: it is dead-lettered once its retries are used up, and the tenant stays closed.
+#[test]
+fn a_record_the_crm_alone_keeps_failing_is_still_dead_lettered() {
+    let env = Env::new(1);
+    let mut config = env.config();
+    tighten(&mut config, &env);
+    config.tenants[0].batch_size = 1;
+    env.sf.set_faults(Faults {
+        failing_keys: vec!["P-1".into()],
+        ..Faults::default()
+    });
+    let service = pipeline::start(config).unwrap();
+    let mut events = vec![upsert("p1", "P-1", 1, "Poison", "Record")];
+    events.extend((0..10).map(|i| upsert(&format!("g{i}"), &format!("G-{i}"), 1, "Good", "Record")));
+    env.produce(&events);
+    // Drained: also the retry topic, where the record waits between its attempts.
+    assert!(env.wait_drained(WAIT), "every event has an outcome");
+    let dlq = env.read_dlq();
+    assert_eq!(dlq.len(), 1, "only the record the CRM cannot process");
+    assert_eq!(dlq[0].header("crm-sync.error.code"), Some("crm_server_error"));
+    assert!((0..10).all(|i| env.contact(&format!("G-{i}")).is_some()));
+    assert!(
+        !transitions(&env).iter().any(|(_, to)| to == "open"),
+        "one record's failures are not an outage: {:?}",
+        transitions(&env)
+    );
     service.stop(StopMode::Graceful);
 }

@@ -24,6 +24,9 @@ pub struct Faults {
     pub server_error_rate: f64,
     /// Salesforce only: `UNABLE_TO_LOCK_ROW` per record.
     pub lock_error_rate: f64,
+    /// Salesforce only: external ids whose record-by-record calls always answer 500 (a
+    /// record the CRM cannot process, while others go through).
+    pub failing_keys: Vec<String>,
     /// Tokens stop working this long after they were issued; `None`: never.
     pub token_lifetime_ms: Option<u64>,
     /// `Retry-After` seconds sent with 429s (Zendesk, Dataverse); 0 means 1.

@@ -5,12 +5,21 @@
 //! [`tenant_failure`] tells them apart. The tenant's failures are never a record's reason
 //! to be dead-lettered:
 //! - **Outage**: 5xx, timeouts, connections refused or lost. A run of
-//!   `breaker.failure_threshold` of them with no call getting through opens the breaker.
-//!   A single one while the breaker is closed stays the record's (a record the CRM
-//!   always answers with 500 while others go through is still dead-lettered in the end).
+//!   `breaker.failure_threshold` of them, with no call getting through and of at least
+//!   two different records, opens the breaker. Failures of one record alone stay that
+//!   record's: a record the CRM always answers with 500 is dead-lettered once its retries
+//!   are used up (a tenant with a single record in flight cannot tell that from an
+//!   outage, and treats it as the record's).
 //! - **Auth**: credentials refused (a 401 after a fresh token, a token endpoint that
-//!   refuses the client, a 403 for credentials that may not write). One is enough: the
-//!   tenant is `auth_failed` and waits for a new secret.
+//!   refuses the client): one is enough, the tenant is `auth_failed` and waits for a new
+//!   secret. A 403 may be the credentials' (an OAuth scope) or one record's (no access
+//!   to it): like an outage, it takes a run of `breaker.failure_threshold`, of two
+//!   records or more, to make the tenant `auth_failed`.
+//!
+//! While the breaker is closed, a failure of these kinds is retried like any other (even
+//! a refusal that would otherwise be permanent), so that a record that alone keeps
+//! failing is dead-lettered once its retries are used up, and a tenant whose calls all
+//! fail opens the breaker before that.
 //! - Throttling (429, an exhausted allocation) is the pacer's: it pauses the tenant for
 //!   the CRM's `Retry-After` (the `paused` state), and the throttled writes wait without
 //!   ageing.
@@ -52,8 +61,23 @@ impl Health {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TenantFailure {
     Outage,
+    /// Credentials refused outright (401, a token endpoint's refusal).
     Auth,
+    /// A 403: the credentials' scope, or one record's access.
+    Forbidden,
     Throttled,
+}
+
+impl TenantFailure {
+    /// Which of several failures of one call says most about the tenant.
+    pub fn weight(self) -> u8 {
+        match self {
+            TenantFailure::Auth => 3,
+            TenantFailure::Forbidden => 2,
+            TenantFailure::Outage => 1,
+            TenantFailure::Throttled => 0,
+        }
+    }
 }
 
 /// Whether a failed write is the tenant's failure, and which.
@@ -62,6 +86,7 @@ pub fn tenant_failure(e: &DeliveryError) -> Option<TenantFailure> {
         // A token endpoint that is down or throttling is not a refusal of the credentials.
         ErrorCode::CrmAuth if e.http_status == Some(429) => Some(TenantFailure::Throttled),
         ErrorCode::CrmAuth if e.http_status.is_some_and(|s| s >= 500) => Some(TenantFailure::Outage),
+        ErrorCode::CrmAuth if e.http_status == Some(403) => Some(TenantFailure::Forbidden),
         ErrorCode::CrmAuth => Some(TenantFailure::Auth),
         ErrorCode::CrmRateLimited => Some(TenantFailure::Throttled),
         ErrorCode::CrmServerError | ErrorCode::CrmTimeout | ErrorCode::CrmConnection | ErrorCode::CrmConnectionLost => {
@@ -83,12 +108,17 @@ pub struct Breaker {
     health: Health,
     /// Tenant failures in a row with no call getting through.
     run: u32,
+    /// The first record of the run, and whether another one has failed in it since.
+    run_first: Option<u64>,
+    run_of_several: bool,
     threshold: u32,
     base: Duration,
     max: Duration,
     /// The wait before the next probe once open.
     interval: Duration,
     probe_at: Instant,
+    /// When the breaker last left `closed`.
+    left_closed: Instant,
 }
 
 impl Breaker {
@@ -96,12 +126,21 @@ impl Breaker {
         Breaker {
             health: Health::Closed,
             run: 0,
+            run_first: None,
+            run_of_several: false,
             threshold: threshold.max(1),
             base,
             max: max.max(base),
             interval: base,
             probe_at: now,
+            left_closed: now,
         }
+    }
+
+    /// When the breaker last left `closed`: the time since then, when it closes again,
+    /// is time the tenant's records did not age.
+    pub fn left_closed(&self) -> Instant {
+        self.left_closed
     }
 
     pub fn health(&self) -> Health {
@@ -142,28 +181,55 @@ impl Breaker {
 
     /// After a call: `answered` if the CRM answered for at least one record (accepted it,
     /// or refused it for the record's own reasons); `failure`, the worst tenant failure
-    /// among its results (auth before outage), throttling aside.
-    pub fn on_call(&mut self, now: Instant, answered: bool, failure: Option<TenantFailure>) -> Option<Transition> {
+    /// among its results ([`TenantFailure::weight`]), throttling aside. Once open, only a
+    /// probe's answer changes anything: late answers of calls sent before are ignored.
+    /// `records`: the (hashed) records the failures were of.
+    pub fn on_call(
+        &mut self,
+        now: Instant,
+        answered: bool,
+        failure: Option<TenantFailure>,
+        records: &[u64],
+    ) -> Option<Transition> {
         if answered {
+            if matches!(self.health, Health::Open | Health::AuthFailed) {
+                // A call sent before the breaker opened: the probe decides.
+                return None;
+            }
             self.run = 0;
+            self.run_first = None;
+            self.run_of_several = false;
             self.interval = self.base;
             return (self.health != Health::Closed).then(|| self.move_to(Health::Closed));
         }
         let failure = failure.filter(|f| *f != TenantFailure::Throttled)?;
         self.run = self.run.saturating_add(1);
+        for r in records {
+            match self.run_first {
+                None => self.run_first = Some(*r),
+                Some(first) if first != *r => self.run_of_several = true,
+                Some(_) => {}
+            }
+        }
+        let run = self.run >= self.threshold && self.run_of_several;
         let to = match (self.health, failure) {
-            (_, TenantFailure::Auth) => Health::AuthFailed,
-            (Health::Closed, _) if self.run >= self.threshold => Health::Open,
-            (Health::Closed, _) => return None,
-            (Health::HalfOpen, _) => Health::Open,
             // Calls sent before the breaker opened, answered after it.
             (Health::Open | Health::AuthFailed, _) => return None,
+            (_, TenantFailure::Auth) => Health::AuthFailed,
+            (Health::HalfOpen, TenantFailure::Forbidden) => Health::AuthFailed,
+            (Health::Closed, TenantFailure::Forbidden) if run => Health::AuthFailed,
+            (Health::Closed, _) if run => Health::Open,
+            (Health::Closed, _) => return None,
+            (Health::HalfOpen, _) => Health::Open,
         };
         // A probe that failed: twice as long before the next one.
         if self.health == Health::HalfOpen {
             self.interval = self.interval.saturating_mul(2).min(self.max);
         }
         self.probe_at = now + self.interval;
+        if self.health == Health::Closed {
+            self.left_closed = now;
+        }
         (to != self.health).then(|| self.move_to(to))
     }
 
@@ -179,6 +245,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Failures of two records, as in an outage.
+    const REC: &[u64] = &[1, 2];
     const BASE: Duration = Duration::from_secs(1);
     const MAX: Duration = Duration::from_secs(8);
 
@@ -190,26 +258,26 @@ mod tests {
     fn a_run_of_outages_opens_then_probes_at_growing_intervals_until_a_call_gets_through() {
         let t0 = Instant::now();
         let mut b = breaker(t0);
-        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage)), None);
-        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage)), None);
-        let opened = b.on_call(t0, false, Some(TenantFailure::Outage)).unwrap();
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage), REC), None);
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage), REC), None);
+        let opened = b.on_call(t0, false, Some(TenantFailure::Outage), REC).unwrap();
         assert_eq!((opened.from, opened.to), (Health::Closed, Health::Open));
         assert_eq!(b.gate(t0), Err(BASE));
         let probe = b.gate(t0 + BASE).unwrap().unwrap();
         assert_eq!(probe.to, Health::HalfOpen);
         assert_eq!(b.in_flight_limit(8), 1);
-        let reopened = b.on_call(t0 + BASE, false, Some(TenantFailure::Outage)).unwrap();
+        let reopened = b.on_call(t0 + BASE, false, Some(TenantFailure::Outage), REC).unwrap();
         assert_eq!(reopened.to, Health::Open);
         assert_eq!(b.until_probe(t0 + BASE), 2 * BASE, "twice as long");
         let mut at = t0 + BASE;
         for _ in 0..5 {
             at += MAX;
             b.gate(at).unwrap();
-            b.on_call(at, false, Some(TenantFailure::Outage));
+            b.on_call(at, false, Some(TenantFailure::Outage), REC);
         }
         assert_eq!(b.until_probe(at), MAX, "capped");
         b.gate(t0 + Duration::from_secs(200)).unwrap();
-        let closed = b.on_call(t0 + Duration::from_secs(200), true, None).unwrap();
+        let closed = b.on_call(t0 + Duration::from_secs(200), true, None, REC).unwrap();
         assert_eq!(closed.to, Health::Closed);
         assert_eq!(b.in_flight_limit(8), 8);
     }
@@ -219,22 +287,54 @@ mod tests {
         let t0 = Instant::now();
         let mut b = breaker(t0);
         assert_eq!(
-            b.on_call(t0, false, Some(TenantFailure::Auth)).unwrap().to,
+            b.on_call(t0, false, Some(TenantFailure::Auth), REC).unwrap().to,
             Health::AuthFailed
         );
         assert!(b.gate(t0).is_err());
         let mut b = breaker(t0);
-        b.on_call(t0, false, Some(TenantFailure::Outage));
-        b.on_call(t0, false, Some(TenantFailure::Outage));
+        b.on_call(t0, false, Some(TenantFailure::Outage), REC);
+        b.on_call(t0, false, Some(TenantFailure::Outage), REC);
         // The CRM answered for a record (even with a refusal): the run is broken.
-        assert_eq!(b.on_call(t0, true, None), None);
-        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage)), None);
+        assert_eq!(b.on_call(t0, true, None, REC), None);
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage), REC), None);
         assert_eq!(
-            b.on_call(t0, false, Some(TenantFailure::Throttled)),
+            b.on_call(t0, false, Some(TenantFailure::Throttled), REC),
             None,
             "the pacer's"
         );
         assert!(b.is_closed());
+    }
+
+    #[test]
+    fn failures_of_one_record_alone_never_open_it() {
+        let t0 = Instant::now();
+        let mut b = breaker(t0);
+        for _ in 0..10 {
+            assert_eq!(b.on_call(t0, false, Some(TenantFailure::Outage), &[7]), None);
+            assert_eq!(b.on_call(t0, false, Some(TenantFailure::Forbidden), &[7]), None);
+        }
+        assert!(b.is_closed());
+        let opened = b.on_call(t0, false, Some(TenantFailure::Outage), &[8]).unwrap();
+        assert_eq!(opened.to, Health::Open, "a second record joins the run");
+    }
+
+    #[test]
+    fn a_403_takes_a_run_and_late_answers_do_not_decide() {
+        let t0 = Instant::now();
+        let mut b = breaker(t0);
+        // One record without access, among others that go through: not the tenant's.
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Forbidden), REC), None);
+        assert_eq!(b.on_call(t0, true, None, REC), None);
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Forbidden), REC), None);
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Forbidden), REC), None);
+        let refused = b.on_call(t0, false, Some(TenantFailure::Forbidden), REC).unwrap();
+        assert_eq!(refused.to, Health::AuthFailed, "a run of them is the credentials'");
+        // A call sent before, answered now, neither closes it nor moves the probe.
+        let probe_in = b.until_probe(t0);
+        assert_eq!(b.on_call(t0, true, None, REC), None);
+        assert_eq!(b.on_call(t0, false, Some(TenantFailure::Auth), REC), None);
+        assert_eq!(b.until_probe(t0), probe_in);
+        assert_eq!(b.health(), Health::AuthFailed);
     }
 
     proptest! {
@@ -261,7 +361,7 @@ mod tests {
                             2 => (false, Some(TenantFailure::Auth)),
                             _ => (false, Some(TenantFailure::Throttled)),
                         };
-                        b.on_call(now, answered, failure);
+                        b.on_call(now, answered, failure, REC);
                         if answered {
                             prop_assert!(b.is_closed());
                         }

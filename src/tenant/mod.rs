@@ -39,7 +39,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::config::TenantConfig;
-use crate::connectors::{CallsDone, Connector, DeliveryError, ErrorCode, WriteOk, WriteRequest};
+use crate::connectors::{CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
@@ -404,11 +404,18 @@ impl TenantActor {
         let parked = slot.active.work.event.clone();
         let now = SystemTime::now();
         let not_before = now.checked_add(delay).unwrap_or(now);
+        // A version parked without having failed (waiting for room, or for an older write
+        // to land) starts its age when it is due, not now; one parked while its tenant's
+        // breaker is open does not age while it is parked.
+        let frozen = !self.breaker.is_closed();
+        let first_failure = match slot.data.first_failure {
+            None => not_before,
+            Some((_, at)) if frozen => at.checked_add(delay).unwrap_or(at),
+            Some((_, at)) => at,
+        };
         let state = RetryState {
             attempts: slot.data.attempts,
-            // A version parked without having failed (waiting for room, or for an older
-            // write to land) starts its age when it is due, not now.
-            first_failure: slot.data.first_failure.map_or(not_before, |(_, at)| at),
+            first_failure,
             not_before,
         };
         tracing::debug!(tenant = %self.name, record = %key, ?delay, "Parking event on the retry topic.");
@@ -498,6 +505,10 @@ impl TenantActor {
         self.publish_state(Instant::now());
         while self.requests_in_flight < self.breaker.in_flight_limit(self.pacer.concurrency()) {
             let Some(front) = self.ready.front() else { break };
+            if !self.breaker.is_closed() && self.requests_in_flight > 0 {
+                // A probe is one call, made once nothing sent before is still out.
+                break;
+            }
             let Some(first) = self.records.get(front).filter(|s| matches!(s.phase, Phase::Ready)) else {
                 self.ready.pop_front();
                 continue;
@@ -628,7 +639,7 @@ impl TenantActor {
         let throttle = results
             .iter()
             .filter_map(|r| r.as_ref().err())
-            .find(|e| e.code == ErrorCode::CrmRateLimited);
+            .find(|e| tenant_failure(e) == Some(TenantFailure::Throttled));
         let tenant = self.name.to_string();
         match throttle {
             Some(e) => {
@@ -644,6 +655,11 @@ impl TenantActor {
         if !was_paused && self.pacer.is_paused(now) {
             metrics::counter!(metric::TENANT_PAUSES, "tenant" => tenant.clone()).increment(1);
             self.park_waiting(ctx);
+            self.publish_state(now);
+            // The state shown goes back when the pause is over, even if nothing is sent.
+            ctx.run_later(self.pacer.pause_remaining(now), |act, _| {
+                act.publish_state(Instant::now())
+            });
         }
         metrics::gauge!(metric::TENANT_RATE_LIMIT, "tenant" => tenant.clone()).set(self.pacer.rate());
         metrics::gauge!(metric::TENANT_CONCURRENCY_LIMIT, "tenant" => tenant).set(self.pacer.concurrency() as f64);
@@ -713,7 +729,7 @@ impl TenantActor {
         }));
         ctx.spawn(write.into_actor(self).map(move |(results, guards), act, ctx| {
             if !act.guarded(ctx, |act, ctx| {
-                act.observe_health(&results, ctx);
+                act.observe_health(&sent, &results, ctx);
                 act.adapt_pace(&results, ctx);
             }) {
                 return;
@@ -757,36 +773,38 @@ impl TenantActor {
             Err(error) => {
                 let now = Instant::now();
                 let write = &mut slot.data;
-                let tenant_wait = match tenant_failure(&error) {
+                let kind = tenant_failure(&error);
+                let tenant_wait = match kind {
                     Some(TenantFailure::Throttled) => true,
-                    Some(TenantFailure::Outage | TenantFailure::Auth) => !self.breaker.is_closed(),
+                    Some(_) => !self.breaker.is_closed(),
                     None => false,
                 };
-                let decision = if tenant_wait {
-                    // The CRM, or our access to it, is broken: not this record's failure.
-                    // It waits for the tenant to recover (the next probe, or the CRM's
-                    // pause), however long that takes, and what it failed before in this
-                    // outage does not count against it either.
-                    write.attempts = 0;
-                    write.first_failure = None;
-                    let delay = error
-                        .retry_after
-                        .unwrap_or_default()
-                        .max(self.breaker.until_probe(now))
-                        .max(self.deps.policy.base_delay);
-                    Some(RetryDecision::RetryAfter(delay))
-                } else if error.is_wait() {
-                    // Not tried: an earlier write of the record may still land. Waiting
-                    // for it is not this version's failure, so it costs no attempt and
-                    // starts no age clock.
+                let decision = if tenant_wait || error.is_wait() {
+                    // Not this record's failure: the CRM, or our access to it, is broken
+                    // (it waits for the next probe, or for the CRM's pause, however long
+                    // that takes), or an earlier write of it may still land. It costs no
+                    // attempt, and its age stands still while it waits.
                     write.attempts = write.attempts.saturating_sub(1);
-                    let delay = error.retry_after.unwrap_or(self.deps.policy.base_delay);
+                    let mut delay = error.retry_after.unwrap_or(self.deps.policy.base_delay);
+                    if tenant_wait {
+                        delay = delay.max(self.breaker.until_probe(now));
+                    }
                     if let Some((at, wall)) = write.first_failure.as_mut() {
-                        // An earlier failure's age does not grow while it waits.
                         *at += delay;
                         *wall += delay;
                     }
                     Some(RetryDecision::RetryAfter(delay))
+                } else if kind.is_some() {
+                    // The tenant's kind of failure while its breaker is closed: retried
+                    // like any (even a refusal that would be permanent), so that it is
+                    // dead-lettered only once a record alone has used up its retries,
+                    // and a tenant whose calls all fail opens its breaker before that.
+                    let (first, _) = *write.first_failure.get_or_insert((now, SystemTime::now()));
+                    Some(
+                        self.deps
+                            .policy
+                            .decide(write.attempts, first, now, error.retry_after, &mut self.rng),
+                    )
                 } else {
                     let (first, _) = *write.first_failure.get_or_insert((now, SystemTime::now()));
                     error.is_retryable().then(|| {
@@ -821,7 +839,12 @@ impl TenantActor {
     }
 
     /// Feeds a call's results to the tenant's breaker, and announces a change of health.
-    fn observe_health(&mut self, results: &[Result<WriteOk, DeliveryError>], ctx: &mut Context<Self>) {
+    fn observe_health(
+        &mut self,
+        keys: &[RecordKey],
+        results: &[Result<WriteOk, DeliveryError>],
+        ctx: &mut Context<Self>,
+    ) {
         let answered = results.iter().any(|r| match r {
             Ok(_) => true,
             Err(e) => tenant_failure(e).is_none() && !e.is_wait(),
@@ -830,13 +853,25 @@ impl TenantActor {
             .iter()
             .filter_map(|r| r.as_ref().err())
             .filter_map(|e| tenant_failure(e).map(|f| (f, e)))
-            .max_by_key(|(f, _)| match f {
-                TenantFailure::Auth => 2,
-                TenantFailure::Outage => 1,
-                TenantFailure::Throttled => 0,
-            });
+            .max_by_key(|(f, _)| f.weight());
         let reason = worst.map_or_else(|| "the CRM answered".to_string(), |(_, e)| e.to_string());
-        if let Some(t) = self.breaker.on_call(Instant::now(), answered, worst.map(|(f, _)| f)) {
+        // The records whose calls failed for a tenant reason, hashed.
+        let failed: Vec<u64> = keys
+            .iter()
+            .zip(results)
+            .filter(|(_, r)| r.as_ref().err().and_then(tenant_failure).is_some())
+            .map(|(k, _)| {
+                use std::hash::{Hash, Hasher};
+                // Fixed keys: the same record hashes the same from call to call.
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                k.hash(&mut h);
+                h.finish()
+            })
+            .collect();
+        if let Some(t) = self
+            .breaker
+            .on_call(Instant::now(), answered, worst.map(|(f, _)| f), &failed)
+        {
             self.announce(t, &reason, ctx);
         }
     }
@@ -856,7 +891,16 @@ impl TenantActor {
             }
             Health::HalfOpen => tracing::error!(tenant = %self.name, from, to, "Tenant probes its CRM with one call."),
             Health::Closed => {
-                tracing::error!(tenant = %self.name, from, to, "Tenant's CRM answers again; its events flow.")
+                tracing::error!(tenant = %self.name, from, to, "Tenant's CRM answers again; its events flow.");
+                // The records that waited did not age meanwhile.
+                let spell = now.saturating_duration_since(self.breaker.left_closed());
+                for (_, slot) in self.records.iter_mut() {
+                    if let Some((at, wall)) = slot.data.first_failure.as_mut() {
+                        let shift = spell.min(now.saturating_duration_since(*at));
+                        *at += shift;
+                        *wall += shift;
+                    }
+                }
             }
         }
         metrics::counter!(metric::TENANT_TRANSITIONS, "tenant" => self.name.to_string(), "state" => to).increment(1);
@@ -1068,6 +1112,7 @@ impl Actor for TenantActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
+        self.publish_state(Instant::now());
     }
 }
 
@@ -1086,11 +1131,13 @@ impl Supervised for TenantActor {
         self.requests_in_flight = 0;
         self.wake_at = None;
         self.panic_next = false;
-        self.pacer = Pacer::new(
-            self.config.rate_limit_per_sec,
-            self.config.max_concurrency,
-            Instant::now(),
-        );
+        let now = Instant::now();
+        self.pacer = Pacer::new(self.config.rate_limit_per_sec, self.config.max_concurrency, now);
+        if !self.breaker.is_closed() {
+            // Still open: writes handed in again wait for the probe (parked).
+            self.pacer.pause(now, self.breaker.until_probe(now));
+        }
+        self.shown_state = None;
         // Everything this actor held is still undecided at its partitions.
         self.deps.partitions.redispatch_all(&self.name);
     }
