@@ -128,6 +128,20 @@ fn demo_secret(var: &str) -> Option<String> {
 }
 
 /// Runs the demo; `Ok(true)` when every sandbox converged to the newest versions.
+/// How long the demo's Dynamics 365 tenant's CRM is down at the start.
+const OUTAGE: Duration = Duration::from_secs(6);
+
+/// The Dynamics 365 sandbox's everyday faults.
+fn dynamics_faults() -> Faults {
+    Faults {
+        server_error_rate: 0.05,
+        token_lifetime_ms: Some(500),
+        retry_after_secs: 1,
+        seed: 3,
+        ..Faults::default()
+    }
+}
+
 pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     let started = Instant::now();
     println!("crm-sync demo: embedded Kafka broker + one CRM sandbox per tenant (Salesforce, Zendesk, Dynamics 365)\n");
@@ -219,7 +233,17 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         .block_on(tools::produce(&bootstrap, &input, &messages))
         .map_err(setup("producing the stream"))?;
 
-    // 4. The service, exactly as `crm-sync run` starts it.
+    // 4. The service, exactly as `crm-sync run` starts it. Tenant initech's CRM is down
+    // (every call 503) for longer than an event may be retried.
+    let outage = sandboxes.iter().find(|(_, s)| s.crm() == "dynamics").map(|(name, s)| {
+        s.set_faults(Faults {
+            server_error_rate: 1.0,
+            ..dynamics_faults()
+        });
+        name.clone()
+    });
+    let outage_ends = Instant::now() + OUTAGE;
+    let mut outage_over = outage.is_none();
     let service = pipeline::start(config.clone()).map_err(setup("starting the service"))?;
     println!("  service running; metrics at http://{}/metrics\n", service.http_addr());
     let prometheus = telemetry::prometheus();
@@ -229,12 +253,20 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     let finished = loop {
         // Input first, then the retry topic: an event parked on the retry topic has its
         // input offset committed but is not done until its retry copy is.
-        let done = drained(&bootstrap, &group, &input)
+        let done = outage_over
+            && drained(&bootstrap, &group, &input)
             && config
                 .kafka
                 .retry_topic
                 .as_ref()
                 .is_none_or(|retry| drained(&bootstrap, &crate::consume::retry_group_id(&group), retry));
+        if !outage_over && Instant::now() >= outage_ends {
+            if let Some((name, sandbox)) = sandboxes.iter().find(|(n, _)| Some(n) == outage.as_ref()) {
+                sandbox.set_faults(dynamics_faults());
+                println!("  -- {name}'s CRM is back after {:.0} s --", OUTAGE.as_secs_f64());
+            }
+            outage_over = true;
+        }
         if last_print.elapsed() >= Duration::from_secs(1) || done {
             print_progress(&prometheus.render(), &sandboxes);
             last_print = Instant::now();
@@ -296,6 +328,54 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .or_default() += 1;
     }
     println!("  DLQ reasons       {reasons:?}");
+    let events: Vec<serde_json::Value> = failures
+        .iter()
+        .filter_map(|m| serde_json::from_slice(m.payload.as_deref()?).ok())
+        .collect();
+    for (name, _) in &sandboxes {
+        let states: Vec<&str> = events
+            .iter()
+            .filter(|e| e["kind"] == "tenant_state" && e["tenant"] == name.as_str())
+            .filter_map(|e| e["to"].as_str())
+            .collect();
+        if states.is_empty() {
+            continue;
+        }
+        // Failed probes (half_open → open) are counted, not listed.
+        let mut shown = vec!["closed".to_string()];
+        let mut i = 0;
+        while i < states.len() {
+            let failed_probes = states[i..]
+                .chunks(2)
+                .take_while(|pair| pair == &["half_open", "open"])
+                .count();
+            if failed_probes > 0 {
+                shown.push(format!("(half_open → open) ×{failed_probes}"));
+                i += 2 * failed_probes;
+            } else {
+                shown.push(states[i].to_string());
+                i += 1;
+            }
+        }
+        println!("  {name:<8} health   {}", shown.join(" → "));
+    }
+    if let Some(name) = &outage {
+        let lost_to_outage = events
+            .iter()
+            .filter(|e| e["kind"] == "dead_lettered" && e["tenant"] == name.as_str())
+            .filter(|e| {
+                matches!(
+                    e["error_code"].as_str(),
+                    Some("crm_server_error" | "crm_timeout" | "crm_connection" | "crm_connection_lost")
+                )
+            })
+            .count();
+        println!(
+            "  {name:<8} outage   CRM down {:.0} s ({:.0}× retry.max_age_ms): {lost_to_outage} events dead-lettered for it",
+            OUTAGE.as_secs_f64(),
+            OUTAGE.as_secs_f64() * 1000.0 / config.retry.max_age_ms as f64
+        );
+    }
     for (name, sandbox) in &sandboxes {
         let s = sandbox.stats();
         println!(
@@ -413,14 +493,12 @@ fn start_sandbox(tenant: &mut TenantConfig) -> Result<(Box<dyn CrmSandbox>, Stri
             let d = tenant.dynamics.as_mut().ok_or_else(missing)?;
             let mut setup = DynamicsSetup::standard(d.client_id.expose(), d.client_secret.expose());
             setup.directory_id = d.directory_id.clone();
-            setup.faults = Faults {
-                server_error_rate: 0.05,
-                token_lifetime_ms: Some(500),
-                retry_after_secs: 1,
-                seed: 3,
-                ..Faults::default()
-            };
-            let faults = format!("{}, 429 0x80072322 twice", setup.faults.describe());
+            setup.faults = dynamics_faults();
+            let faults = format!(
+                "{}, 429 0x80072322 twice, down for the first {:.0} s",
+                setup.faults.describe(),
+                OUTAGE.as_secs_f64()
+            );
             let sandbox = DynamicsSandbox::start("127.0.0.1:0", setup).map_err(started)?;
             sandbox.script(std::iter::repeat_n(
                 crate::sandbox::dynamics::Scripted::TooManyRequests,
