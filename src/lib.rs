@@ -46,6 +46,7 @@ pub mod messages;
 pub mod notify;
 pub mod offload;
 pub mod pipeline;
+pub mod redrive;
 pub mod retry;
 pub mod sandbox;
 pub mod shutdown;

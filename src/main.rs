@@ -55,9 +55,40 @@ enum Command {
         /// Path to the TOML configuration.
         file: PathBuf,
     },
+    /// Send dead-lettered events back to their input topic after a fix: reads the DLQ with
+    /// the service's Kafka settings, keeps what the filters select, skips events whose
+    /// record already holds their version or a newer one (so it never moves a record
+    /// backwards, and a second run redrives nothing twice), and marks each with a
+    /// crm-sync.redriven header.
+    Redrive {
+        /// Path to the service's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only count, by reason: produce nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only events of this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only events of this entity.
+        #[arg(long)]
+        entity: Option<String>,
+        /// Only this crm-sync.error.code, e.g. crm_validation.
+        #[arg(long)]
+        error_code: Option<String>,
+        /// Only this stage: decode or deliver.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Only events whose last failure is at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events whose last failure is at or before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+    },
     /// Produce change events, one JSON envelope per line, to a topic: for trying the
-    /// service, and for redriving dead-lettered events after a fix. Each message is keyed
-    /// by its record identity (tenant/entity/key), as the service expects.
+    /// service. Each message is keyed by its record identity (tenant/entity/key), as the
+    /// service expects.
     Produce {
         /// Comma-separated host:port list of brokers.
         #[arg(long)]
@@ -93,7 +124,7 @@ enum SandboxCommand {
         client_secret_env: String,
     },
     /// A Zendesk Support API sandbox (OAuth client credentials and API token, users and
-    /// organizations create_or_update(_many) with job statuses, tickets with
+    /// organizations create_or_update, users create_or_update_many with job statuses, tickets with
     /// Idempotency-Key, rate-limit headers, faults, /__sandbox/*). Runs until stopped.
     Zendesk {
         /// Port to listen on (0 picks a free one).
@@ -221,6 +252,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(tools::produce(&bootstrap, &topic, &messages))?;
             println!("produced {} message(s) to {topic}", messages.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Redrive {
+            config,
+            dry_run,
+            tenant,
+            entity,
+            error_code,
+            stage,
+            since,
+            until,
+        } => {
+            let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let time = |flag: &str, v: Option<String>| -> anyhow::Result<_> {
+                v.map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(&t)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .map_err(|e| anyhow::anyhow!("--{flag} {t:?}: not an RFC 3339 time ({e})"))
+                })
+                .transpose()
+            };
+            let filter = crm_sync::redrive::Filter {
+                tenant,
+                entity,
+                error_code,
+                stage,
+                since: time("since", since)?,
+                until: time("until", until)?,
+            };
+            let r = crm_sync::redrive::redrive(&config, &filter, dry_run)?;
+            let verb = if dry_run { "would redrive" } else { "redrove" };
+            println!(
+                "read {} dead-lettered record(s); {} selected; {verb} {}; skipped {} already delivered, {} superseded by a newer version, {} that are not events",
+                r.read, r.selected, r.redriven, r.already_delivered, r.superseded, r.not_an_event
+            );
+            for (reason, n) in &r.by_reason {
+                println!("  {reason:<24} {n}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => match Config::load(&file) {

@@ -1,0 +1,259 @@
+//! Redrive: dead-lettered events back to the input topic, after a fix.
+//!
+//! `crm-sync redrive --config F` reads the DLQ with the service's own Kafka client
+//! settings (security included), keeps the records its filters select (tenant, entity,
+//! error code, stage, time of the last failure), and produces each one's original key,
+//! value and headers back to the input topic it came from, with a
+//! `crm-sync.redriven` header (when). Never backwards: the confirmed versions are read from
+//! the state topic first, and an event whose record already holds its version or a newer
+//! one is skipped; that also makes a second run a no-op for what the first one delivered.
+//! `--dry-run` only counts, by reason.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::consume::client_config;
+use crate::diff::store;
+use crate::event::{self, RecordKey, Routes};
+use crate::headers::{self, RawHeader};
+
+/// The header that marks a redriven message (its value: when, RFC 3339).
+pub const REDRIVEN: &str = "crm-sync.redriven";
+
+/// Which dead-lettered events to redrive; every field left out matches all.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub tenant: Option<String>,
+    pub entity: Option<String>,
+    /// `crm-sync.error.code`, e.g. `crm_validation`.
+    pub error_code: Option<String>,
+    /// `crm-sync.stage`: `decode` or `deliver`.
+    pub stage: Option<String>,
+    /// Bounds on `crm-sync.last-failure`.
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// What a run did (or, dry, would do).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// DLQ records read.
+    pub read: usize,
+    /// Those the filters selected.
+    pub selected: usize,
+    /// Produced back to the input topic (dry: would be).
+    pub redriven: usize,
+    /// Skipped: the record already holds this version, or a newer one.
+    pub already_delivered: usize,
+    pub superseded: usize,
+    /// Skipped: not an event crm-sync can read (a `decode`-stage record).
+    pub not_an_event: usize,
+    /// Selected records by `crm-sync.error.code`.
+    pub by_reason: BTreeMap<String, usize>,
+}
+
+/// Routes for decoding: the configured tenants and entities.
+struct Configured<'a>(&'a Config);
+
+impl Routes for Configured<'_> {
+    fn has_tenant(&self, tenant: &str) -> bool {
+        self.0.tenant(tenant).is_some()
+    }
+    fn has_entity(&self, tenant: &str, entity: &str) -> bool {
+        self.0.tenant(tenant).is_some_and(|t| t.entities.contains_key(entity))
+    }
+}
+
+/// A DLQ record as read.
+struct Dead {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<RawHeader>,
+}
+
+impl Dead {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Runs a redrive; `dry_run` only counts.
+pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Result<Report> {
+    let client = client_config(&config.kafka);
+    let timeout = Duration::from_secs(60);
+    let dead = read_topic(&client, &config.kafka.dlq_topic, timeout)?;
+    let confirmed = confirmed_versions(&client, &config.kafka.state_topic, timeout)?;
+    let routes = Configured(config);
+    let mut report = Report {
+        read: dead.len(),
+        ..Report::default()
+    };
+    let producer: Option<FutureProducer> = if dry_run {
+        None
+    } else {
+        Some(client.clone().set("acks", "all").create()?)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let now = DateTime::<Utc>::from(SystemTime::now()).to_rfc3339_opts(SecondsFormat::Millis, true);
+    for d in &dead {
+        let stage = d.header("crm-sync.stage");
+        let code = d.header("crm-sync.error.code").unwrap_or_else(|| "?".into());
+        let last = d
+            .header("crm-sync.last-failure")
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        let event = event::decode(d.payload.as_deref(), usize::MAX, &routes).ok();
+        let matches = filter.stage.as_ref().is_none_or(|s| stage.as_ref() == Some(s))
+            && filter.error_code.as_ref().is_none_or(|c| *c == code)
+            && filter.since.is_none_or(|s| last.is_some_and(|l| l >= s))
+            && filter.until.is_none_or(|u| last.is_some_and(|l| l <= u))
+            && filter
+                .tenant
+                .as_ref()
+                .is_none_or(|t| event.as_ref().is_some_and(|e| *e.record.tenant == **t))
+            && filter
+                .entity
+                .as_ref()
+                .is_none_or(|en| event.as_ref().is_some_and(|e| *e.record.entity == **en));
+        if !matches {
+            continue;
+        }
+        report.selected += 1;
+        *report.by_reason.entry(code).or_default() += 1;
+        let Some(event) = event else {
+            report.not_an_event += 1;
+            continue;
+        };
+        match confirmed.get(&event.record) {
+            Some(v) if *v > event.version => {
+                report.superseded += 1;
+                continue;
+            }
+            Some(v) if *v == event.version => {
+                report.already_delivered += 1;
+                continue;
+            }
+            _ => {}
+        }
+        report.redriven += 1;
+        let Some(producer) = &producer else { continue };
+        let source = d.header("crm-sync.source.topic");
+        let topic = source
+            .filter(|t| config.kafka.input_topics.contains(t))
+            .unwrap_or_else(|| config.kafka.input_topics[0].clone());
+        // The original headers, without what crm-sync added to them.
+        let mut out = OwnedHeaders::new();
+        for (k, v) in d.headers.iter().filter(|(k, _)| !k.starts_with(b"crm-sync.")) {
+            out = out.insert(Header {
+                key: &String::from_utf8_lossy(k),
+                value: v.as_deref(),
+            });
+        }
+        out = out.insert(Header {
+            key: REDRIVEN,
+            value: Some(now.as_bytes()),
+        });
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(out);
+        if let Some(k) = &d.key {
+            record = record.key(k);
+        }
+        if let Some(p) = &d.payload {
+            record = record.payload(p);
+        }
+        runtime
+            .block_on(producer.send(record, Duration::from_secs(30)))
+            .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+    }
+    Ok(report)
+}
+
+/// Every message of `topic`, all partitions, from the first kept to the current end.
+fn read_topic(client: &ClientConfig, topic: &str, timeout: Duration) -> anyhow::Result<Vec<Dead>> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", "crm-sync-redrive")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            ends.insert(p, high);
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !ends.is_empty() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "reading {topic} timed out");
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = message?;
+        if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+            ends.remove(&m.partition());
+        }
+        out.push(Dead {
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: headers::read(m.headers()),
+        });
+    }
+    Ok(out)
+}
+
+/// Each record's confirmed version, from the whole state topic.
+fn confirmed_versions(
+    client: &ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<HashMap<RecordKey, u64>> {
+    let consumer: BaseConsumer = client.clone().set("group.id", "crm-sync-redrive").create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut versions = HashMap::new();
+    let mut markers = store::Markers::default();
+    store::restore(
+        client,
+        topic,
+        &partitions,
+        timeout,
+        |chunk| {
+            for (record, state) in chunk {
+                versions.insert(record, state.version);
+            }
+        },
+        &mut markers,
+    )?;
+    Ok(versions)
+}
