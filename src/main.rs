@@ -284,13 +284,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = crm_sync::redrive::redrive(&config, &filter, dry_run)?;
             let verb = if dry_run { "would redrive" } else { "redrove" };
             println!(
-                "read {} dead-lettered record(s); {} selected; {verb} {}; skipped {} already delivered, {} superseded by a newer version, {} that are not events",
-                r.read, r.selected, r.redriven, r.already_delivered, r.superseded, r.not_an_event
+                "read {} dead-lettered record(s); {} selected; {verb} {}; skipped {} already delivered, {} superseded by a newer version, {} duplicates in this run, {} that are not events, {} from a topic that is not an input topic",
+                r.read, r.selected, r.redriven, r.already_delivered, r.superseded, r.duplicate, r.not_an_event, r.unknown_source
             );
             for (reason, n) in &r.by_reason {
                 println!("  {reason:<24} {n}");
             }
-            Ok(ExitCode::SUCCESS)
+            match r.error {
+                None => Ok(ExitCode::SUCCESS),
+                Some(e) => {
+                    eprintln!("error: stopped early: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {

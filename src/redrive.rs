@@ -4,10 +4,13 @@
 //! settings (security included), keeps the records its filters select (tenant, entity,
 //! error code, stage, time of the last failure), and produces each one's original key,
 //! value and headers back to the input topic it came from, with a
-//! `crm-sync.redriven` header (when). Never backwards: the confirmed versions are read from
-//! the state topic first, and an event whose record already holds its version or a newer
-//! one is skipped; that also makes a second run a no-op for what the first one delivered.
-//! `--dry-run` only counts, by reason.
+//! `crm-sync.redriven` header (when), to the partition it came from. Never backwards: the
+//! confirmed versions are read from the state topic first, and an event whose record
+//! already holds its version or a newer one is skipped; of several dead-lettered versions
+//! of one record, only the newest goes, once (a record dead-lettered again after an earlier
+//! redrive is in the DLQ twice). That makes a second run a no-op for what the first one
+//! delivered; one made before the service has processed the first run's events sends
+//! them again, which the service skips as duplicates. `--dry-run` only counts, by reason.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
@@ -54,8 +57,15 @@ pub struct Report {
     /// Skipped: the record already holds this version, or a newer one.
     pub already_delivered: usize,
     pub superseded: usize,
-    /// Skipped: not an event crm-sync can read (a `decode`-stage record).
+    /// Skipped: not an event crm-sync can read (a `decode`-stage record, or one trimmed to
+    /// fit the DLQ).
     pub not_an_event: usize,
+    /// Skipped: a newer version of the record, or the same event, goes in this run.
+    pub duplicate: usize,
+    /// Skipped: its source topic is not one of the service's input topics.
+    pub unknown_source: usize,
+    /// Why the run stopped early, if it did (what was sent until then is counted).
+    pub error: Option<String>,
     /// Selected records by `crm-sync.error.code`.
     pub by_reason: BTreeMap<String, usize>,
 }
@@ -96,6 +106,12 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
     let timeout = Duration::from_secs(60);
     let dead = read_topic(&client, &config.kafka.dlq_topic, timeout)?;
     let confirmed = confirmed_versions(&client, &config.kafka.state_topic, timeout)?;
+    let input_partitions: HashMap<String, i32> = config
+        .kafka
+        .input_topics
+        .iter()
+        .map(|t| Ok((t.clone(), partitions_of(&client, t, timeout)?.len() as i32)))
+        .collect::<anyhow::Result<_>>()?;
     let routes = Configured(config);
     let mut report = Report {
         read: dead.len(),
@@ -108,14 +124,28 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let now = DateTime::<Utc>::from(SystemTime::now()).to_rfc3339_opts(SecondsFormat::Millis, true);
-    for d in &dead {
+    let decoded: Vec<Option<event::Event>> = dead
+        .iter()
+        .map(|d| event::decode(d.payload.as_deref(), usize::MAX, &routes).ok())
+        .collect();
+    // The newest dead-lettered version of each record (the first seen of equal ones).
+    let mut newest: HashMap<RecordKey, (u64, usize)> = HashMap::new();
+    for (i, e) in decoded.iter().enumerate() {
+        if let Some(e) = e {
+            let slot = newest.entry(e.record.clone()).or_insert((e.version, i));
+            if e.version > slot.0 {
+                *slot = (e.version, i);
+            }
+        }
+    }
+    for (i, d) in dead.iter().enumerate() {
         let stage = d.header("crm-sync.stage");
         let code = d.header("crm-sync.error.code").unwrap_or_else(|| "?".into());
         let last = d
             .header("crm-sync.last-failure")
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc));
-        let event = event::decode(d.payload.as_deref(), usize::MAX, &routes).ok();
+        let event = decoded[i].as_ref();
         let matches = filter.stage.as_ref().is_none_or(|s| stage.as_ref() == Some(s))
             && filter.error_code.as_ref().is_none_or(|c| *c == code)
             && filter.since.is_none_or(|s| last.is_some_and(|l| l >= s))
@@ -137,6 +167,10 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             report.not_an_event += 1;
             continue;
         };
+        if newest.get(&event.record).is_some_and(|(_, first)| *first != i) {
+            report.duplicate += 1;
+            continue;
+        }
         match confirmed.get(&event.record) {
             Some(v) if *v > event.version => {
                 report.superseded += 1;
@@ -148,12 +182,22 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             }
             _ => {}
         }
+        // Back where it came from: its topic, and its partition, which holds its record's
+        // state (a producer's own partitioner might pick another).
+        let source = d.header("crm-sync.source.topic");
+        let partition = d
+            .header("crm-sync.source.partition")
+            .and_then(|p| p.parse::<i32>().ok());
+        let target = source.and_then(|t| {
+            let count = *input_partitions.get(&t)?;
+            partition.filter(|p| (0..count).contains(p)).map(|p| (t, p))
+        });
+        let Some((topic, partition)) = target else {
+            report.unknown_source += 1;
+            continue;
+        };
         report.redriven += 1;
         let Some(producer) = &producer else { continue };
-        let source = d.header("crm-sync.source.topic");
-        let topic = source
-            .filter(|t| config.kafka.input_topics.contains(t))
-            .unwrap_or_else(|| config.kafka.input_topics[0].clone());
         // The original headers, without what crm-sync added to them.
         let mut out = OwnedHeaders::new();
         for (k, v) in d.headers.iter().filter(|(k, _)| !k.starts_with(b"crm-sync.")) {
@@ -166,18 +210,36 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             key: REDRIVEN,
             value: Some(now.as_bytes()),
         });
-        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(out);
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).partition(partition).headers(out);
         if let Some(k) = &d.key {
             record = record.key(k);
         }
         if let Some(p) = &d.payload {
             record = record.payload(p);
         }
-        runtime
-            .block_on(producer.send(record, Duration::from_secs(30)))
-            .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+        if let Err((e, _)) = runtime.block_on(producer.send(record, Duration::from_secs(30))) {
+            report.redriven -= 1;
+            report.error = Some(format!("producing to {topic}/{partition}: {e}"));
+            break;
+        }
     }
     Ok(report)
+}
+
+/// The partitions of `topic`; an error if it does not exist (or cannot be seen).
+fn partitions_of(client: &ClientConfig, topic: &str, timeout: Duration) -> anyhow::Result<Vec<i32>> {
+    let consumer: BaseConsumer = client.clone().set("group.id", "crm-sync-redrive").create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| anyhow::anyhow!("topic {topic} not found"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!("topic {topic}: {e:?}");
+    }
+    anyhow::ensure!(!t.partitions().is_empty(), "topic {topic} has no partition");
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
 }
 
 /// Every message of `topic`, all partitions, from the first kept to the current end.
@@ -187,13 +249,7 @@ fn read_topic(client: &ClientConfig, topic: &str, timeout: Duration) -> anyhow::
         .set("group.id", "crm-sync-redrive")
         .set("enable.auto.commit", "false")
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = partitions_of(client, topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
     for p in partitions {
@@ -233,15 +289,10 @@ fn confirmed_versions(
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<HashMap<RecordKey, u64>> {
-    let consumer: BaseConsumer = client.clone().set("group.id", "crm-sync-redrive").create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut versions = HashMap::new();
+    // A state topic that cannot be read is an error: without it, nothing would stop an
+    // older version.
+    let partitions = partitions_of(client, topic, timeout)?;
+    let mut versions: HashMap<RecordKey, u64> = HashMap::new();
     let mut markers = store::Markers::default();
     store::restore(
         client,
@@ -250,7 +301,8 @@ fn confirmed_versions(
         timeout,
         |chunk| {
             for (record, state) in chunk {
-                versions.insert(record, state.version);
+                let v = versions.entry(record).or_insert(state.version);
+                *v = (*v).max(state.version);
             }
         },
         &mut markers,

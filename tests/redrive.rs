@@ -19,10 +19,9 @@ fn redrive_after_a_fix_delivers_what_was_dead_lettered_and_never_an_older_versio
     let env = Env::new(1);
     let mut config = env.config();
     config.tenants[0].batch_size = 1;
-    config.retry.max_attempts = 2;
-    // The CRM cannot process these three records, for now.
+    // A validation rule in the CRM refuses these three records, for now.
     env.sf.set_faults(Faults {
-        failing_keys: vec!["P-1".into(), "P-2".into(), "P-3".into()],
+        rejected_keys: vec!["P-1".into(), "P-2".into(), "P-3".into()],
         ..Faults::default()
     });
     let service = pipeline::start(config.clone()).unwrap();
@@ -34,8 +33,13 @@ fn redrive_after_a_fix_delivers_what_was_dead_lettered_and_never_an_older_versio
     ]);
     assert!(env.wait_all_committed(WAIT));
     assert_eq!(env.read_dlq().len(), 3);
+    // A redrive too early: P-1, P-2 and P-3 fail again and are in the DLQ twice now.
+    let early = redrive(&config, &Filter::default(), false).unwrap();
+    assert_eq!(early.redriven, 3);
+    assert!(wait_until(WAIT, || env.read_dlq().len() == 6));
+    assert!(env.wait_all_committed(WAIT));
 
-    // The fix; meanwhile P-3 gets a newer version, which goes through.
+    // The rule is lifted; meanwhile P-3 gets a newer version, which goes through.
     env.sf.set_faults(Faults::default());
     env.produce(&[upsert("p3b", "P-3", 2, "Cy", "New")]);
     assert!(env.wait_all_committed(WAIT));
@@ -45,8 +49,12 @@ fn redrive_after_a_fix_delivers_what_was_dead_lettered_and_never_an_older_versio
     let input_end = || tools::end_offsets(&env.bootstrap, &env.topic, env.partitions).unwrap()[0];
     let before = input_end();
     let dry = redrive(&config, &Filter::default(), true).unwrap();
-    assert_eq!((dry.read, dry.selected, dry.redriven, dry.superseded), (3, 3, 2, 1));
-    assert_eq!(dry.by_reason.get("crm_server_error"), Some(&3));
+    assert_eq!(
+        (dry.read, dry.selected, dry.redriven, dry.superseded, dry.duplicate),
+        (6, 6, 2, 1, 3),
+        "each record once, and not P-3's older version"
+    );
+    assert_eq!(dry.by_reason.get("crm_validation"), Some(&6));
     assert_eq!(input_end(), before, "a dry run produces nothing");
     let other_tenant = Filter {
         tenant: Some("nobody".into()),
@@ -63,11 +71,22 @@ fn redrive_after_a_fix_delivers_what_was_dead_lettered_and_never_an_older_versio
     assert_eq!(env.contact("P-2").unwrap()["LastName"], "Two");
     assert_eq!(env.contact("P-3").unwrap()["LastName"], "New", "never backwards");
     let redriven = tools::read_all(&env.bootstrap, &env.topic, env.partitions, WAIT).unwrap();
-    assert_eq!(redriven.iter().filter(|m| m.headers.contains_key(REDRIVEN)).count(), 2);
+    assert_eq!(
+        redriven.iter().filter(|m| m.headers.contains_key(REDRIVEN)).count(),
+        3 + 2
+    );
 
     // Twice is once.
     let again = redrive(&config, &Filter::default(), false).unwrap();
-    assert_eq!((again.redriven, again.already_delivered, again.superseded), (0, 2, 1));
+    assert_eq!(
+        (
+            again.redriven,
+            again.already_delivered,
+            again.superseded,
+            again.duplicate
+        ),
+        (0, 2, 1, 3)
+    );
     assert_eq!(input_end(), before + 2);
     service.stop(StopMode::Graceful);
 }

@@ -592,6 +592,10 @@ impl LoopContext {
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {
             paused.remove(key);
+            // No longer this member's to report: a frozen lag would look like a stuck
+            // partition beside its new owner's figures.
+            metrics::gauge!(metric::CONSUMER_LAG, "topic" => key.0.to_string(), "partition" => key.1.to_string())
+                .set(0.0);
             if let Some((_, entry)) = self.directory.remove(key) {
                 entry.shared.retired.store(true, Ordering::Release);
                 entry.addr.do_send(Retire);

@@ -127,8 +127,8 @@ fn demo_secret(var: &str) -> Option<String> {
     Some(format!("demo-{}", var.to_lowercase()))
 }
 
-/// Runs the demo; `Ok(true)` when every sandbox converged to the newest versions.
-/// How long the demo's Dynamics 365 tenant's CRM is down at the start.
+/// How long the demo's Dynamics 365 tenant's CRM is down, from when the service has its
+/// partitions.
 const OUTAGE: Duration = Duration::from_secs(6);
 
 /// The Dynamics 365 sandbox's everyday faults.
@@ -142,6 +142,7 @@ fn dynamics_faults() -> Faults {
     }
 }
 
+/// Runs the demo; `Ok(true)` when every sandbox converged to the newest versions.
 pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     let started = Instant::now();
     println!("crm-sync demo: embedded Kafka broker + one CRM sandbox per tenant (Salesforce, Zendesk, Dynamics 365)\n");
@@ -242,7 +243,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         });
         name.clone()
     });
-    let outage_ends = Instant::now() + OUTAGE;
+    let mut outage_ends: Option<Instant> = None;
     let mut outage_over = outage.is_none();
     let service = pipeline::start(config.clone()).map_err(setup("starting the service"))?;
     println!("  service running; metrics at http://{}/metrics\n", service.http_addr());
@@ -260,7 +261,11 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
                 .retry_topic
                 .as_ref()
                 .is_none_or(|retry| drained(&bootstrap, &crate::consume::retry_group_id(&group), retry));
-        if !outage_over && Instant::now() >= outage_ends {
+        if outage_ends.is_none() && service.assigned_partitions() > 0 {
+            // The outage counts from when the service can see it.
+            outage_ends = Some(Instant::now() + OUTAGE);
+        }
+        if !outage_over && outage_ends.is_some_and(|t| Instant::now() >= t) {
             if let Some((name, sandbox)) = sandboxes.iter().find(|(n, _)| Some(n) == outage.as_ref()) {
                 sandbox.set_faults(dynamics_faults());
                 println!("  -- {name}'s CRM is back after {:.0} s --", OUTAGE.as_secs_f64());

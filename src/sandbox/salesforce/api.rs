@@ -372,6 +372,15 @@ fn handle_record(
         let message = "unable to obtain exclusive access to this record or 1 records: 003SBX";
         return rest_error(StatusCode::BAD_REQUEST, "UNABLE_TO_LOCK_ROW", message, &[], limit);
     }
+    if org.setup.faults.rejected_keys.iter().any(|k| k == value) {
+        return rest_error(
+            StatusCode::BAD_REQUEST,
+            "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+            "Records of this kind are not accepted for now.",
+            &[],
+            limit,
+        );
+    }
     if org.setup.faults.failing_keys.iter().any(|k| k == value) {
         return rest_error(
             StatusCode::INTERNAL_SERVER_ERROR,
