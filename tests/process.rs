@@ -125,6 +125,32 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("KAFKA_SASL_PASSWORD"));
 }
 
+#[test]
+fn redrive_from_the_command_line_says_what_it_did_and_names_a_bad_flag() {
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crm-sync.toml");
+    std::fs::write(&path, env.config_toml()).unwrap();
+    let redrive = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["redrive", "--config", path.to_str().unwrap()])
+            .args(extra)
+            .env("SF_SECRET", CLIENT_SECRET)
+            .output()
+            .unwrap()
+    };
+    let dry = redrive(&["--dry-run"]);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        said.contains("read 0 dead-lettered record(s)") && said.contains("would redrive 0"),
+        "{said}"
+    );
+    let bad = redrive(&["--since", "yesterday"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--since"));
+}
+
 fn start_service(config: &std::path::Path) -> Proc {
     Proc(
         Command::new(BIN)
