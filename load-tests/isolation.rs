@@ -182,9 +182,25 @@ batch_size = 1
         .filter(|i| CrmSandbox::contact(&slow, &format!("K-{i}")).is_some())
         .count();
 
+    // 3. The slow tenant's CRM goes down altogether (every call 503): its breaker opens,
+    //    with its backlog and 2,000 more events waiting; the same fast stream again.
+    slow.set_faults(Faults {
+        server_error_rate: 1.0,
+        ..Faults::default()
+    });
+    let more: Vec<_> = (20 * WINDOW..40 * WINDOW).map(|i| event("slow", i)).collect();
+    runtime()
+        .block_on(tools::produce(&bootstrap, topic, &more))
+        .expect("produce");
+    let beside_down = fast_latencies(&bootstrap, topic, &fast, 3_000_000, events, rate);
+
     println!("| fast tenant | events delivered | p50 ms | p90 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
-    for (name, l) in [("alone", &alone), ("beside the saturated slow tenant", &beside)] {
+    for (name, l) in [
+        ("alone", &alone),
+        ("beside the saturated slow tenant", &beside),
+        ("beside a tenant whose CRM is down (breaker open)", &beside_down),
+    ] {
         println!(
             "| {name} | {} of {events} | {:.0} | {:.0} | {:.0} | {:.0} |",
             l.len(),
@@ -198,6 +214,10 @@ batch_size = 1
         "\np99 beside ÷ p99 alone: {:.2} (target ≤ 2); the slow tenant delivered {slow_done} of its {} events meanwhile.",
         percentile(&beside, 0.99) / percentile(&alone, 0.99),
         backlog.len()
+    );
+    println!(
+        "p99 beside the down tenant ÷ p99 alone: {:.2} (target ≤ 2).",
+        percentile(&beside_down, 0.99) / percentile(&alone, 0.99)
     );
     service.stop(StopMode::Abort);
 }
