@@ -107,8 +107,6 @@ pub trait CrmSandbox: Send + Sync {
     fn stats(&self) -> Stats;
     fn set_faults(&self, faults: Faults);
     fn expire_tokens(&self);
-    /// Answers the next `n` data requests with a 5xx.
-    fn script_server_errors(&self, n: usize);
     /// Answers the next `n` data requests with the CRM's throttle (429 with
     /// `Retry-After` of `faults.retry_after_secs`, or Salesforce's
     /// `REQUEST_LIMIT_EXCEEDED`).

@@ -994,10 +994,6 @@ fields = {{ firstname = "first_name", lastname = "last_name", emailaddress1 = "e
         DynamicsSandbox::expire_tokens(self)
     }
 
-    fn script_server_errors(&self, n: usize) {
-        self.script(std::iter::repeat_n(Scripted::ServerError, n))
-    }
-
     fn script_throttles(&self, n: usize) {
         self.script(std::iter::repeat_n(Scripted::TooManyRequests, n))
     }

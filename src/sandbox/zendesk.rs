@@ -980,10 +980,6 @@ fields = {{ notes = "first_name", name = "last_name", email = "email" }}
         ZendeskSandbox::expire_tokens(self)
     }
 
-    fn script_server_errors(&self, n: usize) {
-        self.script(std::iter::repeat_n(Scripted::ServerError, n))
-    }
-
     fn script_throttles(&self, n: usize) {
         self.script(std::iter::repeat_n(Scripted::TooManyRequests, n))
     }

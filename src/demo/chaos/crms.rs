@@ -190,9 +190,16 @@ impl Tenant {
                 format!("{n} throttles")
             }
             FaultKind::ServerErrorBurst => {
-                let n = rng.gen_range(3..12);
-                self.sandbox.script_server_errors(n);
-                format!("{n} server errors")
+                // For a while, not for a number of calls: a tenant whose breaker opens
+                // makes few calls, and a count-bounded burst would last as long as its
+                // probes take to use it up.
+                let lasts = Duration::from_millis(rng.gen_range(500..2_500));
+                self.sandbox.set_faults(Faults {
+                    server_error_rate: 1.0,
+                    ..self.chaos_faults.clone()
+                });
+                self.spike_until = Some(Instant::now() + lasts);
+                format!("every call 5xx for {:.1} s", lasts.as_secs_f64())
             }
             FaultKind::LatencySpike => {
                 let extra = rng.gen_range(300..1_000);
@@ -211,7 +218,7 @@ impl Tenant {
         }
     }
 
-    /// Ends a latency spike that has run its course.
+    /// Ends a latency spike or a 5xx burst that has run its course.
     pub fn end_spike_if_due(&mut self, now: Instant) {
         if self.spike_until.is_some_and(|until| now >= until) {
             self.spike_until = None;

@@ -588,6 +588,11 @@ max_delay_ms = 1000
 max_attempts = 1000
 max_age_ms = 900000
 
+[breaker]
+# A CRM that recovers is probed again within 2 s: well inside the drain budget.
+probe_interval_ms = 250
+max_probe_interval_ms = 2000
+
 {tenants}"#,
         group = topics.group,
         input = topics.input,

@@ -252,10 +252,6 @@ fields = {{ FirstName = "first_name", LastName = "last_name", Email = "email" }}
         SalesforceSandbox::expire_tokens(self)
     }
 
-    fn script_server_errors(&self, n: usize) {
-        self.script(std::iter::repeat_n(Scripted::ServerError, n))
-    }
-
     fn script_throttles(&self, n: usize) {
         self.script(std::iter::repeat_n(Scripted::RequestLimit, n))
     }
