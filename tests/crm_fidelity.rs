@@ -25,14 +25,6 @@ use serde_json::{json, Map, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn block<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
 /// A config with tenant `acme` on `crm` (no broker is contacted: only the connector is
 /// built from it).
 fn config_for(crm: &dyn CrmSandbox) -> Config {
@@ -358,27 +350,37 @@ fn the_pipeline_never_lets_a_late_job_overwrite_a_newer_version() {
     service.stop(StopMode::Graceful);
 }
 
-/// Waiting for a late job is not a failure: a version parked for it carries no age, so
-/// a retryable failure after a long job does not find it past `retry.max_age_ms`.
-#[test]
-fn a_version_parked_behind_a_late_job_starts_no_age_clock() {
+/// A Zendesk sandbox whose job queue is stalled, and the config of a pipeline on it with
+/// a retry topic, a 300 ms linger (two records share a job) and `job_timeout_ms`.
+fn stalled_zendesk_pipeline(job_timeout_ms: u64) -> (ZendeskSandbox, Env, Config) {
     let zd = zendesk();
     zd.set_job_queue_stalled(true);
     let env = Env::new(1);
     let mut config = env.config_for(&zd);
     config.kafka.retry_topic = Some(env.retry.clone());
     config.tenants[0].batch_linger_ms = 300;
-    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 300;
+    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = job_timeout_ms;
+    (zd, env, config)
+}
+
+/// Messages written to `topic` so far, all partitions.
+fn messages_on(env: &Env, topic: &str) -> i64 {
+    tools::end_offsets(&env.bootstrap, topic, env.partitions)
+        .map(|ends| ends.iter().sum::<i64>())
+        .unwrap_or(0)
+}
+
+/// Waiting for a late job is not a failure: a version parked for it carries no age, so
+/// a retryable failure after a long job does not find it past `retry.max_age_ms`.
+#[test]
+fn a_version_parked_behind_a_late_job_starts_no_age_clock() {
+    let (zd, env, config) = stalled_zendesk_pipeline(300);
     let service = pipeline::start(config).expect("service starts");
     env.produce(&[
         upsert("e1", "Z-1", 1, "Ada", "Old"),
         upsert("e2", "Z-2", 1, "Bob", "Two"),
     ]);
-    let parked = || {
-        tools::end_offsets(&env.bootstrap, &env.retry, env.partitions)
-            .map(|ends| ends.iter().sum::<i64>())
-            .unwrap_or(0)
-    };
+    let parked = || messages_on(&env, &env.retry);
     assert!(wait_until(WAIT, || parked() >= 2), "the waiting versions were parked");
     let headers = |m: &tools::ReadMessage, name: &str| -> u64 { m.headers[name].parse().unwrap() };
     for m in tools::read_all(&env.bootstrap, &env.retry, env.partitions, WAIT).unwrap() {
@@ -403,23 +405,13 @@ fn a_version_parked_behind_a_late_job_starts_no_age_clock() {
 /// the job has run.
 #[test]
 fn the_next_owner_holds_a_record_whose_late_job_may_still_land() {
-    let zd = zendesk();
-    zd.set_job_queue_stalled(true);
-    let env = Env::new(1);
-    let mut config = env.config_for(&zd);
-    config.kafka.retry_topic = Some(env.retry.clone());
-    config.tenants[0].batch_linger_ms = 300;
-    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 300;
+    let (zd, env, config) = stalled_zendesk_pipeline(300);
     let first = pipeline::start(config.clone()).expect("service starts");
     env.produce(&[
         upsert("e1", "Z-1", 1, "Ada", "Old"),
         upsert("e2", "Z-2", 1, "Bob", "Two"),
     ]);
-    let parked = || {
-        tools::end_offsets(&env.bootstrap, &env.retry, env.partitions)
-            .map(|ends| ends.iter().sum::<i64>())
-            .unwrap_or(0)
-    };
+    let parked = || messages_on(&env, &env.retry);
     assert!(
         wait_until(WAIT, || parked() >= 2),
         "the job went late and its events were parked"
@@ -452,19 +444,9 @@ fn the_next_owner_holds_a_record_whose_late_job_may_still_land() {
 /// while it waits for the job leaves the hold to the record's next owner.
 #[test]
 fn a_member_killed_while_its_job_runs_leaves_the_hold_to_the_next_owner() {
-    let zd = zendesk();
-    zd.set_job_queue_stalled(true);
-    let env = Env::new(1);
-    let mut config = env.config_for(&zd);
-    config.kafka.retry_topic = Some(env.retry.clone());
-    config.tenants[0].batch_linger_ms = 300;
     // Long: the first member is still waiting for its job when it dies.
-    config.tenants[0].zendesk.as_mut().unwrap().job_timeout_ms = 60_000;
-    let state_messages = || {
-        tools::end_offsets(&env.bootstrap, &env.state, env.partitions)
-            .map(|ends| ends.iter().sum::<i64>())
-            .unwrap_or(0)
-    };
+    let (zd, env, config) = stalled_zendesk_pipeline(60_000);
+    let state_messages = || messages_on(&env, &env.state);
     let first = pipeline::start(config.clone()).expect("service starts");
     env.produce(&[
         upsert("e1", "Z-1", 1, "Ada", "Old"),

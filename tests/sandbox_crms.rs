@@ -3,19 +3,11 @@
 
 mod common;
 
-use common::{CLIENT_ID, CLIENT_SECRET};
+use common::{block, CLIENT_ID, CLIENT_SECRET};
 use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
 use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
 use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
-
-fn block<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
 
 struct Answer {
     status: u16,

@@ -257,6 +257,15 @@ pub fn scrape(addr: std::net::SocketAddr) -> String {
 }
 
 /// Polls `condition` every 20 ms until it holds or `within` passes.
+/// Runs a future to its end on a runtime of its own (for calls the tests make directly).
+pub fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 pub fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     loop {
