@@ -54,6 +54,9 @@ pub struct Config {
     /// how often it is probed.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Webhook notifications of the failures topic (see `notifier`).
+    #[serde(default)]
+    pub notifier: NotifierConfig,
     /// One entry per CRM tenant. Events name their tenant in the `tenant` field.
     pub tenants: Vec<TenantConfig>,
 }
@@ -310,6 +313,126 @@ fn default_max_age_ms() -> u64 {
     300_000
 }
 
+/// The failure notifier: reads the failures topic and tells webhook endpoints, signed per
+/// Standard Webhooks (see `notifier`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifierConfig {
+    /// Whether `crm-sync run` runs the notifier beside the pipeline (`crm-sync notify`
+    /// runs it alone). It runs only where some endpoint is configured.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Consumer group of the notifiers; `{kafka.group_id}.notifier` when left out.
+    #[serde(default)]
+    pub group_id: Option<String>,
+    /// Where a notification goes when it cannot be delivered (given up, or its endpoint's
+    /// queue is full): the body, its webhook-id, the endpoint and the last error.
+    #[serde(default = "default_notifier_dlq_topic")]
+    pub dlq_topic: String,
+    /// Window over which dead-lettered records of one tenant and error code are folded
+    /// into one summary.
+    #[serde(default = "default_coalesce_window_ms")]
+    pub coalesce_window_ms: u64,
+    /// Dead-lettered records of one tenant and error code sent one by one in a window
+    /// before the rest is summarised.
+    #[serde(default = "default_per_record_limit")]
+    pub per_record_limit: u32,
+    /// Records quoted in a summary.
+    #[serde(default = "default_summary_samples")]
+    pub summary_samples: usize,
+    /// Dead-lettered records of one tenant within a minute that send a
+    /// `tenant.dlq_rate_exceeded` notification; 0 for none.
+    #[serde(default = "default_dlq_rate_per_minute")]
+    pub dlq_rate_per_minute: u32,
+    /// Timeout of one delivery attempt.
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Wait before the second attempt; doubles per attempt, with jitter, up to the max.
+    #[serde(default = "default_webhook_retry_ms")]
+    pub retry_base_delay_ms: u64,
+    #[serde(default = "default_webhook_max_retry_ms")]
+    pub retry_max_delay_ms: u64,
+    /// How long a notification keeps being retried before it goes to `dlq_topic`.
+    #[serde(default = "default_webhook_give_up_ms")]
+    pub give_up_after_ms: u64,
+    /// Notifications waiting for one endpoint; past it the oldest waiting one goes to
+    /// `dlq_topic`, so that an endpoint that is down holds a bounded amount of memory.
+    #[serde(default = "default_webhook_queue")]
+    pub max_queued_per_endpoint: usize,
+    /// Endpoints told about every tenant, and about input that names no tenant.
+    #[serde(default)]
+    pub endpoints: Vec<WebhookConfig>,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            enabled: true,
+            group_id: None,
+            dlq_topic: default_notifier_dlq_topic(),
+            coalesce_window_ms: default_coalesce_window_ms(),
+            per_record_limit: default_per_record_limit(),
+            summary_samples: default_summary_samples(),
+            dlq_rate_per_minute: default_dlq_rate_per_minute(),
+            request_timeout_ms: default_webhook_timeout_ms(),
+            retry_base_delay_ms: default_webhook_retry_ms(),
+            retry_max_delay_ms: default_webhook_max_retry_ms(),
+            give_up_after_ms: default_webhook_give_up_ms(),
+            max_queued_per_endpoint: default_webhook_queue(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+fn default_notifier_dlq_topic() -> String {
+    "crm-sync.notifications.dlq".into()
+}
+fn default_coalesce_window_ms() -> u64 {
+    10_000
+}
+fn default_per_record_limit() -> u32 {
+    3
+}
+fn default_summary_samples() -> usize {
+    5
+}
+fn default_dlq_rate_per_minute() -> u32 {
+    100
+}
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+fn default_webhook_retry_ms() -> u64 {
+    1_000
+}
+fn default_webhook_max_retry_ms() -> u64 {
+    60_000
+}
+fn default_webhook_give_up_ms() -> u64 {
+    3_600_000
+}
+fn default_webhook_queue() -> usize {
+    10_000
+}
+
+/// A webhook endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` URL the notifications are POSTed to.
+    pub url: String,
+    /// Standard Webhooks secrets (`whsec_` + base64), by `${VAR}` reference: one, or two
+    /// during a rotation (each request is then signed with both).
+    pub secrets: Vec<Secret>,
+}
+
+impl NotifierConfig {
+    /// Whether any endpoint, of the operators or of a tenant, is configured.
+    pub fn has_endpoints(&self, tenants: &[TenantConfig]) -> bool {
+        !self.endpoints.is_empty() || tenants.iter().any(|t| !t.webhooks.is_empty())
+    }
+}
+
 /// Which CRM a tenant lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -369,6 +492,9 @@ pub struct TenantConfig {
     pub dynamics: Option<DynamicsConfig>,
     /// Entity name (the events' `entity` field) to CRM object and field mapping.
     pub entities: BTreeMap<String, EntityConfig>,
+    /// Webhook endpoints told about this tenant's failures and changes of health.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 fn default_rate_limit_per_sec() -> f64 {
@@ -567,8 +693,18 @@ impl Config {
         for (name, value) in self.kafka.client.iter_mut() {
             resolve_secret(&format!("kafka.client.{name}"), value, &env)?;
         }
+        for (j, hook) in self.notifier.endpoints.iter_mut().enumerate() {
+            for (n, secret) in hook.secrets.iter_mut().enumerate() {
+                resolve_secret(&format!("notifier.endpoints[{j}].secrets[{n}]"), secret, &env)?;
+            }
+        }
         for (i, tenant) in self.tenants.iter_mut().enumerate() {
             let key = |field: &str| format!("tenants[{i}].{field}");
+            for (j, hook) in tenant.webhooks.iter_mut().enumerate() {
+                for (n, secret) in hook.secrets.iter_mut().enumerate() {
+                    resolve_secret(&key(&format!("webhooks[{j}].secrets[{n}]")), secret, &env)?;
+                }
+            }
             if let Some(sf) = tenant.salesforce.as_mut() {
                 resolve_secret(&key("salesforce.client_id"), &mut sf.client_id, &env)?;
                 resolve_secret(&key("salesforce.client_secret"), &mut sf.client_secret, &env)?;
@@ -937,6 +1073,66 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        self.validate_notifier()
+    }
+
+    fn validate_notifier(&self) -> Result<(), ConfigError> {
+        let n = &self.notifier;
+        if n.dlq_topic.trim().is_empty() {
+            return Err(ConfigError::invalid("notifier.dlq_topic", "must not be empty"));
+        }
+        if n.group_id.as_ref().is_some_and(|g| g.trim().is_empty()) {
+            return Err(ConfigError::invalid("notifier.group_id", "must not be empty when set"));
+        }
+        for (key, v) in [
+            ("notifier.coalesce_window_ms", n.coalesce_window_ms),
+            ("notifier.request_timeout_ms", n.request_timeout_ms),
+            ("notifier.retry_base_delay_ms", n.retry_base_delay_ms),
+            ("notifier.give_up_after_ms", n.give_up_after_ms),
+            ("notifier.max_queued_per_endpoint", n.max_queued_per_endpoint as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if n.retry_max_delay_ms < n.retry_base_delay_ms {
+            return Err(ConfigError::invalid(
+                "notifier.retry_max_delay_ms",
+                "must be at least notifier.retry_base_delay_ms",
+            ));
+        }
+        let hooks = n
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(j, h)| (format!("notifier.endpoints[{j}]"), h));
+        let tenant_hooks = self.tenants.iter().enumerate().flat_map(|(i, t)| {
+            t.webhooks
+                .iter()
+                .enumerate()
+                .map(move |(j, h)| (format!("tenants[{i}].webhooks[{j}]"), h))
+        });
+        for (key, hook) in hooks.chain(tenant_hooks) {
+            match reqwest::Url::parse(&hook.url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.url"),
+                        "must be an http:// or https:// URL",
+                    ))
+                }
+            }
+            if hook.secrets.is_empty() || hook.secrets.len() > 2 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.secrets"),
+                    "must list one secret, or two during a rotation",
+                ));
+            }
+            for (s, secret) in hook.secrets.iter().enumerate() {
+                crate::notifier::signing::SigningKey::parse(secret.expose())
+                    .map_err(|why| ConfigError::invalid(format!("{key}.secrets[{s}]"), why))?;
             }
         }
         Ok(())

@@ -22,8 +22,11 @@
 //! - [`retry`]: the backoff policy, the supervised [`retry::RetryQueueActor`] that hands
 //!   retryable writes back to their tenant when they are due, and the retry topic's
 //!   format and co-partitioning with the input ([`retry::topic`]).
-//! - [`notify`]: the dead-letter and failures topics for terminal failures, and the
+//! - [`dead_letter`]: the dead-letter and failures topics for terminal failures, and the
 //!   retry topic where long retries are parked (read back by [`consume`]).
+//! - [`notifier`]: a consumer of the failures topic of its own that tells webhook
+//!   endpoints (Standard Webhooks signatures, storms folded into summaries, retries, its
+//!   own dead-letter topic); in `crm-sync run`, or alone in `crm-sync notify`.
 //!
 //! Partitions and tenants talk through the types in [`messages`], which both import, so
 //! neither imports the other.
@@ -38,12 +41,13 @@
 pub mod config;
 pub mod connectors;
 pub mod consume;
+pub mod dead_letter;
 pub mod demo;
 pub mod diff;
 pub mod event;
 pub mod headers;
 pub mod messages;
-pub mod notify;
+pub mod notifier;
 pub mod offload;
 pub mod pipeline;
 pub mod redrive;

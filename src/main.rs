@@ -13,7 +13,7 @@ use crm_sync::sandbox::kafka::{tools, KafkaSandbox};
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
 use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
 use crm_sync::sandbox::CrmSandbox;
-use crm_sync::{demo, pipeline, shutdown};
+use crm_sync::{demo, notifier, pipeline, shutdown};
 
 /// mimalloc: the pipeline allocates per event (messages, payload maps, actor envelopes)
 /// across threads; measured against the system allocator in load-tests/README.md.
@@ -49,6 +49,14 @@ enum Command {
         /// Address for /metrics while the demo runs.
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_addr: String,
+    },
+    /// Run only the failure notifier: read the failures topic and deliver signed webhook
+    /// notifications to the endpoints in the configuration (`crm-sync run` runs it too,
+    /// unless notifier.enabled = false). Serves /metrics on service.http_addr.
+    Notify {
+        /// Path to the service's TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Check a configuration file and report every problem with the key at fault.
     CheckConfig {
@@ -185,6 +193,8 @@ fn init_logging(default: &str) {
 /// Exit status of `run` when the service died on its own (EX_SOFTWARE): an
 /// orchestrator restarts it, and the next owner of its partitions re-reads what it had.
 const EXIT_DIED: u8 = 70;
+/// How long a stopping notifier may take to commit what it delivered.
+const NOTIFIER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -206,6 +216,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
+            let notifier = if config.notifier.enabled {
+                notifier::start(&config, false).context("starting the notifier")?
+            } else {
+                None
+            };
             let service = pipeline::start(config).context("starting the service")?;
             tracing::info!(http = %service.http_addr(), "crm-sync running.");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -222,6 +237,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             tracing::info!(signal, "Stopping: draining and committing.");
             let report = service.stop(StopMode::Graceful);
+            if let Some(notifier) = notifier {
+                notifier.stop(NOTIFIER_STOP);
+            }
             if !report.closed {
                 tracing::warn!("The Kafka client did not close within the deadline; exiting anyway.");
             }
@@ -234,6 +252,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { records, metrics_addr } => {
             let converged = demo::run(&demo::DemoOptions { records, metrics_addr })?;
             Ok(if converged {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Notify { config } => {
+            let config = Config::load(&config).map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            let Some(notifier) = notifier::start(&config, true)? else {
+                anyhow::bail!("no webhook endpoint is configured (notifier.endpoints, tenants[].webhooks)");
+            };
+            if let Some(addr) = notifier.http_addr() {
+                tracing::info!(http = %addr, "crm-sync notifier running.");
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let signal = runtime.block_on(shutdown::signal())?;
+            tracing::info!(signal, "Stopping the notifier: committing what was delivered.");
+            Ok(if notifier.stop(NOTIFIER_STOP) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

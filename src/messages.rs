@@ -10,9 +10,9 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix::WeakRecipient;
 
+use crate::dead_letter::SourceMessage;
 use crate::diff::SkipReason;
 use crate::event::Event;
-use crate::notify::SourceMessage;
 use crate::telemetry::outcome;
 
 /// An event on its way to the CRM, and where its outcome goes.

@@ -18,10 +18,10 @@ use rdkafka::producer::FutureProducer;
 
 use crate::config::{Config, KafkaConfig, TenantConfig};
 use crate::consume::{self, ConsumerCommand, ConsumerSetup, PartitionDeps, PartitionDirectory, StopMode, StopSignal};
+use crate::dead_letter::DeadLetters;
 use crate::diff::store::StateStore;
 use crate::diff::DiffActor;
 use crate::event::Routes;
-use crate::notify::DeadLetters;
 use crate::retry::topic::RetryRoute;
 use crate::retry::{RetryPolicy, RetryQueueActor, TenantDirectory, TenantLink};
 use crate::supervise::InjectPanic;
@@ -171,16 +171,24 @@ impl ServiceHandle {
 /// that refuses (or, like the mock cluster, does not implement it) is logged, not fatal:
 /// the topics may be managed elsewhere.
 async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
-    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
-    let existing: HashSet<&str> = metadata.topics().iter().map(|t| t.name()).collect();
-    let wanted: Vec<&String> = kafka
+    let topics: Vec<&str> = kafka
         .input_topics
         .iter()
         .chain([&kafka.dlq_topic, &kafka.failures_topic, &kafka.state_topic])
         .chain(kafka.retry_topic.as_ref())
-        .filter(|t| !existing.contains(t.as_str()))
+        .map(String::as_str)
         .collect();
+    create_topics(kafka, &topics).await
+}
+
+/// Creates those of `topics` that do not exist, with `kafka.topic_partitions` and
+/// `kafka.topic_replication` (the retry topic with a partition per input partition, the
+/// state topic compacted).
+pub(crate) async fn create_topics(kafka: &KafkaConfig, topics: &[&str]) -> Result<(), rdkafka::error::KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
+    let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: HashSet<&str> = metadata.topics().iter().map(|t| t.name()).collect();
+    let wanted: Vec<&str> = topics.iter().copied().filter(|t| !existing.contains(t)).collect();
     if wanted.is_empty() {
         return Ok(());
     }
@@ -188,13 +196,13 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
         .iter()
         .map(|t| {
             // The retry topic has a partition for every input partition (co-partitioned).
-            let partitions = if Some(*t) == kafka.retry_topic.as_ref() {
+            let partitions = if kafka.retry_topic.as_deref() == Some(*t) {
                 kafka.topic_partitions * kafka.input_topics.len() as i32
             } else {
                 kafka.topic_partitions
             };
             let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(kafka.topic_replication));
-            if *t == &kafka.state_topic {
+            if *t == kafka.state_topic {
                 topic.set("cleanup.policy", "compact")
             } else {
                 topic

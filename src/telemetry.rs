@@ -45,6 +45,11 @@ pub mod metric {
     pub const STATE_WRITE_FAILURES: &str = "crm_sync_state_write_failures_total";
     pub const STATE_RESTORED: &str = "crm_sync_state_restored_records_total";
     pub const STATE_RESTORE_FAILURES: &str = "crm_sync_state_restore_failures_total";
+    pub const NOTIFIER_EVENTS: &str = "crm_sync_notifier_events_total";
+    pub const NOTIFICATIONS: &str = "crm_sync_notifications_total";
+    pub const NOTIFICATION_ATTEMPT_FAILURES: &str = "crm_sync_notification_attempt_failures_total";
+    pub const NOTIFIER_QUEUED: &str = "crm_sync_notifier_queued_notifications";
+    pub const NOTIFIER_HELD: &str = "crm_sync_notifier_held_events";
 }
 
 /// Final and intermediate outcomes of an event (the `outcome` label of
@@ -181,6 +186,31 @@ fn describe() {
         STATE_RESTORE_FAILURES,
         Unit::Count,
         "Failed reads of confirmed states; the partitions stay paused until a read succeeds."
+    );
+    describe_counter!(
+        NOTIFIER_EVENTS,
+        Unit::Count,
+        "Failure events read by the notifier, by kind (dead_lettered, tenant_state, unreadable)."
+    );
+    describe_counter!(
+        NOTIFICATIONS,
+        Unit::Count,
+        "Webhook notifications by endpoint label, type and outcome (delivered, or dead_lettered to the notifier's dead-letter topic)."
+    );
+    describe_counter!(
+        NOTIFICATION_ATTEMPT_FAILURES,
+        Unit::Count,
+        "Webhook delivery attempts that failed (retried), by endpoint label."
+    );
+    describe_gauge!(
+        NOTIFIER_QUEUED,
+        Unit::Count,
+        "Notifications waiting for an endpoint, by endpoint label."
+    );
+    describe_gauge!(
+        NOTIFIER_HELD,
+        Unit::Count,
+        "Failure events read whose notifications are not yet delivered or dead-lettered (their offsets uncommitted)."
     );
 }
 

@@ -48,10 +48,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 pub use partition::{Drain, PartitionActor, PartitionDeps, Records, Resync, Retire};
 
 use crate::config::KafkaConfig;
+use crate::dead_letter::SourceMessage;
 use crate::diff::store::{self, DeadLettered};
 use crate::diff::Restore;
 use crate::messages::{PartitionShared, Partitions, Redispatch};
-use crate::notify::SourceMessage;
 use crate::retry::topic::RetryRoute;
 use crate::supervise::InjectPanic;
 use crate::telemetry::{metric, Health};

@@ -24,10 +24,10 @@ use actix::prelude::*;
 
 use super::offsets::OffsetTracker;
 use super::ConsumerCommand;
+use crate::dead_letter::{DeadLetters, Failure, SourceMessage};
 use crate::diff::{Check, CheckMode, CheckResult, Checks, DiffActor, Verdict};
 use crate::event::{self, event_id_fingerprint, DecodeError, Event, Routes};
 use crate::messages::{Deliver, OutcomeKind, Outcomes, PartitionLink, PartitionShared, Redispatch, Sending, Work};
-use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::offload;
 use crate::retry::topic::{header as retry_header, BadRetryHeader, Parked, RetryRoute};
 use crate::supervise::{self, InjectPanic};

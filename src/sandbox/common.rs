@@ -27,8 +27,9 @@ pub struct Faults {
     /// Salesforce only: external ids whose record-by-record calls always answer 500 (a
     /// record the CRM cannot process, while others go through).
     pub failing_keys: Vec<String>,
-    /// Salesforce only: external ids whose record-by-record writes a validation rule
-    /// refuses (400 `FIELD_CUSTOM_VALIDATION_EXCEPTION`), until the rule is lifted.
+    /// Salesforce only: external ids whose upserts a validation rule refuses (400
+    /// `FIELD_CUSTOM_VALIDATION_EXCEPTION` alone, that record's error in a collection),
+    /// until the rule is lifted.
     pub rejected_keys: Vec<String>,
     /// Tokens stop working this long after they were issued; `None`: never.
     pub token_lifetime_ms: Option<u64>,

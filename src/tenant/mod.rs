@@ -40,11 +40,11 @@ use rand::SeedableRng;
 
 use crate::config::TenantConfig;
 use crate::connectors::{CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
+use crate::dead_letter::{DeadLetters, Failure, SourceMessage};
 use crate::diff::store::StateStore;
 use crate::diff::{Check, CheckMode, CheckResult, Checks, Confirm, DiffActor, RecordState, SkipReason, Verdict};
 use crate::event::{canonical_hash, event_id_fingerprint, Event, Op, PayloadHash, RecordKey};
 use crate::messages::{Deliver, OutcomeKind, PartitionLink, Partitions, Sending, Work};
-use crate::notify::{DeadLetters, Failure, SourceMessage};
 use crate::retry::topic::RetryState;
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
@@ -429,7 +429,7 @@ impl TenantActor {
             parked
         });
         ctx.spawn(write.into_actor(self).map(move |written, act, ctx| {
-            let written = written.unwrap_or(Err(crate::notify::Unwritable::NoRetryTopic));
+            let written = written.unwrap_or(Err(crate::dead_letter::Unwritable::NoRetryTopic));
             // Only the event that was parked ends as parked, never a newer one that has
             // taken the record's slot since.
             let still_parking = act.records.get(&key).is_some_and(|s| {

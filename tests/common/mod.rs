@@ -15,6 +15,8 @@ use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
 use crm_sync::sandbox::CrmSandbox;
 use serde_json::{json, Map, Value};
 
+pub mod webhooks;
+
 pub const CLIENT_ID: &str = "test-client";
 pub const CLIENT_SECRET: &str = "test-secret-do-not-log";
 
@@ -145,6 +147,11 @@ request_timeout_ms = 5000
             (v == "CRM_SECRET").then(|| secret.clone())
         })
         .expect("test config is valid")
+    }
+
+    /// Writes messages to the failures topic, as the service would.
+    pub fn produce_failures(&self, messages: &[(String, Vec<u8>)]) {
+        block(tools::produce(&self.bootstrap, &self.failures, messages)).expect("produce");
     }
 
     pub fn produce(&self, messages: &[(String, Vec<u8>)]) {

@@ -333,6 +333,15 @@ fn handle_collection(
             results.push(failure("UNABLE_TO_LOCK_ROW", message, &[]));
             continue;
         }
+        if org.setup.faults.rejected_keys.contains(&value) {
+            // A validation rule fails the record in a collection as it does alone.
+            results.push(failure(
+                "FIELD_CUSTOM_VALIDATION_EXCEPTION",
+                "Records of this kind are not accepted for now.".into(),
+                &[],
+            ));
+            continue;
+        }
         let matches = org
             .index
             .get(&(sobject.to_string(), field.to_string(), value.clone()))

@@ -1,0 +1,429 @@
+//! The failure notifier: tells people what the failures topic says.
+//!
+//! It reads the failures topic in a consumer group of its own (`notifier.group_id`, by
+//! default `{kafka.group_id}.notifier`, so its members share the partitions as the
+//! service's do), folds the events into notifications ([`coalesce`]) and hands each to
+//! the endpoints concerned: the tenant's `webhooks` and the operators'
+//! `notifier.endpoints`. Each endpoint has its own delivery task ([`delivery`]), which
+//! signs per Standard Webhooks ([`signing`]), retries, and dead-letters what it cannot
+//! deliver.
+//!
+//! Promise: a failure event's offset is committed only once every notification that
+//! stands for it has been delivered to, or dead-lettered for, every endpoint concerned.
+//! Each event is held by a count of what still stands for it ([`Holds`]); the committed
+//! offset of a partition is its lowest held offset. A crash re-reads what was not
+//! committed: a receiver may get a notification twice, with the same `webhook-id`.
+//!
+//! Memory is bounded: endpoint queues are bounded (see [`delivery`]), summaries keep a
+//! few samples, and reading stops while [`MAX_HELD`] failure events are undecided.
+//!
+//! Supervision: the notifier runs as one task that a loop restarts (fresh state, from the
+//! committed offsets) after a panic or an error in it or in a delivery task.
+
+pub mod coalesce;
+pub mod delivery;
+pub mod signing;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, WebhookConfig};
+use crate::consume;
+use crate::telemetry::{self, metric, Health};
+use coalesce::{Coalescer, Limits, Notification, Source};
+use delivery::{Delivery, Endpoint};
+use signing::SigningKey;
+
+/// Failure events held (undecided) at most before reading pauses.
+pub const MAX_HELD: usize = 100_000;
+
+/// How often held offsets are committed.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Counts, per failure-topic partition, of what still stands for each event read.
+#[derive(Debug, Default)]
+struct Holds {
+    partitions: HashMap<i32, PartitionHolds>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionHolds {
+    counts: BTreeMap<i64, u32>,
+    /// One past the highest offset read.
+    next: i64,
+}
+
+impl Holds {
+    fn hold(&mut self, (partition, offset): Source) {
+        let p = self.partitions.entry(partition).or_default();
+        *p.counts.entry(offset).or_default() += 1;
+        p.next = p.next.max(offset + 1);
+    }
+
+    fn release(&mut self, (partition, offset): Source) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            if let Some(n) = p.counts.get_mut(&offset) {
+                *n -= 1;
+                if *n == 0 {
+                    p.counts.remove(&offset);
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.partitions.values().map(|p| p.counts.len()).sum()
+    }
+
+    /// Each partition read with its commit point: the lowest held offset, or one past the
+    /// highest read when nothing is held.
+    fn commit_points(&self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter()
+            .map(|(&partition, p)| (partition, p.counts.keys().next().copied().unwrap_or(p.next)))
+            .collect()
+    }
+}
+
+/// Who is told about what.
+struct Routes {
+    /// Endpoint senders of each tenant.
+    tenants: HashMap<String, Vec<usize>>,
+    /// The operators' endpoints: told about everything.
+    operators: Vec<usize>,
+    senders: Vec<UnboundedSender<Arc<Notification>>>,
+}
+
+impl Routes {
+    fn of(&self, tenant: Option<&str>) -> impl Iterator<Item = &UnboundedSender<Arc<Notification>>> {
+        let own = tenant.and_then(|t| self.tenants.get(t)).into_iter().flatten();
+        own.chain(&self.operators).map(|&i| &self.senders[i])
+    }
+
+    fn any(&self, tenant: Option<&str>) -> bool {
+        self.of(tenant).next().is_some()
+    }
+}
+
+/// A running notifier.
+pub struct NotifierHandle {
+    stop: Arc<tokio::sync::Notify>,
+    thread: std::thread::JoinHandle<()>,
+    http_addr: Option<std::net::SocketAddr>,
+}
+
+impl NotifierHandle {
+    /// Address of `/metrics` and the health endpoints when it serves them (alone).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_addr
+    }
+
+    /// Stops reading, commits what is decided, and waits for the thread up to `deadline`.
+    /// Notifications still queued are read again on the next start.
+    pub fn stop(self, deadline: Duration) -> bool {
+        self.stop.notify_one();
+        let until = Instant::now() + deadline;
+        while !self.thread.is_finished() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.thread.join().is_ok()
+    }
+}
+
+/// Starts the notifier on its own thread; `None` if no endpoint is configured.
+/// `serve_http` serves `/metrics` and the health endpoints (for `crm-sync notify`, where
+/// the pipeline does not).
+pub fn start(config: &Config, serve_http: bool) -> anyhow::Result<Option<NotifierHandle>> {
+    if !config.notifier.has_endpoints(&config.tenants) {
+        tracing::info!("No webhook endpoint configured; the notifier does not run.");
+        return Ok(None);
+    }
+    let config = Arc::new(config.clone());
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let thread_stop = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("crm-sync-notifier".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = started_tx.send(Err(anyhow::anyhow!("cannot start the notifier's runtime: {e}")));
+                    return;
+                }
+            };
+            runtime.block_on(supervise(config, serve_http, thread_stop, started_tx));
+        })?;
+    let http_addr = started_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the notifier thread ended before it started"))??;
+    Ok(Some(NotifierHandle {
+        stop,
+        thread,
+        http_addr,
+    }))
+}
+
+type Started = std::sync::mpsc::Sender<anyhow::Result<Option<std::net::SocketAddr>>>;
+
+/// Runs the notifier, restarting it after a panic or an error, until stopped.
+async fn supervise(config: Arc<Config>, serve_http: bool, stop: Arc<tokio::sync::Notify>, started: Started) {
+    let health = Health::default();
+    let http = if serve_http {
+        match telemetry::serve(&config.service.http_addr, health.clone()).await {
+            Ok((addr, task)) => Some((addr, task)),
+            Err(e) => {
+                let _ = started.send(Err(anyhow::anyhow!(
+                    "cannot serve metrics on {}: {e}",
+                    config.service.http_addr
+                )));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    if config.kafka.create_topics {
+        let topics = [config.notifier.dlq_topic.as_str()];
+        if let Err(e) = crate::pipeline::create_topics(&config.kafka, &topics).await {
+            tracing::warn!(error = %e, "Could not check or create the notifier's dead-letter topic.");
+        }
+    }
+    let _ = started.send(Ok(http.as_ref().map(|(addr, _)| *addr)));
+    health.set_ready(true);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        let task = tokio::spawn(run(config.clone(), stop.clone(), stopping.clone()));
+        let end = task.await;
+        if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        match end {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => tracing::error!(error = %e, "The notifier failed; restarting it."),
+            Err(_) => tracing::error!("The notifier panicked; restarting it."),
+        }
+        metrics::counter!(metric::ACTOR_RESTARTS, "actor" => "notifier").increment(1);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.notified() => break,
+        }
+    }
+    if let Some((_, task)) = http {
+        task.abort();
+    }
+}
+
+fn endpoint(label: String, hook: &WebhookConfig) -> anyhow::Result<Endpoint> {
+    let keys = hook
+        .secrets
+        .iter()
+        .map(|s| SigningKey::parse(s.expose()).map_err(|why| anyhow::anyhow!("{label}: {why}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let url = reqwest::Url::parse(&hook.url).map_err(|_| anyhow::anyhow!("{label}: not a URL"))?;
+    Ok(Endpoint { label, url, keys })
+}
+
+/// One life of the notifier: fresh state, from the committed offsets.
+async fn run(
+    config: Arc<Config>,
+    stop: Arc<tokio::sync::Notify>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    let n = &config.notifier;
+    let kafka = &config.kafka;
+    let group = n
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("{}.notifier", kafka.group_id));
+    let consumer: StreamConsumer = consume::client_config(kafka)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
+        .create()?;
+    consumer.subscribe(&[kafka.failures_topic.as_str()])?;
+    let producer: FutureProducer = consume::client_config(kafka)
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000")
+        .create()?;
+    let delivery = Arc::new(Delivery {
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_millis(n.request_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("crm-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?,
+        producer,
+        dlq_topic: n.dlq_topic.clone(),
+        base_delay: Duration::from_millis(n.retry_base_delay_ms),
+        max_delay: Duration::from_millis(n.retry_max_delay_ms),
+        give_up_after: Duration::from_millis(n.give_up_after_ms),
+        max_queued: n.max_queued_per_endpoint,
+    });
+
+    let (done_tx, mut done_rx) = unbounded_channel::<Vec<Source>>();
+    let mut tasks = JoinSet::new();
+    let mut routes = Routes {
+        tenants: HashMap::new(),
+        operators: Vec::new(),
+        senders: Vec::new(),
+    };
+    let mut add = |label: String, hook: &WebhookConfig, routes: &mut Routes| -> anyhow::Result<usize> {
+        let (tx, rx) = unbounded_channel();
+        tasks.spawn(delivery::run(
+            endpoint(label, hook)?,
+            rx,
+            done_tx.clone(),
+            delivery.clone(),
+        ));
+        routes.senders.push(tx);
+        Ok(routes.senders.len() - 1)
+    };
+    for (j, hook) in n.endpoints.iter().enumerate() {
+        let i = add(format!("operators#{j}"), hook, &mut routes)?;
+        routes.operators.push(i);
+    }
+    for tenant in &config.tenants {
+        for (j, hook) in tenant.webhooks.iter().enumerate() {
+            let i = add(format!("{}#{j}", tenant.name), hook, &mut routes)?;
+            routes.tenants.entry(tenant.name.clone()).or_default().push(i);
+        }
+    }
+
+    let mut coalescer = Coalescer::new(Limits {
+        window: Duration::from_millis(n.coalesce_window_ms),
+        per_record_limit: n.per_record_limit,
+        samples: n.summary_samples,
+        dlq_rate_per_minute: n.dlq_rate_per_minute,
+    });
+    let mut holds = Holds::default();
+    let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
+    let dispatch = |notification: Notification, holds: &mut Holds| {
+        let notification = Arc::new(notification);
+        for sender in routes.of(notification.tenant.as_deref()) {
+            for &source in &notification.sources {
+                holds.hold(source);
+            }
+            let _ = sender.send(notification.clone());
+        }
+    };
+
+    loop {
+        let flush_at = coalescer.next_flush().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            () = stop.notified() => {
+                stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+                break;
+            }
+            message = consumer.recv(), if holds.len() < MAX_HELD => {
+                let message = message?;
+                let source = (message.partition(), message.offset());
+                holds.hold(source);
+                match coalesce::parse(message.payload().unwrap_or_default()) {
+                    Err(why) => {
+                        metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => "unreadable").increment(1);
+                        tracing::warn!(partition = source.0, offset = source.1, why, "A failures-topic message that is not a failure event; skipped.");
+                        holds.release(source);
+                    }
+                    Ok(event) => {
+                        let tenant = match &event {
+                            coalesce::FailureEvent::DeadLettered { tenant, .. } => tenant.clone(),
+                            coalesce::FailureEvent::TenantState { tenant, .. } => Some(tenant.clone()),
+                        };
+                        let kind = if matches!(event, coalesce::FailureEvent::TenantState { .. }) { "tenant_state" } else { "dead_lettered" };
+                        metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => kind).increment(1);
+                        if !routes.any(tenant.as_deref()) {
+                            holds.release(source);
+                            continue;
+                        }
+                        let (now, folded) = coalescer.add(Instant::now(), source, event);
+                        for notification in now {
+                            dispatch(notification, &mut holds);
+                        }
+                        // A folded event stays held by its summary-to-be.
+                        if !folded {
+                            holds.release(source);
+                        }
+                    }
+                }
+            }
+            Some(sources) = done_rx.recv() => {
+                for source in sources {
+                    holds.release(source);
+                }
+            }
+            () = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
+                for summary in coalescer.flush_due(Instant::now()) {
+                    let sources = summary.sources.clone();
+                    dispatch(summary, &mut holds);
+                    for source in sources {
+                        holds.release(source);
+                    }
+                }
+            }
+            _ = commit_tick.tick() => commit(&consumer, &kafka.failures_topic, &holds, CommitMode::Async),
+            ended = tasks.join_next() => {
+                anyhow::bail!("a webhook delivery task ended: {:?}", ended.map(|r| r.err()));
+            }
+        }
+        metrics::gauge!(metric::NOTIFIER_HELD).set(holds.len() as f64);
+    }
+    commit(&consumer, &kafka.failures_topic, &holds, CommitMode::Sync);
+    Ok(())
+}
+
+/// Commits the commit points of the partitions this member owns. Every tick, moved or
+/// not: an asynchronous commit that failed at the broker is then made good by the next.
+fn commit(consumer: &StreamConsumer, topic: &str, holds: &Holds, mode: CommitMode) {
+    let Ok(assigned) = consumer.assignment() else {
+        return;
+    };
+    let mut list = TopicPartitionList::new();
+    for (partition, offset) in holds.commit_points() {
+        if assigned.find_partition(topic, partition).is_some() {
+            let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+        }
+    }
+    if list.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&list, mode) {
+        metrics::counter!(metric::COMMIT_FAILURES, "topic" => topic.to_string()).increment(1);
+        tracing::warn!(error = %e, "Could not commit the notifier's offsets; retrying.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_committed_past_only_when_nothing_stands_for_it() {
+        let mut h = Holds::default();
+        for o in 0..3 {
+            h.hold((0, o));
+        }
+        // Offset 1 goes to two endpoints.
+        h.hold((0, 1));
+        h.release((0, 0));
+        h.release((0, 2));
+        assert_eq!(h.commit_points(), [(0, 1)]);
+        h.release((0, 1));
+        assert_eq!(h.commit_points(), [(0, 1)], "still held for the other endpoint");
+        h.release((0, 1));
+        assert_eq!(h.commit_points(), [(0, 3)]);
+        assert_eq!(h.len(), 0);
+    }
+}
