@@ -1313,6 +1313,52 @@ mod tests {
     }
 
     #[test]
+    fn webhook_endpoints_are_checked_naming_the_key_and_never_the_secret() {
+        let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let env = [
+            ("SF_ID", "x"),
+            ("SF_SECRET", "y"),
+            ("HOOK", good),
+            ("RAW", "plain-secret-value"),
+        ];
+        let with = |hook: &str| format!("{MINIMAL}\n[[tenants.webhooks]]\n{hook}\n");
+        assert!(parse(&with("url = \"https://h.example/x\"\nsecrets = [\"${HOOK}\"]"), &env).is_ok());
+        for (hook, key) in [
+            (
+                "url = \"ftp://h.example\"\nsecrets = [\"${HOOK}\"]",
+                "tenants[0].webhooks[0].url",
+            ),
+            (
+                "url = \"not a url\"\nsecrets = [\"${HOOK}\"]",
+                "tenants[0].webhooks[0].url",
+            ),
+            (
+                "url = \"https://h.example\"\nsecrets = []",
+                "tenants[0].webhooks[0].secrets",
+            ),
+            (
+                "url = \"https://h.example\"\nsecrets = [\"${HOOK}\", \"${HOOK}\", \"${HOOK}\"]",
+                "tenants[0].webhooks[0].secrets",
+            ),
+            (
+                "url = \"https://h.example\"\nsecrets = [\"${HOOK}\", \"${RAW}\"]",
+                "tenants[0].webhooks[0].secrets[1]",
+            ),
+            (
+                "url = \"https://h.example\"\nsecrets = [\"${UNSET}\"]",
+                "tenants[0].webhooks[0].secrets[0]",
+            ),
+        ] {
+            let err = parse(&with(hook), &env).unwrap_err().to_string();
+            assert!(err.contains(key), "{hook}: {err}");
+            assert!(!err.contains("plain-secret-value") && !err.contains(good), "{err}");
+        }
+        let ops = format!("{MINIMAL}\n[notifier]\ngive_up_after_ms = 0\n");
+        let err = parse(&ops, &env).unwrap_err().to_string();
+        assert!(err.contains("notifier.give_up_after_ms"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\ngroup_idd = \"h\"");
         let err = parse(&text, &[]).unwrap_err().to_string();
@@ -1445,9 +1491,14 @@ mod reference_tests {
     #[test]
     fn the_commented_reference_config_parses() {
         let text = include_str!("../config/crm-sync.toml");
-        let env = |v: &str| Some(format!("value-of-{v}"));
+        let env = |v: &str| match v.ends_with("WEBHOOK_SECRET") {
+            true => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_string()),
+            false => Some(format!("value-of-{v}")),
+        };
         let c = Config::from_toml_with_env(text, env).unwrap();
         assert_eq!(c.tenants[0].entities.len(), 2);
+        assert_eq!(c.tenants[0].webhooks.len(), 1);
+        assert_eq!(c.notifier.endpoints.len(), 1);
         assert_eq!(c.kafka.client["sasl.password"].expose(), "value-of-KAFKA_SASL_PASSWORD");
     }
 

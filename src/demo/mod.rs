@@ -4,10 +4,12 @@
 //! tenant — Salesforce, Zendesk and Dynamics 365 side by side — with faults injected
 //! (server errors, row locks, throttles, expiring tokens),
 //! a synthetic stream ([`workload`]) with a known answer, the service as `crm-sync run`
-//! would start it, live progress read from its own `/metrics`, and a final check that
-//! every sandbox holds the newest version of every record.
+//! would start it (the failure notifier included, telling a webhook [`receiver`] that
+//! verifies each notification's signature), live progress read from its own `/metrics`,
+//! and a final check that every sandbox holds the newest version of every record.
 
 pub mod chaos;
+pub mod receiver;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, CrmKind, TenantConfig};
 use crate::consume::StopMode;
-use crate::pipeline;
 use crate::sandbox::common::Faults;
 use crate::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
 use crate::sandbox::kafka::{tools, KafkaSandbox};
@@ -24,6 +25,7 @@ use crate::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
 use crate::sandbox::CrmSandbox;
 use crate::telemetry::{self, metric};
 use crate::tenant::mapping::map_fields;
+use crate::{notifier, pipeline};
 use workload::{Expected, RecordId, TenantSpec, Workload, WorkloadSpec};
 
 /// The demo's configuration, embedded so the demo needs no file.
@@ -122,8 +124,14 @@ pub fn metric_total(exposition: &str, name: &str, label: Option<(&str, &str)>) -
         .fold(0.0, |a, b| a + b)
 }
 
+/// The webhook secret the demo's notifier signs with and its receiver verifies with.
+const DEMO_WEBHOOK_SECRET: &str = "whsec_Y3JtLXN5bmMtZGVtby13ZWJob29rLWtleSE=";
+
 fn demo_secret(var: &str) -> Option<String> {
     // The demo's sandboxes accept these made-up credentials; nothing real is involved.
+    if var == "DEMO_WEBHOOK_SECRET" {
+        return Some(DEMO_WEBHOOK_SECRET.to_string());
+    }
     Some(format!("demo-{}", var.to_lowercase()))
 }
 
@@ -164,6 +172,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         .create_topic(&config.kafka.failures_topic, 1)
         .map_err(setup("creating topics"))?;
     kafka
+        .create_topic(&config.notifier.dlq_topic, 1)
+        .map_err(setup("creating topics"))?;
+    kafka
         .create_topic(&config.kafka.state_topic, INPUT_PARTITIONS)
         .map_err(setup("creating topics"))?;
     if let Some(retry) = &config.kafka.retry_topic {
@@ -185,6 +196,18 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         );
         sandboxes.push((tenant.name.clone(), sandbox));
     }
+
+    // Each tenant's webhook endpoint is the demo's receiver.
+    let receiver = receiver::Receiver::start(DEMO_WEBHOOK_SECRET).map_err(setup("starting the webhook receiver"))?;
+    for tenant in config.tenants.iter_mut() {
+        for hook in tenant.webhooks.iter_mut() {
+            hook.url = format!("http://{}/hooks/{}", receiver.addr, tenant.name);
+        }
+    }
+    println!(
+        "  webhooks → receiver http://{}/hooks/{{tenant}} (checks every Standard Webhooks signature)",
+        receiver.addr
+    );
 
     // 3. The stream.
     let spec = WorkloadSpec {
@@ -245,6 +268,7 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     });
     let mut outage_ends: Option<Instant> = None;
     let mut outage_over = outage.is_none();
+    let notifier = notifier::start(&config, false).map_err(setup("starting the notifier"))?;
     let service = pipeline::start(config.clone()).map_err(setup("starting the service"))?;
     println!("  service running; metrics at http://{}/metrics\n", service.http_addr());
     let prometheus = telemetry::prometheus();
@@ -255,12 +279,15 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         // Input first, then the retry topic: an event parked on the retry topic has its
         // input offset committed but is not done until its retry copy is.
         let done = outage_over
-            && drained(&bootstrap, &group, &input)
-            && config
-                .kafka
-                .retry_topic
-                .as_ref()
-                .is_none_or(|retry| drained(&bootstrap, &crate::consume::retry_group_id(&group), retry));
+            && drained(&bootstrap, &group, &input, INPUT_PARTITIONS)
+            && config.kafka.retry_topic.as_ref().is_none_or(|retry| {
+                drained(
+                    &bootstrap,
+                    &crate::consume::retry_group_id(&group),
+                    retry,
+                    INPUT_PARTITIONS,
+                )
+            });
         if outage_ends.is_none() && service.assigned_partitions() > 0 {
             // The outage counts from when the service can see it.
             outage_ends = Some(Instant::now() + OUTAGE);
@@ -287,6 +314,22 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     let report = service.stop(StopMode::Graceful);
     if !finished {
         return Err(DemoError::Timeout(deadline));
+    }
+    // The notifier has told the receiver about every failure once it has committed the
+    // failures topic to its end (a summary waits for the end of its window).
+    let notifier_group = config
+        .notifier
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("{group}.notifier"));
+    let told = Instant::now();
+    while !drained(&bootstrap, &notifier_group, &config.kafka.failures_topic, 1)
+        && told.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100)); // polling cadence; the deadline bounds the wait
+    }
+    if let Some(n) = notifier {
+        n.stop(Duration::from_secs(5));
     }
 
     // 5. The summary and the check.
@@ -381,6 +424,24 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             OUTAGE.as_secs_f64() * 1000.0 / config.retry.max_age_ms as f64
         );
     }
+    let heard = receiver.received();
+    let of_type = |t: &str| heard.verified.iter().filter(|n| n["type"] == t).count();
+    let summarised: u64 = heard
+        .verified
+        .iter()
+        .filter(|n| n["type"] == "records.dead_lettered")
+        .filter_map(|n| n["data"]["count"].as_u64())
+        .sum();
+    println!(
+        "  webhooks          {} verified ({} health changes, {} records dead-lettered one by one, {} summaries of {} more, {} DLQ-rate alerts), {} rejected",
+        heard.verified.len(),
+        of_type("tenant.state_changed"),
+        of_type("record.dead_lettered"),
+        of_type("records.dead_lettered"),
+        summarised,
+        of_type("tenant.dlq_rate_exceeded"),
+        heard.rejected
+    );
     for (name, sandbox) in &sandboxes {
         let s = sandbox.stats();
         println!(
@@ -435,9 +496,9 @@ fn print_progress(text: &str, sandboxes: &[(String, Box<dyn CrmSandbox>)]) {
 /// Whether `group` has committed every message of `topic`. Committed offsets are read
 /// before end offsets, so a message written by an event before that event's own offset
 /// was committed is always seen.
-fn drained(bootstrap: &str, group: &str, topic: &str) -> bool {
-    let committed = tools::committed(bootstrap, group, topic, INPUT_PARTITIONS).unwrap_or_default();
-    let Ok(ends) = tools::end_offsets(bootstrap, topic, INPUT_PARTITIONS) else {
+fn drained(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> bool {
+    let committed = tools::committed(bootstrap, group, topic, partitions).unwrap_or_default();
+    let Ok(ends) = tools::end_offsets(bootstrap, topic, partitions) else {
         return false;
     };
     committed.len() == ends.len()
