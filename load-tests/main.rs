@@ -19,6 +19,9 @@
 //!   records kept in a map keyed by their strings (`diff_memory.rs`).
 //! - `isolation`: p50/p99 delivery latency of a fast tenant, alone and beside a
 //!   saturated slow tenant on the same partitions, in one run (`isolation.rs`).
+//! - `notifier`: webhook notifications/s to a local receiver that checks signatures, how
+//!   a storm coalesces, and the pipeline's throughput with the notifier on and off
+//!   (`notifier.rs`).
 //! - `chaos` (not part of `all`): `crm-sync run` members of one group killed with SIGKILL
 //!   and started again at random moments, under CRM faults, with a slow tenant and
 //!   hostile messages; figures, and exit status 1 when an invariant failed (`chaos.rs`).
@@ -28,6 +31,7 @@
 mod chaos;
 mod diff_memory;
 mod isolation;
+mod notifier;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -78,6 +82,9 @@ struct Args {
     /// Fast-tenant events per run in the `isolation` scenario (produced at 200/s).
     #[arg(long, default_value_t = 3_000)]
     isolation_events: usize,
+    /// Failure events in the notifier scenario's throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    notifications: usize,
     #[command(flatten)]
     chaos: chaos::ChaosArgs,
 }
@@ -92,6 +99,7 @@ enum Scenario {
     Crms,
     DiffMemory,
     Isolation,
+    Notifier,
     /// Not part of `all`.
     Chaos,
 }
@@ -762,6 +770,9 @@ fn main() {
     }
     if matches!(args.scenario, Scenario::All | Scenario::Isolation) {
         isolation::run(args.isolation_events);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Notifier) {
+        notifier::run(args.notifications, args.events);
     }
     if args.scenario == Scenario::Chaos && !chaos::run(&args.chaos, sibling_binary()) {
         std::process::exit(1);

@@ -26,6 +26,7 @@ pub struct Received {
 struct Shared {
     key: SigningKey,
     received: Arc<Mutex<Received>>,
+    print: bool,
 }
 
 /// A running receiver; it stops with the process.
@@ -35,14 +36,16 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts a receiver that accepts what `secret` (`whsec_…`) signed.
-    pub fn start(secret: &str) -> std::io::Result<Receiver> {
+    /// Starts a receiver that accepts what `secret` (`whsec_…`) signed; `print` prints
+    /// each request's outcome.
+    pub fn start(secret: &str, print: bool) -> std::io::Result<Receiver> {
         let key =
             SigningKey::parse(secret).map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
         let received = Arc::new(Mutex::new(Received::default()));
         let shared = Shared {
             key,
             received: received.clone(),
+            print,
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -62,6 +65,11 @@ impl Receiver {
                 });
             })?;
         Ok(Receiver { addr, received })
+    }
+
+    /// Notifications verified so far.
+    pub fn verified_count(&self) -> usize {
+        self.received.lock().map(|r| r.verified.len()).unwrap_or_default()
     }
 
     pub fn received(&self) -> Received {
@@ -87,12 +95,16 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
     };
     match (checked, serde_json::from_slice::<Value>(&body)) {
         (Ok(()), Ok(notification)) => {
-            println!("  webhook ✓ {}", describe(&notification));
+            if shared.print {
+                println!("  webhook ✓ {}", describe(&notification));
+            }
             received.verified.push(notification);
             StatusCode::NO_CONTENT
         }
         (Err(why), _) => {
-            println!("  webhook ✗ rejected: {why}");
+            if shared.print {
+                println!("  webhook ✗ rejected: {why}");
+            }
             received.rejected += 1;
             StatusCode::UNAUTHORIZED
         }
