@@ -64,7 +64,9 @@ pub fn run(notifications: usize, events: usize) {
     one_by_one.notifier.dlq_rate_per_minute = 0;
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
-    let n = notifier::start(&one_by_one, false).expect("start").expect("an endpoint");
+    let n = notifier::start(&one_by_one, false)
+        .expect("start")
+        .expect("an endpoint");
     while receiver.verified_count() < notifications {
         assert!(t0.elapsed() < Duration::from_secs(600), "not delivered within 600 s");
         std::thread::sleep(Duration::from_millis(10)); // progress sampling cadence
@@ -79,7 +81,11 @@ pub fn run(notifications: usize, events: usize) {
     );
 
     let coalescing = Receiver::start(SECRET, false).expect("receiver");
-    let coalesced = with_webhook(config(&s, "load-notifier", true, 1e6, 8, 200), &coalescing, "notifier-2");
+    let coalesced = with_webhook(
+        config(&s, "load-notifier", true, 1e6, 8, 200),
+        &coalescing,
+        "notifier-2",
+    );
     let t0 = Instant::now();
     let n = notifier::start(&coalesced, false).expect("start").expect("an endpoint");
     while !committed_all(&s.bootstrap, "notifier-2", notifications as i64) {
@@ -130,7 +136,10 @@ pub fn run(notifications: usize, events: usize) {
         print_run(name, &f, messages.len());
         if let Some(n) = n {
             n.stop(Duration::from_secs(10));
-            println!("|   ↳ {} notifications verified by the receiver by the end of the run | | | | | | | | |", receiver.verified_count());
+            println!(
+                "|   ↳ {} notifications verified by the receiver by the end of the run | | | | | | | | |",
+                receiver.verified_count()
+            );
         }
         figures.push(f);
     }

@@ -415,8 +415,9 @@ fn default_webhook_queue() -> usize {
     10_000
 }
 
-/// A webhook endpoint.
-#[derive(Debug, Clone, Deserialize)]
+/// A webhook endpoint. Its `Debug` shows the URL's scheme and host only: the rest may
+/// carry a token.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// `http://` or `https://` URL the notifications are POSTed to.
@@ -424,6 +425,18 @@ pub struct WebhookConfig {
     /// Standard Webhooks secrets (`whsec_` + base64), by `${VAR}` reference: one, or two
     /// during a rotation (each request is then signed with both).
     pub secrets: Vec<Secret>,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = reqwest::Url::parse(&self.url)
+            .map(|u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("?")))
+            .unwrap_or_else(|_| "(not a URL)".into());
+        f.debug_struct("WebhookConfig")
+            .field("url", &shown)
+            .field("secrets", &self.secrets)
+            .finish()
+    }
 }
 
 impl NotifierConfig {

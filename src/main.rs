@@ -216,12 +216,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
+            // The notifier after the service, which creates the topics it reads.
+            let service = pipeline::start(config.clone()).context("starting the service")?;
             let notifier = if config.notifier.enabled {
                 notifier::start(&config, false).context("starting the notifier")?
             } else {
                 None
             };
-            let service = pipeline::start(config).context("starting the service")?;
             tracing::info!(http = %service.http_addr(), "crm-sync running.");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let signal = runtime.block_on(async {

@@ -371,3 +371,96 @@ fn the_running_service_tells_the_tenants_receiver_about_its_health_and_its_rejec
     service.stop(StopMode::Graceful);
     assert!(n.stop(Duration::from_secs(10)));
 }
+
+/// A panic inside the notifier restarts it from the committed offsets: nothing it had
+/// read is lost, and what it had delivered may come again under the same webhook-id.
+#[test]
+fn a_panic_in_the_notifier_loses_no_notification() {
+    crm_sync::telemetry::prometheus();
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let key = secret();
+    let receiver = Receiver::start(&key, dir.path(), false);
+    let tenant = unique("t").replace('-', "_");
+    let ndlq = unique("ndlq");
+    env.kafka.as_ref().unwrap().create_topic(&ndlq, 1).unwrap();
+    let config = config(&env, &tenant, &[(receiver.url(), vec![key.clone()])], &[], "", &ndlq);
+    env.produce_failures(&[tenant_state(&tenant, "closed", "open")]);
+    let n = notifier::start(&config, false).unwrap().unwrap();
+    assert!(wait_until(WAIT, || receiver.verified().len() == 1));
+    n.inject_panic();
+    env.produce_failures(&[
+        dead_lettered(&tenant, "P-1", "crm_validation"),
+        tenant_state(&tenant, "open", "closed"),
+    ]);
+    let ids =
+        || -> std::collections::HashSet<String> { receiver.verified().iter().map(|e| e["id"].to_string()).collect() };
+    assert!(wait_until(WAIT, || ids().len() == 3), "{:?}", receiver.entries());
+    assert!(wait_until(WAIT, || committed(&env, &config) == Some(3)));
+    assert!(wait_until(WAIT, || n.is_ready()), "ready again after the restart");
+    assert!(
+        crm_sync::telemetry::prometheus()
+            .render()
+            .lines()
+            .any(|l| l.starts_with("crm_sync_actor_restarts_total{actor=\"notifier\"}")),
+        "the restart is counted"
+    );
+    assert!(n.stop(Duration::from_secs(10)));
+}
+
+/// An endpoint's queue is bounded two ways: one that keeps failing sheds its oldest
+/// waiting notifications to the dead-letter topic (and holds up no other endpoint), one
+/// that works gets everything, however small its bound, because reading waits for it.
+#[test]
+fn a_failing_endpoint_sheds_its_oldest_and_a_working_one_with_a_small_bound_loses_none() {
+    const EVENTS: usize = 30;
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let key = secret();
+    let working = Receiver::start(&key, dir.path(), false);
+    let mut down = Receiver::start(&key, dir.path(), false);
+    let down_url = down.url();
+    down.kill();
+    let tenant = unique("t").replace('-', "_");
+    let ndlq = unique("ndlq");
+    env.kafka.as_ref().unwrap().create_topic(&ndlq, 1).unwrap();
+    let config = config(
+        &env,
+        &tenant,
+        &[(down_url, vec![key.clone()])],
+        &[(working.url(), vec![key.clone()])],
+        "max_queued_per_endpoint = 3\nretry_base_delay_ms = 200\nretry_max_delay_ms = 400\ngive_up_after_ms = 600000\nper_record_limit = 1000",
+        &ndlq,
+    );
+    let events: Vec<_> = (0..EVENTS)
+        .map(|i| dead_lettered(&tenant, &format!("Q-{i}"), "crm_validation"))
+        .collect();
+    env.produce_failures(&events);
+    let n = notifier::start(&config, false).unwrap().unwrap();
+    assert!(
+        wait_until(WAIT, || working.verified().len() == EVENTS),
+        "the working endpoint got everything: {}",
+        working.verified().len()
+    );
+    // The failing endpoint keeps its head and two behind it; the rest went to the DLQ.
+    assert!(wait_until(
+        WAIT,
+        || tools::end_offsets(&env.bootstrap, &ndlq, 1).unwrap()[0] as usize == EVENTS - 3
+    ));
+    let dead = tools::read_all(&env.bootstrap, &ndlq, 1, Duration::from_secs(10)).unwrap();
+    assert!(dead
+        .iter()
+        .all(|d| d.header("crm-sync.notify.reason") == Some("queue_full")));
+    assert_eq!(
+        dead.iter()
+            .map(|d| d.key.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        EVENTS - 3
+    );
+    assert!(
+        matches!(committed(&env, &config), None | Some(0)),
+        "the three still queued (the first, the two newest) hold the commit point"
+    );
+    assert!(n.stop(Duration::from_secs(10)));
+}

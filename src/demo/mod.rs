@@ -198,7 +198,8 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     }
 
     // Each tenant's webhook endpoint is the demo's receiver.
-    let receiver = receiver::Receiver::start(DEMO_WEBHOOK_SECRET, true).map_err(setup("starting the webhook receiver"))?;
+    let receiver =
+        receiver::Receiver::start(DEMO_WEBHOOK_SECRET, true).map_err(setup("starting the webhook receiver"))?;
     for tenant in config.tenants.iter_mut() {
         for hook in tenant.webhooks.iter_mut() {
             hook.url = format!("http://{}/hooks/{}", receiver.addr, tenant.name);

@@ -36,6 +36,10 @@ pub mod kind {
 /// Longest error code kept as a group key; a longer one is grouped as `unknown`.
 const MAX_CODE: usize = 64;
 
+/// Groups kept at most; past it, new error codes are grouped as `other` (the service's
+/// codes are a few dozen; only a hostile failures topic could have more).
+const MAX_GROUPS: usize = 1_000;
+
 /// A failure event as read from the failures topic.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FailureEvent {
@@ -51,6 +55,43 @@ pub enum FailureEvent {
         tenant: String,
         data: Value,
     },
+}
+
+impl FailureEvent {
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            FailureEvent::DeadLettered { tenant, .. } => tenant.as_deref(),
+            FailureEvent::TenantState { tenant, .. } => Some(tenant),
+        }
+    }
+
+    /// The metric label of its kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FailureEvent::DeadLettered { .. } => "dead_lettered",
+            FailureEvent::TenantState { .. } => "tenant_state",
+        }
+    }
+
+    /// The event with its tenant replaced by `f(tenant)` (the name the notifier keeps it
+    /// under). A tenant_state event whose tenant `f` drops keeps its own: it is only
+    /// forwarded, never kept.
+    pub fn with_tenant(self, f: impl FnOnce(Option<String>) -> Option<String>) -> FailureEvent {
+        match self {
+            FailureEvent::DeadLettered {
+                tenant,
+                error_code,
+                at_secs,
+                data,
+            } => FailureEvent::DeadLettered {
+                tenant: f(tenant),
+                error_code,
+                at_secs,
+                data,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Reads a failure event; the reason if it is not one (it is then only counted).
@@ -101,11 +142,10 @@ impl Notification {
     fn new(tenant: Option<String>, kind: &'static str, data: Value, sources: Vec<Source>) -> Notification {
         let mut hash = Sha256::new();
         hash.update(kind.as_bytes());
-        let (first, last) = (sources.first().copied(), sources.last().copied());
-        for (p, o) in [first, last].into_iter().flatten() {
-            hash.update(format!(".{p}:{o}"));
+        for (p, o) in &sources {
+            hash.update(p.to_be_bytes());
+            hash.update(o.to_be_bytes());
         }
-        hash.update(format!(".{}", sources.len()));
         let digest = hash.finalize();
         let id = format!(
             "msg_{}",
@@ -199,19 +239,20 @@ impl Coalescer {
             } => {
                 let mut out = self.rate(&tenant, at_secs, source);
                 let limits = &self.limits;
-                let group = self
-                    .groups
-                    .entry((tenant.clone(), error_code.clone()))
-                    .or_insert_with(|| Group {
-                        window_start: now,
-                        individual: 0,
-                        storming: false,
-                        count: 0,
-                        first_at: None,
-                        last_at: None,
-                        samples: Vec::new(),
-                        sources: Vec::new(),
-                    });
+                let mut key = (tenant.clone(), error_code);
+                if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
+                    key.1 = "other".into();
+                }
+                let group = self.groups.entry(key).or_insert_with(|| Group {
+                    window_start: now,
+                    individual: 0,
+                    storming: false,
+                    count: 0,
+                    first_at: None,
+                    last_at: None,
+                    samples: Vec::new(),
+                    sources: Vec::new(),
+                });
                 if !group.storming && group.individual < limits.per_record_limit {
                     group.individual += 1;
                     out.push(Notification::new(tenant, kind::DEAD_LETTERED, data, vec![source]));
@@ -284,6 +325,10 @@ impl Coalescer {
             return Vec::new();
         }
         let rate = self.rates.entry(tenant.clone()).or_default();
+        // A failure time from the future (a wrong clock, a hostile event) counts as now,
+        // so that it cannot hold the minute's window ahead of every later failure.
+        let now = chrono::Utc::now().timestamp();
+        let at_secs = at_secs.min(now + 60);
         *rate.per_second.entry(at_secs).or_default() += 1;
         let newest = *rate.per_second.keys().next_back().expect("just inserted");
         rate.per_second = rate.per_second.split_off(&(newest - 59));
@@ -298,7 +343,7 @@ impl Coalescer {
             });
             return vec![Notification::new(tenant.clone(), kind::DLQ_RATE, data, vec![source])];
         }
-        if rate.exceeded && last_minute < u64::from(threshold / 2) {
+        if rate.exceeded && 2 * last_minute < u64::from(threshold) {
             rate.exceeded = false;
         }
         Vec::new()

@@ -13,6 +13,7 @@
 //! topic, logs or metrics: an endpoint is named by its label (`acme#0`, `operators#0`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,13 +27,20 @@ use super::signing::{signature_header, SigningKey};
 use crate::dead_letter::cap;
 use crate::telemetry::metric;
 
-/// Where notifications go and how they are signed.
-#[derive(Debug, Clone)]
+/// Where notifications go and how they are signed. Its `Debug` shows the label only (a
+/// URL may carry a token).
+#[derive(Clone)]
 pub struct Endpoint {
     /// Names the endpoint in logs, metrics and dead-letter records.
     pub label: String,
     pub url: reqwest::Url,
     pub keys: Vec<SigningKey>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Endpoint({})", self.label)
+    }
 }
 
 /// What every endpoint task shares.
@@ -48,7 +56,8 @@ pub struct Delivery {
 
 struct Waiting {
     notification: Arc<Notification>,
-    first_attempt: Option<Instant>,
+    /// When it reached this endpoint: `give_up_after` counts from here.
+    queued: Instant,
     attempts: u32,
     last_error: String,
 }
@@ -59,6 +68,17 @@ struct Failed {
     retry_after: Option<Duration>,
 }
 
+/// How loaded an endpoint is, shared with the reader: notifications handed to it and not
+/// yet delivered or dead-lettered, and whether its last attempt failed. The reader stops
+/// reading while an endpoint that is not failing has `max_queued` (it is slow: wait for
+/// it); a failing endpoint's queue is bounded by dead-lettering instead (it is down: do
+/// not hold up the others for it).
+#[derive(Debug, Default)]
+pub struct Load {
+    pub outstanding: AtomicUsize,
+    pub failing: AtomicBool,
+}
+
 /// Delivers what arrives on `incoming` until it is closed (the notifier stops; what is
 /// still queued is read again from the failures topic next time), reporting each
 /// notification's sources on `done` once it is delivered or dead-lettered.
@@ -67,9 +87,14 @@ pub async fn run(
     mut incoming: UnboundedReceiver<Arc<Notification>>,
     done: UnboundedSender<Vec<Source>>,
     delivery: Arc<Delivery>,
+    load: Arc<Load>,
 ) {
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     let label = endpoint.label.clone();
+    let finish = |n: &Notification| {
+        load.outstanding.fetch_sub(1, Ordering::SeqCst);
+        let _ = done.send(n.sources.clone());
+    };
     loop {
         if queue.is_empty() {
             match incoming.recv().await {
@@ -80,31 +105,51 @@ pub async fn run(
         while let Ok(n) = incoming.try_recv() {
             queue.push_back(Waiting::new(n));
         }
-        delivery.bound(&label, &mut queue, &done).await;
+        if load.failing.load(Ordering::SeqCst) {
+            delivery.bound(&label, &mut queue, &finish).await;
+        }
         metrics::gauge!(metric::NOTIFIER_QUEUED, "endpoint" => label.clone()).set(queue.len() as f64);
 
         let head = queue.front_mut().expect("not empty");
-        let started = *head.first_attempt.get_or_insert_with(Instant::now);
         head.attempts += 1;
         match attempt(&delivery.client, &endpoint, &head.notification).await {
             Ok(()) => {
+                load.failing.store(false, Ordering::SeqCst);
                 let head = queue.pop_front().expect("not empty");
                 metrics::counter!(metric::NOTIFICATIONS, "endpoint" => label.clone(), "type" => head.notification.kind, "outcome" => "delivered").increment(1);
-                let _ = done.send(head.notification.sources.clone());
+                finish(&head.notification);
                 continue;
             }
             Err(failed) => {
+                load.failing.store(true, Ordering::SeqCst);
                 metrics::counter!(metric::NOTIFICATION_ATTEMPT_FAILURES, "endpoint" => label.clone()).increment(1);
                 head.last_error = failed.reason;
-                if started.elapsed() >= delivery.give_up_after {
-                    let head = queue.pop_front().expect("not empty");
-                    tracing::error!(endpoint = %label, webhook_id = %head.notification.id, attempts = head.attempts, error = %head.last_error, "Giving up on a notification; it goes to the notifier's dead-letter topic.");
-                    delivery.dead_letter(&label, head, "gave_up", &done).await;
+                if head.queued.elapsed() >= delivery.give_up_after {
+                    // It, and whatever has waited as long behind it: the endpoint has
+                    // been failing all that time (their last error is the head's).
+                    let error = head.last_error.clone();
+                    while let Some(w) = queue.front() {
+                        if w.queued.elapsed() < delivery.give_up_after {
+                            break;
+                        }
+                        let mut w = queue.pop_front().expect("just seen");
+                        if w.last_error.is_empty() {
+                            w.last_error = error.clone();
+                        }
+                        tracing::error!(endpoint = %label, webhook_id = %w.notification.id, attempts = w.attempts, error = %w.last_error, "Giving up on a notification; it goes to the notifier's dead-letter topic.");
+                        delivery.dead_letter(&label, &w, "gave_up").await;
+                        finish(&w.notification);
+                    }
                     continue;
                 }
+                // The endpoint's Retry-After may ask for longer than our backoff, never
+                // for less; at most the longest delay.
                 let delay = failed
                     .retry_after
-                    .unwrap_or_else(|| delivery.backoff(head.attempts))
+                    .map_or_else(
+                        || delivery.backoff(head.attempts),
+                        |asked| asked.max(delivery.backoff(head.attempts)),
+                    )
                     .min(delivery.max_delay);
                 tracing::warn!(endpoint = %label, webhook_id = %head.notification.id, attempts = head.attempts, error = %head.last_error, retry_in_ms = delay.as_millis() as u64, "Webhook delivery failed; retrying.");
                 // Go on taking notifications in while waiting, within the bound.
@@ -115,7 +160,7 @@ pub async fn run(
                         next = incoming.recv() => match next {
                             Some(n) => {
                                 queue.push_back(Waiting::new(n));
-                                delivery.bound(&label, &mut queue, &done).await;
+                                delivery.bound(&label, &mut queue, &finish).await;
                             }
                             None => return,
                         },
@@ -130,11 +175,24 @@ impl Waiting {
     fn new(notification: Arc<Notification>) -> Waiting {
         Waiting {
             notification,
-            first_attempt: None,
+            queued: Instant::now(),
             attempts: 0,
             last_error: String::new(),
         }
     }
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at
+        .timestamp_millis()
+        .saturating_sub(chrono::Utc::now().timestamp_millis());
+    Some(Duration::from_millis(wait.max(0) as u64))
 }
 
 /// One signed POST; a 2xx answer is a delivery.
@@ -158,8 +216,7 @@ async fn attempt(client: &reqwest::Client, endpoint: &Endpoint, n: &Notification
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                .and_then(retry_after);
             Err(Failed {
                 reason: format!("HTTP {}", r.status().as_u16()),
                 retry_after,
@@ -182,19 +239,20 @@ impl Delivery {
         exp.min(self.max_delay).mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
     }
 
-    /// Dead-letters the oldest notifications waiting behind the head while the queue is
-    /// over its bound.
-    async fn bound(&self, label: &str, queue: &mut VecDeque<Waiting>, done: &UnboundedSender<Vec<Source>>) {
+    /// Dead-letters the oldest notifications waiting behind the head (which is being
+    /// retried) while the queue is over its bound.
+    async fn bound(&self, label: &str, queue: &mut VecDeque<Waiting>, finish: &impl Fn(&Notification)) {
         while queue.len() > self.max_queued.max(1) {
             let oldest = queue.remove(1).expect("longer than one");
-            tracing::error!(endpoint = %label, webhook_id = %oldest.notification.id, "Endpoint queue full; the oldest waiting notification goes to the notifier's dead-letter topic.");
-            self.dead_letter(label, oldest, "queue_full", done).await;
+            tracing::error!(endpoint = %label, webhook_id = %oldest.notification.id, "Endpoint queue full while it fails; the oldest waiting notification goes to the notifier's dead-letter topic.");
+            self.dead_letter(label, &oldest, "queue_full").await;
+            finish(&oldest.notification);
         }
     }
 
-    /// Writes a notification that was not delivered to the notifier's dead-letter topic
-    /// (retrying until the broker takes it), then reports it done.
-    async fn dead_letter(&self, label: &str, w: Waiting, reason: &str, done: &UnboundedSender<Vec<Source>>) {
+    /// Writes a notification that was not delivered to the notifier's dead-letter topic,
+    /// retrying until the broker takes it.
+    async fn dead_letter(&self, label: &str, w: &Waiting, reason: &str) {
         let n = &w.notification;
         let body = n.body();
         let attempts = w.attempts.to_string();
@@ -228,6 +286,21 @@ impl Delivery {
             }
         }
         metrics::counter!(metric::NOTIFICATIONS, "endpoint" => label.to_string(), "type" => n.kind, "outcome" => "dead_lettered").increment(1);
-        let _ = done.send(n.sources.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date() {
+        assert_eq!(retry_after(" 7 "), Some(Duration::from_secs(7)));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        let d = retry_after(&later).unwrap();
+        assert!(d > Duration::from_secs(25) && d <= Duration::from_secs(30), "{d:?}");
+        assert_eq!(retry_after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon"), None);
+        assert_eq!(retry_after("99999999999999999999999"), None);
     }
 }

@@ -25,10 +25,12 @@ pub mod delivery;
 pub mod signing;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -38,7 +40,7 @@ use crate::config::{Config, WebhookConfig};
 use crate::consume;
 use crate::telemetry::{self, metric, Health};
 use coalesce::{Coalescer, Limits, Notification, Source};
-use delivery::{Delivery, Endpoint};
+use delivery::{Delivery, Endpoint, Load};
 use signing::SigningKey;
 
 /// Failure events held (undecided) at most before reading pauses.
@@ -82,6 +84,12 @@ impl Holds {
         self.partitions.values().map(|p| p.counts.len()).sum()
     }
 
+    /// Forgets a partition (revoked), returning its commit point.
+    fn forget(&mut self, partition: i32) -> Option<i64> {
+        let p = self.partitions.remove(&partition)?;
+        Some(p.counts.keys().next().copied().unwrap_or(p.next))
+    }
+
     /// Each partition read with its commit point: the lowest held offset, or one past the
     /// highest read when nothing is held.
     fn commit_points(&self) -> Vec<(i32, i64)> {
@@ -92,17 +100,54 @@ impl Holds {
     }
 }
 
+fn lock(holds: &Mutex<Holds>) -> MutexGuard<'_, Holds> {
+    holds.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The notifier consumer's rebalance hook: a partition that goes to another member has
+/// its commit point committed, and its holds are forgotten, so that a commit point of
+/// the earlier assignment is never committed over the next owner's progress (deliveries
+/// of its notifications still under way end all the same; a release of what is no longer
+/// held is a no-op).
+struct Rebalancing {
+    holds: Arc<Mutex<Holds>>,
+    topic: String,
+}
+
+impl ClientContext for Rebalancing {}
+
+impl ConsumerContext for Rebalancing {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let mut holds = lock(&self.holds);
+        let mut list = TopicPartitionList::new();
+        for element in revoked.elements_for_topic(&self.topic) {
+            if let Some(point) = holds.forget(element.partition()) {
+                let _ = list.add_partition_offset(&self.topic, element.partition(), Offset::Offset(point));
+            }
+        }
+        if list.count() > 0 {
+            if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                tracing::warn!(error = %e, "Could not commit the notifier's revoked partitions.");
+            }
+        }
+    }
+}
+
 /// Who is told about what.
 struct Routes {
-    /// Endpoint senders of each tenant.
+    /// Endpoints of each tenant.
     tenants: HashMap<String, Vec<usize>>,
     /// The operators' endpoints: told about everything.
     operators: Vec<usize>,
-    senders: Vec<UnboundedSender<Arc<Notification>>>,
+    senders: Vec<(UnboundedSender<Arc<Notification>>, Arc<Load>)>,
+    max_queued: usize,
 }
 
 impl Routes {
-    fn of(&self, tenant: Option<&str>) -> impl Iterator<Item = &UnboundedSender<Arc<Notification>>> {
+    fn of(&self, tenant: Option<&str>) -> impl Iterator<Item = &(UnboundedSender<Arc<Notification>>, Arc<Load>)> {
         let own = tenant.and_then(|t| self.tenants.get(t)).into_iter().flatten();
         own.chain(&self.operators).map(|&i| &self.senders[i])
     }
@@ -110,16 +155,52 @@ impl Routes {
     fn any(&self, tenant: Option<&str>) -> bool {
         self.of(tenant).next().is_some()
     }
+
+    /// A configured tenant's name as the routes know it; `None` for any other (input
+    /// that named no tenant, or one this configuration does not have), so that what is
+    /// kept per tenant stays bounded by the configuration.
+    fn tenant(&self, tenant: Option<String>) -> Option<String> {
+        tenant.filter(|t| self.tenants.contains_key(t))
+    }
+
+    /// Whether an endpoint that is not failing has its fill: reading waits for it.
+    fn slow(&self) -> bool {
+        self.senders.iter().any(|(_, load)| {
+            load.outstanding.load(Ordering::SeqCst) >= self.max_queued && !load.failing.load(Ordering::SeqCst)
+        })
+    }
+}
+
+/// What the handle, the supervisor and each life of the notifier share.
+#[derive(Default)]
+struct Control {
+    stop: tokio::sync::Notify,
+    stopping: AtomicBool,
+    /// Fault injection: the next message read panics the notifier.
+    inject_panic: AtomicBool,
+    /// Ready while a life of the notifier runs.
+    health: Health,
 }
 
 /// A running notifier.
 pub struct NotifierHandle {
-    stop: Arc<tokio::sync::Notify>,
+    control: Arc<Control>,
     thread: std::thread::JoinHandle<()>,
     http_addr: Option<std::net::SocketAddr>,
 }
 
 impl NotifierHandle {
+    /// Makes the notifier panic at the next message it reads (fault injection); its
+    /// supervisor starts it again from the committed offsets.
+    pub fn inject_panic(&self) {
+        self.control.inject_panic.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a life of the notifier is running (not between a failure and its restart).
+    pub fn is_ready(&self) -> bool {
+        self.control.health.is_ready()
+    }
+
     /// Address of `/metrics` and the health endpoints when it serves them (alone).
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.http_addr
@@ -128,7 +209,8 @@ impl NotifierHandle {
     /// Stops reading, commits what is decided, and waits for the thread up to `deadline`.
     /// Notifications still queued are read again on the next start.
     pub fn stop(self, deadline: Duration) -> bool {
-        self.stop.notify_one();
+        self.control.stopping.store(true, Ordering::SeqCst);
+        self.control.stop.notify_one();
         let until = Instant::now() + deadline;
         while !self.thread.is_finished() {
             if Instant::now() >= until {
@@ -149,9 +231,9 @@ pub fn start(config: &Config, serve_http: bool) -> anyhow::Result<Option<Notifie
         return Ok(None);
     }
     let config = Arc::new(config.clone());
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let control = Arc::new(Control::default());
     let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let thread_stop = stop.clone();
+    let thread_control = control.clone();
     let thread = std::thread::Builder::new()
         .name("crm-sync-notifier".into())
         .spawn(move || {
@@ -162,13 +244,13 @@ pub fn start(config: &Config, serve_http: bool) -> anyhow::Result<Option<Notifie
                     return;
                 }
             };
-            runtime.block_on(supervise(config, serve_http, thread_stop, started_tx));
+            runtime.block_on(supervise(config, serve_http, thread_control, started_tx));
         })?;
     let http_addr = started_rx
         .recv()
         .map_err(|_| anyhow::anyhow!("the notifier thread ended before it started"))??;
     Ok(Some(NotifierHandle {
-        stop,
+        control,
         thread,
         http_addr,
     }))
@@ -177,10 +259,9 @@ pub fn start(config: &Config, serve_http: bool) -> anyhow::Result<Option<Notifie
 type Started = std::sync::mpsc::Sender<anyhow::Result<Option<std::net::SocketAddr>>>;
 
 /// Runs the notifier, restarting it after a panic or an error, until stopped.
-async fn supervise(config: Arc<Config>, serve_http: bool, stop: Arc<tokio::sync::Notify>, started: Started) {
-    let health = Health::default();
+async fn supervise(config: Arc<Config>, serve_http: bool, control: Arc<Control>, started: Started) {
     let http = if serve_http {
-        match telemetry::serve(&config.service.http_addr, health.clone()).await {
+        match telemetry::serve(&config.service.http_addr, control.health.clone()).await {
             Ok((addr, task)) => Some((addr, task)),
             Err(e) => {
                 let _ = started.send(Err(anyhow::anyhow!(
@@ -200,12 +281,11 @@ async fn supervise(config: Arc<Config>, serve_http: bool, stop: Arc<tokio::sync:
         }
     }
     let _ = started.send(Ok(http.as_ref().map(|(addr, _)| *addr)));
-    health.set_ready(true);
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
-        let task = tokio::spawn(run(config.clone(), stop.clone(), stopping.clone()));
+        let task = tokio::spawn(run(config.clone(), control.clone()));
         let end = task.await;
-        if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        control.health.set_ready(false);
+        if control.stopping.load(Ordering::SeqCst) {
             break;
         }
         match end {
@@ -216,7 +296,7 @@ async fn supervise(config: Arc<Config>, serve_http: bool, stop: Arc<tokio::sync:
         metrics::counter!(metric::ACTOR_RESTARTS, "actor" => "notifier").increment(1);
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = stop.notified() => break,
+            () = control.stop.notified() => break,
         }
     }
     if let Some((_, task)) = http {
@@ -235,25 +315,26 @@ fn endpoint(label: String, hook: &WebhookConfig) -> anyhow::Result<Endpoint> {
 }
 
 /// One life of the notifier: fresh state, from the committed offsets.
-async fn run(
-    config: Arc<Config>,
-    stop: Arc<tokio::sync::Notify>,
-    stopping: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<()> {
+async fn run(config: Arc<Config>, control: Arc<Control>) -> anyhow::Result<()> {
     let n = &config.notifier;
     let kafka = &config.kafka;
     let group = n
         .group_id
         .clone()
         .unwrap_or_else(|| format!("{}.notifier", kafka.group_id));
-    let consumer: StreamConsumer = consume::client_config(kafka)
+    let holds = Arc::new(Mutex::new(Holds::default()));
+    let context = Rebalancing {
+        holds: holds.clone(),
+        topic: kafka.failures_topic.clone(),
+    };
+    let consumer: StreamConsumer<Rebalancing> = consume::client_config(kafka)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", kafka.session_timeout_ms.to_string())
-        .create()?;
+        .create_with_context(context)?;
     consumer.subscribe(&[kafka.failures_topic.as_str()])?;
     let producer: FutureProducer = consume::client_config(kafka)
         .set("acks", "all")
@@ -279,16 +360,19 @@ async fn run(
         tenants: HashMap::new(),
         operators: Vec::new(),
         senders: Vec::new(),
+        max_queued: n.max_queued_per_endpoint,
     };
     let mut add = |label: String, hook: &WebhookConfig, routes: &mut Routes| -> anyhow::Result<usize> {
         let (tx, rx) = unbounded_channel();
+        let load = Arc::new(Load::default());
         tasks.spawn(delivery::run(
             endpoint(label, hook)?,
             rx,
             done_tx.clone(),
             delivery.clone(),
+            load.clone(),
         ));
-        routes.senders.push(tx);
+        routes.senders.push((tx, load));
         Ok(routes.senders.len() - 1)
     };
     for (j, hook) in n.endpoints.iter().enumerate() {
@@ -308,28 +392,40 @@ async fn run(
         samples: n.summary_samples,
         dlq_rate_per_minute: n.dlq_rate_per_minute,
     });
-    let mut holds = Holds::default();
     let mut commit_tick = tokio::time::interval(COMMIT_INTERVAL);
     let dispatch = |notification: Notification, holds: &mut Holds| {
         let notification = Arc::new(notification);
-        for sender in routes.of(notification.tenant.as_deref()) {
+        for (sender, load) in routes.of(notification.tenant.as_deref()) {
             for &source in &notification.sources {
                 holds.hold(source);
             }
+            load.outstanding.fetch_add(1, Ordering::SeqCst);
             let _ = sender.send(notification.clone());
         }
     };
+    control.health.set_ready(true);
 
     loop {
         let flush_at = coalescer.next_flush().map(tokio::time::Instant::from_std);
         tokio::select! {
-            () = stop.notified() => {
-                stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-                break;
-            }
-            message = consumer.recv(), if holds.len() < MAX_HELD => {
-                let message = message?;
+            () = control.stop.notified() => break,
+            message = consumer.recv(), if lock(&holds).len() < MAX_HELD && !routes.slow() => {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // A missing topic, a broker away: librdkafka recovers; keep what
+                        // is being delivered and read on.
+                        metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => "read_error").increment(1);
+                        tracing::warn!(error = %e, "The notifier could not read the failures topic; retrying.");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                if control.inject_panic.swap(false, Ordering::SeqCst) {
+                    panic!("injected fault in the notifier");
+                }
                 let source = (message.partition(), message.offset());
+                let mut holds = lock(&holds);
                 holds.hold(source);
                 match coalesce::parse(message.payload().unwrap_or_default()) {
                     Err(why) => {
@@ -338,13 +434,9 @@ async fn run(
                         holds.release(source);
                     }
                     Ok(event) => {
-                        let tenant = match &event {
-                            coalesce::FailureEvent::DeadLettered { tenant, .. } => tenant.clone(),
-                            coalesce::FailureEvent::TenantState { tenant, .. } => Some(tenant.clone()),
-                        };
-                        let kind = if matches!(event, coalesce::FailureEvent::TenantState { .. }) { "tenant_state" } else { "dead_lettered" };
-                        metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => kind).increment(1);
-                        if !routes.any(tenant.as_deref()) {
+                        let event = event.with_tenant(|t| routes.tenant(t));
+                        metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => event.kind()).increment(1);
+                        if !routes.any(event.tenant()) {
                             holds.release(source);
                             continue;
                         }
@@ -360,11 +452,13 @@ async fn run(
                 }
             }
             Some(sources) = done_rx.recv() => {
+                let mut holds = lock(&holds);
                 for source in sources {
                     holds.release(source);
                 }
             }
             () = async { tokio::time::sleep_until(flush_at.expect("guarded")).await }, if flush_at.is_some() => {
+                let mut holds = lock(&holds);
                 for summary in coalescer.flush_due(Instant::now()) {
                     let sources = summary.sources.clone();
                     dispatch(summary, &mut holds);
@@ -373,20 +467,20 @@ async fn run(
                     }
                 }
             }
-            _ = commit_tick.tick() => commit(&consumer, &kafka.failures_topic, &holds, CommitMode::Async),
+            _ = commit_tick.tick() => commit(&consumer, &kafka.failures_topic, &lock(&holds), CommitMode::Async),
             ended = tasks.join_next() => {
                 anyhow::bail!("a webhook delivery task ended: {:?}", ended.map(|r| r.err()));
             }
         }
-        metrics::gauge!(metric::NOTIFIER_HELD).set(holds.len() as f64);
+        metrics::gauge!(metric::NOTIFIER_HELD).set(lock(&holds).len() as f64);
     }
-    commit(&consumer, &kafka.failures_topic, &holds, CommitMode::Sync);
+    commit(&consumer, &kafka.failures_topic, &lock(&holds), CommitMode::Sync);
     Ok(())
 }
 
 /// Commits the commit points of the partitions this member owns. Every tick, moved or
 /// not: an asynchronous commit that failed at the broker is then made good by the next.
-fn commit(consumer: &StreamConsumer, topic: &str, holds: &Holds, mode: CommitMode) {
+fn commit(consumer: &StreamConsumer<Rebalancing>, topic: &str, holds: &Holds, mode: CommitMode) {
     let Ok(assigned) = consumer.assignment() else {
         return;
     };

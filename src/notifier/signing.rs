@@ -46,11 +46,12 @@ impl SigningKey {
         Ok(SigningKey(key))
     }
 
-    fn mac(&self, id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
+    /// HMAC-SHA256 of `{id}.{timestamp}.{body}`, the timestamp as the header carries it.
+    fn mac(&self, id: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
         mac.update(id.as_bytes());
         mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
+        mac.update(timestamp.as_bytes());
         mac.update(b".");
         mac.update(body);
         mac
@@ -59,11 +60,12 @@ impl SigningKey {
 
 /// The `webhook-signature` value: one `v1,` signature per key, space-separated.
 pub fn signature_header(keys: &[SigningKey], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let timestamp = timestamp.to_string();
     keys.iter()
         .map(|k| {
             format!(
                 "v1,{}",
-                STANDARD.encode(k.mac(id, timestamp, body).finalize().into_bytes())
+                STANDARD.encode(k.mac(id, &timestamp, body).finalize().into_bytes())
             )
         })
         .collect::<Vec<_>>()
@@ -93,8 +95,8 @@ pub fn verify(
     now: i64,
     tolerance_secs: i64,
 ) -> Result<(), VerifyError> {
-    let ts: i64 = timestamp.trim().parse().map_err(|_| VerifyError::BadTimestamp)?;
-    if (now - ts).abs() > tolerance_secs {
+    let ts: i64 = timestamp.parse().map_err(|_| VerifyError::BadTimestamp)?;
+    if now.abs_diff(ts) > tolerance_secs.unsigned_abs() {
         return Err(VerifyError::Stale);
     }
     let given: Vec<Vec<u8>> = signatures
@@ -104,7 +106,7 @@ pub fn verify(
         .collect();
     let matches = keys
         .iter()
-        .any(|k| given.iter().any(|g| k.mac(id, ts, body).verify_slice(g).is_ok()));
+        .any(|k| given.iter().any(|g| k.mac(id, timestamp, body).verify_slice(g).is_ok()));
     if matches {
         Ok(())
     } else {
@@ -160,6 +162,15 @@ mod tests {
         );
         assert_eq!(v(ID, &ts, EXPECTED, BODY, TS + 301), Err(VerifyError::Stale));
         assert_eq!(v(ID, "soon", EXPECTED, BODY, TS), Err(VerifyError::BadTimestamp));
+        assert_eq!(
+            v(ID, &i64::MIN.to_string(), EXPECTED, BODY, TS),
+            Err(VerifyError::Stale)
+        );
+        assert_eq!(
+            v(ID, &format!("+{TS}"), EXPECTED, BODY, TS),
+            Err(VerifyError::NoMatch),
+            "the header as signed"
+        );
         assert_eq!(v(ID, &ts, "v1,@@@ v1,", BODY, TS), Err(VerifyError::NoMatch));
     }
 
