@@ -82,8 +82,9 @@ struct Args {
     /// Fast-tenant events per run in the `isolation` scenario (produced at 200/s).
     #[arg(long, default_value_t = 3_000)]
     isolation_events: usize,
-    /// Failure events in the notifier scenario's throughput run.
-    #[arg(long, default_value_t = 20_000)]
+    /// Failure events in the notifier scenario's throughput run (about 550 bytes each:
+    /// the mock broker keeps 5 MB of a partition's log, and these are on one partition).
+    #[arg(long, default_value_t = 8_000)]
     notifications: usize,
     #[command(flatten)]
     chaos: chaos::ChaosArgs,
@@ -745,6 +746,14 @@ fn crms(args: &Args) {
 
 fn main() {
     let args = Args::parse();
+    // Warnings and errors of the service under test, to standard error (RUST_LOG to change).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,librdkafka=error,rdkafka=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     println!(
         "crm-sync load test — {} cores, {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

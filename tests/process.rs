@@ -151,6 +151,60 @@ fn redrive_from_the_command_line_says_what_it_did_and_names_a_bad_flag() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--since"));
 }
 
+#[test]
+fn notify_runs_the_notifier_alone_and_stops_on_sigterm() {
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let key = webhooks::secret();
+    let receiver = webhooks::Receiver::start(&key, dir.path(), false);
+    let path = dir.path().join("crm-sync.toml");
+    let bare = env.config_toml();
+    std::fs::write(&path, &bare).unwrap();
+    let notify = |envs: &[(&str, &str)]| {
+        let mut c = Command::new(BIN);
+        c.args(["notify", "--config", path.to_str().unwrap()])
+            .env("SF_SECRET", CLIENT_SECRET)
+            .env("RUST_LOG", "warn");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c
+    };
+    // Without an endpoint there is nothing to do: it says so.
+    let out = notify(&[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no webhook endpoint"));
+
+    let ndlq = unique("ndlq");
+    env.kafka.as_ref().unwrap().create_topic(&ndlq, 1).unwrap();
+    let text = format!(
+        "{bare}\n[[tenants.webhooks]]\nurl = \"{}\"\nsecrets = [\"${{HOOK_SECRET}}\"]\n[notifier]\ndlq_topic = \"{ndlq}\"\n",
+        receiver.url()
+    );
+    std::fs::write(&path, text).unwrap();
+    let event = serde_json::json!({"kind": "tenant_state", "tenant": "acme", "from": "closed", "to": "auth_failed", "reason": "HTTP 401", "at": "2026-11-30T12:00:00Z"});
+    env.produce_failures(&[("acme".into(), event.to_string().into_bytes())]);
+    let mut notifier = Proc(
+        notify(&[("HOOK_SECRET", &key)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || receiver.verified().len() == 1),
+        "{:?}",
+        receiver.entries()
+    );
+    assert_eq!(receiver.verified()[0]["body"]["data"]["to"], "auth_failed");
+    let pid = notifier.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = notifier
+        .wait_exit(Duration::from_secs(15))
+        .expect("did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+}
+
 fn start_service(config: &std::path::Path) -> Proc {
     Proc(
         Command::new(BIN)
@@ -267,6 +321,9 @@ fn the_demo_converges_on_all_three_crms() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("CHECK PASSED"), "{stdout}");
+    // The demo's webhook receiver verified the notifier's notifications, and refused none.
+    assert!(stdout.contains("webhook ✓ initech  tenant.state_changed"), "{stdout}");
+    assert!(stdout.contains(" 0 rejected"), "{stdout}");
     for crm in ["salesforce", "zendesk", "dynamics"] {
         assert!(stdout.contains(crm), "the summary shows {crm}: {stdout}");
     }
