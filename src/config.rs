@@ -1523,7 +1523,12 @@ mod reference_tests {
 
     #[test]
     fn the_demo_config_parses() {
-        let c = Config::from_toml_with_env(include_str!("../config/demo.toml"), |v| Some(v.to_string())).unwrap();
+        let c = Config::from_toml_with_env(include_str!("../config/demo.toml"), |v| match v {
+            "DEMO_WEBHOOK_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            _ => Some(v.to_string()),
+        })
+        .unwrap();
         assert_eq!(c.tenants.len(), 3);
+        assert!(c.tenants.iter().all(|t| t.webhooks.len() == 1));
     }
 }

@@ -84,6 +84,8 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             ("GLOBEX_ZD_API_TOKEN", "token"),
             ("INITECH_D365_CLIENT_ID", "id"),
             ("INITECH_D365_CLIENT_SECRET", "secret"),
+            ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
         ])
         .output()
         .unwrap();
@@ -106,6 +108,8 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             ("GLOBEX_ZD_API_TOKEN", "t"),
             ("INITECH_D365_CLIENT_ID", "i"),
             ("INITECH_D365_CLIENT_SECRET", "s"),
+            ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
         ])
         .output()
         .unwrap();

@@ -122,9 +122,18 @@ fn an_outage_three_times_max_age_dead_letters_nothing_and_holds_up_no_other_tena
 #[test]
 fn a_wrong_secret_dead_letters_nothing_and_the_right_one_delivers_everything() {
     let env = Env::new(1);
-    let text = env.config_toml_for(&env.sf, "SF_SECRET");
+    // Beside it, a tenant whose credentials are right goes on flowing.
+    let zd = ZendeskSandbox::start("127.0.0.1:0", ZendeskSetup::standard(CLIENT_ID, CLIENT_SECRET)).unwrap();
+    let text = env.config_toml_for(&env.sf, "SF_SECRET")
+        + "\n[[tenants]]\nname = \"down\"\nrequest_timeout_ms = 5000\n"
+        + &zd.tenant_toml("ZD_SECRET");
+    let zd_secret = zd.secret();
     let config_with = |secret: &'static str| {
-        let mut config = Config::from_toml_with_env(&text, |_| Some(secret.to_string())).unwrap();
+        let mut config = Config::from_toml_with_env(&text, |v| match v {
+            "ZD_SECRET" => Some(zd_secret.clone()),
+            _ => Some(secret.to_string()),
+        })
+        .unwrap();
         tighten(&mut config, &env);
         config
     };
@@ -133,12 +142,24 @@ fn a_wrong_secret_dead_letters_nothing_and_the_right_one_delivers_everything() {
         .map(|i| upsert(&format!("w{i}"), &format!("W-{i}"), 1, &format!("W{i}"), "Secret"))
         .collect();
     env.produce(&events);
+    assert!(
+        wait_until(WAIT, || transitions(&env)
+            .contains(&("acme".into(), "auth_failed".into()))),
+        "{:?}",
+        transitions(&env)
+    );
+    // While acme waits for a secret, the other tenant's events on the same partition flow.
+    env.produce(&(0..RECORDS).map(noisy).collect::<Vec<_>>());
+    assert!(
+        wait_until(WAIT, || zd.records("users").len() == RECORDS),
+        "the other tenant delivered while acme was auth_failed"
+    );
     // Refused, probed again and refused again, for longer than any event may be retried.
     let start = Instant::now();
     assert!(wait_until(WAIT, || start.elapsed() >= 2 * MAX_AGE));
     assert!(env.read_dlq().is_empty(), "a wrong secret dead-lettered nothing");
     assert!(env.sf.stats().token_requests >= 3, "probed: {:?}", env.sf.stats());
-    assert!(transitions(&env).contains(&("acme".into(), "auth_failed".into())));
+    assert!(env.sf.records("Contact").is_empty());
     service.stop(StopMode::Graceful);
 
     let service = pipeline::start(config_with(CLIENT_SECRET)).unwrap();
