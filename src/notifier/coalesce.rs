@@ -5,7 +5,8 @@
 //! - Dead-lettered records are grouped by tenant and error code. A group's first
 //!   `per_record_limit` records of a window go out one by one (`record.dead_lettered`);
 //!   the rest of the window is folded into one `records.dead_lettered` summary (count,
-//!   first and last failure, a few samples), sent when the window ends. A group that
+//!   when the first and the last were dead-lettered, a few samples), sent when the window
+//!   ends. A group that
 //!   summarised goes on summarising, window after window, until a whole window passes
 //!   without a failure: 10,000 failures of one kind in a minute are then
 //!   `per_record_limit` requests plus one per window.
@@ -22,8 +23,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-/// A failure event's partition and offset in the failures topic.
-pub type Source = (i32, i64);
+/// A failure event's partition and offset in the failures topic, and the generation of
+/// that partition's assignment it was read in (see `notifier::Holds`).
+pub type Source = (i32, i64, u64);
 
 /// Notification types, the `type` of the body.
 pub mod kind {
@@ -142,7 +144,7 @@ impl Notification {
     fn new(tenant: Option<String>, kind: &'static str, data: Value, sources: Vec<Source>) -> Notification {
         let mut hash = Sha256::new();
         hash.update(kind.as_bytes());
-        for (p, o) in &sources {
+        for (p, o, _) in &sources {
             hash.update(p.to_be_bytes());
             hash.update(o.to_be_bytes());
         }
@@ -192,6 +194,7 @@ struct Group {
     /// Set once the group has summarised: no more one-by-one until it goes quiet.
     storming: bool,
     count: u64,
+    /// Earliest and latest `last_failure_at` (when each was dead-lettered) folded in.
     first_at: Option<Value>,
     last_at: Option<Value>,
     samples: Vec<Value>,
@@ -289,8 +292,8 @@ impl Coalescer {
                 "tenant": tenant,
                 "error_code": code,
                 "count": g.count,
-                "first_failure_at": g.first_at.take(),
-                "last_failure_at": g.last_at.take(),
+                "first_dead_lettered_at": g.first_at.take(),
+                "last_dead_lettered_at": g.last_at.take(),
                 "window_ms": window.as_millis() as u64,
                 "samples": std::mem::take(&mut g.samples),
             });
@@ -333,6 +336,10 @@ impl Coalescer {
         let newest = *rate.per_second.keys().next_back().expect("just inserted");
         rate.per_second = rate.per_second.split_off(&(newest - 59));
         let last_minute: u64 = rate.per_second.values().map(|&n| u64::from(n)).sum();
+        // Below half the threshold before this one: it may fire again.
+        if rate.exceeded && 2 * (last_minute - 1) < u64::from(threshold) {
+            rate.exceeded = false;
+        }
         if !rate.exceeded && last_minute >= u64::from(threshold) {
             rate.exceeded = true;
             let data = json!({
@@ -342,9 +349,6 @@ impl Coalescer {
                 "at": chrono::DateTime::from_timestamp(at_secs, 0).map(|t| t.to_rfc3339()),
             });
             return vec![Notification::new(tenant.clone(), kind::DLQ_RATE, data, vec![source])];
-        }
-        if rate.exceeded && 2 * last_minute < u64::from(threshold) {
-            rate.exceeded = false;
         }
         Vec::new()
     }
@@ -381,7 +385,7 @@ mod tests {
         for i in 0..10_000u64 {
             let now = t0 + Duration::from_millis(i * 6);
             sent.extend(c.flush_due(now));
-            sent.extend(c.add(now, (0, i as i64), dead("acme", "crm_validation", 0)).0);
+            sent.extend(c.add(now, (0, i as i64, 0), dead("acme", "crm_validation", 0)).0);
         }
         sent.extend(c.flush_due(t0 + Duration::from_secs(3600)));
         let individual = sent.iter().filter(|n| n.kind == kind::DEAD_LETTERED).count();
@@ -406,17 +410,17 @@ mod tests {
         let t0 = Instant::now();
         for (tenant, code) in [("acme", "a"), ("acme", "b"), ("globex", "a")] {
             for i in 0..3 {
-                let (now, folded) = c.add(t0, (0, i), dead(tenant, code, 0));
+                let (now, folded) = c.add(t0, (0, i, 0), dead(tenant, code, 0));
                 assert_eq!((now.len(), folded), (1, false));
             }
         }
-        let (now, folded) = c.add(t0, (0, 9), dead("acme", "a", 0));
+        let (now, folded) = c.add(t0, (0, 9, 0), dead("acme", "a", 0));
         assert!(now.is_empty() && folded, "the fourth is folded");
         assert_eq!(c.flush_due(t0 + Duration::from_secs(10)).len(), 1);
         // Quiet for a window: forgotten; the next failure goes out on its own again.
         assert!(c.flush_due(t0 + Duration::from_secs(20)).is_empty());
         assert_eq!(
-            c.add(t0 + Duration::from_secs(21), (0, 10), dead("acme", "a", 0))
+            c.add(t0 + Duration::from_secs(21), (0, 10, 0), dead("acme", "a", 0))
                 .0
                 .len(),
             1
@@ -434,16 +438,35 @@ mod tests {
         let kinds = |v: Vec<Notification>| v.iter().filter(|n| n.kind == kind::DLQ_RATE).count();
         let mut fired = 0;
         for i in 0..30 {
-            fired += kinds(c.add(t0, (0, i), dead("acme", "x", 1000 + i)).0);
+            fired += kinds(c.add(t0, (0, i, 0), dead("acme", "x", 1000 + i)).0);
         }
         assert_eq!(fired, 1, "30 in 30 s crosses 10/min once");
         // Two minutes later, quiet: a new burst fires again.
         for i in 0..10 {
-            fired += kinds(c.add(t0, (0, 100 + i), dead("acme", "x", 1200 + i)).0);
+            fired += kinds(c.add(t0, (0, 100 + i, 0), dead("acme", "x", 1200 + i)).0);
         }
         assert_eq!(fired, 2);
         // Another tenant has its own rate.
-        assert_eq!(kinds(c.add(t0, (1, 0), dead("globex", "x", 1200)).0), 0);
+        assert_eq!(kinds(c.add(t0, (1, 0, 0), dead("globex", "x", 1200)).0), 0);
+    }
+
+    #[test]
+    fn a_threshold_of_one_fires_again_after_a_quiet_minute() {
+        let mut c = Coalescer::new(Limits {
+            dlq_rate_per_minute: 1,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let fired = |c: &mut Coalescer, o: i64, at: i64| {
+            c.add(t0, (0, o, 0), dead("acme", "x", at))
+                .0
+                .iter()
+                .filter(|n| n.kind == kind::DLQ_RATE)
+                .count()
+        };
+        assert_eq!(fired(&mut c, 0, 1000), 1);
+        assert_eq!(fired(&mut c, 1, 1010), 0, "still within the minute");
+        assert_eq!(fired(&mut c, 2, 1100), 1, "after a quiet minute");
     }
 
     #[test]
@@ -474,10 +497,12 @@ mod tests {
 
     #[test]
     fn ids_are_stable_for_the_same_failure_events() {
-        let a = Notification::new(None, kind::DEAD_LETTERED, json!({}), vec![(1, 5)]);
-        let b = Notification::new(None, kind::DEAD_LETTERED, json!({"other": 1}), vec![(1, 5)]);
-        let c = Notification::new(None, kind::DEAD_LETTERED, json!({}), vec![(1, 6)]);
+        let a = Notification::new(None, kind::DEAD_LETTERED, json!({}), vec![(1, 5, 0)]);
+        let b = Notification::new(None, kind::DEAD_LETTERED, json!({"other": 1}), vec![(1, 5, 0)]);
+        let c = Notification::new(None, kind::DEAD_LETTERED, json!({}), vec![(1, 6, 0)]);
+        let d = Notification::new(None, kind::DEAD_LETTERED, json!({}), vec![(1, 5, 7)]);
         assert_eq!(a.id, b.id);
+        assert_eq!(a.id, d.id, "the assignment it was read in is no part of it");
         assert_ne!(a.id, c.id);
         assert!(a.id.starts_with("msg_") && a.id.len() == 36);
     }

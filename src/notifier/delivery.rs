@@ -52,6 +52,8 @@ pub struct Delivery {
     pub max_delay: Duration,
     pub give_up_after: Duration,
     pub max_queued: usize,
+    /// Failure events a failing endpoint's queue may stand for at most.
+    pub max_sources: usize,
 }
 
 struct Waiting {
@@ -69,15 +71,21 @@ struct Failed {
 }
 
 /// How loaded an endpoint is, shared with the reader: notifications handed to it and not
-/// yet delivered or dead-lettered, and whether its last attempt failed. The reader stops
-/// reading while an endpoint that is not failing has `max_queued` (it is slow: wait for
-/// it); a failing endpoint's queue is bounded by dead-lettering instead (it is down: do
-/// not hold up the others for it).
+/// yet delivered or dead-lettered, the failure events they stand for, and whether it is
+/// failing ([`FAILING_AFTER`] failed attempts in a row). The reader waits while an
+/// endpoint that is not failing has `max_queued` (it is slow: wait for it); a failing
+/// endpoint's queue is bounded by dead-lettering instead (it is down: do not hold up the
+/// others for it).
 #[derive(Debug, Default)]
 pub struct Load {
     pub outstanding: AtomicUsize,
+    pub sources: AtomicUsize,
     pub failing: AtomicBool,
 }
+
+/// Failed attempts in a row after which an endpoint counts as failing (one 503 of a busy
+/// endpoint does not).
+pub const FAILING_AFTER: u32 = 3;
 
 /// Delivers what arrives on `incoming` until it is closed (the notifier stops; what is
 /// still queued is read again from the failures topic next time), reporting each
@@ -93,8 +101,12 @@ pub async fn run(
     let label = endpoint.label.clone();
     let finish = |n: &Notification| {
         load.outstanding.fetch_sub(1, Ordering::SeqCst);
+        load.sources.fetch_sub(n.sources.len(), Ordering::SeqCst);
         let _ = done.send(n.sources.clone());
     };
+    // Failed attempts in a row, and since when.
+    let mut failures: u32 = 0;
+    let mut failing_since: Option<Instant> = None;
     loop {
         if queue.is_empty() {
             match incoming.recv().await {
@@ -105,15 +117,15 @@ pub async fn run(
         while let Ok(n) = incoming.try_recv() {
             queue.push_back(Waiting::new(n));
         }
-        if load.failing.load(Ordering::SeqCst) {
-            delivery.bound(&label, &mut queue, &finish).await;
-        }
+        delivery.bound(&label, &mut queue, &load, &finish).await;
         metrics::gauge!(metric::NOTIFIER_QUEUED, "endpoint" => label.clone()).set(queue.len() as f64);
 
         let head = queue.front_mut().expect("not empty");
         head.attempts += 1;
         match attempt(&delivery.client, &endpoint, &head.notification).await {
             Ok(()) => {
+                failures = 0;
+                failing_since = None;
                 load.failing.store(false, Ordering::SeqCst);
                 let head = queue.pop_front().expect("not empty");
                 metrics::counter!(metric::NOTIFICATIONS, "endpoint" => label.clone(), "type" => head.notification.kind, "outcome" => "delivered").increment(1);
@@ -121,17 +133,19 @@ pub async fn run(
                 continue;
             }
             Err(failed) => {
-                load.failing.store(true, Ordering::SeqCst);
+                failures += 1;
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                load.failing.store(failures >= FAILING_AFTER, Ordering::SeqCst);
                 metrics::counter!(metric::NOTIFICATION_ATTEMPT_FAILURES, "endpoint" => label.clone()).increment(1);
                 head.last_error = failed.reason;
-                if head.queued.elapsed() >= delivery.give_up_after {
-                    // It, and whatever has waited as long behind it: the endpoint has
-                    // been failing all that time (their last error is the head's).
+                // A notification is given up once the endpoint has failed for
+                // give_up_after while it waited: counted from its queuing or from when the
+                // endpoint began failing, whichever is later. What waited behind the head
+                // that long goes with it (their last error is the head's).
+                let due = |w: &Waiting| w.queued.max(since).elapsed() >= delivery.give_up_after;
+                if due(head) {
                     let error = head.last_error.clone();
-                    while let Some(w) = queue.front() {
-                        if w.queued.elapsed() < delivery.give_up_after {
-                            break;
-                        }
+                    while queue.front().is_some_and(due) {
                         let mut w = queue.pop_front().expect("just seen");
                         if w.last_error.is_empty() {
                             w.last_error = error.clone();
@@ -160,7 +174,7 @@ pub async fn run(
                         next = incoming.recv() => match next {
                             Some(n) => {
                                 queue.push_back(Waiting::new(n));
-                                delivery.bound(&label, &mut queue, &finish).await;
+                                delivery.bound(&label, &mut queue, &load, &finish).await;
                             }
                             None => return,
                         },
@@ -239,10 +253,16 @@ impl Delivery {
         exp.min(self.max_delay).mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
     }
 
-    /// Dead-letters the oldest notifications waiting behind the head (which is being
-    /// retried) while the queue is over its bound.
-    async fn bound(&self, label: &str, queue: &mut VecDeque<Waiting>, finish: &impl Fn(&Notification)) {
-        while queue.len() > self.max_queued.max(1) {
+    /// While the endpoint is failing, dead-letters the oldest notifications waiting
+    /// behind the head (which is being retried) as long as its queue is over its bound, in
+    /// notifications or in the failure events they stand for.
+    async fn bound(&self, label: &str, queue: &mut VecDeque<Waiting>, load: &Load, finish: &impl Fn(&Notification)) {
+        if !load.failing.load(Ordering::SeqCst) {
+            return;
+        }
+        while queue.len() > 1
+            && (queue.len() > self.max_queued || load.sources.load(Ordering::SeqCst) > self.max_sources)
+        {
             let oldest = queue.remove(1).expect("longer than one");
             tracing::error!(endpoint = %label, webhook_id = %oldest.notification.id, "Endpoint queue full while it fails; the oldest waiting notification goes to the notifier's dead-letter topic.");
             self.dead_letter(label, &oldest, "queue_full").await;

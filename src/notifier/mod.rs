@@ -14,8 +14,10 @@
 //! offset of a partition is its lowest held offset. A crash re-reads what was not
 //! committed: a receiver may get a notification twice, with the same `webhook-id`.
 //!
-//! Memory is bounded: endpoint queues are bounded (see [`delivery`]), summaries keep a
-//! few samples, and reading stops while [`MAX_HELD`] failure events are undecided.
+//! Memory is bounded: endpoint queues are bounded (see [`delivery`]; a failing endpoint
+//! sheds what it holds past its share of [`MAX_HELD`]), summaries keep a few samples,
+//! and reading waits while [`MAX_HELD`] failure events are undecided or a working
+//! endpoint has its fill.
 //!
 //! Supervision: the notifier runs as one task that a loop restarts (fresh state, from the
 //! committed offsets) after a panic or an error in it or in a delivery task.
@@ -50,9 +52,16 @@ pub const MAX_HELD: usize = 100_000;
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Counts, per failure-topic partition, of what still stands for each event read.
+///
+/// A partition that is revoked is forgotten and its generation goes up: what was held in
+/// the earlier assignment (a summary still folding, a delivery still under way) neither
+/// holds nor releases anything in the next one, so it can neither pin nor advance the
+/// commit point of a partition that came back; the next owner re-reads what was not
+/// committed.
 #[derive(Debug, Default)]
 struct Holds {
     partitions: HashMap<i32, PartitionHolds>,
+    generations: HashMap<i32, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -63,13 +72,35 @@ struct PartitionHolds {
 }
 
 impl Holds {
-    fn hold(&mut self, (partition, offset): Source) {
+    /// The generation of `partition`'s current assignment.
+    fn generation(&self, partition: i32) -> u64 {
+        self.generations.get(&partition).copied().unwrap_or(0)
+    }
+
+    fn hold(&mut self, (partition, offset, generation): Source) {
+        if generation != self.generation(partition) {
+            return;
+        }
         let p = self.partitions.entry(partition).or_default();
         *p.counts.entry(offset).or_default() += 1;
         p.next = p.next.max(offset + 1);
     }
 
-    fn release(&mut self, (partition, offset): Source) {
+    /// Holds a message just read, unless this assignment has read it already: whatever
+    /// the consumer hands out twice, one assignment holds it once.
+    fn read(&mut self, source: Source) -> bool {
+        let (partition, offset, _) = source;
+        if self.partitions.get(&partition).is_some_and(|p| offset < p.next) {
+            return false;
+        }
+        self.hold(source);
+        true
+    }
+
+    fn release(&mut self, (partition, offset, generation): Source) {
+        if generation != self.generation(partition) {
+            return;
+        }
         if let Some(p) = self.partitions.get_mut(&partition) {
             if let Some(n) = p.counts.get_mut(&offset) {
                 *n -= 1;
@@ -86,6 +117,7 @@ impl Holds {
 
     /// Forgets a partition (revoked), returning its commit point.
     fn forget(&mut self, partition: i32) -> Option<i64> {
+        *self.generations.entry(partition).or_default() += 1;
         let p = self.partitions.remove(&partition)?;
         Some(p.counts.keys().next().copied().unwrap_or(p.next))
     }
@@ -105,10 +137,9 @@ fn lock(holds: &Mutex<Holds>) -> MutexGuard<'_, Holds> {
 }
 
 /// The notifier consumer's rebalance hook: a partition that goes to another member has
-/// its commit point committed, and its holds are forgotten, so that a commit point of
-/// the earlier assignment is never committed over the next owner's progress (deliveries
-/// of its notifications still under way end all the same; a release of what is no longer
-/// held is a no-op).
+/// its commit point committed, and its holds are forgotten (see [`Holds`]), so that a
+/// commit point of the earlier assignment is never committed over the next owner's
+/// progress.
 struct Rebalancing {
     holds: Arc<Mutex<Holds>>,
     topic: String,
@@ -163,10 +194,14 @@ impl Routes {
         tenant.filter(|t| self.tenants.contains_key(t))
     }
 
-    /// Whether an endpoint that is not failing has its fill: reading waits for it.
+    /// Whether reading should wait for an endpoint: one that is not failing has its fill
+    /// (it is slow), or any has twice its fill (its task is stuck in a long attempt or in
+    /// writing to the dead-letter topic).
     fn slow(&self) -> bool {
         self.senders.iter().any(|(_, load)| {
-            load.outstanding.load(Ordering::SeqCst) >= self.max_queued && !load.failing.load(Ordering::SeqCst)
+            let outstanding = load.outstanding.load(Ordering::SeqCst);
+            (outstanding >= self.max_queued && !load.failing.load(Ordering::SeqCst))
+                || outstanding >= 2 * self.max_queued
         })
     }
 }
@@ -352,6 +387,10 @@ async fn run(config: Arc<Config>, control: Arc<Control>) -> anyhow::Result<()> {
         max_delay: Duration::from_millis(n.retry_max_delay_ms),
         give_up_after: Duration::from_millis(n.give_up_after_ms),
         max_queued: n.max_queued_per_endpoint,
+        // A failing endpoint keeps no more than its share of what may be held, so that
+        // failing endpoints alone never stop the reading.
+        max_sources: MAX_HELD
+            / (n.endpoints.len() + config.tenants.iter().map(|t| t.webhooks.len()).sum::<usize>() + 1),
     });
 
     let (done_tx, mut done_rx) = unbounded_channel::<Vec<Source>>();
@@ -400,33 +439,47 @@ async fn run(config: Arc<Config>, control: Arc<Control>) -> anyhow::Result<()> {
                 holds.hold(source);
             }
             load.outstanding.fetch_add(1, Ordering::SeqCst);
+            load.sources.fetch_add(notification.sources.len(), Ordering::SeqCst);
             let _ = sender.send(notification.clone());
         }
     };
     control.health.set_ready(true);
 
+    // Reading waits while too much is undecided or a working endpoint has its fill, and
+    // for a second after a read error. While it waits the consumer is not polled, so a
+    // rebalance is answered at the next read: a working endpoint frees a place within a
+    // request timeout or becomes failing (and sheds), so the wait stays far below
+    // max.poll.interval.ms. (Pausing the partitions instead, to go on polling, made the
+    // mock broker time the group session out when done at every delivery.)
+    let mut read_again_at: Option<tokio::time::Instant> = None;
     loop {
+        let waiting = lock(&holds).len() >= MAX_HELD || routes.slow();
         let flush_at = coalescer.next_flush().map(tokio::time::Instant::from_std);
         tokio::select! {
             () = control.stop.notified() => break,
-            message = consumer.recv(), if lock(&holds).len() < MAX_HELD && !routes.slow() => {
+            () = async { tokio::time::sleep_until(read_again_at.expect("guarded")).await }, if read_again_at.is_some() => {
+                read_again_at = None;
+            }
+            message = consumer.recv(), if read_again_at.is_none() && !waiting => {
                 let message = match message {
                     Ok(m) => m,
                     Err(e) => {
                         // A missing topic, a broker away: librdkafka recovers; keep what
-                        // is being delivered and read on.
+                        // is being delivered and read again in a second.
                         metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => "read_error").increment(1);
                         tracing::warn!(error = %e, "The notifier could not read the failures topic; retrying.");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        read_again_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                         continue;
                     }
                 };
                 if control.inject_panic.swap(false, Ordering::SeqCst) {
                     panic!("injected fault in the notifier");
                 }
-                let source = (message.partition(), message.offset());
                 let mut holds = lock(&holds);
-                holds.hold(source);
+                let source = (message.partition(), message.offset(), holds.generation(message.partition()));
+                if !holds.read(source) {
+                    continue;
+                }
                 match coalesce::parse(message.payload().unwrap_or_default()) {
                     Err(why) => {
                         metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => "unreadable").increment(1);
@@ -507,17 +560,44 @@ mod tests {
     fn an_event_is_committed_past_only_when_nothing_stands_for_it() {
         let mut h = Holds::default();
         for o in 0..3 {
-            h.hold((0, o));
+            h.hold((0, o, 0));
         }
         // Offset 1 goes to two endpoints.
-        h.hold((0, 1));
-        h.release((0, 0));
-        h.release((0, 2));
+        h.hold((0, 1, 0));
+        h.release((0, 0, 0));
+        h.release((0, 2, 0));
         assert_eq!(h.commit_points(), [(0, 1)]);
-        h.release((0, 1));
+        h.release((0, 1, 0));
         assert_eq!(h.commit_points(), [(0, 1)], "still held for the other endpoint");
-        h.release((0, 1));
+        h.release((0, 1, 0));
         assert_eq!(h.commit_points(), [(0, 3)]);
         assert_eq!(h.len(), 0);
+    }
+
+    #[test]
+    fn what_an_earlier_assignment_held_neither_holds_nor_releases_after_it() {
+        let mut h = Holds::default();
+        // Offset 5 is on its way to two endpoints when the partition is revoked.
+        h.hold((0, 5, 0));
+        h.hold((0, 5, 0));
+        assert_eq!(h.forget(0), Some(5));
+        // The partition comes back; 5 is read again, to the same two endpoints.
+        let g = h.generation(0);
+        assert_eq!(g, 1);
+        h.hold((0, 5, g));
+        h.hold((0, 5, g));
+        // The old copy reaches one endpoint, and an old summary is dispatched and released.
+        h.release((0, 5, 0));
+        h.hold((0, 9, 0));
+        h.release((0, 9, 0));
+        assert_eq!(h.commit_points(), [(0, 5)], "the new copies still hold 5");
+        h.release((0, 5, g));
+        assert_eq!(h.commit_points(), [(0, 5)]);
+        h.release((0, 5, g));
+        assert_eq!(h.commit_points(), [(0, 6)]);
+        // A message this assignment has read already is not read twice.
+        assert!(!h.read((0, 4, g)));
+        assert!(h.read((0, 6, g)));
+        assert_eq!(h.commit_points(), [(0, 6)]);
     }
 }
