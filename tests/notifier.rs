@@ -464,3 +464,76 @@ fn a_failing_endpoint_sheds_its_oldest_and_a_working_one_with_a_small_bound_lose
     );
     assert!(n.stop(Duration::from_secs(10)));
 }
+
+/// Two notifiers in one group share the failures topic's partitions; when one stops
+/// (revoking its partitions) while the receiver is down, the other takes them over, and
+/// every failure event is still notified once the receiver is back, with the group's
+/// offsets committed to the end.
+#[test]
+fn a_partition_that_changes_notifier_loses_no_notification() {
+    const EVENTS: usize = 40;
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    let key = secret();
+    let mut receiver = Receiver::start(&key, dir.path(), false);
+    let tenant = unique("t").replace('-', "_");
+    let ndlq = unique("ndlq");
+    let failures = unique("failures2");
+    let kafka = env.kafka.as_ref().unwrap();
+    kafka.create_topic(&ndlq, 1).unwrap();
+    kafka.create_topic(&failures, 2).unwrap();
+    let mut config = config(
+        &env,
+        &tenant,
+        &[(receiver.url(), vec![key.clone()])],
+        &[],
+        "retry_base_delay_ms = 100\nretry_max_delay_ms = 300\nper_record_limit = 1000",
+        &ndlq,
+    );
+    config.kafka.failures_topic = failures.clone();
+    let first = notifier::start(&config, false).unwrap().unwrap();
+    let second = notifier::start(&config, false).unwrap().unwrap();
+    let produce = |from: usize, to: usize| {
+        let events: Vec<_> = (from..to)
+            .map(|i| dead_lettered(&tenant, &format!("M-{i}"), "crm_validation"))
+            .collect();
+        block(tools::produce(&env.bootstrap, &failures, &events)).unwrap();
+    };
+    let keys = |r: &Receiver| -> std::collections::HashSet<String> {
+        r.verified()
+            .iter()
+            .filter_map(|e| e["body"]["data"]["key"].as_str().map(str::to_string))
+            .collect()
+    };
+    produce(0, EVENTS / 2);
+    assert!(
+        wait_until(WAIT, || keys(&receiver).len() == EVENTS / 2),
+        "{}",
+        keys(&receiver).len()
+    );
+    // The receiver goes down; more fail; one notifier leaves the group with its
+    // notifications undelivered.
+    receiver.kill();
+    produce(EVENTS / 2, EVENTS);
+    assert!(
+        wait_until(WAIT, || metric(
+            "crm_sync_notification_attempt_failures_total",
+            &format!("{tenant}#0")
+        ) >= 2.0),
+        "tried while down"
+    );
+    assert!(first.stop(Duration::from_secs(10)));
+    receiver.restart();
+    assert!(
+        wait_until(WAIT, || keys(&receiver).len() == EVENTS),
+        "every record notified: {} of {EVENTS}",
+        keys(&receiver).len()
+    );
+    let group = config.notifier.group_id.clone().unwrap();
+    let ends = tools::end_offsets(&env.bootstrap, &failures, 2).unwrap();
+    assert!(wait_until(WAIT, || {
+        let committed = tools::committed(&env.bootstrap, &group, &failures, 2).unwrap_or_default();
+        committed.iter().zip(&ends).all(|(c, e)| *e == 0 || *c == Some(*e))
+    }));
+    assert!(second.stop(Duration::from_secs(10)));
+}
