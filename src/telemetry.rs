@@ -303,3 +303,49 @@ async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Names in `text` that look like crm-sync metrics, without a histogram's suffixes.
+    fn names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("crm_sync_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let name = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            out.insert(name.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alert_rules_use_only_metrics_the_service_emits() {
+        let emitted = names(include_str!("telemetry.rs"));
+        for (file, text) in [
+            (
+                "deploy/grafana/crm-sync.json",
+                include_str!("../deploy/grafana/crm-sync.json"),
+            ),
+            (
+                "deploy/prometheus/alerts.yml",
+                include_str!("../deploy/prometheus/alerts.yml"),
+            ),
+        ] {
+            let used = names(text);
+            assert!(!used.is_empty(), "{file} uses no metric");
+            let unknown: Vec<_> = used.difference(&emitted).collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} uses metrics the service does not emit: {unknown:?}"
+            );
+        }
+    }
+}
