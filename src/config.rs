@@ -118,6 +118,16 @@ pub struct KafkaConfig {
     /// wait in memory and hold their partitions.
     #[serde(default)]
     pub retry_topic: Option<String>,
+    /// Status topic (compacted): each record's latest known status, keyed by the JSON
+    /// array `[tenant, entity, key]` (see `trail`). Written before an event's offset is
+    /// committed. None: no status is written.
+    #[serde(default)]
+    pub status_topic: Option<String>,
+    /// Audit topic: one record per final outcome of every event read, with its source
+    /// topic, partition and offset (see `trail`). None (the default): no audit trail,
+    /// for volume.
+    #[serde(default)]
+    pub audit_topic: Option<String>,
     /// Consumer-group session timeout. A member that misses heartbeats this long is
     /// removed from the group.
     #[serde(default = "default_session_timeout_ms")]
@@ -778,6 +788,29 @@ impl Config {
                     "must differ from the input, DLQ, failures and state topics",
                 ));
             }
+        }
+        for (key, topic) in [
+            ("kafka.status_topic", &k.status_topic),
+            ("kafka.audit_topic", &k.audit_topic),
+        ] {
+            let Some(topic) = topic else { continue };
+            let others = [&k.dlq_topic, &k.failures_topic, &k.state_topic];
+            if topic.trim().is_empty()
+                || k.input_topics.contains(topic)
+                || others.contains(&topic)
+                || k.retry_topic.as_ref() == Some(topic)
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be a topic of its own, not empty and not another crm-sync topic",
+                ));
+            }
+        }
+        if k.status_topic.is_some() && k.status_topic == k.audit_topic {
+            return Err(ConfigError::invalid(
+                "kafka.audit_topic",
+                "must differ from kafka.status_topic (one is compacted, the other not)",
+            ));
         }
         if k.state_topic == k.dlq_topic || k.state_topic == k.failures_topic {
             return Err(ConfigError::invalid(

@@ -45,6 +45,8 @@ pub struct SourceMessage {
     /// The checked retry state of a message of the retry topic; `None` for input topics,
     /// whatever headers they carry.
     pub retried: Option<RetryState>,
+    /// When this member read it.
+    pub read_at: SystemTime,
 }
 
 impl SourceMessage {
@@ -71,6 +73,7 @@ impl SourceMessage {
             payload,
             headers,
             retried: None,
+            read_at: SystemTime::now(),
         }
     }
 }

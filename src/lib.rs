@@ -24,6 +24,8 @@
 //!   format and co-partitioning with the input ([`retry::topic`]).
 //! - [`dead_letter`]: the dead-letter and failures topics for terminal failures, and the
 //!   retry topic where long retries are parked (read back by [`consume`]).
+//! - [`trail`]: the status topic (each record's latest status) and the audit topic (one
+//!   record per final outcome of every event), written before the outcome is reported.
 //! - [`notifier`]: a consumer of the failures topic of its own that tells webhook
 //!   endpoints (Standard Webhooks signatures, storms folded into summaries, retries, its
 //!   own dead-letter topic); in `crm-sync run`, or alone in `crm-sync notify`.
@@ -57,3 +59,4 @@ pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
 pub mod tenant;
+pub mod trail;

@@ -27,6 +27,7 @@ use crate::retry::{RetryPolicy, RetryQueueActor, TenantDirectory, TenantLink};
 use crate::supervise::InjectPanic;
 use crate::telemetry::{self, Health};
 use crate::tenant::{TenantActor, TenantDeps};
+use crate::trail::Trail;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +177,8 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
         .iter()
         .chain([&kafka.dlq_topic, &kafka.failures_topic, &kafka.state_topic])
         .chain(kafka.retry_topic.as_ref())
+        .chain(kafka.status_topic.as_ref())
+        .chain(kafka.audit_topic.as_ref())
         .map(String::as_str)
         .collect();
     create_topics(kafka, &topics).await
@@ -202,7 +205,7 @@ pub(crate) async fn create_topics(kafka: &KafkaConfig, topics: &[&str]) -> Resul
                 kafka.topic_partitions
             };
             let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(kafka.topic_replication));
-            if *t == kafka.state_topic {
+            if *t == kafka.state_topic || kafka.status_topic.as_deref() == Some(*t) {
                 topic.set("cleanup.policy", "compact")
             } else {
                 topic
@@ -236,13 +239,19 @@ fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Option<RetryR
             .find(|t| t.name() == name && t.error().is_none())
             .map(|t| t.partitions().len())
     };
-    let retry = kafka.retry_topic.as_ref().map(|t| ("kafka.retry_topic", t));
+    let optional = [
+        ("kafka.retry_topic", &kafka.retry_topic),
+        ("kafka.status_topic", &kafka.status_topic),
+        ("kafka.audit_topic", &kafka.audit_topic),
+    ]
+    .into_iter()
+    .filter_map(|(key, topic)| topic.as_ref().map(|t| (key, t)));
     for (key, topic) in [
         ("kafka.dlq_topic", &kafka.dlq_topic),
         ("kafka.failures_topic", &kafka.failures_topic),
     ]
     .into_iter()
-    .chain(retry)
+    .chain(optional)
     {
         if partitions(topic).is_none() {
             return Err(StartError::Topic(format!(
@@ -410,6 +419,11 @@ fn wire(
         .set("message.timeout.ms", "30000")
         .create()?;
     let state = StateStore::new(producer.clone(), &config.kafka.state_topic);
+    let trail = Trail::new(
+        producer.clone(),
+        config.kafka.status_topic.as_deref(),
+        config.kafka.audit_topic.as_deref(),
+    );
     let dead_letters = DeadLetters::new(
         producer,
         &config.kafka.dlq_topic,
@@ -453,6 +467,7 @@ fn wire(
             partitions: partitions.clone(),
             policy: RetryPolicy::from(&config.retry),
             breaker: config.breaker.clone(),
+            trail: trail.clone(),
         };
         let tenant_config = Arc::new(tenant.clone());
         let addr = Supervisor::start_in_arbiter(&actors.handle(), move |_| {
@@ -479,6 +494,7 @@ fn wire(
             .collect(),
         diff: diff.clone(),
         dead_letters,
+        trail,
         retry: retry_route.clone(),
         max_message_bytes: config.kafka.max_message_bytes,
         max_in_flight: config.kafka.max_in_flight_per_partition,

@@ -32,6 +32,7 @@ use crate::offload;
 use crate::retry::topic::{header as retry_header, BadRetryHeader, Parked, RetryRoute};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::metric;
+use crate::trail::{Entry, Status};
 
 /// Messages from Kafka for this partition, in offset order.
 #[derive(Debug, Message)]
@@ -65,6 +66,8 @@ pub struct PartitionDeps {
     pub tenants: HashMap<Arc<str>, Recipient<Deliver>>,
     pub diff: Addr<DiffActor>,
     pub dead_letters: DeadLetters,
+    /// The status and audit topics, written before an outcome is published.
+    pub trail: crate::trail::Trail,
     /// The retry topic's route: its partitions' messages are checked against it.
     pub retry: Option<RetryRoute>,
     pub max_message_bytes: usize,
@@ -364,6 +367,8 @@ async fn intake(
     // The runtime is shutting down: so is the service; nothing here was committed.
     .unwrap_or_else(|e| panic!("decode task failed: {e}"));
     let mut steps = Vec::with_capacity(items.len());
+    // Final outcomes decided here, for the status and audit topics.
+    let mut trail: Vec<Entry> = Vec::new();
     let mut decoded = Vec::with_capacity(items.len());
     for (source, result) in items {
         let link = PartitionLink {
@@ -390,15 +395,18 @@ async fn intake(
                     let e = DecodeError::from(BadRetryHeader(retry_header::ORIGIN_PARTITION));
                     dead_letter_undecodable(&deps, &source, &link, &e).await;
                     steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
+                    trail.push(undecodable(&source, &e));
                 }
             }
             Err(e) => {
                 dead_letter_undecodable(&deps, &source, &link, &e).await;
                 steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
+                trail.push(undecodable(&source, &e));
             }
         }
     }
     if decoded.is_empty() {
+        deps.trail.record(&trail).await;
         return steps;
     }
     let checks = decoded
@@ -423,6 +431,16 @@ async fn intake(
             ..
         }) = verdicts.get(i)
         {
+            trail.push(Entry {
+                event: Some(event.clone()),
+                source: source.origin.clone(),
+                status: Status::Skipped(*reason),
+                attempts: source.retried.map_or(0, |r| r.attempts),
+                first_seen: source.read_at,
+                last_attempt: None,
+                error: None,
+                at: SystemTime::now(),
+            });
             steps.push((link.offset, Step::Done(OutcomeKind::Skipped(*reason), Some(event))));
             continue;
         }
@@ -447,7 +465,22 @@ async fn intake(
         let _ = tenant.send(Deliver(works.clone())).await;
         steps.extend(works.into_iter().map(|w| (w.reply.offset, Step::Dispatched(w))));
     }
+    deps.trail.record(&trail).await;
     steps
+}
+
+/// The trail's line for a message that did not become an event.
+fn undecodable(source: &SourceMessage, e: &DecodeError) -> Entry {
+    Entry {
+        event: None,
+        source: source.origin.clone(),
+        status: Status::DeadLettered,
+        attempts: 0,
+        first_seen: source.read_at,
+        last_attempt: None,
+        error: Some((e.code(), e.to_string())),
+        at: SystemTime::now(),
+    }
 }
 
 /// Dead-letters a message that could not become an event, unless it was dead-lettered

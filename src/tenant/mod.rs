@@ -49,6 +49,7 @@ use crate::retry::topic::RetryState;
 use crate::retry::{RearmRetries, RetryDecision, RetryDue, RetryPolicy, RetryQueueActor, Schedule};
 use crate::supervise::{self, InjectPanic};
 use crate::telemetry::{metric, outcome};
+use crate::trail::Status;
 use breaker::{tenant_failure, Breaker, Health, TenantFailure, Transition};
 use pacing::Pacer;
 use slots::{Arrival, Liveness, Phase, Slots};
@@ -71,6 +72,8 @@ pub struct TenantDeps {
     pub partitions: Arc<dyn Partitions>,
     pub policy: RetryPolicy,
     pub breaker: crate::config::BreakerConfig,
+    /// The status and audit topics, written before an outcome is reported.
+    pub trail: crate::trail::Trail,
 }
 
 /// An event and the copies of it that arrived meanwhile (a re-delivered copy of the
@@ -93,6 +96,8 @@ struct Write {
     attempts: u32,
     first_failure: Option<(Instant, SystemTime)>,
     last_error: Option<DeliveryError>,
+    /// When it was last sent to the CRM.
+    last_attempt: Option<SystemTime>,
     /// When the write last joined the queue for a permit (for the batch linger).
     ready_since: Instant,
 }
@@ -127,6 +132,8 @@ pub struct TenantActor {
     to_check: Vec<Check>,
     /// Offsets of decided events, by partition generation, sent together by [`Flush`].
     to_report: Vec<(PartitionLink, Vec<i64>)>,
+    /// Their lines of the status and audit topics, written before they are sent.
+    to_trail: Vec<crate::trail::Entry>,
     /// Whether a [`Flush`] is already on its way.
     flush_scheduled: bool,
     /// States the CRM just confirmed, for the diff actor, sent once per batch result.
@@ -159,6 +166,7 @@ impl TenantActor {
             to_persist: Vec::new(),
             to_check: Vec::new(),
             to_report: Vec::new(),
+            to_trail: Vec::new(),
             flush_scheduled: false,
             to_confirm: Vec::new(),
         }
@@ -200,7 +208,14 @@ impl TenantActor {
                 }
             }
             Arrival::Joined | Arrival::Queued => {}
-            Arrival::Ends(pending, reason) => self.report(pending, OutcomeKind::Skipped(reason), ctx),
+            Arrival::Ends(pending, reason) => {
+                if self.deps.trail.is_on() {
+                    let all = std::iter::once(&pending.work).chain(&pending.also);
+                    let entries: Vec<_> = all.map(|w| trail_entry(w, Status::Skipped(reason), None)).collect();
+                    self.to_trail.extend(entries);
+                }
+                self.report(pending, OutcomeKind::Skipped(reason), ctx)
+            }
         }
     }
 
@@ -242,6 +257,7 @@ impl TenantActor {
             attempts: retried.map_or(0, |r| r.attempts),
             first_failure,
             last_error: None,
+            last_attempt: None,
             ready_since: Instant::now(),
         };
         self.records.start(key, pending, write);
@@ -277,10 +293,24 @@ impl TenantActor {
     }
 
     /// Sends each partition its outcomes of this turn in one message.
+    /// Sends the decided offsets to their partitions, once their lines of the status and
+    /// audit topics are written (on the I/O runtime, off this actor's thread).
     fn flush_reports(&mut self) {
-        for (link, offsets) in self.to_report.drain(..) {
-            link.send_all(offsets);
+        let reports = std::mem::take(&mut self.to_report);
+        let lines = std::mem::take(&mut self.to_trail);
+        if lines.is_empty() {
+            for (link, offsets) in reports {
+                link.send_all(offsets);
+            }
+            return;
         }
+        let trail = self.deps.trail.clone();
+        drop(crate::offload::spawn(async move {
+            trail.record(&lines).await;
+            for (link, offsets) in reports {
+                link.send_all(offsets);
+            }
+        }));
     }
 
     /// Asks the diff actor about every queued check in one message (`spawn`, not `wait`:
@@ -698,6 +728,7 @@ impl TenantActor {
             };
             slot.phase = Phase::Sending;
             slot.data.attempts = slot.data.attempts.saturating_add(1);
+            slot.data.last_attempt = Some(SystemTime::now());
             requests.push(slot.data.request.clone());
             guards.push(guard);
             sent.push(key);
@@ -822,6 +853,10 @@ impl TenantActor {
                 }
                 let attempts = slot.data.attempts;
                 let source = slot.active.work.source.clone();
+                if let Some(RetryDecision::RetryAfter(_)) = decision {
+                    let entry = trail_entry(&slot.active.work, Status::Retrying, Some(&slot.data));
+                    self.deps.trail.note(entry);
+                }
                 match decision {
                     Some(RetryDecision::RetryAfter(delay)) => {
                         self.count_outcome(outcome::RETRIED);
@@ -1063,6 +1098,13 @@ impl TenantActor {
 
     /// Ends the record's active event with `kind` and starts the one waiting, if any.
     fn complete(&mut self, key: RecordKey, kind: OutcomeKind, ctx: &mut Context<Self>) {
+        if self.deps.trail.is_on() {
+            if let Some(slot) = self.records.get(&key) {
+                let all = std::iter::once(&slot.active.work).chain(&slot.active.also);
+                let entries: Vec<_> = all.map(|w| trail_entry(w, kind.into(), Some(&slot.data))).collect();
+                self.to_trail.extend(entries);
+            }
+        }
         let Some((active, waiting)) = self.records.finish(&key) else {
             return;
         };
@@ -1086,6 +1128,26 @@ impl TenantActor {
             }
         }
         self.schedule_flush(ctx);
+    }
+}
+
+/// The trail's line for one event, with what its record's write (if it got one) tried.
+fn trail_entry(work: &Work, status: Status, write: Option<&Write>) -> crate::trail::Entry {
+    let error = match status {
+        Status::Retrying | Status::DeadLettered => write
+            .and_then(|w| w.last_error.as_ref())
+            .map(|e| (e.code.as_str(), e.message.clone())),
+        _ => None,
+    };
+    crate::trail::Entry {
+        event: Some(work.event.clone()),
+        source: work.source.origin.clone(),
+        status,
+        attempts: write.map_or(0, |w| w.attempts),
+        first_seen: work.source.read_at,
+        last_attempt: write.and_then(|w| w.last_attempt),
+        error,
+        at: SystemTime::now(),
     }
 }
 
