@@ -19,6 +19,7 @@
 //!   records kept in a map keyed by their strings (`diff_memory.rs`).
 //! - `isolation`: p50/p99 delivery latency of a fast tenant, alone and beside a
 //!   saturated slow tenant on the same partitions, in one run (`isolation.rs`).
+//! - `trail`: batched upserts with the status and audit topics off, then on, in one run.
 //! - `notifier`: webhook notifications/s to a local receiver that checks signatures, how
 //!   a storm coalesces, and the pipeline's throughput with the notifier on and off
 //!   (`notifier.rs`).
@@ -101,6 +102,7 @@ enum Scenario {
     DiffMemory,
     Isolation,
     Notifier,
+    Trail,
     /// Not part of `all`.
     Chaos,
 }
@@ -226,6 +228,10 @@ fn start_crm_sandboxes(partitions: i32, latency_ms: u64, crm: Crm) -> Sandboxes 
             "load-failures",
             "--topic",
             "load-state",
+            "--topic",
+            "load-status",
+            "--topic",
+            "load-audit",
         ],
         &[],
     );
@@ -514,6 +520,42 @@ fn throughput(args: &Args) {
     }
 }
 
+/// Batched upserts with the status and audit topics off and on: what the trail costs.
+fn trail(args: &Args) {
+    let partitions = 12;
+    let messages = stream(args.events, 1, false);
+    println!("\n### trail: batched upserts (≤200 a call) with the status and audit topics off and on\n\n{HEADER}");
+    let mut figures = Vec::new();
+    for (name, on) in [
+        ("warm-up, not compared", false),
+        ("trail off", false),
+        ("status + audit on", true),
+        ("trail off again", false),
+    ] {
+        let s = start_sandboxes(partitions, 0);
+        runtime()
+            .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
+            .expect("produce");
+        let mut config = config(&s, "load-trail", true, 1e6, 32, 200);
+        if on {
+            config.kafka.status_topic = Some("load-status".into());
+            config.kafka.audit_topic = Some("load-audit".into());
+        }
+        let f = run_pipeline(&s, config, partitions, messages.len());
+        print_run(name, &f, messages.len());
+        figures.push(f);
+    }
+    let rate = |f: &RunFigures| f.events as f64 / f.seconds;
+    let cpu = |f: &RunFigures| f.cpu_seconds / f.events as f64;
+    let (off, on, again) = (&figures[1], &figures[2], &figures[3]);
+    println!(
+        "\nStatus + audit on, against the mean of the runs without: events/s {:.2}×, CPU per event {:.2}× (the two runs without differ by {:.2}×).",
+        rate(on) / ((rate(off) + rate(again)) / 2.0),
+        cpu(on) / ((cpu(off) + cpu(again)) / 2.0),
+        rate(again) / rate(off)
+    );
+}
+
 /// Batched upserts against a sandbox that answers every call after 50 ms: throughput
 /// against the ideal concurrency × batch size ÷ latency.
 fn latency(args: &Args) {
@@ -779,6 +821,9 @@ fn main() {
     }
     if matches!(args.scenario, Scenario::All | Scenario::Isolation) {
         isolation::run(args.isolation_events);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Trail) {
+        trail(&args);
     }
     if matches!(args.scenario, Scenario::All | Scenario::Notifier) {
         notifier::run(args.notifications, args.events);

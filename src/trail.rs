@@ -4,6 +4,7 @@
 //! - **Status topic** (`kafka.status_topic`, compacted): per record (keyed by the JSON
 //!   array `[tenant, entity, key]`), its latest known status: `delivered`, `skipped`
 //!   (reason `unchanged`: the CRM already held it), `retrying`, `parked`,
+//!   `tenant_paused` (parked while its tenant does not write; reason: the tenant's state),
 //!   `dead_lettered` (with the error's code and message), with the version and event id,
 //!   the attempts, and when this member first read the event, last tried it and decided
 //!   it. Events that say nothing new about their record (an exact duplicate, a stale or
@@ -41,6 +42,9 @@ pub enum Status {
     Skipped(SkipReason),
     Retrying,
     Parked,
+    /// Parked because its tenant is not writing (its state: `open`, `half_open`,
+    /// `auth_failed` or `paused`).
+    TenantPaused(&'static str),
     DeadLettered,
 }
 
@@ -51,6 +55,7 @@ impl Status {
             Status::Skipped(_) => "skipped",
             Status::Retrying => "retrying",
             Status::Parked => "parked",
+            Status::TenantPaused(_) => "tenant_paused",
             Status::DeadLettered => "dead_lettered",
         }
     }
@@ -105,7 +110,11 @@ impl Entry {
             "entity": e.map(|e| cap(&e.record.entity)),
             "key": e.map(|e| cap(&e.record.key)),
             "status": self.status.as_str(),
-            "reason": match self.status { Status::Skipped(r) => Some(r.as_str()), _ => None },
+            "reason": match self.status {
+                Status::Skipped(r) => Some(r.as_str()),
+                Status::TenantPaused(state) => Some(state),
+                _ => None,
+            },
             "error_code": self.error.as_ref().map(|(c, _)| *c),
             "error_message": self.error.as_ref().map(|(_, m)| cap(m)),
             "version": e.map(|e| e.version),

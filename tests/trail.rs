@@ -123,3 +123,42 @@ fn every_outcome_leaves_its_trail_and_each_record_its_latest_status() {
     assert_eq!(junk.1["status"], "dead_lettered");
     assert!(junk.1["tenant"].is_null());
 }
+
+/// A record whose tenant's CRM is down is `tenant_paused` (not `retrying` for ever, not
+/// dead-lettered), and `delivered` once the CRM is back.
+#[test]
+fn a_record_waiting_for_its_tenant_says_so() {
+    let env = Env::new(1);
+    let status = unique("status");
+    env.kafka.as_ref().unwrap().create_topic(&status, 1).unwrap();
+    let mut config = env.config();
+    config.kafka.status_topic = Some(status.clone());
+    config.kafka.retry_topic = Some(env.retry.clone());
+    config.retry.base_delay_ms = 50;
+    config.retry.max_delay_ms = 500;
+    config.breaker.failure_threshold = 3;
+    config.breaker.probe_interval_ms = 200;
+    config.breaker.max_probe_interval_ms = 800;
+    env.sf.set_faults(Faults {
+        server_error_rate: 1.0,
+        ..Faults::default()
+    });
+    let service = pipeline::start(config).unwrap();
+    let events: Vec<_> = (0..10)
+        .map(|i| upsert(&format!("p{i}"), &format!("P-{i}"), 1, &format!("P{i}"), "Paused"))
+        .collect();
+    env.produce(&events);
+    let paused = || {
+        read(&env, &status)
+            .iter()
+            .any(|(_, v)| v["status"] == "tenant_paused" && v["reason"] == "open")
+    };
+    assert!(wait_until(WAIT, paused), "{:?}", read(&env, &status));
+    env.sf.set_faults(Faults::default());
+    assert!(env.wait_drained(WAIT));
+    service.stop(StopMode::Graceful);
+    let now = latest(&read(&env, &status));
+    for i in 0..10 {
+        assert_eq!(now[&key(&format!("P-{i}"))]["status"], "delivered");
+    }
+}

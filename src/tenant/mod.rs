@@ -98,6 +98,8 @@ struct Write {
     last_error: Option<DeliveryError>,
     /// When it was last sent to the CRM.
     last_attempt: Option<SystemTime>,
+    /// The tenant's state when the write was parked because of it (not `closed`).
+    paused_as: Option<&'static str>,
     /// When the write last joined the queue for a permit (for the batch linger).
     ready_since: Instant,
 }
@@ -258,6 +260,7 @@ impl TenantActor {
             first_failure,
             last_error: None,
             last_attempt: None,
+            paused_as: None,
             ready_since: Instant::now(),
         };
         self.records.start(key, pending, write);
@@ -431,6 +434,7 @@ impl TenantActor {
             return;
         }
         slot.phase = Phase::Parking;
+        slot.data.paused_as = self.shown_state.filter(|s| *s != "closed");
         let parked = slot.active.work.event.clone();
         let now = SystemTime::now();
         let not_before = now.checked_add(delay).unwrap_or(now);
@@ -1133,6 +1137,11 @@ impl TenantActor {
 
 /// The trail's line for one event, with what its record's write (if it got one) tried.
 fn trail_entry(work: &Work, status: Status, write: Option<&Write>) -> crate::trail::Entry {
+    // Parked because its tenant is not writing: that is what the customer should see.
+    let status = match (status, write.and_then(|w| w.paused_as)) {
+        (Status::Parked, Some(state)) => Status::TenantPaused(state),
+        _ => status,
+    };
     let error = match status {
         Status::Retrying | Status::DeadLettered => write
             .and_then(|w| w.last_error.as_ref())
