@@ -57,6 +57,9 @@ pub struct Config {
     /// Webhook notifications of the failures topic (see `notifier`).
     #[serde(default)]
     pub notifier: NotifierConfig,
+    /// The gRPC interface (see `grpc`); none without this section.
+    #[serde(default)]
+    pub grpc: Option<GrpcConfig>,
     /// One entry per CRM tenant. Events name their tenant in the `tenant` field.
     pub tenants: Vec<TenantConfig>,
 }
@@ -425,6 +428,28 @@ fn default_webhook_queue() -> usize {
     10_000
 }
 
+/// The gRPC interface.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// `host:port` to serve gRPC on; port 0 picks a free one.
+    pub addr: String,
+    /// Bearer token that may act on every tenant; use a `${VAR}` reference.
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    /// Bearer token of each tenant, that sees and acts on that tenant only.
+    #[serde(default)]
+    pub tenant_tokens: BTreeMap<String, Secret>,
+    /// Records whose latest status this member keeps from the status topic (the most
+    /// recently updated); older ones are answered NOT_FOUND.
+    #[serde(default = "default_status_capacity")]
+    pub status_capacity: usize,
+}
+
+fn default_status_capacity() -> usize {
+    100_000
+}
+
 /// A webhook endpoint. Its `Debug` shows the URL's scheme and host only: the rest may
 /// carry a token.
 #[derive(Clone, Deserialize)]
@@ -715,6 +740,14 @@ impl Config {
     pub fn resolve_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         for (name, value) in self.kafka.client.iter_mut() {
             resolve_secret(&format!("kafka.client.{name}"), value, &env)?;
+        }
+        if let Some(grpc) = self.grpc.as_mut() {
+            if let Some(token) = grpc.admin_token.as_mut() {
+                resolve_secret("grpc.admin_token", token, &env)?;
+            }
+            for (tenant, token) in grpc.tenant_tokens.iter_mut() {
+                resolve_secret(&format!("grpc.tenant_tokens.{tenant}"), token, &env)?;
+            }
         }
         for (j, hook) in self.notifier.endpoints.iter_mut().enumerate() {
             for (n, secret) in hook.secrets.iter_mut().enumerate() {
@@ -1121,7 +1154,49 @@ impl Config {
                 }
             }
         }
-        self.validate_notifier()
+        self.validate_notifier()?;
+        self.validate_grpc()
+    }
+
+    fn validate_grpc(&self) -> Result<(), ConfigError> {
+        let Some(g) = &self.grpc else { return Ok(()) };
+        if g.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "grpc.addr",
+                "must be an IP address and port, e.g. 127.0.0.1:50051",
+            ));
+        }
+        if g.admin_token.is_none() && g.tenant_tokens.is_empty() {
+            return Err(ConfigError::invalid(
+                "grpc",
+                "set grpc.admin_token or grpc.tenant_tokens: every call is authenticated",
+            ));
+        }
+        if let Some(t) = &g.admin_token {
+            check_secret("grpc.admin_token", Some(t))?;
+        }
+        for (tenant, token) in &g.tenant_tokens {
+            let key = format!("grpc.tenant_tokens.{tenant}");
+            if self.tenant(tenant).is_none() {
+                return Err(ConfigError::invalid(key, "names no configured tenant"));
+            }
+            check_secret(&key, Some(token))?;
+        }
+        let mut tokens: Vec<&str> = g.tenant_tokens.values().map(Secret::expose).collect();
+        tokens.extend(g.admin_token.as_ref().map(Secret::expose));
+        let count = tokens.len();
+        tokens.sort_unstable();
+        tokens.dedup();
+        if tokens.len() != count {
+            return Err(ConfigError::invalid(
+                "grpc.tenant_tokens",
+                "every token must be different",
+            ));
+        }
+        if g.status_capacity == 0 {
+            return Err(ConfigError::invalid("grpc.status_capacity", "must be greater than 0"));
+        }
+        Ok(())
     }
 
     fn validate_notifier(&self) -> Result<(), ConfigError> {

@@ -47,6 +47,7 @@ pub mod dead_letter;
 pub mod demo;
 pub mod diff;
 pub mod event;
+pub mod grpc;
 pub mod headers;
 pub mod messages;
 pub mod notifier;

@@ -26,6 +26,7 @@ use crate::retry::topic::RetryRoute;
 use crate::retry::{RetryPolicy, RetryQueueActor, TenantDirectory, TenantLink};
 use crate::supervise::InjectPanic;
 use crate::telemetry::{self, Health};
+use crate::tenant::board::Board;
 use crate::tenant::{TenantActor, TenantDeps};
 use crate::trail::Trail;
 
@@ -44,6 +45,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("the service thread ended before it started")]
     Vanished,
+    #[error("cannot start the gRPC server: {0}")]
+    Grpc(String),
 }
 
 /// Tenants and the entities each maps, for the decoder.
@@ -95,6 +98,8 @@ struct Control {
 /// A running service.
 pub struct ServiceHandle {
     control: Control,
+    /// The gRPC server, when `[grpc]` is configured.
+    grpc: Option<crate::grpc::GrpcHandle>,
     stop: StopSignal,
     /// Set by the consumer thread once its final commit is done.
     committed: Arc<AtomicBool>,
@@ -108,6 +113,11 @@ pub struct ServiceHandle {
 }
 
 impl ServiceHandle {
+    /// Address of the gRPC server, when `[grpc]` is configured.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().map(|g| g.addr())
+    }
+
     /// Address of the `/metrics` and health server.
     pub fn http_addr(&self) -> SocketAddr {
         self.control.http_addr
@@ -156,6 +166,9 @@ impl ServiceHandle {
     /// at once and commits nothing. Returns within the shutdown deadline plus a margin,
     /// even if librdkafka's close hangs.
     pub fn stop(self, mode: StopMode) -> StopReport {
+        if let Some(grpc) = self.grpc {
+            grpc.stop();
+        }
         self.stop.request(mode);
         let closed = self
             .finished
@@ -308,11 +321,21 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
     let health = Health::default();
     let died = Arc::new(tokio::sync::Notify::new());
     let (thread_health, thread_died) = (health.clone(), died.clone());
+    let board = Board::default();
+    let grpc_config = config.clone();
+    let thread_board = board.clone();
     std::thread::Builder::new()
         .name("crm-sync-actors".into())
         .spawn(move || {
             let system = System::new();
-            let end = run_service(config, thread_health, thread_stop, thread_committed, started_tx);
+            let end = run_service(
+                config,
+                thread_board,
+                thread_health,
+                thread_stop,
+                thread_committed,
+                started_tx,
+            );
             if system.block_on(end) == End::Died {
                 thread_died.notify_one();
             }
@@ -321,7 +344,9 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
         })
         .map_err(StartError::Thread)?;
     let control = started_rx.recv().map_err(|_| StartError::Vanished)??;
+    let grpc = crate::grpc::start(&grpc_config, board).map_err(|e| StartError::Grpc(e.to_string()))?;
     Ok(ServiceHandle {
+        grpc,
         control,
         stop,
         committed,
@@ -343,6 +368,7 @@ enum End {
 
 async fn run_service(
     config: Config,
+    board: Board,
     health: Health,
     stop: StopSignal,
     committed: Arc<AtomicBool>,
@@ -372,7 +398,15 @@ async fn run_service(
         }
     };
     let mut end = End::Stopped;
-    match wire(&config, route, health.clone(), stop.clone(), committed, http_addr) {
+    match wire(
+        &config,
+        route,
+        board,
+        health.clone(),
+        stop.clone(),
+        committed,
+        http_addr,
+    ) {
         Ok((control, consumer_thread, arbiters)) => {
             let _ = started.send(Ok(control));
             let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
@@ -408,6 +442,7 @@ type Wired = (
 fn wire(
     config: &Config,
     retry_route: Option<RetryRoute>,
+    board: Board,
     health: Health,
     stop: StopSignal,
     committed: Arc<AtomicBool>,
@@ -468,6 +503,7 @@ fn wire(
             policy: RetryPolicy::from(&config.retry),
             breaker: config.breaker.clone(),
             trail: trail.clone(),
+            board: board.clone(),
         };
         let tenant_config = Arc::new(tenant.clone());
         let addr = Supervisor::start_in_arbiter(&actors.handle(), move |_| {

@@ -25,6 +25,7 @@
 //! undecided events for this tenant in again ([`Redispatch`](crate::messages::Redispatch)); nothing of them was
 //! committed, so nothing is lost.
 
+pub mod board;
 pub mod breaker;
 pub mod mapping;
 pub mod pacing;
@@ -74,6 +75,8 @@ pub struct TenantDeps {
     pub breaker: crate::config::BreakerConfig,
     /// The status and audit topics, written before an outcome is reported.
     pub trail: crate::trail::Trail,
+    /// Where the tenant shows its health, pace and outcomes.
+    pub board: board::Board,
 }
 
 /// An event and the copies of it that arrived meanwhile (a re-delivered copy of the
@@ -176,6 +179,7 @@ impl TenantActor {
 
     /// Counts one `outcome` of this tenant's events.
     fn count_outcome(&mut self, outcome: &'static str) {
+        self.deps.board.outcome(&self.name, outcome);
         let name = &self.name;
         self.outcome_counters
             .entry(outcome)
@@ -695,6 +699,9 @@ impl TenantActor {
                 act.publish_state(Instant::now())
             });
         }
+        self.deps
+            .board
+            .pace(&self.name, self.pacer.rate(), self.pacer.concurrency());
         metrics::gauge!(metric::TENANT_RATE_LIMIT, "tenant" => tenant.clone()).set(self.pacer.rate());
         metrics::gauge!(metric::TENANT_CONCURRENCY_LIMIT, "tenant" => tenant).set(self.pacer.concurrency() as f64);
     }
@@ -962,6 +969,7 @@ impl TenantActor {
             return;
         }
         self.shown_state = Some(state);
+        self.deps.board.state(&self.name, state);
         for s in Health::ALL.iter().map(|h| h.as_str()).chain(["paused"]) {
             metrics::gauge!(metric::TENANT_STATE, "tenant" => self.name.to_string(), "state" => s).set(if s == state {
                 1.0
@@ -1183,6 +1191,9 @@ impl Actor for TenantActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
+        self.deps
+            .board
+            .pace(&self.name, self.pacer.rate(), self.pacer.concurrency());
         self.publish_state(Instant::now());
     }
 }

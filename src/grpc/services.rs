@@ -1,0 +1,161 @@
+//! The services of `proto/crmsync/v1/crmsync.proto`, behind the token check.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+
+use super::auth::{principal, Principal, Tokens};
+use super::pb;
+use super::pb::status_service_server::{StatusService, StatusServiceServer};
+use super::pb::tenant_service_server::{TenantService, TenantServiceServer};
+use super::view::StatusView;
+use crate::config::Config;
+use crate::tenant::board::Board;
+
+struct Status_ {
+    view: Arc<StatusView>,
+}
+
+#[tonic::async_trait]
+impl StatusService for Status_ {
+    async fn get_record_status(
+        &self,
+        request: Request<pb::GetRecordStatusRequest>,
+    ) -> Result<Response<pb::RecordStatus>, Status> {
+        let who = principal(&request)?;
+        let r = request.into_inner();
+        who.may(&r.tenant)?;
+        if !self.view.enabled {
+            return Err(Status::failed_precondition("no kafka.status_topic is configured"));
+        }
+        match self.view.get(&r.tenant, &r.entity, &r.key) {
+            Some(status) => Ok(Response::new((*status).clone())),
+            None => Err(Status::not_found(
+                "no status for this record on this member (never seen, or not among the most recently updated it keeps)",
+            )),
+        }
+    }
+
+    type WatchOutcomesStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOutcomesResponse, Status>> + Send>>;
+
+    async fn watch_outcomes(
+        &self,
+        request: Request<pb::WatchOutcomesRequest>,
+    ) -> Result<Response<Self::WatchOutcomesStream>, Status> {
+        let who = principal(&request)?;
+        let r = request.into_inner();
+        match (&who, r.tenant.is_empty()) {
+            // Every tenant: the admin only.
+            (Principal::Admin, true) => {}
+            (_, true) => return Err(Status::permission_denied("name your tenant")),
+            (_, false) => who.may(&r.tenant)?,
+        }
+        if !self.view.enabled {
+            return Err(Status::failed_precondition("no kafka.status_topic is configured"));
+        }
+        let wanted = move |s: &pb::RecordStatus| {
+            (r.tenant.is_empty() || s.tenant == r.tenant)
+                && (r.entity.is_empty() || s.entity == r.entity)
+                && (r.statuses.is_empty() || r.statuses.contains(&s.status))
+        };
+        let stream = BroadcastStream::new(self.view.watch()).filter_map(move |item| {
+            let out = match item {
+                Ok(status) if wanted(&status) => Some(Ok(pb::WatchOutcomesResponse {
+                    kind: Some(pb::watch_outcomes_response::Kind::Outcome((*status).clone())),
+                })),
+                Ok(_) => None,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(pb::WatchOutcomesResponse {
+                    kind: Some(pb::watch_outcomes_response::Kind::Missed(missed)),
+                })),
+            };
+            futures::future::ready(out)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+struct Tenants {
+    config: Arc<Config>,
+    board: Board,
+}
+
+impl Tenants {
+    fn tenant(&self, name: &str) -> Option<pb::Tenant> {
+        let t = self.config.tenant(name)?;
+        let view = self.board.get(name).unwrap_or_default();
+        Some(pb::Tenant {
+            name: t.name.clone(),
+            crm: t.crm.as_str().to_string(),
+            state: if view.state.is_empty() { "closed" } else { view.state }.to_string(),
+            pace_per_sec: view.pace_per_sec,
+            max_concurrency: view.max_concurrency as u32,
+            outcomes: view.outcomes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl TenantService for Tenants {
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let who = principal(&request)?;
+        let tenants = self
+            .config
+            .tenants
+            .iter()
+            .filter(|t| who.may(&t.name).is_ok())
+            .filter_map(|t| self.tenant(&t.name))
+            .collect();
+        Ok(Response::new(pb::ListTenantsResponse { tenants }))
+    }
+
+    async fn get_tenant(&self, request: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let who = principal(&request)?;
+        let name = request.into_inner().tenant;
+        who.may(&name)?;
+        self.tenant(&name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("no such tenant"))
+    }
+}
+
+/// Every service, each behind the token check, plus health and reflection.
+pub fn router(
+    config: &Arc<Config>,
+    view: Arc<StatusView>,
+    board: Board,
+) -> anyhow::Result<tonic::transport::server::Router> {
+    let grpc = config.grpc.as_ref().expect("started only with [grpc]");
+    let tokens = Tokens::new(grpc);
+    let check = |tokens: Tokens| move |r: Request<()>| tokens.check(r);
+    let status = InterceptedService::new(StatusServiceServer::new(Status_ { view }), check(tokens.clone()));
+    let tenants = InterceptedService::new(
+        TenantServiceServer::new(Tenants {
+            config: config.clone(),
+            board,
+        }),
+        check(tokens),
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
+        .build_v1()?;
+    let reporter = health_reporter.clone();
+    tokio::spawn(async move {
+        reporter.set_serving::<StatusServiceServer<Status_>>().await;
+        reporter.set_serving::<TenantServiceServer<Tenants>>().await;
+    });
+    let routes = Routes::new(health)
+        .add_service(reflection)
+        .add_service(status)
+        .add_service(tenants);
+    Ok(tonic::transport::Server::builder().add_routes(routes))
+}

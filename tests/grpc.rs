@@ -1,0 +1,220 @@
+//! The gRPC interface against the real server: status of a record from any member,
+//! outcomes watched as they happen, tenants, health and reflection, and the token check
+//! on every call.
+
+// tonic's `Status` is the error of every gRPC call and interceptor, large as it is.
+#![allow(clippy::result_large_err)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use crm_sync::config::Config;
+use crm_sync::consume::StopMode;
+use crm_sync::grpc::pb;
+use crm_sync::grpc::pb::status_service_client::StatusServiceClient;
+use crm_sync::grpc::pb::tenant_service_client::TenantServiceClient;
+use crm_sync::pipeline;
+use crm_sync::sandbox::common::Faults;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const WAIT: Duration = Duration::from_secs(60);
+const ADMIN: &str = "admin-token-never-logged";
+const ACME: &str = "acme-token-never-logged";
+
+fn config(env: &Env, status: &str, group: &str) -> Config {
+    let text = env.config_toml().replace(
+        &format!("group_id = \"{}\"", env.group),
+        &format!("group_id = \"{group}\""),
+    )
+        + "\n[grpc]\naddr = \"127.0.0.1:0\"\nadmin_token = \"${ADMIN}\"\n[grpc.tenant_tokens]\nacme = \"${ACME}\"\n";
+    let mut config = Config::from_toml_with_env(&text, |v| match v {
+        "ADMIN" => Some(ADMIN.into()),
+        "ACME" => Some(ACME.into()),
+        _ => Some(CLIENT_SECRET.into()),
+    })
+    .unwrap();
+    config.kafka.status_topic = Some(status.to_string());
+    config
+}
+
+/// One runtime for the whole test: a channel lives on the runtime it was made on.
+fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+        })
+        .block_on(f)
+}
+
+/// Adds the caller's token to each request.
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Authed = InterceptedService<Channel, AddToken>;
+
+fn channel(addr: std::net::SocketAddr) -> Channel {
+    run(Channel::from_shared(format!("http://{addr}")).unwrap().connect()).unwrap()
+}
+
+fn with_token(token: Option<&str>) -> AddToken {
+    let token = token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap());
+    Box::new(move |mut r: Request<()>| {
+        if let Some(t) = &token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(r)
+    })
+}
+
+fn status_client(addr: std::net::SocketAddr, token: Option<&str>) -> StatusServiceClient<Authed> {
+    StatusServiceClient::with_interceptor(channel(addr), with_token(token))
+}
+
+fn tenant_client(addr: std::net::SocketAddr, token: Option<&str>) -> TenantServiceClient<Authed> {
+    TenantServiceClient::with_interceptor(channel(addr), with_token(token))
+}
+
+fn ask(addr: std::net::SocketAddr, token: &str, key: &str) -> Result<pb::RecordStatus, Status> {
+    let mut c = status_client(addr, Some(token));
+    run(c.get_record_status(pb::GetRecordStatusRequest {
+        tenant: "acme".into(),
+        entity: "contact".into(),
+        key: key.into(),
+    }))
+    .map(|r| r.into_inner())
+}
+
+#[test]
+fn any_member_answers_for_any_record_and_every_call_checks_its_token() {
+    let env = Env::new(1);
+    let status = unique("status");
+    env.kafka.as_ref().unwrap().create_topic(&status, 2).unwrap();
+    env.sf.set_faults(Faults {
+        rejected_keys: vec!["G-BAD".into()],
+        ..Faults::default()
+    });
+    let first = pipeline::start(config(&env, &status, &env.group)).unwrap();
+    let a = first.grpc_addr().expect("[grpc] is configured");
+    // A watcher of acme's outcomes, from before they happen.
+    let mut watch = run(status_client(a, Some(ACME)).watch_outcomes(pb::WatchOutcomesRequest {
+        tenant: "acme".into(),
+        statuses: vec!["delivered".into()],
+        entity: String::new(),
+    }))
+    .unwrap()
+    .into_inner();
+    env.produce(&[
+        upsert("g1", "G-1", 1, "Grace", "Hopper"),
+        upsert("g2", "G-1", 2, "Grace", "Brewster Hopper"),
+        upsert("gb", "G-BAD", 1, "Bad", "Record"),
+    ]);
+    assert!(wait_until(WAIT, || ask(a, ACME, "G-1").is_ok_and(|s| s.version == 2)));
+    let s = ask(a, ACME, "G-1").unwrap();
+    assert_eq!((s.status.as_str(), s.event_id.as_str()), ("delivered", "g2"));
+    assert_eq!(s.source.unwrap().topic, env.topic);
+    assert!(wait_until(WAIT, || ask(a, ACME, "G-BAD").is_ok()));
+    let bad = ask(a, ACME, "G-BAD").unwrap();
+    assert_eq!(
+        (bad.status.as_str(), bad.error_code.as_str()),
+        ("dead_lettered", "crm_validation")
+    );
+    assert_eq!(ask(a, ACME, "NEVER").unwrap_err().code(), Code::NotFound);
+
+    // The watcher saw the delivery, and only deliveries.
+    let seen = run(async {
+        tokio::time::timeout(WAIT, watch.message())
+            .await
+            .expect("an outcome within a minute")
+    })
+    .unwrap()
+    .unwrap();
+    match seen.kind {
+        Some(pb::watch_outcomes_response::Kind::Outcome(o)) => {
+            assert_eq!((o.tenant.as_str(), o.status.as_str()), ("acme", "delivered"))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A second member of the group, which owns no partition (the only one is taken),
+    // answers for records it never processed.
+    let second = pipeline::start(config(&env, &status, &env.group)).unwrap();
+    let b = second.grpc_addr().unwrap();
+    assert!(wait_until(WAIT, || ask(b, ADMIN, "G-1").is_ok_and(|s| s.version == 2)));
+    assert_eq!(second.assigned_partitions(), 0, "the second member processed nothing");
+
+    // Tokens: none, unknown, another tenant's record, another tenant's watch.
+    let code = |r: Result<pb::RecordStatus, Status>| r.unwrap_err().code();
+    let mut anonymous = status_client(a, None);
+    let request = pb::GetRecordStatusRequest {
+        tenant: "acme".into(),
+        entity: "contact".into(),
+        key: "G-1".into(),
+    };
+    assert_eq!(
+        code(run(anonymous.get_record_status(request.clone())).map(|r| r.into_inner())),
+        Code::Unauthenticated
+    );
+    assert_eq!(code(ask(a, "not-a-token", "G-1")), Code::Unauthenticated);
+    let mut acme = status_client(a, Some(ACME));
+    let other = pb::GetRecordStatusRequest {
+        tenant: "globex".into(),
+        ..request
+    };
+    assert_eq!(
+        code(run(acme.get_record_status(other)).map(|r| r.into_inner())),
+        Code::PermissionDenied
+    );
+    let everyone = run(acme.watch_outcomes(pb::WatchOutcomesRequest::default()))
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(everyone.code(), Code::PermissionDenied);
+
+    // Tenants: a tenant's token sees itself; the admin sees all.
+    let listed = run(tenant_client(a, Some(ACME)).list_tenants(pb::ListTenantsRequest {}))
+        .unwrap()
+        .into_inner()
+        .tenants;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].name.as_str(),
+            listed[0].crm.as_str(),
+            listed[0].state.as_str()
+        ),
+        ("acme", "salesforce", "closed")
+    );
+    assert!(
+        listed[0].outcomes.get("delivered").copied().unwrap_or(0) >= 1,
+        "{:?}",
+        listed[0].outcomes
+    );
+    let denied = run(tenant_client(a, Some(ACME)).get_tenant(pb::GetTenantRequest {
+        tenant: "globex".into(),
+    }));
+    assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
+    let admin = run(tenant_client(a, Some(ADMIN)).get_tenant(pb::GetTenantRequest { tenant: "acme".into() }));
+    assert!(admin.unwrap().into_inner().pace_per_sec > 0.0);
+
+    // Standard health checking and reflection, without a token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(a));
+    let serving = run(health.check(tonic_health::pb::HealthCheckRequest {
+        service: "crmsync.v1.StatusService".into(),
+    }))
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    second.stop(StopMode::Graceful);
+    first.stop(StopMode::Graceful);
+}
