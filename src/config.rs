@@ -1480,6 +1480,39 @@ mod tests {
     }
 
     #[test]
+    fn grpc_settings_are_checked_naming_the_key() {
+        let env = [
+            ("SF_ID", "x"),
+            ("SF_SECRET", "y"),
+            ("A", "admin"),
+            ("T", "tenant"),
+            ("SAME", "admin"),
+        ];
+        let with = |grpc: &str| format!("{MINIMAL}\n[grpc]\n{grpc}\n");
+        assert!(parse(&with("addr = \"127.0.0.1:0\"\nadmin_token = \"${A}\""), &env).is_ok());
+        for (grpc, key) in [
+            ("addr = \"localhost:notaport\"\nadmin_token = \"${A}\"", "grpc.addr"),
+            ("addr = \"127.0.0.1:0\"", "grpc"),
+            (
+                "addr = \"127.0.0.1:0\"\n[grpc.tenant_tokens]\nglobex = \"${T}\"",
+                "grpc.tenant_tokens.globex",
+            ),
+            (
+                "addr = \"127.0.0.1:0\"\nadmin_token = \"${A}\"\n[grpc.tenant_tokens]\nacme = \"${SAME}\"",
+                "grpc.tenant_tokens",
+            ),
+            ("addr = \"127.0.0.1:0\"\nadmin_token = \"${NOPE}\"", "grpc.admin_token"),
+        ] {
+            let err = parse(&with(grpc), &env).unwrap_err().to_string();
+            assert!(err.contains(key), "{grpc}: {err}");
+            assert!(
+                !err.contains("admin") || err.contains("admin_token"),
+                "no token in {err}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\ngroup_idd = \"h\"");
         let err = parse(&text, &[]).unwrap_err().to_string();
@@ -1620,6 +1653,7 @@ mod reference_tests {
         assert_eq!(c.tenants[0].entities.len(), 2);
         assert_eq!(c.tenants[0].webhooks.len(), 1);
         assert_eq!(c.notifier.endpoints.len(), 1);
+        assert_eq!(c.grpc.as_ref().map(|g| g.tenant_tokens.len()), Some(1));
         assert_eq!(c.kafka.client["sasl.password"].expose(), "value-of-KAFKA_SASL_PASSWORD");
     }
 

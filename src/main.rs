@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crm_sync::config::Config;
 use crm_sync::consume::StopMode;
 use crm_sync::demo::workload::kafka_key;
+use crm_sync::grpc::{client, pb};
 use crm_sync::sandbox::dynamics::{DynamicsSandbox, DynamicsSetup};
 use crm_sync::sandbox::kafka::{tools, KafkaSandbox};
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
@@ -93,6 +94,35 @@ enum Command {
         /// Only events whose last failure is at or before this time (RFC 3339).
         #[arg(long)]
         until: Option<String>,
+    },
+    /// The latest status of one record, from any crm-sync member's gRPC interface (token
+    /// in CRM_SYNC_TOKEN).
+    Status {
+        /// The member's gRPC address (grpc.addr), host:port.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        entity: String,
+        #[arg(long)]
+        key: String,
+    },
+    /// Outcomes of a tenant's records as they happen, one line each, until interrupted
+    /// (token in CRM_SYNC_TOKEN).
+    Watch {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        tenant: String,
+        /// Only these statuses (comma-separated), e.g. dead_lettered,tenant_paused.
+        #[arg(long, value_delimiter = ',')]
+        status: Vec<String>,
+    },
+    /// The tenants a member serves: health, pace and outcomes (token in CRM_SYNC_TOKEN).
+    Tenants {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
     },
     /// Produce change events, one JSON envelope per line, to a topic: for trying the
     /// service. Each message is keyed by its record identity (tenant/entity/key), as the
@@ -273,6 +303,76 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Status {
+            addr,
+            tenant,
+            entity,
+            key,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let (mut status, _) = client::connect(&addr).await?;
+                let found = status
+                    .get_record_status(pb::GetRecordStatusRequest { tenant, entity, key })
+                    .await
+                    .map_err(client::explain)?;
+                println!("{}", client::describe(found.get_ref()));
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Watch { addr, tenant, status } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let (mut client, _) = client::connect(&addr).await?;
+                let mut stream = client
+                    .watch_outcomes(pb::WatchOutcomesRequest {
+                        tenant,
+                        statuses: status,
+                        entity: String::new(),
+                    })
+                    .await
+                    .map_err(client::explain)?
+                    .into_inner();
+                loop {
+                    tokio::select! {
+                        next = stream.message() => match next.map_err(client::explain)? {
+                            Some(pb::WatchOutcomesResponse { kind: Some(pb::watch_outcomes_response::Kind::Outcome(o)) }) => {
+                                println!("{}", client::describe(&o))
+                            }
+                            Some(pb::WatchOutcomesResponse { kind: Some(pb::watch_outcomes_response::Kind::Missed(n)) }) => {
+                                println!("(fell behind: {n} outcome(s) not shown)")
+                            }
+                            Some(_) => {}
+                            None => return Ok(ExitCode::SUCCESS),
+                        },
+                        _ = shutdown::signal() => return Ok(ExitCode::SUCCESS),
+                    }
+                }
+            })
+        }
+        Command::Tenants { addr } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let (_, mut tenants) = client::connect(&addr).await?;
+                let listed = tenants
+                    .list_tenants(pb::ListTenantsRequest {})
+                    .await
+                    .map_err(client::explain)?;
+                for t in &listed.get_ref().tenants {
+                    let outcomes: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    println!(
+                        "{:<12} {:<10} {:<11} {:.1} calls/s, {} in flight; {}",
+                        t.name,
+                        t.crm,
+                        t.state,
+                        t.pace_per_sec,
+                        t.max_concurrency,
+                        outcomes.join(", ")
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
             })
         }
         Command::Produce { bootstrap, topic, file } => {

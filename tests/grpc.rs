@@ -215,6 +215,44 @@ fn any_member_answers_for_any_record_and_every_call_checks_its_token() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
+    // The command line a support engineer uses.
+    let cli = |token: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_crm-sync"))
+            .args(args)
+            .args(["--addr", &b.to_string()])
+            .env("CRM_SYNC_TOKEN", token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, said, _) = cli(
+        ACME,
+        &["status", "--tenant", "acme", "--entity", "contact", "--key", "G-1"],
+    );
+    assert!(
+        ok && said.contains("acme/contact/G-1: delivered (version 2, event g2"),
+        "{said}"
+    );
+    let (ok, said, _) = cli(
+        ACME,
+        &["status", "--tenant", "acme", "--entity", "contact", "--key", "G-BAD"],
+    );
+    assert!(
+        ok && said.contains("dead_lettered") && said.contains("crm_validation"),
+        "{said}"
+    );
+    let (ok, _, err) = cli(
+        ACME,
+        &["status", "--tenant", "globex", "--entity", "contact", "--key", "G-1"],
+    );
+    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+    let (ok, said, _) = cli(ADMIN, &["tenants"]);
+    assert!(ok && said.starts_with("acme") && said.contains("salesforce"), "{said}");
+
     second.stop(StopMode::Graceful);
     first.stop(StopMode::Graceful);
 }

@@ -86,6 +86,8 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             ("INITECH_D365_CLIENT_SECRET", "secret"),
             ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("CRM_SYNC_ADMIN_TOKEN", "admin"),
+            ("ACME_GRPC_TOKEN", "acme"),
         ])
         .output()
         .unwrap();
@@ -110,6 +112,8 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             ("INITECH_D365_CLIENT_SECRET", "s"),
             ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("CRM_SYNC_ADMIN_TOKEN", "admin"),
+            ("ACME_GRPC_TOKEN", "acme"),
         ])
         .output()
         .unwrap();

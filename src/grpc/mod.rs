@@ -17,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod auth;
+pub mod client;
 mod services;
 pub mod view;
 

@@ -1,0 +1,72 @@
+//! The command line's gRPC client (`crm-sync status`, `watch`, `tenants`): what a support
+//! engineer types when a customer asks. The token comes from `CRM_SYNC_TOKEN` (not a flag:
+//! flags show in process lists and shell history).
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use super::pb;
+use super::pb::status_service_client::StatusServiceClient;
+use super::pb::tenant_service_client::TenantServiceClient;
+
+/// Adds the bearer token to every request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Connects to `addr` (`host:port` or a URL) with the token of `CRM_SYNC_TOKEN`.
+pub async fn connect(addr: &str) -> anyhow::Result<(StatusServiceClient<Authed>, TenantServiceClient<Authed>)> {
+    let token = std::env::var("CRM_SYNC_TOKEN")
+        .map_err(|_| anyhow::anyhow!("set CRM_SYNC_TOKEN to your crm-sync token (an admin or a tenant token)"))?;
+    let bearer = Bearer(
+        MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| anyhow::anyhow!("CRM_SYNC_TOKEN is not a valid header value"))?,
+    );
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Channel::from_shared(url)
+        .map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+    Ok((
+        StatusServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        TenantServiceClient::with_interceptor(channel, bearer),
+    ))
+}
+
+/// One status as one line for people.
+pub fn describe(s: &pb::RecordStatus) -> String {
+    let mut line = format!(
+        "{}/{}/{}: {} (version {}, event {}, {} attempt(s), at {})",
+        s.tenant, s.entity, s.key, s.status, s.version, s.event_id, s.attempts, s.at
+    );
+    if !s.reason.is_empty() {
+        line += &format!(", reason {}", s.reason);
+    }
+    if !s.error_code.is_empty() {
+        line += &format!(", error {}: {}", s.error_code, s.error_message);
+    }
+    if let Some(src) = &s.source {
+        line += &format!(", from {}/{}@{}", src.topic, src.partition, src.offset);
+    }
+    line
+}
+
+/// What a gRPC error means, for the command line.
+pub fn explain(e: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
