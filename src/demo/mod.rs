@@ -182,6 +182,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .create_topic(retry, INPUT_PARTITIONS)
             .map_err(setup("creating topics"))?;
     }
+    if let Some(status) = &config.kafka.status_topic {
+        kafka.create_topic(status, 3).map_err(setup("creating topics"))?;
+    }
 
     // 2. One sandbox per tenant, on the tenant's CRM, each with its own faults.
     let mut sandboxes: Vec<(String, Box<dyn CrmSandbox>)> = Vec::new();
@@ -312,10 +315,11 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         }
         std::thread::sleep(Duration::from_millis(250)); // polling cadence of the progress display
     };
-    let report = service.stop(StopMode::Graceful);
     if !finished {
+        service.stop(StopMode::Graceful);
         return Err(DemoError::Timeout(deadline));
     }
+    let grpc_addr = service.grpc_addr();
     // The notifier has told the receiver about every failure once it has committed the
     // failures topic to its end (a summary waits for the end of its window).
     let notifier_group = config
@@ -456,6 +460,26 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             s.rejected
         );
     }
+    let token = config.grpc.as_ref().and_then(|g| g.admin_token.as_ref());
+    if let (Some(addr), Some(token)) = (grpc_addr, token) {
+        let rejected = events
+            .iter()
+            .find(|e| e["kind"] == "dead_lettered" && e["stage"] == "deliver")
+            .and_then(|e| {
+                let s = |k: &str| e[k].as_str().map(str::to_string);
+                Some((s("tenant")?, s("entity")?, s("key")?))
+            });
+        let delivered = expected
+            .iter()
+            .find(|(_, want)| matches!(want, Expected::Present(_)))
+            .map(|(id, _)| id.clone());
+        let asked = [("delivered", delivered), ("rejected", rejected)]
+            .into_iter()
+            .filter_map(|(what, id)| Some((what, id?)))
+            .collect();
+        lookups(&runtime, addr, token.expose(), asked);
+    }
+    let report = service.stop(StopMode::Graceful);
     println!("  shutdown: committed={} closed={}", report.committed, report.closed);
     if mismatches.is_empty() {
         println!(
@@ -492,6 +516,42 @@ fn print_progress(text: &str, sandboxes: &[(String, Box<dyn CrmSandbox>)]) {
         metric_total(text, metric::IN_FLIGHT, None),
         calls,
     );
+}
+
+/// Looks records up over gRPC as a support engineer would (`crm-sync status`): one
+/// delivered (its older versions superseded or stale), one the CRM rejected. The status
+/// view reads the topic on its own, so a lookup is tried again for up to 5 s.
+fn lookups(
+    runtime: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    token: &str,
+    asked: Vec<(&str, (String, String, String))>,
+) {
+    println!("  gRPC lookups at {addr} (crmsync.v1.StatusService/GetRecordStatus):");
+    runtime.block_on(async {
+        let mut client = match crate::grpc::client::connect_as(&addr.to_string(), token).await {
+            Ok((status, _)) => status,
+            Err(e) => {
+                println!("    {e}");
+                return;
+            }
+        };
+        for (what, (tenant, entity, key)) in asked {
+            let request = crate::grpc::pb::GetRecordStatusRequest { tenant, entity, key };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let answer = loop {
+                let answer = client.get_record_status(request.clone()).await;
+                if answer.is_ok() || Instant::now() > deadline {
+                    break answer;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await; // retry cadence; the deadline bounds it
+            };
+            match answer {
+                Ok(s) => println!("    {what:<10} {}", crate::grpc::client::describe(s.get_ref())),
+                Err(e) => println!("    {what:<10} {:?}: {}", e.code(), e.message()),
+            }
+        }
+    });
 }
 
 /// Whether `group` has committed every message of `topic`. Committed offsets are read

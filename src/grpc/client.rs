@@ -28,6 +28,14 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 pub async fn connect(addr: &str) -> anyhow::Result<(StatusServiceClient<Authed>, TenantServiceClient<Authed>)> {
     let token = std::env::var("CRM_SYNC_TOKEN")
         .map_err(|_| anyhow::anyhow!("set CRM_SYNC_TOKEN to your crm-sync token (an admin or a tenant token)"))?;
+    connect_as(addr, &token).await
+}
+
+/// Connects to `addr` with `token`.
+pub async fn connect_as(
+    addr: &str,
+    token: &str,
+) -> anyhow::Result<(StatusServiceClient<Authed>, TenantServiceClient<Authed>)> {
     let bearer = Bearer(
         MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| anyhow::anyhow!("CRM_SYNC_TOKEN is not a valid header value"))?,
