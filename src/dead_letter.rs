@@ -401,7 +401,7 @@ pub enum Unwritable {
 impl Unwritable {
     /// The produce errors that repeating cannot cure. Authorization and unknown-topic
     /// errors are not among them: an operator fixes those, and the event waits.
-    fn classify(e: &KafkaError) -> Option<Unwritable> {
+    pub(crate) fn classify(e: &KafkaError) -> Option<Unwritable> {
         let KafkaError::MessageProduction(code) = e else {
             return None;
         };

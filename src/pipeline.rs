@@ -166,14 +166,16 @@ impl ServiceHandle {
     /// at once and commits nothing. Returns within the shutdown deadline plus a margin,
     /// even if librdkafka's close hangs.
     pub fn stop(self, mode: StopMode) -> StopReport {
-        if let Some(grpc) = self.grpc {
-            grpc.stop();
-        }
+        // The gRPC server stops beside the service, within the same deadline.
+        let grpc = self.grpc.map(|g| g.stop_in_background());
         self.stop.request(mode);
         let closed = self
             .finished
             .recv_timeout(self.stop_deadline + Duration::from_secs(3))
             .is_ok();
+        if let Some(grpc) = grpc {
+            let _ = grpc.join_within(Duration::from_secs(3));
+        }
         StopReport {
             committed: self.committed.load(Ordering::SeqCst),
             closed,
@@ -322,7 +324,9 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
     let died = Arc::new(tokio::sync::Notify::new());
     let (thread_health, thread_died) = (health.clone(), died.clone());
     let board = Board::default();
-    let grpc_config = config.clone();
+    // Before the service: a gRPC address that cannot be had stops the start, not a
+    // service already consuming.
+    let grpc = crate::grpc::start(&config, board.clone()).map_err(|e| StartError::Grpc(e.to_string()))?;
     let thread_board = board.clone();
     std::thread::Builder::new()
         .name("crm-sync-actors".into())
@@ -343,8 +347,15 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
             let _ = finished_tx.send(());
         })
         .map_err(StartError::Thread)?;
-    let control = started_rx.recv().map_err(|_| StartError::Vanished)??;
-    let grpc = crate::grpc::start(&grpc_config, board).map_err(|e| StartError::Grpc(e.to_string()))?;
+    let control = match started_rx.recv().map_err(|_| StartError::Vanished) {
+        Ok(Ok(control)) => control,
+        Ok(Err(e)) | Err(e) => {
+            if let Some(grpc) = grpc {
+                grpc.stop();
+            }
+            return Err(e);
+        }
+    };
     Ok(ServiceHandle {
         grpc,
         control,

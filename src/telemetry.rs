@@ -45,6 +45,7 @@ pub mod metric {
     pub const STATE_WRITE_FAILURES: &str = "crm_sync_state_write_failures_total";
     pub const STATE_RESTORED: &str = "crm_sync_state_restored_records_total";
     pub const STATE_RESTORE_FAILURES: &str = "crm_sync_state_restore_failures_total";
+    pub const TRAIL_WRITE_FAILURES: &str = "crm_sync_trail_write_failures_total";
     pub const NOTIFIER_EVENTS: &str = "crm_sync_notifier_events_total";
     pub const NOTIFICATIONS: &str = "crm_sync_notifications_total";
     pub const NOTIFICATION_ATTEMPT_FAILURES: &str = "crm_sync_notification_attempt_failures_total";
@@ -186,6 +187,11 @@ fn describe() {
         STATE_RESTORE_FAILURES,
         Unit::Count,
         "Failed reads of confirmed states; the partitions stay paused until a read succeeds."
+    );
+    describe_counter!(
+        TRAIL_WRITE_FAILURES,
+        Unit::Count,
+        "Failed writes to the status and audit topics, by topic (retried; given up only when the broker can never take them)."
     );
     describe_counter!(
         NOTIFIER_EVENTS,

@@ -194,20 +194,27 @@ impl Trail {
         drop(crate::offload::spawn(async move {
             let record = FutureRecord::to(&topic).key(&key).payload(&value);
             if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
+                metrics::counter!(metric::TRAIL_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
                 tracing::warn!(error = %e, "Could not write a retrying status; the outcome will replace it.");
             }
         }));
     }
 }
 
-/// One record, retried until acknowledged (like the dead-letter topic's writes).
+/// One record, retried until acknowledged (like the dead-letter topic's writes); one the
+/// broker can never take (the topic gone, not authorised) is given up, logged and
+/// counted: the trail then misses a line rather than hold every tenant back for good.
 async fn write(producer: &FutureProducer, topic: Arc<str>, key: String, value: String) {
     loop {
         let record = FutureRecord::to(&topic).key(&key).payload(&value);
         match producer.send(record, Duration::from_secs(30)).await {
             Ok(_) => return,
             Err((e, _)) => {
-                metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
+                metrics::counter!(metric::TRAIL_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
+                if crate::dead_letter::Unwritable::classify(&e).is_some() {
+                    tracing::error!(topic = %topic, error = %e, "The trail topic refuses this line for good; it is left out.");
+                    return;
+                }
                 tracing::error!(topic = %topic, error = %e, "Could not write to the trail; retrying.");
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }

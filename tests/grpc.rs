@@ -17,6 +17,7 @@ use crm_sync::grpc::pb::status_service_client::StatusServiceClient;
 use crm_sync::grpc::pb::tenant_service_client::TenantServiceClient;
 use crm_sync::pipeline;
 use crm_sync::sandbox::common::Faults;
+use crm_sync::sandbox::kafka::tools;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -255,4 +256,26 @@ fn any_member_answers_for_any_record_and_every_call_checks_its_token() {
 
     second.stop(StopMode::Graceful);
     first.stop(StopMode::Graceful);
+}
+
+/// A gRPC address that cannot be had stops the start, before anything is consumed.
+#[test]
+fn a_grpc_address_in_use_stops_the_start() {
+    let env = Env::new(1);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config(&env, &unique("status"), &env.group);
+    config.grpc.as_mut().unwrap().addr = taken.local_addr().unwrap().to_string();
+    env.produce(&[upsert("x1", "X-1", 1, "Not", "Written")]);
+    let err = pipeline::start(config).err().expect("the start fails");
+    assert!(err.to_string().contains("grpc.addr"), "{err}");
+    // Nothing is consumed or written: a service left running would write X-1 within
+    // a second; none comes in three.
+    assert!(
+        !wait_until(Duration::from_secs(3), || !env.sf.records("Contact").is_empty()),
+        "a service was left running"
+    );
+    assert_eq!(
+        tools::committed(&env.bootstrap, &env.group, &env.topic, 1).unwrap(),
+        [None]
+    );
 }

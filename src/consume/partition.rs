@@ -395,13 +395,17 @@ async fn intake(
                     let e = DecodeError::from(BadRetryHeader(retry_header::ORIGIN_PARTITION));
                     dead_letter_undecodable(&deps, &source, &link, &e).await;
                     steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
-                    trail.push(undecodable(&source, &e));
+                    if link.is_live() {
+                        trail.push(undecodable(&source, &e));
+                    }
                 }
             }
             Err(e) => {
                 dead_letter_undecodable(&deps, &source, &link, &e).await;
                 steps.push((link.offset, Step::Done(OutcomeKind::DeadLettered, None)));
-                trail.push(undecodable(&source, &e));
+                if link.is_live() {
+                    trail.push(undecodable(&source, &e));
+                }
             }
         }
     }
@@ -431,16 +435,18 @@ async fn intake(
             ..
         }) = verdicts.get(i)
         {
-            trail.push(Entry {
-                event: Some(event.clone()),
-                source: source.origin.clone(),
-                status: Status::Skipped(*reason),
-                attempts: source.retried.map_or(0, |r| r.attempts),
-                first_seen: source.read_at,
-                last_attempt: None,
-                error: None,
-                at: SystemTime::now(),
-            });
+            if link.is_live() {
+                trail.push(Entry {
+                    event: Some(event.clone()),
+                    source: source.origin.clone(),
+                    status: Status::Skipped(*reason),
+                    attempts: source.retried.map_or(0, |r| r.attempts),
+                    first_seen: source.read_at,
+                    last_attempt: None,
+                    error: None,
+                    at: SystemTime::now(),
+                });
+            }
             steps.push((link.offset, Step::Done(OutcomeKind::Skipped(*reason), Some(event))));
             continue;
         }

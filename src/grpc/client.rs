@@ -56,8 +56,25 @@ pub async fn connect_as(
     ))
 }
 
-/// One status as one line for people.
+/// One status as one line for people, with any control character (a CRM's message may
+/// carry one) shown escaped, not sent to the terminal.
 pub fn describe(s: &pb::RecordStatus) -> String {
+    plain(&raw_line(s))
+}
+
+fn plain(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+fn raw_line(s: &pb::RecordStatus) -> String {
     let mut line = format!(
         "{}/{}/{}: {} (version {}, event {}, {} attempt(s), at {})",
         s.tenant, s.entity, s.key, s.status, s.version, s.event_id, s.attempts, s.at

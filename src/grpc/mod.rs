@@ -52,13 +52,36 @@ impl GrpcHandle {
     }
 
     /// Stops serving: open streams end, and the status view stops reading.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        let _ = self
+            .stop_in_background()
+            .join_within(STOP_GRACE + std::time::Duration::from_secs(3));
+    }
+
+    /// Asks the server to stop; [`Stopping::join_within`] waits for it.
+    pub fn stop_in_background(mut self) -> Stopping {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        Stopping(self.thread.take())
+    }
+}
+
+/// A server asked to stop.
+pub struct Stopping(Option<std::thread::JoinHandle<()>>);
+
+impl Stopping {
+    /// Waits up to `deadline` for the server's thread; whether it ended.
+    pub fn join_within(mut self, deadline: std::time::Duration) -> bool {
+        let Some(thread) = self.0.take() else { return true };
+        let until = std::time::Instant::now() + deadline;
+        while !thread.is_finished() {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        thread.join().is_ok()
     }
 }
 
@@ -128,6 +151,8 @@ pub fn start(config: &Config, board: Board) -> anyhow::Result<Option<GrpcHandle>
                 }
                 view.stop();
             });
+            // A status read still blocked on the broker is not waited for long.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         })?;
     started_rx
         .recv()

@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, Notify};
 use super::pb;
 use crate::config::Config;
 use crate::consume;
+use crate::dead_letter::cap;
 
 /// Statuses a watcher may fall behind by before it loses the oldest.
 const WATCH_BUFFER: usize = 4096;
@@ -33,7 +34,24 @@ struct Latest {
     capacity: usize,
 }
 
+/// Whether `new` may replace `held` as a record's latest status. Lines can reach the topic
+/// out of order (a retried write, `retrying` written on the side), so a lower version, or
+/// a `retrying` after a final status of the same version, is older news.
+fn newer(new: &pb::RecordStatus, held: &pb::RecordStatus) -> bool {
+    new.version > held.version
+        || (new.version == held.version && !(new.status == "retrying" && held.status != "retrying"))
+}
+
 impl Latest {
+    /// Keeps `status` as the record's latest unless it holds newer; whether it did.
+    fn offer(&mut self, key: String, status: Arc<pb::RecordStatus>) -> bool {
+        if self.map.get(&key).is_some_and(|(_, held)| !newer(&status, held)) {
+            return false;
+        }
+        self.put(key, status);
+        true
+    }
+
     fn put(&mut self, key: String, status: Arc<pb::RecordStatus>) {
         self.next += 1;
         self.order.push_back((key.clone(), self.next));
@@ -112,23 +130,33 @@ impl StatusView {
     }
 
     async fn read(&self, kafka: &crate::config::KafkaConfig, topic: &str) -> anyhow::Result<()> {
-        let consumer: StreamConsumer = consume::client_config(kafka)
-            .set("group.id", format!("{}.status-view", kafka.group_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().len())
-            .ok_or_else(|| anyhow::anyhow!("status topic {topic} not found"))?;
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
+        // The setup blocks on the broker: off the runtime's threads.
+        let (kafka, topic_name) = (kafka.clone(), topic.to_string());
+        let (consumer, live_from) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let topic = topic_name.as_str();
+            let consumer: StreamConsumer = consume::client_config(&kafka)
+                .set("group.id", format!("{}.status-view", kafka.group_id))
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .create()?;
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            let partitions = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len())
+                .ok_or_else(|| anyhow::anyhow!("status topic {topic} not found"))?;
+            let mut assignment = TopicPartitionList::new();
+            // What was on the topic at start is history: kept, not told to watchers.
+            let mut live_from = Vec::with_capacity(partitions);
+            for p in 0..partitions as i32 {
+                assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+                live_from.push(consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?.1);
+            }
+            consumer.assign(&assignment)?;
+            Ok((consumer, live_from))
+        })
+        .await??;
         loop {
             let message = tokio::select! {
                 m = consumer.recv() => m,
@@ -148,10 +176,16 @@ impl StatusView {
                 continue;
             };
             let status = Arc::new(status);
-            if let Ok(mut latest) = self.latest.lock() {
-                latest.put(key.to_string(), status.clone());
+            let kept = match self.latest.lock() {
+                Ok(mut latest) => latest.offer(key.to_string(), status.clone()),
+                Err(_) => false,
+            };
+            let live = live_from
+                .get(message.partition() as usize)
+                .is_some_and(|from| message.offset() >= *from);
+            if kept && live {
+                let _ = self.updates.send(status);
             }
-            let _ = self.updates.send(status);
         }
     }
 }
@@ -159,9 +193,10 @@ impl StatusView {
 /// A status record of the topic (see `trail`) as the API's message.
 pub fn parse(payload: &[u8]) -> Option<pb::RecordStatus> {
     let v: Value = serde_json::from_slice(payload).ok()?;
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    // Capped like everything crm-sync echoes: whatever is on the topic, an entry stays small.
+    let s = |k: &str| cap(v.get(k).and_then(Value::as_str).unwrap_or_default());
     let source = v.get("source").map(|src| pb::Source {
-        topic: src.get("topic").and_then(Value::as_str).unwrap_or_default().to_string(),
+        topic: cap(src.get("topic").and_then(Value::as_str).unwrap_or_default()),
         partition: src.get("partition").and_then(Value::as_i64).unwrap_or(-1) as i32,
         offset: src.get("offset").and_then(Value::as_i64).unwrap_or(-1),
     });
@@ -217,6 +252,29 @@ mod tests {
             l.order.len()
         );
         assert_eq!(l.map.len(), 2);
+    }
+
+    #[test]
+    fn older_news_does_not_replace_a_records_status() {
+        let mut l = Latest {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            next: 0,
+            capacity: 10,
+        };
+        let s = |version: u64, status: &str| {
+            Arc::new(pb::RecordStatus {
+                version,
+                status: status.into(),
+                ..Default::default()
+            })
+        };
+        assert!(l.offer("r".into(), s(2, "delivered")));
+        assert!(!l.offer("r".into(), s(1, "delivered")), "a lower version");
+        assert!(!l.offer("r".into(), s(2, "retrying")), "retrying after the outcome");
+        assert!(l.offer("r".into(), s(3, "retrying")));
+        assert!(l.offer("r".into(), s(3, "dead_lettered")));
+        assert_eq!(l.map["r"].1.status, "dead_lettered");
     }
 
     #[test]

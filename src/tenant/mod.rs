@@ -217,7 +217,10 @@ impl TenantActor {
             Arrival::Ends(pending, reason) => {
                 if self.deps.trail.is_on() {
                     let all = std::iter::once(&pending.work).chain(&pending.also);
-                    let entries: Vec<_> = all.map(|w| trail_entry(w, Status::Skipped(reason), None)).collect();
+                    let entries: Vec<_> = all
+                        .filter(|w| w.reply.is_live())
+                        .map(|w| trail_entry(w, Status::Skipped(reason), None))
+                        .collect();
                     self.to_trail.extend(entries);
                 }
                 self.report(pending, OutcomeKind::Skipped(reason), ctx)
@@ -438,7 +441,10 @@ impl TenantActor {
             return;
         }
         slot.phase = Phase::Parking;
-        slot.data.paused_as = self.shown_state.filter(|s| *s != "closed");
+        // Waiting for its tenant: the breaker is not closed, or the tenant is paused and
+        // this record has no failure of its own to wait out.
+        let for_tenant = !self.breaker.is_closed() || slot.data.last_error.is_none();
+        slot.data.paused_as = self.shown_state.filter(|s| *s != "closed" && for_tenant);
         let parked = slot.active.work.event.clone();
         let now = SystemTime::now();
         let not_before = now.checked_add(delay).unwrap_or(now);
@@ -864,7 +870,7 @@ impl TenantActor {
                 }
                 let attempts = slot.data.attempts;
                 let source = slot.active.work.source.clone();
-                if let Some(RetryDecision::RetryAfter(_)) = decision {
+                if matches!(decision, Some(RetryDecision::RetryAfter(_))) && slot.active.work.reply.is_live() {
                     let entry = trail_entry(&slot.active.work, Status::Retrying, Some(&slot.data));
                     self.deps.trail.note(entry);
                 }
@@ -1112,8 +1118,12 @@ impl TenantActor {
     fn complete(&mut self, key: RecordKey, kind: OutcomeKind, ctx: &mut Context<Self>) {
         if self.deps.trail.is_on() {
             if let Some(slot) = self.records.get(&key) {
+                // A handed-over partition's next owner writes its events' lines.
                 let all = std::iter::once(&slot.active.work).chain(&slot.active.also);
-                let entries: Vec<_> = all.map(|w| trail_entry(w, kind.into(), Some(&slot.data))).collect();
+                let entries: Vec<_> = all
+                    .filter(|w| w.reply.is_live())
+                    .map(|w| trail_entry(w, kind.into(), Some(&slot.data)))
+                    .collect();
                 self.to_trail.extend(entries);
             }
         }
