@@ -19,6 +19,7 @@
 //!   records kept in a map keyed by their strings (`diff_memory.rs`).
 //! - `isolation`: p50/p99 delivery latency of a fast tenant, alone and beside a
 //!   saturated slow tenant on the same partitions, in one run (`isolation.rs`).
+//! - `grpc`: WatchOutcomes beside the pipeline, and GetRecordStatus latency (`grpc.rs`).
 //! - `trail`: batched upserts with the status and audit topics off, then on, in one run.
 //! - `notifier`: webhook notifications/s to a local receiver that checks signatures, how
 //!   a storm coalesces, and the pipeline's throughput with the notifier on and off
@@ -31,6 +32,7 @@
 
 mod chaos;
 mod diff_memory;
+mod grpc;
 mod isolation;
 mod notifier;
 
@@ -103,6 +105,7 @@ enum Scenario {
     Isolation,
     Notifier,
     Trail,
+    Grpc,
     /// Not part of `all`.
     Chaos,
 }
@@ -232,6 +235,10 @@ fn start_crm_sandboxes(partitions: i32, latency_ms: u64, crm: Crm) -> Sandboxes 
             "load-status",
             "--topic",
             "load-audit",
+            "--topic",
+            "load-watch-none",
+            "--topic",
+            "load-lookups-none",
         ],
         &[],
     );
@@ -821,6 +828,9 @@ fn main() {
     }
     if matches!(args.scenario, Scenario::All | Scenario::Isolation) {
         isolation::run(args.isolation_events);
+    }
+    if matches!(args.scenario, Scenario::All | Scenario::Grpc) {
+        grpc::run(args.events);
     }
     if matches!(args.scenario, Scenario::All | Scenario::Trail) {
         trail(&args);

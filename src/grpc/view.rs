@@ -22,8 +22,10 @@ use crate::config::Config;
 use crate::consume;
 use crate::dead_letter::cap;
 
-/// Statuses a watcher may fall behind by before it loses the oldest.
-const WATCH_BUFFER: usize = 4096;
+/// Statuses a watcher may fall behind by before it loses the oldest: a burst of the
+/// pipeline's batched rate for a second or two (measured: 4,096 lost three quarters of a
+/// 40,000/s burst of 20,000). Each is a shared pointer to a status also kept in `latest`.
+const WATCH_BUFFER: usize = 65_536;
 
 /// The latest status of the most recently updated records.
 struct Latest {
