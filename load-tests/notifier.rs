@@ -69,14 +69,7 @@ pub fn run(notifications: usize, events: usize) {
         .expect("start")
         .expect("an endpoint");
     while receiver.verified_count() < notifications {
-        if t0.elapsed()
-            > Duration::from_secs(
-                std::env::var("NOTIFIER_WAIT")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(600),
-            )
-        {
+        if t0.elapsed() > Duration::from_secs(600) {
             let text = crm_sync::telemetry::prometheus().render();
             let notifier_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("crm_sync_notif")).collect();
             panic!(

@@ -302,9 +302,9 @@ impl TenantActor {
         }
     }
 
-    /// Sends each partition its outcomes of this turn in one message.
-    /// Sends the decided offsets to their partitions, once their lines of the status and
-    /// audit topics are written (on the I/O runtime, off this actor's thread).
+    /// Sends each partition its outcomes of this turn in one message, once their lines of
+    /// the status and audit topics are written (on the I/O runtime, off this actor's
+    /// thread).
     fn flush_reports(&mut self) {
         let reports = std::mem::take(&mut self.to_report);
         let lines = std::mem::take(&mut self.to_trail);
