@@ -162,3 +162,46 @@ fn a_record_waiting_for_its_tenant_says_so() {
         assert_eq!(now[&key(&format!("P-{i}"))]["status"], "delivered");
     }
 }
+
+/// An event whose status cannot be written is not committed: its outcome waits for its
+/// trail. The status topic lives on a broker of its own, which goes down; the CRM gets the
+/// write, the offset stays where it was, and once the broker is back the status is
+/// written and the offset committed.
+#[test]
+fn an_offset_waits_for_its_status_line() {
+    let kafka = crm_sync::sandbox::kafka::KafkaSandbox::start(2).unwrap();
+    let bootstrap = kafka.bootstrap_servers();
+    let env = Env::with_broker(kafka, bootstrap, 1);
+    let kafka = env.kafka.as_ref().unwrap();
+    let status = unique("status");
+    kafka.create_topic(&status, 1).unwrap();
+    for topic in [&env.topic, &env.dlq, &env.failures, &env.state, &env.retry] {
+        kafka.set_leader(topic, 1, 1).unwrap();
+    }
+    kafka.set_leader(&status, 1, 2).unwrap();
+    kafka.set_group_coordinator(&env.group, 1).unwrap();
+    kafka.set_group_coordinator(&format!("{}.retry", env.group), 1).unwrap();
+    let mut config = env.config();
+    config.kafka.status_topic = Some(status.clone());
+    let service = pipeline::start(config).unwrap();
+    assert!(wait_until(WAIT, || service.assigned_partitions() == 1));
+    kafka.set_broker_up(2, false).unwrap();
+    env.produce(&[upsert("w1", "W-1", 1, "Wait", "ForStatus")]);
+    assert!(
+        wait_until(WAIT, || env.contact("W-1").is_some()),
+        "the CRM got the write"
+    );
+    let committed = || tools::committed(&env.bootstrap, &env.group, &env.topic, 1).unwrap_or_default();
+    assert!(
+        !wait_until(Duration::from_secs(3), || committed() == [Some(1)]),
+        "committed while its status could not be written"
+    );
+    kafka.set_broker_up(2, true).unwrap();
+    assert!(
+        wait_until(WAIT, || committed() == [Some(1)]),
+        "committed once the status is written"
+    );
+    let now = latest(&read(&env, &status));
+    assert_eq!(now[&key("W-1")]["status"], "delivered");
+    service.stop(StopMode::Graceful);
+}

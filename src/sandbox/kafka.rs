@@ -50,6 +50,21 @@ impl KafkaSandbox {
         self.cluster().create_topic(topic, partitions, 1)
     }
 
+    /// Makes broker `id` the leader of every partition of `topic` (fault injection: a
+    /// topic on a broker of its own can be taken down alone).
+    pub fn set_leader(&self, topic: &str, partitions: i32, id: i32) -> KafkaResult<()> {
+        for p in 0..partitions {
+            self.cluster().partition_leader(topic, p, Some(id))?;
+        }
+        Ok(())
+    }
+
+    /// Makes broker `id` the coordinator of consumer group `group`.
+    pub fn set_group_coordinator(&self, group: &str, id: i32) -> KafkaResult<()> {
+        self.cluster()
+            .coordinator(rdkafka::mocking::MockCoordinator::Group(group.to_string()), id)
+    }
+
     /// Takes broker `id` (1-based) down or brings it back (fault injection).
     pub fn set_broker_up(&self, id: i32, up: bool) -> KafkaResult<()> {
         if up {
