@@ -119,6 +119,19 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         status: Vec<String>,
     },
+    /// Pause a tenant: its events wait, without ageing, until it is resumed. A pause acts
+    /// on the members named: give every member's --addr (token in CRM_SYNC_TOKEN).
+    Pause {
+        #[arg(long = "addr", default_value = "127.0.0.1:50051")]
+        addrs: Vec<String>,
+        tenant: String,
+    },
+    /// Resume a paused tenant on the members named (token in CRM_SYNC_TOKEN).
+    Resume {
+        #[arg(long = "addr", default_value = "127.0.0.1:50051")]
+        addrs: Vec<String>,
+        tenant: String,
+    },
     /// The tenants a member serves: health, pace and outcomes (token in CRM_SYNC_TOKEN).
     Tenants {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -242,6 +255,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Pauses or resumes `tenant` on each member at `addrs`.
+fn hold(addrs: &[String], tenant: String, pause: bool) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        for addr in addrs {
+            let mut admin = client::admin(addr).await?;
+            let answer = if pause {
+                admin
+                    .pause_tenant(pb::PauseTenantRequest { tenant: tenant.clone() })
+                    .await
+            } else {
+                admin
+                    .resume_tenant(pb::ResumeTenantRequest { tenant: tenant.clone() })
+                    .await
+            };
+            let t = answer.map_err(client::explain)?;
+            println!("{addr}: {} is {}", t.get_ref().name, t.get_ref().state);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
@@ -352,6 +387,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             })
         }
+        Command::Pause { addrs, tenant } => hold(&addrs, tenant, true),
+        Command::Resume { addrs, tenant } => hold(&addrs, tenant, false),
         Command::Tenants { addr } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {

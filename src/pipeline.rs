@@ -520,6 +520,7 @@ fn wire(
         let addr = Supervisor::start_in_arbiter(&actors.handle(), move |_| {
             TenantActor::new(tenant_config, connector, deps)
         });
+        board.register(&tenant.name, addr.clone().recipient());
         let name: Arc<str> = tenant.name.as_str().into();
         tenant_directory.insert(
             name.clone(),

@@ -8,6 +8,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::pb;
+use super::pb::admin_service_client::AdminServiceClient;
 use super::pb::status_service_client::StatusServiceClient;
 use super::pb::tenant_service_client::TenantServiceClient;
 
@@ -26,16 +27,22 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 
 /// Connects to `addr` (`host:port` or a URL) with the token of `CRM_SYNC_TOKEN`.
 pub async fn connect(addr: &str) -> anyhow::Result<(StatusServiceClient<Authed>, TenantServiceClient<Authed>)> {
-    let token = std::env::var("CRM_SYNC_TOKEN")
-        .map_err(|_| anyhow::anyhow!("set CRM_SYNC_TOKEN to your crm-sync token (an admin or a tenant token)"))?;
-    connect_as(addr, &token).await
+    connect_as(addr, &env_token()?).await
 }
 
-/// Connects to `addr` with `token`.
-pub async fn connect_as(
-    addr: &str,
-    token: &str,
-) -> anyhow::Result<(StatusServiceClient<Authed>, TenantServiceClient<Authed>)> {
+/// The admin service at `addr`, with the token of `CRM_SYNC_TOKEN`.
+pub async fn admin(addr: &str) -> anyhow::Result<AdminServiceClient<Authed>> {
+    let (channel, bearer) = open(addr, &env_token()?).await?;
+    Ok(AdminServiceClient::with_interceptor(channel, bearer))
+}
+
+fn env_token() -> anyhow::Result<String> {
+    std::env::var("CRM_SYNC_TOKEN")
+        .map_err(|_| anyhow::anyhow!("set CRM_SYNC_TOKEN to your crm-sync token (an admin or a tenant token)"))
+}
+
+/// A channel to `addr` and the interceptor that adds `token`.
+async fn open(addr: &str, token: &str) -> anyhow::Result<(Channel, Bearer)> {
     let bearer = Bearer(
         MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| anyhow::anyhow!("CRM_SYNC_TOKEN is not a valid header value"))?,
@@ -50,6 +57,15 @@ pub async fn connect_as(
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+    Ok((channel, bearer))
+}
+
+/// Connects to `addr` with `token`.
+pub async fn connect_as(
+    addr: &str,
+    token: &str,
+) -> anyhow::Result<(StatusServiceClient<Authed>, TenantServiceClient<Authed>)> {
+    let (channel, bearer) = open(addr, token).await?;
     Ok((
         StatusServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         TenantServiceClient::with_interceptor(channel, bearer),

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{principal, Principal, Tokens};
 use super::pb;
+use super::pb::admin_service_server::{AdminService, AdminServiceServer};
 use super::pb::status_service_server::{StatusService, StatusServiceServer};
 use super::pb::tenant_service_server::{TenantService, TenantServiceServer};
 use super::view::StatusView;
@@ -127,6 +128,91 @@ impl TenantService for Tenants {
     }
 }
 
+struct Admin {
+    tenants: Tenants,
+}
+
+impl Admin {
+    /// Pauses or resumes the tenant's actor, and answers once it has done so.
+    async fn hold(&self, principal: &Principal, tenant: &str, held: bool) -> Result<pb::Tenant, Status> {
+        principal.may(tenant)?;
+        let actor = self
+            .tenants
+            .board
+            .actor(tenant)
+            .ok_or_else(|| Status::not_found("no such tenant on this member"))?;
+        actor
+            .send(crate::tenant::Hold(held))
+            .await
+            .map_err(|_| Status::unavailable("the tenant is restarting; try again"))?;
+        self.tenants
+            .tenant(tenant)
+            .ok_or_else(|| Status::not_found("no such tenant"))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn pause_tenant(&self, request: Request<pb::PauseTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let who = principal(&request)?;
+        self.hold(&who, &request.into_inner().tenant, true)
+            .await
+            .map(Response::new)
+    }
+
+    async fn resume_tenant(&self, request: Request<pb::ResumeTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let who = principal(&request)?;
+        self.hold(&who, &request.into_inner().tenant, false)
+            .await
+            .map(Response::new)
+    }
+
+    async fn redrive(&self, request: Request<pb::RedriveRequest>) -> Result<Response<pb::RedriveReport>, Status> {
+        let who = principal(&request)?;
+        let r = request.into_inner();
+        match (&who, r.tenant.is_empty()) {
+            (Principal::Admin, _) => {}
+            (_, true) => return Err(Status::permission_denied("name your tenant")),
+            (_, false) => who.may(&r.tenant)?,
+        }
+        let time = |field: &str, t: &str| -> Result<_, Status> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|t| Some(t.with_timezone(&chrono::Utc)))
+                .map_err(|_| Status::invalid_argument(format!("{field} is not an RFC 3339 time")))
+        };
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        let filter = crate::redrive::Filter {
+            since: time("since", &r.since)?,
+            until: time("until", &r.until)?,
+            tenant: some(r.tenant),
+            entity: some(r.entity),
+            error_code: some(r.error_code),
+            stage: some(r.stage),
+        };
+        let config = self.tenants.config.clone();
+        let dry = r.dry_run;
+        let report = tokio::task::spawn_blocking(move || crate::redrive::redrive(&config, &filter, dry))
+            .await
+            .map_err(|_| Status::internal("the redrive task failed"))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(pb::RedriveReport {
+            read: report.read as u64,
+            selected: report.selected as u64,
+            redriven: report.redriven as u64,
+            already_delivered: report.already_delivered as u64,
+            superseded: report.superseded as u64,
+            duplicate: report.duplicate as u64,
+            not_an_event: report.not_an_event as u64,
+            unknown_source: report.unknown_source as u64,
+            by_reason: report.by_reason.into_iter().map(|(k, v)| (k, v as u64)).collect(),
+            error: report.error.unwrap_or_default(),
+        }))
+    }
+}
+
 /// Every service, each behind the token check, plus health and reflection.
 pub fn router(
     config: &Arc<Config>,
@@ -140,7 +226,16 @@ pub fn router(
     let tenants = InterceptedService::new(
         TenantServiceServer::new(Tenants {
             config: config.clone(),
-            board,
+            board: board.clone(),
+        }),
+        check(tokens.clone()),
+    );
+    let admin = InterceptedService::new(
+        AdminServiceServer::new(Admin {
+            tenants: Tenants {
+                config: config.clone(),
+                board,
+            },
         }),
         check(tokens),
     );
@@ -152,10 +247,12 @@ pub fn router(
     tokio::spawn(async move {
         reporter.set_serving::<StatusServiceServer<Status_>>().await;
         reporter.set_serving::<TenantServiceServer<Tenants>>().await;
+        reporter.set_serving::<AdminServiceServer<Admin>>().await;
     });
     let routes = Routes::new(health)
         .add_service(reflection)
         .add_service(status)
-        .add_service(tenants);
+        .add_service(tenants)
+        .add_service(admin);
     Ok(tonic::transport::Server::builder().add_routes(routes))
 }

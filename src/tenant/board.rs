@@ -5,7 +5,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use actix::Recipient;
 use dashmap::DashMap;
+
+use super::Hold;
 
 /// One tenant as shown.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,11 +20,21 @@ pub struct View {
     pub outcomes: BTreeMap<&'static str, u64>,
 }
 
-/// Every tenant's view; cheap to clone.
+/// Every tenant's view, and where to ask each tenant actor to pause; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Board(Arc<DashMap<Arc<str>, View>>);
+pub struct Board(Arc<DashMap<Arc<str>, View>>, Arc<DashMap<String, Recipient<Hold>>>);
 
 impl Board {
+    /// Where `tenant`'s actor takes pause and resume requests.
+    pub fn register(&self, tenant: &str, actor: Recipient<Hold>) {
+        self.1.insert(tenant.to_string(), actor);
+    }
+
+    /// Where to send `tenant`'s actor a [`Hold`], if it has one on this member.
+    pub fn actor(&self, tenant: &str) -> Option<Recipient<Hold>> {
+        self.1.get(tenant).map(|a| a.clone())
+    }
+
     pub fn state(&self, tenant: &Arc<str>, state: &'static str) {
         self.0.entry(tenant.clone()).or_default().state = state;
     }

@@ -119,6 +119,8 @@ pub struct Breaker {
     probe_at: Instant,
     /// When the breaker last left `closed`.
     left_closed: Instant,
+    /// Paused by an operator: nothing is sent, as when open, but nothing is probed either.
+    held: bool,
 }
 
 impl Breaker {
@@ -134,7 +136,27 @@ impl Breaker {
             interval: base,
             probe_at: now,
             left_closed: now,
+            held: false,
         }
+    }
+
+    /// An operator pauses the tenant: its writes wait, without ageing, until [`release`].
+    pub fn hold(&mut self, now: Instant) {
+        if self.is_closed() {
+            self.left_closed = now;
+        }
+        self.held = true;
+    }
+
+    /// An operator resumes the tenant; whether that makes it closed again (its records'
+    /// ages then skip the time since [`left_closed`](Self::left_closed)).
+    pub fn release(&mut self) -> bool {
+        let was = std::mem::replace(&mut self.held, false);
+        was && self.health == Health::Closed
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     /// When the breaker last left `closed`: the time since then, when it closes again,
@@ -147,9 +169,9 @@ impl Breaker {
         self.health
     }
 
-    /// Whether calls flow normally.
+    /// Whether calls flow normally (closed, and not paused by an operator).
     pub fn is_closed(&self) -> bool {
-        self.health == Health::Closed
+        self.health == Health::Closed && !self.held
     }
 
     /// How long until the next probe (zero unless open or `auth_failed`).
@@ -163,6 +185,10 @@ impl Breaker {
     /// Before a call: `Ok` if it may go (with the transition to half-open if this call is
     /// the probe), or how long to wait.
     pub fn gate(&mut self, now: Instant) -> Result<Option<Transition>, Duration> {
+        if self.held {
+            // Released by a message, which pumps again; this only bounds the wait.
+            return Err(Duration::from_secs(60));
+        }
         match self.health {
             Health::Closed | Health::HalfOpen => Ok(None),
             Health::Open | Health::AuthFailed if now < self.probe_at => Err(self.probe_at - now),
@@ -252,6 +278,23 @@ mod tests {
 
     fn breaker(now: Instant) -> Breaker {
         Breaker::new(3, BASE, MAX, now)
+    }
+
+    #[test]
+    fn an_operator_hold_stops_calls_and_probes_until_released() {
+        let t0 = Instant::now();
+        let mut b = breaker(t0);
+        b.hold(t0 + BASE);
+        assert!(!b.is_closed() && b.is_held());
+        assert!(b.gate(t0 + 10 * MAX).is_err(), "no probe while held");
+        assert_eq!(b.left_closed(), t0 + BASE);
+        assert!(b.release());
+        assert!(b.is_closed() && b.gate(t0).is_ok());
+        // Released while open: still open, probed as before.
+        b.on_call(t0, false, Some(TenantFailure::Auth), REC);
+        b.hold(t0);
+        assert!(!b.release());
+        assert_eq!(b.health(), Health::AuthFailed);
     }
 
     #[test]

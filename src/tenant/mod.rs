@@ -944,15 +944,7 @@ impl TenantActor {
             Health::HalfOpen => tracing::error!(tenant = %self.name, from, to, "Tenant probes its CRM with one call."),
             Health::Closed => {
                 tracing::error!(tenant = %self.name, from, to, "Tenant's CRM answers again; its events flow.");
-                // The records that waited did not age meanwhile.
-                let spell = now.saturating_duration_since(self.breaker.left_closed());
-                for (_, slot) in self.records.iter_mut() {
-                    if let Some((at, wall)) = slot.data.first_failure.as_mut() {
-                        let shift = spell.min(now.saturating_duration_since(*at));
-                        *at += shift;
-                        *wall += shift;
-                    }
-                }
+                self.unfreeze_ages(now);
             }
         }
         metrics::counter!(metric::TENANT_TRANSITIONS, "tenant" => self.name.to_string(), "state" => to).increment(1);
@@ -964,11 +956,24 @@ impl TenantActor {
         }));
     }
 
+    /// The records that waited while the tenant did not write did not age meanwhile: the
+    /// time since the breaker left `closed` is taken off their ages.
+    fn unfreeze_ages(&mut self, now: Instant) {
+        let spell = now.saturating_duration_since(self.breaker.left_closed());
+        for (_, slot) in self.records.iter_mut() {
+            if let Some((at, wall)) = slot.data.first_failure.as_mut() {
+                let shift = spell.min(now.saturating_duration_since(*at));
+                *at += shift;
+                *wall += shift;
+            }
+        }
+    }
+
     /// Sets `crm_sync_tenant_state` when the tenant's health (or a pause the CRM asked
     /// for) changed since it was last set.
     fn publish_state(&mut self, now: Instant) {
         let state = match self.breaker.health() {
-            Health::Closed if self.pacer.is_paused(now) => "paused",
+            Health::Closed if self.pacer.is_paused(now) || self.breaker.is_held() => "paused",
             health => health.as_str(),
         };
         if self.shown_state == Some(state) {
@@ -1194,6 +1199,54 @@ fn in_group(request: &WriteRequest, group: &BatchGroup) -> bool {
 
 fn same_event(a: &Event, b: &Event) -> bool {
     a.event_id == b.event_id && a.version == b.version
+}
+
+/// An operator pauses (`true`) or resumes (`false`) the tenant on this member: while
+/// paused its writes wait as when its breaker is open (parked, without ageing), and
+/// nothing is sent or probed.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Hold(pub bool);
+
+impl Handler<Hold> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, Hold(held): Hold, ctx: &mut Self::Context) {
+        if held == self.breaker.is_held() {
+            return;
+        }
+        let now = Instant::now();
+        let before = self.shown_state.unwrap_or("closed");
+        if held {
+            self.breaker.hold(now);
+            tracing::warn!(tenant = %self.name, "An operator paused the tenant; its events wait, without ageing, until it is resumed.");
+            self.park_waiting(ctx);
+        } else {
+            if self.breaker.release() {
+                self.unfreeze_ages(now);
+            }
+            tracing::warn!(tenant = %self.name, "An operator resumed the tenant.");
+        }
+        self.publish_state(now);
+        let after = self.shown_state.unwrap_or("closed");
+        if before != after {
+            metrics::counter!(metric::TENANT_TRANSITIONS, "tenant" => self.name.to_string(), "state" => after)
+                .increment(1);
+            let sink = self.deps.dead_letters.clone();
+            let tenant = self.name.to_string();
+            let reason = if held {
+                "paused by an operator"
+            } else {
+                "resumed by an operator"
+            };
+            drop(crate::offload::spawn(async move {
+                sink.tenant_state(&tenant, before, after, reason).await;
+            }));
+        }
+        if !held {
+            self.pump(ctx);
+        }
+    }
 }
 
 impl Actor for TenantActor {
