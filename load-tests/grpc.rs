@@ -126,16 +126,20 @@ pub fn run(events: usize) {
             entity: "contact".into(),
             key: format!("B-{r:07}"),
         };
-        // Wait until the member has read the topic to its end (the last record is there).
+        let mut rng = rand::thread_rng();
+        let sample: Vec<usize> = (0..lookups).map(|_| rng.gen_range(0..events)).collect();
+        // Wait until the member has read each of them (its partitions are read side by
+        // side), then time the lookups.
         let start = Instant::now();
-        while c.get_record_status(ask(events - 1)).await.is_err() && start.elapsed() < Duration::from_secs(60) {
-            tokio::time::sleep(Duration::from_millis(50)).await; // catch-up polling, bounded
+        for &r in &sample {
+            while c.get_record_status(ask(r)).await.is_err() && start.elapsed() < Duration::from_secs(60) {
+                tokio::time::sleep(Duration::from_millis(50)).await; // catch-up polling, bounded
+            }
         }
         let mut out = Vec::with_capacity(lookups);
-        let mut rng = rand::thread_rng();
-        for _ in 0..lookups {
+        for &r in &sample {
             let t0 = Instant::now();
-            c.get_record_status(ask(rng.gen_range(0..events))).await.expect("found");
+            c.get_record_status(ask(r)).await.expect("found");
             out.push(t0.elapsed());
         }
         out
@@ -151,4 +155,70 @@ pub fn run(events: usize) {
     );
     member.stop(crm_sync::consume::StopMode::Graceful);
     drop(s);
+    publish(events);
+}
+
+/// IngestService.Publish: events/s over one stream and over 8, each answered once written
+/// (idempotent producer, acks from all replicas), with the member's pipeline consuming
+/// and delivering what is published, as in production.
+fn publish(events: usize) {
+    let s = start_sandboxes(12, 0);
+    println!("\nIngestService.Publish, {events} events each time:");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for streams in [1usize, 8] {
+        let mut config = config(&s, &format!("load-publish-{streams}"), true, 1e6, 32, 200);
+        config.grpc = Some(GrpcConfig {
+            addr: "127.0.0.1:0".into(),
+            admin_token: Some(Secret::new(TOKEN)),
+            tenant_tokens: Default::default(),
+            status_capacity: 1,
+        });
+        let member = crm_sync::pipeline::start(config).expect("member");
+        let addr = member.grpc_addr().unwrap().to_string();
+        let payloads: Vec<Vec<u8>> = stream(events, 1, false).into_iter().map(|(_, v)| v).collect();
+        let per = events.div_ceil(streams);
+        let t0 = Instant::now();
+        let accepted: u64 = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for chunk in payloads.chunks(per) {
+                let chunk: Vec<pb::PublishRequest> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| pb::PublishRequest {
+                        id: i.to_string(),
+                        event: e.clone(),
+                    })
+                    .collect();
+                let addr = addr.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut ingest = client::ingest_as(&addr, TOKEN).await.expect("connect");
+                    let mut answers = ingest
+                        .publish(tokio_stream::iter(chunk))
+                        .await
+                        .expect("publish")
+                        .into_inner();
+                    let mut ok = 0u64;
+                    while let Ok(Some(a)) = answers.message().await {
+                        ok += u64::from(a.accepted);
+                    }
+                    ok
+                }));
+            }
+            let mut total = 0;
+            for t in tasks {
+                total += t.await.unwrap_or(0);
+            }
+            total
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "- over {streams} stream(s): {accepted} of {events} accepted and written in {secs:.2} s = **{:.0} events/s**",
+            accepted as f64 / secs
+        );
+        member.stop(crm_sync::consume::StopMode::Abort);
+    }
 }

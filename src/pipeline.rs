@@ -50,7 +50,20 @@ pub enum StartError {
 }
 
 /// Tenants and the entities each maps, for the decoder.
-struct RouteTable(HashMap<String, HashSet<String>>);
+pub(crate) struct RouteTable(HashMap<String, HashSet<String>>);
+
+impl RouteTable {
+    /// The configured tenants and their entities.
+    pub(crate) fn of(config: &Config) -> RouteTable {
+        RouteTable(
+            config
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.entities.keys().cloned().collect()))
+                .collect(),
+        )
+    }
+}
 
 impl Routes for RouteTable {
     fn has_tenant(&self, tenant: &str) -> bool {
@@ -493,7 +506,6 @@ fn wire(
     let partitions = PartitionDirectory::default();
 
     let mut tenants = HashMap::new();
-    let mut routes = HashMap::new();
     let mut holds = HashMap::new();
     for tenant in &config.tenants {
         // Recorded on the state topic, read back by the next owner of a held record.
@@ -530,12 +542,11 @@ fn wire(
             },
         );
         tenants.insert(name, addr);
-        routes.insert(tenant.name.clone(), tenant.entities.keys().cloned().collect());
     }
 
     let (commands_tx, commands_rx) = mpsc::channel();
     let deps = Arc::new(PartitionDeps {
-        routes: Arc::new(RouteTable(routes)),
+        routes: Arc::new(RouteTable::of(config)),
         tenants: tenants
             .iter()
             .map(|(k, v)| (k.clone(), v.clone().recipient()))

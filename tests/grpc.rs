@@ -330,3 +330,77 @@ fn a_paused_tenant_writes_nothing_until_resumed_and_redrive_answers_over_grpc() 
     assert_eq!((report.read, report.redriven, report.error.as_str()), (0, 0, ""));
     service.stop(StopMode::Graceful);
 }
+
+/// Services that do not speak Kafka publish events over gRPC: each is checked as the
+/// consumer checks it and answered in order; the accepted ones are delivered.
+#[test]
+fn published_events_are_checked_answered_in_order_and_delivered() {
+    use crm_sync::grpc::pb::ingest_service_client::IngestServiceClient;
+    let env = Env::new(1);
+    let status = unique("status");
+    env.kafka.as_ref().unwrap().create_topic(&status, 1).unwrap();
+    // A second tenant, beta, that acme's token may not publish for.
+    let mut config = config(&env, &status, &env.group);
+    let mut beta = config.tenants[0].clone();
+    beta.name = "beta".into();
+    config.tenants.push(beta);
+    let service = pipeline::start(config).unwrap();
+    let a = service.grpc_addr().unwrap();
+    let request = |id: &str, event: Vec<u8>| pb::PublishRequest { id: id.into(), event };
+    let retenant = |event: Vec<u8>, tenant: &str| {
+        String::from_utf8(event)
+            .unwrap()
+            .replace("\"acme\"", &format!("\"{tenant}\""))
+            .into_bytes()
+    };
+    let invoice = String::from_utf8(upsert("p3", "P-3", 1, "Pub", "Three").1)
+        .unwrap()
+        .replace("\"contact\"", "\"invoice\"")
+        .into_bytes();
+    let requests = vec![
+        request("ok-1", upsert("p1", "P-1", 1, "Pub", "One").1),
+        request("bad-json", b"{nope".to_vec()),
+        request("ok-2", upsert("p2", "P-2", 1, "Pub", "Two").1),
+        request("unknown-entity", invoice),
+        request(
+            "foreign",
+            retenant(upsert("o1", "O-1", 1, "Other", "Tenant").1, "globex"),
+        ),
+        request(
+            "not-yours",
+            retenant(upsert("b1", "B-1", 1, "Beta", "Tenant").1, "beta"),
+        ),
+    ];
+    let mut client = IngestServiceClient::with_interceptor(channel(a), with_token(Some(ACME)));
+    let answers: Vec<pb::PublishResponse> = run(async {
+        let mut stream = client.publish(tokio_stream::iter(requests)).await.unwrap().into_inner();
+        let mut out = Vec::new();
+        while let Some(a) = stream.message().await.unwrap() {
+            out.push(a);
+        }
+        out
+    });
+    let got: Vec<(&str, bool, &str)> = answers
+        .iter()
+        .map(|a| (a.id.as_str(), a.accepted, a.reason.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ok-1", true, ""),
+            ("bad-json", false, "invalid_json"),
+            ("ok-2", true, ""),
+            ("unknown-entity", false, "unknown_entity"),
+            ("foreign", false, "unknown_tenant"),
+            ("not-yours", false, "permission_denied"),
+        ]
+    );
+    assert_eq!(answers[0].topic, env.topic);
+    assert!(wait_until(WAIT, || env.contact("P-1").is_some() && env.contact("P-2").is_some()));
+    assert_eq!(
+        tools::end_offsets(&env.bootstrap, &env.topic, 1).unwrap(),
+        [2],
+        "only the accepted were written"
+    );
+    service.stop(StopMode::Graceful);
+}

@@ -9,6 +9,7 @@ use tonic::{Request, Status};
 
 use super::pb;
 use super::pb::admin_service_client::AdminServiceClient;
+use super::pb::ingest_service_client::IngestServiceClient;
 use super::pb::status_service_client::StatusServiceClient;
 use super::pb::tenant_service_client::TenantServiceClient;
 
@@ -34,6 +35,12 @@ pub async fn connect(addr: &str) -> anyhow::Result<(StatusServiceClient<Authed>,
 pub async fn admin(addr: &str) -> anyhow::Result<AdminServiceClient<Authed>> {
     let (channel, bearer) = open(addr, &env_token()?).await?;
     Ok(AdminServiceClient::with_interceptor(channel, bearer))
+}
+
+/// The ingest service at `addr`, with `token`.
+pub async fn ingest_as(addr: &str, token: &str) -> anyhow::Result<IngestServiceClient<Authed>> {
+    let (channel, bearer) = open(addr, token).await?;
+    Ok(IngestServiceClient::with_interceptor(channel, bearer))
 }
 
 fn env_token() -> anyhow::Result<String> {

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{principal, Principal, Tokens};
 use super::pb;
 use super::pb::admin_service_server::{AdminService, AdminServiceServer};
+use super::pb::ingest_service_server::{IngestService, IngestServiceServer};
 use super::pb::status_service_server::{StatusService, StatusServiceServer};
 use super::pb::tenant_service_server::{TenantService, TenantServiceServer};
 use super::view::StatusView;
@@ -213,6 +214,99 @@ impl AdminService for Admin {
     }
 }
 
+struct Ingest {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    max_bytes: usize,
+    routes: Arc<crate::pipeline::RouteTable>,
+}
+
+/// Answers in flight per Publish stream: the producer batches them.
+const PUBLISH_WINDOW: usize = 1024;
+
+impl Ingest {
+    /// Checks one event as the consumer would, and writes it to the input topic.
+    fn publish(
+        &self,
+        who: &Principal,
+        request: pb::PublishRequest,
+    ) -> impl std::future::Future<Output = pb::PublishResponse> + Send + 'static {
+        let refuse = |id: String, reason: &str, message: String| pb::PublishResponse {
+            id,
+            accepted: false,
+            reason: reason.to_string(),
+            message,
+            ..Default::default()
+        };
+        let checked = crate::event::decode(Some(&request.event), self.max_bytes, self.routes.as_ref())
+            .map_err(|e| refuse(request.id.clone(), e.code(), e.to_string()))
+            .and_then(|event| {
+                who.may(&event.record.tenant).map(|()| event).map_err(|_| {
+                    refuse(
+                        request.id.clone(),
+                        "permission_denied",
+                        "this token may not publish for that tenant".into(),
+                    )
+                })
+            });
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        async move {
+            let event = match checked {
+                Ok(e) => e,
+                Err(refused) => return refused,
+            };
+            let r = &event.record;
+            let key = crate::demo::workload::kafka_key(&r.tenant, &r.entity, &r.key);
+            let record = rdkafka::producer::FutureRecord::to(&topic)
+                .key(&key)
+                .payload(&request.event);
+            match producer.send(record, std::time::Duration::from_secs(30)).await {
+                Ok(delivery) => pb::PublishResponse {
+                    id: request.id,
+                    accepted: true,
+                    topic,
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                    ..Default::default()
+                },
+                Err((e, _)) => refuse(request.id, "not_written", e.to_string()),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for Ingest {
+    type PublishStream = Pin<Box<dyn Stream<Item = Result<pb::PublishResponse, Status>> + Send>>;
+
+    async fn publish(
+        &self,
+        request: Request<tonic::Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let who = principal(&request)?;
+        let this = Ingest {
+            producer: self.producer.clone(),
+            topic: self.topic.clone(),
+            max_bytes: self.max_bytes,
+            routes: self.routes.clone(),
+        };
+        let answers = request
+            .into_inner()
+            .map(move |next| match next {
+                Ok(r) => futures::future::Either::Left(this.publish(&who, r)),
+                Err(status) => futures::future::Either::Right(futures::future::ready(pb::PublishResponse {
+                    accepted: false,
+                    reason: "bad_request".into(),
+                    message: status.message().to_string(),
+                    ..Default::default()
+                })),
+            })
+            .buffered(PUBLISH_WINDOW)
+            .map(Ok);
+        Ok(Response::new(Box::pin(answers)))
+    }
+}
+
 /// Every service, each behind the token check, plus health and reflection.
 pub fn router(
     config: &Arc<Config>,
@@ -237,7 +331,21 @@ pub fn router(
                 board,
             },
         }),
-        check(tokens),
+        check(tokens.clone()),
+    );
+    let producer: rdkafka::producer::FutureProducer = crate::consume::client_config(&config.kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?;
+    let ingest = InterceptedService::new(
+        IngestServiceServer::new(Ingest {
+            producer,
+            topic: config.kafka.input_topics[0].clone(),
+            max_bytes: config.kafka.max_message_bytes,
+            routes: Arc::new(crate::pipeline::RouteTable::of(config)),
+        }),
+        check(tokens.clone()),
     );
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -248,11 +356,13 @@ pub fn router(
         reporter.set_serving::<StatusServiceServer<Status_>>().await;
         reporter.set_serving::<TenantServiceServer<Tenants>>().await;
         reporter.set_serving::<AdminServiceServer<Admin>>().await;
+        reporter.set_serving::<IngestServiceServer<Ingest>>().await;
     });
     let routes = Routes::new(health)
         .add_service(reflection)
         .add_service(status)
         .add_service(tenants)
-        .add_service(admin);
+        .add_service(admin)
+        .add_service(ingest);
     Ok(tonic::transport::Server::builder().add_routes(routes))
 }
