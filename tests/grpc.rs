@@ -216,6 +216,32 @@ fn any_member_answers_for_any_record_and_every_call_checks_its_token() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
+    // A client in another language, its stubs generated from proto/ (Python's grpcio).
+    let python = |token: &str, tenant: &str| {
+        let root = env!("CARGO_MANIFEST_DIR");
+        std::process::Command::new("python3")
+            .arg(format!("{root}/tests/support/grpc_client.py"))
+            .args([
+                &format!("{root}/proto"),
+                &a.to_string(),
+                token,
+                tenant,
+                "contact",
+                "G-1",
+            ])
+            .env("PYTHONPATH", common::webhooks::python_path())
+            .output()
+            .unwrap()
+    };
+    let out = python(ACME, "acme");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["status"]["status"], "delivered");
+    assert_eq!(answer["status"]["version"], 2);
+    assert_eq!(answer["tenants"], serde_json::json!(["acme"]));
+    let out = python(ACME, "globex");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"));
+
     // The command line a support engineer uses.
     let cli = |token: &str, args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_crm-sync"))

@@ -1,6 +1,7 @@
 //! A webhook receiver that verifies with the reference Standard Webhooks library (the
-//! `standardwebhooks` package from PyPI, run by `tests/support/webhook_receiver.py`).
-//! `.ci/run` installs the package; when it is missing here, it is installed into
+//! `standardwebhooks` package from PyPI, run by `tests/support/webhook_receiver.py`), and
+//! the Python that runs it and the Python gRPC client (`grpcio`, `grpcio-tools`).
+//! `.ci/run` installs the packages; when they are missing here, they are installed into
 //! `target/test-python` first, so the README's test command needs nothing by hand.
 
 use std::io::{BufRead, BufReader};
@@ -17,14 +18,22 @@ pub fn secret() -> String {
     format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
 }
 
-/// `PYTHONPATH` under which `standardwebhooks` imports, installing it if need be.
-fn python_path() -> &'static str {
+/// The PyPI packages the tests' Python needs, and a module of each to import.
+const PACKAGES: [(&str, &str); 3] = [
+    ("standardwebhooks", "standardwebhooks"),
+    ("grpcio", "grpc"),
+    ("grpcio-tools", "grpc_tools"),
+];
+
+/// `PYTHONPATH` under which the [`PACKAGES`] import, installing them if need be.
+pub fn python_path() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
     PATH.get_or_init(|| {
         let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-python");
+        let modules = PACKAGES.map(|(_, m)| m).join(", ");
         let imports = |path: &str| {
             Command::new("python3")
-                .args(["-c", "import standardwebhooks"])
+                .args(["-c", &format!("import {modules}")])
                 .env("PYTHONPATH", path)
                 .status()
                 .is_ok_and(|s| s.success())
@@ -34,20 +43,14 @@ fn python_path() -> &'static str {
             return target;
         }
         let installed = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--target",
-                &target,
-                "standardwebhooks",
-            ])
+            .args(["-m", "pip", "install", "--quiet", "--target", &target])
+            .args(PACKAGES.map(|(p, _)| p))
             .status()
             .expect("python3 runs");
         assert!(
             installed.success() && imports(&target),
-            "the reference verifier (PyPI package standardwebhooks) could not be installed"
+            "the tests' Python packages ({:?}) could not be installed",
+            PACKAGES.map(|(p, _)| p)
         );
         target
     })
