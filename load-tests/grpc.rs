@@ -50,6 +50,8 @@ pub fn run(events: usize) {
             admin_token: Some(Secret::new(TOKEN)),
             tenant_tokens: Default::default(),
             status_capacity: events.max(1),
+            tls_cert_path: None,
+            tls_key_path: None,
         });
         // The gRPC server starts with the service: the watcher connects to a member of
         // a first service of the same broker, started for it.
@@ -176,6 +178,8 @@ fn publish(events: usize) {
             admin_token: Some(Secret::new(TOKEN)),
             tenant_tokens: Default::default(),
             status_capacity: 1,
+            tls_cert_path: None,
+            tls_key_path: None,
         });
         let member = crm_sync::pipeline::start(config).expect("member");
         let addr = member.grpc_addr().unwrap().to_string();

@@ -444,6 +444,12 @@ pub struct GrpcConfig {
     /// recently updated); older ones are answered NOT_FOUND.
     #[serde(default = "default_status_capacity")]
     pub status_capacity: usize,
+    /// TLS (rustls): PEM files of the server's certificate chain and private key. Both,
+    /// or neither (plaintext).
+    #[serde(default)]
+    pub tls_cert_path: Option<String>,
+    #[serde(default)]
+    pub tls_key_path: Option<String>,
 }
 
 fn default_status_capacity() -> usize {
@@ -1196,6 +1202,22 @@ impl Config {
         if g.status_capacity == 0 {
             return Err(ConfigError::invalid("grpc.status_capacity", "must be greater than 0"));
         }
+        match (&g.tls_cert_path, &g.tls_key_path) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                for (k, path) in [("grpc.tls_cert_path", cert), ("grpc.tls_key_path", key)] {
+                    if std::fs::metadata(path).is_err() {
+                        return Err(ConfigError::invalid(k, format!("cannot read {path}")));
+                    }
+                }
+            }
+            _ => {
+                return Err(ConfigError::invalid(
+                    "grpc.tls_cert_path",
+                    "set both grpc.tls_cert_path and grpc.tls_key_path, or neither",
+                ))
+            }
+        }
         Ok(())
     }
 
@@ -1502,6 +1524,11 @@ mod tests {
                 "grpc.tenant_tokens",
             ),
             ("addr = \"127.0.0.1:0\"\nadmin_token = \"${NOPE}\"", "grpc.admin_token"),
+            ("addr = \"127.0.0.1:0\"\nadmin_token = \"${A}\"\ntls_cert_path = \"Cargo.toml\"", "grpc.tls_cert_path"),
+            (
+                "addr = \"127.0.0.1:0\"\nadmin_token = \"${A}\"\ntls_cert_path = \"Cargo.toml\"\ntls_key_path = \"/no/such/key.pem\"",
+                "grpc.tls_key_path",
+            ),
         ] {
             let err = parse(&with(grpc), &env).unwrap_err().to_string();
             assert!(err.contains(key), "{grpc}: {err}");

@@ -430,3 +430,104 @@ fn published_events_are_checked_answered_in_order_and_delivered() {
     );
     service.stop(StopMode::Graceful);
 }
+
+/// With `grpc.tls_cert_path` and `grpc.tls_key_path` the server speaks TLS (rustls): a
+/// client that trusts the certificate gets its answers; a plaintext client gets none.
+#[test]
+fn the_server_speaks_tls_when_given_a_certificate() {
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    // A test CA, and a server certificate for localhost it signed.
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
+    std::fs::write(
+        path("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            &path("ca.key"),
+            "-out",
+            &ca,
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key,
+            "-out",
+            &path("leaf.csr"),
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &path("leaf.csr"),
+            "-CA",
+            &ca,
+            "-CAkey",
+            &path("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &path("ext.cnf"),
+            "-out",
+            &cert,
+        ],
+    ] {
+        let made = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl runs");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    }
+    let status = unique("status");
+    env.kafka.as_ref().unwrap().create_topic(&status, 1).unwrap();
+    let mut config = config(&env, &status, &env.group);
+    let grpc = config.grpc.as_mut().unwrap();
+    grpc.tls_cert_path = Some(cert.clone());
+    grpc.tls_key_path = Some(key.clone());
+    let service = pipeline::start(config).unwrap();
+    let a = service.grpc_addr().unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&ca).unwrap()))
+        .domain_name("localhost");
+    let secure = run(Channel::from_shared(format!("https://{a}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect())
+    .unwrap();
+    let mut tenants = TenantServiceClient::with_interceptor(secure, with_token(Some(ADMIN)));
+    let listed = run(tenants.list_tenants(pb::ListTenantsRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tenants.len(), 1);
+    let plain = run(async {
+        let channel = Channel::from_shared(format!("http://{a}")).unwrap().connect().await?;
+        TenantServiceClient::with_interceptor(channel, with_token(Some(ADMIN)))
+            .list_tenants(pb::ListTenantsRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.into())
+    });
+    let plain: Result<(), Box<dyn std::error::Error>> = plain;
+    assert!(plain.is_err(), "a plaintext client got an answer");
+    service.stop(StopMode::Graceful);
+}

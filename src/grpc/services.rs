@@ -364,5 +364,11 @@ pub fn router(
         .add_service(tenants)
         .add_service(admin)
         .add_service(ingest);
-    Ok(tonic::transport::Server::builder().add_routes(routes))
+    let mut server = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&grpc.tls_cert_path, &grpc.tls_key_path) {
+        let read = |path: &str| std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"));
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    Ok(server.add_routes(routes))
 }
