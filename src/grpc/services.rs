@@ -241,6 +241,19 @@ impl Ingest {
         let checked = crate::event::decode(Some(&request.event), self.max_bytes, self.routes.as_ref())
             .map_err(|e| refuse(request.id.clone(), e.code(), e.to_string()))
             .and_then(|event| {
+                // The consumer counts the key too.
+                let r = &event.record;
+                let key = crate::demo::workload::kafka_key(&r.tenant, &r.entity, &r.key);
+                if key.len() + request.event.len() > self.max_bytes {
+                    return Err(refuse(
+                        request.id.clone(),
+                        "too_large",
+                        format!("event and key are more than {} bytes", self.max_bytes),
+                    ));
+                }
+                Ok(event)
+            })
+            .and_then(|event| {
                 who.may(&event.record.tenant).map(|()| event).map_err(|_| {
                     refuse(
                         request.id.clone(),
@@ -250,6 +263,11 @@ impl Ingest {
                 })
             });
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        // A refused event's bytes are not kept while its answer waits its turn.
+        let (checked, request) = match checked {
+            Ok(e) => (Ok(e), request),
+            Err(refused) => (Err(refused), pb::PublishRequest::default()),
+        };
         async move {
             let event = match checked {
                 Ok(e) => e,
@@ -336,6 +354,9 @@ pub fn router(
     let producer: rdkafka::producer::FutureProducer = crate::consume::client_config(&config.kafka)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // Keys to partitions as Kafka's Java producers do, so that a record published
+        // here and by the customers' own producers lands on one partition.
+        .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .create()?;
     let ingest = InterceptedService::new(
@@ -344,7 +365,9 @@ pub fn router(
             topic: config.kafka.input_topics[0].clone(),
             max_bytes: config.kafka.max_message_bytes,
             routes: Arc::new(crate::pipeline::RouteTable::of(config)),
-        }),
+        })
+        // One request is one event: no larger than the consumer takes, plus its framing.
+        .max_decoding_message_size(config.kafka.max_message_bytes + 1024),
         check(tokens.clone()),
     );
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -365,9 +388,13 @@ pub fn router(
         .add_service(admin)
         .add_service(ingest);
     let mut server = tonic::transport::Server::builder();
+    if grpc.tls_cert_path.is_some() != grpc.tls_key_path.is_some() {
+        anyhow::bail!("grpc.tls_cert_path and grpc.tls_key_path: set both, or neither");
+    }
     if let (Some(cert), Some(key)) = (&grpc.tls_cert_path, &grpc.tls_key_path) {
-        let read = |path: &str| std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {path}: {e}"));
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        let read = |key: &str, path: &str| std::fs::read(path).map_err(|e| anyhow::anyhow!("{key} {path}: {e}"));
+        let identity =
+            tonic::transport::Identity::from_pem(read("grpc.tls_cert_path", cert)?, read("grpc.tls_key_path", key)?);
         server = server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
     Ok(server.add_routes(routes))

@@ -159,6 +159,12 @@ impl Breaker {
         self.held
     }
 
+    /// The time until `now` has been taken off the waiting records' ages: a later
+    /// unfreeze counts from here, not again from when the breaker left `closed`.
+    pub fn unfrozen(&mut self, now: Instant) {
+        self.left_closed = now;
+    }
+
     /// When the breaker last left `closed`: the time since then, when it closes again,
     /// is time the tenant's records did not age.
     pub fn left_closed(&self) -> Instant {
@@ -253,7 +259,8 @@ impl Breaker {
             self.interval = self.interval.saturating_mul(2).min(self.max);
         }
         self.probe_at = now + self.interval;
-        if self.health == Health::Closed {
+        // Held, it left `closed` when the hold began: its records have not aged since.
+        if self.health == Health::Closed && !self.held {
             self.left_closed = now;
         }
         (to != self.health).then(|| self.move_to(to))

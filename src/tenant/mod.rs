@@ -545,6 +545,13 @@ impl TenantActor {
     /// has waited `batch_linger_ms`. Each record has one slot, so two versions of a record
     /// never share a batch.
     fn pump(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        if self.breaker.is_held() && !self.pacer.is_paused(now) {
+            // The hold outlasts the pause it set: set it again, and park what waits.
+            self.pacer
+                .pause(now, Duration::from_millis(self.deps.breaker.max_probe_interval_ms));
+            self.park_waiting(ctx);
+        }
         self.park_long_waits(ctx);
         self.publish_state(Instant::now());
         while self.requests_in_flight < self.breaker.in_flight_limit(self.pacer.concurrency()) {
@@ -967,6 +974,7 @@ impl TenantActor {
                 *wall += shift;
             }
         }
+        self.breaker.unfrozen(now);
     }
 
     /// Sets `crm_sync_tenant_state` when the tenant's health (or a pause the CRM asked
@@ -1220,8 +1228,13 @@ impl Handler<Hold> for TenantActor {
         if held {
             self.breaker.hold(now);
             tracing::warn!(tenant = %self.name, "An operator paused the tenant; its events wait, without ageing, until it is resumed.");
+            // As when its breaker opens: the waiting writes are parked, due again after a
+            // while (then parked again while the hold lasts).
+            self.pacer
+                .pause(now, Duration::from_millis(self.deps.breaker.max_probe_interval_ms));
             self.park_waiting(ctx);
         } else {
+            self.pacer.end_pause();
             if self.breaker.release() {
                 self.unfreeze_ages(now);
             }

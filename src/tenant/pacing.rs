@@ -137,6 +137,11 @@ impl Pacer {
         }
     }
 
+    /// Ends the pause in force (an operator resumed the tenant).
+    pub fn end_pause(&mut self) {
+        self.paused_until = None;
+    }
+
     /// How long the pause in force has left to run; zero when not paused.
     pub fn pause_remaining(&self, now: Instant) -> Duration {
         self.paused_until
