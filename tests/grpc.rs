@@ -327,7 +327,8 @@ fn a_paused_tenant_writes_nothing_until_resumed_and_redrive_answers_over_grpc() 
     env.produce(&[upsert("h1", "H-1", 1, "Held", "Back")]);
     // Parked while the tenant is paused (its input offset released), not held in memory.
     assert!(
-        wait_until(WAIT, || ask(a, ACME, "H-1").is_ok_and(|s| s.status == "tenant_paused" && s.reason == "paused")),
+        wait_until(WAIT, || ask(a, ACME, "H-1")
+            .is_ok_and(|s| s.status == "tenant_paused" && s.reason == "paused")),
         "{:?}",
         ask(a, ACME, "H-1")
     );
