@@ -160,7 +160,11 @@ impl ServiceHandle {
     pub fn inject_panic(&self, target: ActorKind) {
         match target {
             ActorKind::Partition => {
-                let _ = self.control.commands.send(ConsumerCommand::InjectPanic);
+                // Queued ahead of whatever the partition is handed next (bounded wait).
+                let (queued, ack) = mpsc::channel();
+                if self.control.commands.send(ConsumerCommand::InjectPanic(queued)).is_ok() {
+                    let _ = ack.recv_timeout(Duration::from_secs(5));
+                }
             }
             ActorKind::Tenant(name) => {
                 if let Some(t) = self.control.tenants.get(&name) {

@@ -89,8 +89,9 @@ pub enum ConsumerCommand {
         offset: i64,
         generation: u64,
     },
-    /// Fault injection: make one live partition actor panic.
-    InjectPanic,
+    /// Fault injection: make one live partition actor panic. Answered once the request is
+    /// in that actor's mailbox, ahead of any message the consumer thread hands it later.
+    InjectPanic(mpsc::Sender<()>),
     /// Fault injection: make the consumer thread itself panic.
     InjectConsumerPanic,
 }
@@ -881,9 +882,10 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
             // Everything sent to the actor before this marker predates the seek.
             addr.do_send(Resync { generation });
         }
-        ConsumerCommand::InjectPanic => {
+        ConsumerCommand::InjectPanic(queued) => {
             if let Some(entry) = ctx.directory.iter().next() {
                 entry.addr.do_send(InjectPanic);
+                let _ = queued.send(());
             }
         }
         ConsumerCommand::InjectConsumerPanic => panic!("injected panic in the consumer thread"),
