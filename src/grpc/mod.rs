@@ -79,7 +79,7 @@ impl Stopping {
             if std::time::Instant::now() >= until {
                 return false;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(20)); // polling cadence; the deadline bounds the wait
         }
         thread.join().is_ok()
     }

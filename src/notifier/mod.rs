@@ -251,7 +251,7 @@ impl NotifierHandle {
             if Instant::now() >= until {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // polling cadence; the deadline bounds the wait
         }
         self.thread.join().is_ok()
     }
