@@ -1,6 +1,6 @@
 //! The connectors against sandboxes that behave as the vendors document, where an earlier
 //! crm-sync and its own sandboxes agreed on something the real APIs do not do
-//! (shared/crm-apis.md §2.3, §2.4, §3.4):
+//! (docs/crm-apis.md §2.3, §2.4, §3.4):
 //! - Zendesk has no `organizations/create_or_update_many`;
 //! - a Zendesk job cannot be cancelled, and lands whenever it runs;
 //! - a Zendesk 403 means either "no bulk import" or "these credentials may not write";

@@ -1,5 +1,5 @@
 //! Conformance of the Zendesk and Dynamics 365 sandboxes to the documented behaviour the
-//! connectors rely on (shared/crm-apis.md §2, §3 and the checklist in §5), over HTTP.
+//! connectors rely on (docs/crm-apis.md §2, §3 and the checklist in §5), over HTTP.
 
 mod common;
 

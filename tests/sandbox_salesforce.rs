@@ -1,4 +1,4 @@
-//! The Salesforce sandbox answers as the documented REST API does (shared/crm-apis.md §1
+//! The Salesforce sandbox answers as the documented REST API does (docs/crm-apis.md §1
 //! and §5), over plain HTTP — independently of the connector.
 
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg, Scripted};

@@ -51,7 +51,7 @@ const TIMEOUT: &str = "timeout";
 const SWEEP_AT: usize = 1024;
 
 /// A record as the CRMs match it: object and external id, ignoring case (Zendesk
-/// matches external ids so, crm-apis.md §2.2; for the others this only holds more).
+/// matches external ids so, docs/crm-apis.md §2.2; for the others this only holds more).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RecordRef {
     object: String,

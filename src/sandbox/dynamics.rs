@@ -1,5 +1,5 @@
 //! Dynamics 365 (Dataverse) sandbox: the Web API subset crm-sync uses, from the
-//! documentation (`shared/crm-apis.md` §3 and its checklist in §5).
+//! documentation (`docs/crm-apis.md` §3 and its checklist in §5).
 //!
 //! - `POST /{directory}/oauth2/v2.0/token`: Entra ID client credentials (form body,
 //!   `scope` must be `{this URL}/.default`); `{"token_type":"Bearer","expires_in",

@@ -3,7 +3,7 @@
 //!
 //! - [`kafka`]: librdkafka's mock cluster (a real Kafka-protocol broker, in memory).
 //! - [`salesforce`], [`zendesk`], [`dynamics`]: HTTP servers implementing the API subset
-//!   each connector uses, written from the API documentation (`shared/crm-apis.md`), with
+//!   each connector uses, written from the API documentation (`docs/crm-apis.md`), with
 //!   injectable faults. They share no types with the connectors, so a connector cannot
 //!   lean on a simulator's internals.
 //! - [`common`]: serving, faults and statistics the CRM sandboxes share, and

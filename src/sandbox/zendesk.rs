@@ -1,5 +1,5 @@
 //! Zendesk sandbox: the Support API subset crm-sync uses, from the documentation
-//! (`shared/crm-apis.md` §2 and its checklist in §5).
+//! (`docs/crm-apis.md` §2 and its checklist in §5).
 //!
 //! - Auth: API token (`Basic base64("{email}/token:{token}")`) → 401 `{"error":"Couldn't
 //!   authenticate you"}` when wrong; OAuth bearer tokens from `POST /oauth/tokens`
@@ -17,7 +17,7 @@
 //!   and, for several jobs, `GET /api/v2/job_statuses/show_many?ids=a,b`. A job's writes
 //!   land when it runs, `job_duration_ms` after it was queued, whether or not anyone still
 //!   waits for it: jobs cannot be cancelled. Organizations have no bulk upsert:
-//!   `organizations/create_or_update_many` is 404 (crm-apis.md §2.4).
+//!   `organizations/create_or_update_many` is 404 (docs/crm-apis.md §2.4).
 //! - Tickets: `GET /api/v2/tickets?external_id=`, `POST /api/v2/tickets` (a `comment` is
 //!   required) honouring `Idempotency-Key` (same key and body within 2 h: the first
 //!   answer again with `x-idempotency-lookup: hit`; same key, other body: 400
@@ -458,7 +458,7 @@ async fn token(State(account): State<Shared>, Json(req): Json<TokenRequest>) -> 
     }
     let access_token = format!("{:064x}", account.rng.gen::<u128>());
     // An invalid or narrow scope still yields a token; calls it does not cover get
-    // "Forbidden" (crm-apis.md §2.1).
+    // "Forbidden" (docs/crm-apis.md §2.1).
     let scope = req.scope.unwrap_or_else(|| "read".into());
     account
         .tokens
@@ -476,7 +476,7 @@ fn error(status: StatusCode, body: Value) -> Response {
 
 /// 403: the same body for every refusal (a scope that does not cover the call, an
 /// account without bulk import). The documentation shows "Forbidden" for both and does
-/// not say that the bodies differ (crm-apis.md §2.4, §2.8), so the sandbox gives a
+/// not say that the bodies differ (docs/crm-apis.md §2.4, §2.8), so the sandbox gives a
 /// client nothing to tell them apart by.
 fn forbidden() -> Response {
     error(
@@ -658,7 +658,7 @@ fn route(
             }
         }
         // Users only: organizations have `create_many` and `update_many`, but no bulk
-        // upsert (crm-apis.md §2.4), so `organizations/create_or_update_many` falls
+        // upsert (docs/crm-apis.md §2.4), so `organizations/create_or_update_many` falls
         // through to the 404 below.
         ("POST", ["users", "create_or_update_many"]) => {
             let object = "users";

@@ -107,7 +107,7 @@ async fn batch(client: &DynamicsClient, requests: Vec<WriteRequest>) -> Vec<Resu
 /// The request body: one `application/http` part per request. Each part is a whole HTTP
 /// request: the request line and its headers, the blank line that ends them, the body
 /// if any; then the CRLF that, under RFC 2046, belongs to the next delimiter. A request
-/// without a body still ends its header block with a blank line (crm-apis.md §3.4).
+/// without a body still ends its header block with a blank line (docs/crm-apis.md §3.4).
 fn encode(client: &DynamicsClient, boundary: &str, requests: &[WriteRequest]) -> String {
     let mut body = String::new();
     for req in requests {

@@ -46,7 +46,8 @@ const OBJECT_DOES_NOT_EXIST: &str = "0x80040217";
 
 /// Whether a 404 says the record is not there, as opposed to anything else not being
 /// found (an entity set the environment lacks, a wrong URL): `RecordNotFoundByEntityKey`,
-/// `ObjectDoesNotExist`, or an empty code with "Does Not Exist" (crm-apis.md §3.2, §3.3).
+/// `ObjectDoesNotExist`, or an empty code with "Does Not Exist" (docs/crm-apis.md §3.2,
+/// §3.3).
 pub fn is_record_absent(body: &[u8]) -> bool {
     let (code, message) = parse(body);
     match code.as_deref() {

@@ -10,7 +10,7 @@
 //! `results` becomes its record's outcome: `Created`, `Updated`, or `Failed` with `error`
 //! and `details`. A record's outcome (and so its event's offset) is only known once the
 //! job's result is. Organizations, tickets and deletes go one by one: Zendesk has no bulk
-//! upsert for organizations (crm-apis.md §2.4).
+//! upsert for organizations (docs/crm-apis.md §2.4).
 //!
 //! **Late jobs.** Zendesk jobs cannot be cancelled. A job still unfinished at
 //! `job_timeout_ms` gives its records a [`CrmWritePending`] answer (their events park
@@ -21,15 +21,15 @@
 //! topic from the moment the job is queued until it has run, so that if this member dies
 //! meanwhile, the records' next owner holds them and follows the job.
 //!
-//! Which result belongs to which record is not fully documented (crm-apis.md §2.3,
+//! Which result belongs to which record is not fully documented (docs/crm-apis.md §2.3,
 //! UNVERIFIED): an item is matched by its `index` when it has one, else by its
 //! `external_id`, else by position when the job reports one item per record. A record no
 //! item matches is retried: a replay is safe, records are matched by external id.
 //!
 //! **403.** "Forbidden" answers both a bulk call on an account without bulk import and a
 //! token that may not write (an OAuth scope, an agent's role), and the documentation
-//! shows no body that tells them apart (crm-apis.md §2.4, §2.8). So a 403 to a job is
-//! followed by the first record alone through `users/create_or_update`: if that single
+//! shows no body that tells them apart (docs/crm-apis.md §2.4, §2.8). So a 403 to a job
+//! is followed by the first record alone through `users/create_or_update`: if that single
 //! call is refused too, the credentials are at fault and every record of the batch gets
 //! the 403 (`crm_auth`, the tenant's failure, not the records'); otherwise bulk import is
 //! off, and the tenant switches to one call per record for good.
@@ -56,7 +56,7 @@ use crate::event::Op;
 /// Most records one `create_or_update_many` call may carry.
 pub const MANY_LIMIT: usize = 100;
 
-/// Most jobs queued or running at once per account (crm-apis.md §2.3); also the most
+/// Most jobs queued or running at once per account (docs/crm-apis.md §2.3); also the most
 /// ids one `show_many` poll asks for.
 pub const JOB_LIMIT: usize = 30;
 
@@ -74,7 +74,7 @@ struct OpenIds {
     only_late: bool,
 }
 
-/// How long Zendesk keeps a job's status (crm-apis.md §2.3): a job is over by then.
+/// How long Zendesk keeps a job's status (docs/crm-apis.md §2.3): a job is over by then.
 pub const JOB_STATUS_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 const BULK_REFUSED_NOTE: &str = "bulk import is not enabled for this Zendesk account; writing one record per call";
@@ -611,10 +611,10 @@ fn outcomes(requests: &[WriteRequest], job: &JobStatus) -> Vec<Result<WriteOk, D
                     items.iter().find(by_id)
                 })
                 .or_else(|| {
-                    // Zendesk's external-id lookup ignores case (crm-apis.md §2.2), so a
-                    // result may name the record in the case it had: accepted only when no
-                    // other record of the batch has the same id in another case, which
-                    // would make the result ambiguous.
+                    // Zendesk's external-id lookup ignores case (docs/crm-apis.md §2.2),
+                    // so a result may name the record in the case it had: accepted only
+                    // when no other record of the batch has the same id in another case,
+                    // which would make the result ambiguous.
                     let folds = |x: &str| x.eq_ignore_ascii_case(&req.external_id);
                     let unique = requests.iter().filter(|r| folds(&r.external_id)).count() == 1;
                     let by_folded = |i: &&JobItem| i.index.is_none() && i.external_id.as_deref().is_some_and(folds);

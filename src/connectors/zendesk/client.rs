@@ -2,8 +2,8 @@
 //!
 //! - Users and organizations: `POST /api/v2/{users|organizations}/create_or_update` with
 //!   `{"user": {...}}` / `{"organization": {...}}`, matched by `external_id` (users also
-//!   by `email`, crm-apis.md §2.2: a mapped email that belongs to another user updates
-//!   that user): 201 created, 200 updated. A repeat is an update: safe to retry.
+//!   by `email`, docs/crm-apis.md §2.2: a mapped email that belongs to another user
+//!   updates that user): 201 created, 200 updated. A repeat is an update: safe to retry.
 //! - Tickets have no upsert and their `external_id` need not be unique: look the ticket up
 //!   (`GET /api/v2/tickets?external_id=`), `PUT /api/v2/tickets/{id}` when found, else
 //!   `POST /api/v2/tickets` with an `Idempotency-Key` derived from the event, so a retried
@@ -69,7 +69,7 @@ impl ZendeskClient {
                 .header("Accept", "application/json");
             match body {
                 Some(b) => builder = builder.json(b),
-                // Required on PUT, POST and DELETE, body or not (crm-apis.md §2.1).
+                // Required on PUT, POST and DELETE, body or not (docs/crm-apis.md §2.1).
                 None if method != Method::GET => builder = builder.header("Content-Type", "application/json"),
                 None => {}
             }
@@ -174,7 +174,8 @@ impl ZendeskClient {
     async fn find_ids(&self, req: &WriteRequest) -> Result<Vec<u64>, DeliveryError> {
         let value = utf8_percent_encode(&req.external_id, SEGMENT);
         // Users and organizations are found through their search endpoints (`external_id`
-        // parameter); tickets through the list's `external_id` filter (crm-apis.md §2.5).
+        // parameter, docs/crm-apis.md §2.10); tickets through the list's `external_id`
+        // filter (§2.5).
         let path = match req.object.as_str() {
             "tickets" => format!("/tickets?external_id={value}"),
             object => format!("/{object}/search?external_id={value}"),

@@ -3,9 +3,9 @@
 //! Error bodies are `{"error","description","details"}`, where `details` maps a field to
 //! a list of `{description, error}` (422 `RecordInvalid`); the OAuth token endpoint and
 //! expired OAuth tokens answer `{"error","error_description"}`. A 429 carries
-//! `Retry-After`; its body shape is not documented (crm-apis.md §2.7, UNVERIFIED), so only
-//! the status and the header are read. Without the header, 60 s, as the Zendesk clients
-//! do.
+//! `Retry-After`; its body shape is not documented (docs/crm-apis.md §2.7, UNVERIFIED), so
+//! only the status and the header are read. Without the header, 60 s, as the Zendesk
+//! clients do.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! Salesforce sandbox: the REST subset crm-sync uses, from the documentation
-//! (`shared/crm-apis.md` §1 and its checklist in §5).
+//! (`docs/crm-apis.md` §1 and its checklist in §5).
 //!
 //! - `POST /services/oauth2/token`: client-credentials grant (form body or Basic header);
 //!   refused on a login/test host with "request not supported on this domain". No
