@@ -24,6 +24,11 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
     #[error("invalid config: `{key}` refers to environment variable `{var}`, which is not set")]
     MissingEnv { key: String, var: String },
+    #[error("invalid config: `{key}` refers to file `{path}`, which cannot be read: {reason}")]
+    SecretFile { key: String, path: String, reason: String },
+    /// More than one of the above, in the order found.
+    #[error("{} problems:\n{}", .0.len(), .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
 }
 
 impl ConfigError {
@@ -31,6 +36,30 @@ impl ConfigError {
         ConfigError::Invalid {
             key: key.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// `Ok` for no problem, the problem itself for one, [`ConfigError::Several`] for more.
+    pub fn from_all(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Several(problems)),
+        }
+    }
+}
+
+/// The problems a check finds, gathered so that one run reports them all.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(ConfigError::invalid(key, reason));
+    }
+    fn check(&mut self, result: Result<(), ConfigError>) {
+        if let Err(e) = result {
+            self.0.push(e);
         }
     }
 }
@@ -692,17 +721,30 @@ pub struct EntityConfig {
     pub fields: BTreeMap<String, String>,
 }
 
-/// A secret value: resolved from the environment at load time, printed as `***`.
+/// A secret value: resolved at load time from the environment (`${VAR}`) or from a file
+/// (`${file:/path}`), printed as `***`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Secret {
+    value: String,
+    /// A reference left unresolved on purpose (`check-config --no-secrets`): its value is
+    /// not checked.
+    placeholder: bool,
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret {
+            value: value.into(),
+            placeholder: false,
+        }
     }
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+    /// Whether the file names a variable or a file rather than holding the value itself.
+    fn is_reference(&self) -> bool {
+        self.value.starts_with("${") && self.value.ends_with('}')
     }
 }
 
@@ -714,62 +756,98 @@ impl fmt::Debug for Secret {
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Secret)
+        String::deserialize(d).map(Secret::new)
     }
 }
 
 impl Config {
-    /// Reads, parses, resolves `${VAR}` references and validates a config file.
+    /// Reads, parses, resolves secret references and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Config::from_toml(&text)
+        Config::from_toml(&read(path)?)
     }
 
-    /// Parses, resolves `${VAR}` references and validates config text.
+    /// Parses, resolves secret references and validates config text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml_with_env(text, |var| std::env::var(var).ok())
     }
 
-    /// Like [`from_toml`](Self::from_toml), with `${VAR}` looked up in `env`.
+    /// Like [`from_toml`](Self::from_toml), with `${VAR}` looked up in `env`. Every
+    /// problem is reported, not only the first.
     pub fn from_toml_with_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string() + &location(text, &e)))?;
-        config.resolve_env(env)?;
-        config.validate()?;
-        Ok(config)
+        let mut config = Config::parse(text)?;
+        let mut problems = config.resolve_env(env);
+        problems.extend(config.problems());
+        ConfigError::from_all(problems).map(|()| config)
     }
 
-    /// Replaces `${VAR}` references in secret-bearing keys by the variables' values.
-    pub fn resolve_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    /// Parses config text: keys and types only, secret references left as written.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string() + &location(text, &e)))
+    }
+
+    /// Replaces the secret references (`${VAR}`, `${file:/path}`) by their values; one
+    /// problem per reference that cannot be resolved.
+    pub fn resolve_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Vec<ConfigError> {
+        self.secrets_mut()
+            .into_iter()
+            .filter_map(|(key, value)| resolve_secret(&key, value, &env).err())
+            .collect()
+    }
+
+    /// Marks every secret reference as a placeholder whose value is not checked, for
+    /// `check-config --no-secrets`: the structure is checked without the secrets.
+    pub fn skip_secrets(&mut self) {
+        for (_, secret) in self.secrets_mut() {
+            if secret.is_reference() {
+                secret.placeholder = true;
+            }
+        }
+    }
+
+    /// The keys whose secret is written in the file itself rather than referenced (call
+    /// before resolving). `kafka.client` counts only its passwords, keys and secrets.
+    pub fn literal_secrets(&mut self) -> Vec<String> {
+        self.secrets_mut()
+            .into_iter()
+            .filter(|(key, secret)| {
+                let sensitive = match key.strip_prefix("kafka.client.") {
+                    Some(name) => sensitive_client_property(name.trim_matches('"')),
+                    None => true,
+                };
+                sensitive && !secret.is_reference() && !secret.value.is_empty()
+            })
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    /// Every secret-bearing value, with its key.
+    fn secrets_mut(&mut self) -> Vec<(String, &mut Secret)> {
+        let mut all: Vec<(String, &mut Secret)> = Vec::new();
         for (name, value) in self.kafka.client.iter_mut() {
-            resolve_secret(&format!("kafka.client.{name}"), value, &env)?;
+            all.push((format!("kafka.client.\"{name}\""), value));
         }
         if let Some(grpc) = self.grpc.as_mut() {
             if let Some(token) = grpc.admin_token.as_mut() {
-                resolve_secret("grpc.admin_token", token, &env)?;
+                all.push(("grpc.admin_token".into(), token));
             }
             for (tenant, token) in grpc.tenant_tokens.iter_mut() {
-                resolve_secret(&format!("grpc.tenant_tokens.{tenant}"), token, &env)?;
+                all.push((format!("grpc.tenant_tokens.{tenant}"), token));
             }
         }
         for (j, hook) in self.notifier.endpoints.iter_mut().enumerate() {
             for (n, secret) in hook.secrets.iter_mut().enumerate() {
-                resolve_secret(&format!("notifier.endpoints[{j}].secrets[{n}]"), secret, &env)?;
+                all.push((format!("notifier.endpoints[{j}].secrets[{n}]"), secret));
             }
         }
         for (i, tenant) in self.tenants.iter_mut().enumerate() {
-            let key = |field: &str| format!("tenants[{i}].{field}");
             for (j, hook) in tenant.webhooks.iter_mut().enumerate() {
                 for (n, secret) in hook.secrets.iter_mut().enumerate() {
-                    resolve_secret(&key(&format!("webhooks[{j}].secrets[{n}]")), secret, &env)?;
+                    all.push((format!("tenants[{i}].webhooks[{j}].secrets[{n}]"), secret));
                 }
             }
             if let Some(sf) = tenant.salesforce.as_mut() {
-                resolve_secret(&key("salesforce.client_id"), &mut sf.client_id, &env)?;
-                resolve_secret(&key("salesforce.client_secret"), &mut sf.client_secret, &env)?;
+                all.push((format!("tenants[{i}].salesforce.client_id"), &mut sf.client_id));
+                all.push((format!("tenants[{i}].salesforce.client_secret"), &mut sf.client_secret));
             }
             if let Some(zd) = tenant.zendesk.as_mut() {
                 for (field, value) in [
@@ -779,53 +857,81 @@ impl Config {
                     ("oauth_client_secret", &mut zd.oauth_client_secret),
                 ] {
                     if let Some(v) = value.as_mut() {
-                        resolve_secret(&key(&format!("zendesk.{field}")), v, &env)?;
+                        all.push((format!("tenants[{i}].zendesk.{field}"), v));
                     }
                 }
             }
             if let Some(d) = tenant.dynamics.as_mut() {
-                resolve_secret(&key("dynamics.client_id"), &mut d.client_id, &env)?;
-                resolve_secret(&key("dynamics.client_secret"), &mut d.client_secret, &env)?;
+                all.push((format!("tenants[{i}].dynamics.client_id"), &mut d.client_id));
+                all.push((format!("tenants[{i}].dynamics.client_secret"), &mut d.client_secret));
             }
         }
-        Ok(())
+        all
     }
 
-    /// Cross-field checks; the error names the key at fault.
+    /// Cross-field checks; the error names every key at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::from_all(self.problems())
+    }
+
+    /// Every problem the cross-field checks find, each naming its key.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut p = Problems::default();
+        p.check(check_host_port("service.http_addr", &self.service.http_addr, true));
+        self.check_kafka(&mut p);
+        self.check_retry_and_breaker(&mut p);
+        self.check_tenants(&mut p);
+        self.check_notifier(&mut p);
+        self.check_grpc(&mut p);
+        p.0
+    }
+
+    fn check_kafka(&self, p: &mut Problems) {
         let k = &self.kafka;
         if k.bootstrap_servers.trim().is_empty() {
-            return Err(ConfigError::invalid("kafka.bootstrap_servers", "must not be empty"));
+            p.add("kafka.bootstrap_servers", "must not be empty");
+        }
+        for server in k.bootstrap_servers.split(',').filter(|s| !s.trim().is_empty()) {
+            // librdkafka takes `[protocol://]host[:port]`, port 9092 when left out.
+            let server = server.trim();
+            let address = server.split_once("://").map_or(server, |(_, rest)| rest);
+            let has_port = match address.strip_prefix('[') {
+                Some(rest) => rest.contains("]:"),
+                None => address.contains(':'),
+            };
+            let with_port = if has_port {
+                address.to_string()
+            } else {
+                format!("{address}:9092")
+            };
+            p.check(check_host_port("kafka.bootstrap_servers", &with_port, false));
         }
         if k.group_id.trim().is_empty() {
-            return Err(ConfigError::invalid("kafka.group_id", "must not be empty"));
+            p.add("kafka.group_id", "must not be empty");
         }
         if k.input_topics.is_empty() || k.input_topics.iter().any(|t| t.trim().is_empty()) {
-            return Err(ConfigError::invalid(
-                "kafka.input_topics",
-                "must list at least one non-empty topic",
-            ));
+            p.add("kafka.input_topics", "must list at least one non-empty topic");
         }
         for (key, topic) in [
             ("kafka.dlq_topic", &k.dlq_topic),
             ("kafka.failures_topic", &k.failures_topic),
         ] {
             if topic.trim().is_empty() {
-                return Err(ConfigError::invalid(key, "must not be empty"));
+                p.add(key, "must not be empty");
             }
             if k.input_topics.contains(topic) {
-                return Err(ConfigError::invalid(key, "must not be one of kafka.input_topics"));
+                p.add(key, "must not be one of kafka.input_topics");
             }
         }
         if let Some(retry) = &k.retry_topic {
             if retry.trim().is_empty() {
-                return Err(ConfigError::invalid("kafka.retry_topic", "must not be empty"));
+                p.add("kafka.retry_topic", "must not be empty");
             }
             if k.input_topics.contains(retry) || [&k.dlq_topic, &k.failures_topic, &k.state_topic].contains(&retry) {
-                return Err(ConfigError::invalid(
+                p.add(
                     "kafka.retry_topic",
                     "must differ from the input, DLQ, failures and state topics",
-                ));
+                );
             }
         }
         for (key, topic) in [
@@ -839,95 +945,89 @@ impl Config {
                 || others.contains(&topic)
                 || k.retry_topic.as_ref() == Some(topic)
             {
-                return Err(ConfigError::invalid(
+                p.add(
                     key,
                     "must be a topic of its own, not empty and not another crm-sync topic",
-                ));
+                );
             }
         }
         if k.status_topic.is_some() && k.status_topic == k.audit_topic {
-            return Err(ConfigError::invalid(
+            p.add(
                 "kafka.audit_topic",
                 "must differ from kafka.status_topic (one is compacted, the other not)",
-            ));
+            );
         }
         if k.state_topic == k.dlq_topic || k.state_topic == k.failures_topic {
-            return Err(ConfigError::invalid(
-                "kafka.state_topic",
-                "must differ from the DLQ and failures topics",
-            ));
+            p.add("kafka.state_topic", "must differ from the DLQ and failures topics");
         }
         if k.drain_timeout_ms >= k.session_timeout_ms {
-            return Err(ConfigError::invalid(
+            p.add(
                 "kafka.drain_timeout_ms",
                 format!("must be below kafka.session_timeout_ms ({})", k.session_timeout_ms),
-            ));
+            );
         }
         // A revoke drains for up to `drain_timeout_ms`, then waits for the writes still at
         // the CRM (see `consume`); all of it must fit before librdkafka gives up on the
         // member.
         let max_poll = match k.client.get("max.poll.interval.ms") {
             None => LIBRDKAFKA_MAX_POLL_INTERVAL_MS,
-            Some(v) => v.expose().trim().parse().map_err(|_| {
-                ConfigError::invalid(
+            Some(v) if v.placeholder => LIBRDKAFKA_MAX_POLL_INTERVAL_MS,
+            Some(v) => v.expose().trim().parse().unwrap_or_else(|_| {
+                p.add(
                     "kafka.client.\"max.poll.interval.ms\"",
                     "must be a number of milliseconds",
-                )
-            })?,
+                );
+                LIBRDKAFKA_MAX_POLL_INTERVAL_MS
+            }),
         };
         if let Some(t) = self.tenants.iter().max_by_key(|t| t.longest_write()) {
             let longest = u64::try_from(t.longest_write().as_millis()).unwrap_or(u64::MAX);
             let revoke = k.drain_timeout_ms.saturating_add(longest);
             if revoke >= max_poll {
-                return Err(ConfigError::invalid(
+                p.add(
                     "kafka.drain_timeout_ms",
                     format!(
                         "plus the longest write of tenant {} ({} ms: 4 × request_timeout_ms, plus zendesk.job_timeout_ms) must be below max.poll.interval.ms ({max_poll}): a revoke waits for both",
                         t.name,
                         t.longest_write().as_millis()
                     ),
-                ));
+                );
             }
         }
         if k.session_timeout_ms < 1_000 {
-            return Err(ConfigError::invalid(
-                "kafka.session_timeout_ms",
-                "must be at least 1000",
-            ));
+            p.add("kafka.session_timeout_ms", "must be at least 1000");
         }
         if k.commit_interval_ms == 0 {
-            return Err(ConfigError::invalid("kafka.commit_interval_ms", "must be positive"));
+            p.add("kafka.commit_interval_ms", "must be positive");
         }
         if k.max_in_flight_per_partition == 0 {
-            return Err(ConfigError::invalid(
-                "kafka.max_in_flight_per_partition",
-                "must be positive",
-            ));
+            p.add("kafka.max_in_flight_per_partition", "must be positive");
         }
         if k.max_message_bytes == 0 {
-            return Err(ConfigError::invalid("kafka.max_message_bytes", "must be positive"));
+            p.add("kafka.max_message_bytes", "must be positive");
         }
-        let producer_max =
-            match k.client.get("message.max.bytes") {
-                None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
-                Some(v) => v.expose().trim().parse().map_err(|_| {
-                    ConfigError::invalid("kafka.client.\"message.max.bytes\"", "must be a number of bytes")
-                })?,
-            };
+        let producer_max = match k.client.get("message.max.bytes") {
+            None => LIBRDKAFKA_MESSAGE_MAX_BYTES,
+            Some(v) if v.placeholder => LIBRDKAFKA_MESSAGE_MAX_BYTES,
+            Some(v) => v.expose().trim().parse().unwrap_or_else(|_| {
+                p.add("kafka.client.\"message.max.bytes\"", "must be a number of bytes");
+                LIBRDKAFKA_MESSAGE_MAX_BYTES
+            }),
+        };
         if k.max_message_bytes.saturating_add(HEADER_ROOM_BYTES) > producer_max {
-            return Err(ConfigError::invalid(
+            p.add(
                 "kafka.max_message_bytes",
                 format!(
                     "must be at most {} (the producer's message.max.bytes, {producer_max}, less {HEADER_ROOM_BYTES} bytes for crm-sync's headers), or a message read could not be written to the retry or dead-letter topic",
                     producer_max.saturating_sub(HEADER_ROOM_BYTES)
                 ),
-            ));
+            );
         }
         if k.topic_partitions < 1 {
-            return Err(ConfigError::invalid("kafka.topic_partitions", "must be at least 1"));
+            p.add("kafka.topic_partitions", "must be at least 1");
         }
         if k.topic_replication < 1 {
-            return Err(ConfigError::invalid("kafka.topic_replication", "must be at least 1"));
+            p.add("kafka.topic_replication", "must be at least 1");
         }
         for reserved in [
             "group.id",
@@ -936,85 +1036,79 @@ impl Config {
             "enable.auto.commit",
         ] {
             if k.client.contains_key(reserved) {
-                return Err(ConfigError::invalid(
+                p.add(
                     format!("kafka.client.\"{reserved}\""),
                     "is set by crm-sync itself and cannot be overridden",
-                ));
+                );
             }
         }
+    }
+
+    fn check_retry_and_breaker(&self, p: &mut Problems) {
         if self.diff.capacity == 0 {
-            return Err(ConfigError::invalid("diff.capacity", "must be positive"));
+            p.add("diff.capacity", "must be positive");
         }
         let r = &self.retry;
         if r.max_attempts == 0 {
-            return Err(ConfigError::invalid("retry.max_attempts", "must be at least 1"));
+            p.add("retry.max_attempts", "must be at least 1");
         }
         if r.base_delay_ms == 0 {
-            return Err(ConfigError::invalid("retry.base_delay_ms", "must be positive"));
+            p.add("retry.base_delay_ms", "must be positive");
         }
         if r.max_delay_ms < r.base_delay_ms {
-            return Err(ConfigError::invalid(
-                "retry.max_delay_ms",
-                "must be at least retry.base_delay_ms",
-            ));
+            p.add("retry.max_delay_ms", "must be at least retry.base_delay_ms");
         }
         if r.park_after_ms == 0 {
-            return Err(ConfigError::invalid("retry.park_after_ms", "must be positive"));
+            p.add("retry.park_after_ms", "must be positive");
         }
         if r.max_age_ms < r.base_delay_ms {
-            return Err(ConfigError::invalid(
-                "retry.max_age_ms",
-                "must be at least retry.base_delay_ms",
-            ));
+            p.add("retry.max_age_ms", "must be at least retry.base_delay_ms");
         }
         let b = &self.breaker;
         if b.failure_threshold == 0 {
-            return Err(ConfigError::invalid("breaker.failure_threshold", "must be at least 1"));
+            p.add("breaker.failure_threshold", "must be at least 1");
         }
         if b.probe_interval_ms == 0 {
-            return Err(ConfigError::invalid("breaker.probe_interval_ms", "must be positive"));
+            p.add("breaker.probe_interval_ms", "must be positive");
         }
         if b.max_probe_interval_ms < b.probe_interval_ms || b.max_probe_interval_ms > MAX_LATE_WRITE_WINDOW_MS {
-            return Err(ConfigError::invalid(
+            p.add(
                 "breaker.max_probe_interval_ms",
                 "must be at least breaker.probe_interval_ms and at most a day",
-            ));
+            );
         }
+    }
+
+    fn check_tenants(&self, p: &mut Problems) {
         if self.tenants.is_empty() {
-            return Err(ConfigError::invalid("tenants", "must configure at least one tenant"));
+            p.add("tenants", "must configure at least one tenant");
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             let key = |field: &str| format!("tenants[{i}].{field}");
             if t.name.trim().is_empty() {
-                return Err(ConfigError::invalid(key("name"), "must not be empty"));
+                p.add(key("name"), "must not be empty");
             }
             if !seen.insert(t.name.as_str()) {
-                return Err(ConfigError::invalid(
-                    key("name"),
-                    format!("tenant `{}` is configured twice", t.name),
-                ));
+                p.add(key("name"), format!("tenant `{}` is configured twice", t.name));
             }
             if !(t.rate_limit_per_sec > 0.0 && t.rate_limit_per_sec.is_finite()) {
-                return Err(ConfigError::invalid(
-                    key("rate_limit_per_sec"),
-                    "must be a positive number",
-                ));
+                p.add(key("rate_limit_per_sec"), "must be a positive number");
             }
             if t.max_concurrency == 0 {
-                return Err(ConfigError::invalid(key("max_concurrency"), "must be at least 1"));
+                p.add(key("max_concurrency"), "must be at least 1");
             }
             if t.batch_size == 0 {
-                return Err(ConfigError::invalid(key("batch_size"), "must be at least 1"));
+                p.add(key("batch_size"), "must be at least 1");
             }
             if t.late_write_window_ms > MAX_LATE_WRITE_WINDOW_MS {
-                return Err(ConfigError::invalid(
+                p.add(
                     key("late_write_window_ms"),
                     format!("must be at most {MAX_LATE_WRITE_WINDOW_MS} (a day)"),
-                ));
+                );
             }
             if t.request_timeout_ms == 0 {
-                return Err(ConfigError::invalid(key("request_timeout_ms"), "must be positive"));
+                p.add(key("request_timeout_ms"), "must be positive");
             }
             let sections = [
                 ("salesforce", t.salesforce.is_some()),
@@ -1023,170 +1117,162 @@ impl Config {
             ];
             for (section, present) in sections {
                 if present && section != t.crm.as_str() {
-                    return Err(ConfigError::invalid(
+                    p.add(
                         key(section),
                         format!(
                             "is only used when crm = \"{section}\" (this tenant has crm = \"{}\")",
                             t.crm.as_str()
                         ),
-                    ));
+                    );
                 }
             }
-            match t.crm {
-                CrmKind::Salesforce => {
-                    let Some(sf) = &t.salesforce else {
-                        return Err(ConfigError::invalid(
-                            key("salesforce"),
-                            "is required when crm = \"salesforce\"",
-                        ));
-                    };
-                    check_url(&key("salesforce.base_url"), &sf.base_url)?;
-                    let host = sf.base_url.split("://").nth(1).unwrap_or_default();
-                    if host.starts_with("login.salesforce.com") || host.starts_with("test.salesforce.com") {
-                        return Err(ConfigError::invalid(
-                            key("salesforce.base_url"),
-                            "the client-credentials flow needs the org's My Domain URL, not login/test.salesforce.com",
-                        ));
-                    }
-                    check_version(&key("salesforce.api_version"), &sf.api_version, "60.0")?;
-                    check_secret(&key("salesforce.client_id"), Some(&sf.client_id))?;
-                    check_secret(&key("salesforce.client_secret"), Some(&sf.client_secret))?;
-                }
-                CrmKind::Zendesk => {
-                    let Some(zd) = &t.zendesk else {
-                        return Err(ConfigError::invalid(
-                            key("zendesk"),
-                            "is required when crm = \"zendesk\"",
-                        ));
-                    };
-                    check_url(&key("zendesk.base_url"), &zd.base_url)?;
-                    let api_token = zd.email.is_some() || zd.api_token.is_some();
-                    let bearer = zd.oauth_access_token.is_some();
-                    let client = zd.oauth_client_id.is_some() || zd.oauth_client_secret.is_some();
-                    match (api_token, bearer, client) {
-                        (true, false, false) => {
-                            if zd.email.as_deref().is_none_or(|e| !e.contains('@')) {
-                                return Err(ConfigError::invalid(key("zendesk.email"), "an email address is required with api_token"));
-                            }
-                            check_secret(&key("zendesk.api_token"), zd.api_token.as_ref())?;
-                        }
-                        (false, true, false) => check_secret(&key("zendesk.oauth_access_token"), zd.oauth_access_token.as_ref())?,
-                        (false, false, true) => {
-                            check_secret(&key("zendesk.oauth_client_id"), zd.oauth_client_id.as_ref())?;
-                            check_secret(&key("zendesk.oauth_client_secret"), zd.oauth_client_secret.as_ref())?;
-                        }
-                        _ => {
-                            return Err(ConfigError::invalid(
-                                key("zendesk"),
-                                "set exactly one of: email + api_token, oauth_access_token, oauth_client_id + oauth_client_secret",
-                            ))
-                        }
-                    }
-                    if zd.job_poll_interval_ms == 0 {
-                        return Err(ConfigError::invalid(
-                            key("zendesk.job_poll_interval_ms"),
-                            "must be positive",
-                        ));
-                    }
-                    if zd.job_timeout_ms < zd.job_poll_interval_ms {
-                        return Err(ConfigError::invalid(
-                            key("zendesk.job_timeout_ms"),
-                            "must be at least job_poll_interval_ms",
-                        ));
-                    }
-                    for (name, e) in &t.entities {
-                        let ekey = |field: &str| format!("tenants[{i}].entities.{name}.{field}");
-                        if !["users", "organizations", "tickets"].contains(&e.object.as_str()) {
-                            return Err(ConfigError::invalid(
-                                ekey("object"),
-                                "must be \"users\", \"organizations\" or \"tickets\" for Zendesk",
-                            ));
-                        }
-                        if e.external_id_field != "external_id" {
-                            return Err(ConfigError::invalid(
-                                ekey("external_id_field"),
-                                "must be \"external_id\" for Zendesk",
-                            ));
-                        }
-                    }
-                }
-                CrmKind::Dynamics => {
-                    let Some(d) = &t.dynamics else {
-                        return Err(ConfigError::invalid(
-                            key("dynamics"),
-                            "is required when crm = \"dynamics\"",
-                        ));
-                    };
-                    check_url(&key("dynamics.org_url"), &d.org_url)?;
-                    check_url(&key("dynamics.authority_url"), &d.authority_url)?;
-                    if d.directory_id.trim().is_empty() || d.directory_id.contains('/') {
-                        return Err(ConfigError::invalid(
-                            key("dynamics.directory_id"),
-                            "must be a directory id or domain",
-                        ));
-                    }
-                    check_secret(&key("dynamics.client_id"), Some(&d.client_id))?;
-                    check_secret(&key("dynamics.client_secret"), Some(&d.client_secret))?;
-                    check_version(&key("dynamics.api_version"), &d.api_version, "9.2")?;
-                }
-            }
+            self.check_crm_section(i, t, p);
             if t.entities.is_empty() {
-                return Err(ConfigError::invalid(key("entities"), "must map at least one entity"));
+                p.add(key("entities"), "must map at least one entity");
             }
             for (name, e) in &t.entities {
                 let ekey = |field: &str| format!("tenants[{i}].entities.{name}.{field}");
                 if e.object.trim().is_empty() {
-                    return Err(ConfigError::invalid(ekey("object"), "must not be empty"));
+                    p.add(ekey("object"), "must not be empty");
                 }
                 if e.external_id_field.trim().is_empty() {
-                    return Err(ConfigError::invalid(ekey("external_id_field"), "must not be empty"));
+                    p.add(ekey("external_id_field"), "must not be empty");
                 }
                 if e.fields.is_empty() {
-                    return Err(ConfigError::invalid(ekey("fields"), "must map at least one field"));
+                    p.add(ekey("fields"), "must map at least one field");
                 }
                 for (field, path) in &e.fields {
                     if path.split('.').any(str::is_empty) {
-                        return Err(ConfigError::invalid(
+                        p.add(
                             format!("tenants[{i}].entities.{name}.fields.{field}"),
                             format!("`{path}` is not a valid data path"),
-                        ));
+                        );
                     }
                     if field == &e.external_id_field {
-                        return Err(ConfigError::invalid(
+                        p.add(
                             format!("tenants[{i}].entities.{name}.fields.{field}"),
                             "the external id field is set from the event key and cannot be mapped",
-                        ));
+                        );
                     }
                 }
             }
         }
-        self.validate_notifier()?;
-        self.validate_grpc()
     }
 
-    fn validate_grpc(&self) -> Result<(), ConfigError> {
-        let Some(g) = &self.grpc else { return Ok(()) };
+    /// The section of the tenant's CRM (`tenants[i].salesforce`, …).
+    fn check_crm_section(&self, i: usize, t: &TenantConfig, p: &mut Problems) {
+        let key = |field: &str| format!("tenants[{i}].{field}");
+        match t.crm {
+            CrmKind::Salesforce => {
+                let Some(sf) = &t.salesforce else {
+                    p.add(key("salesforce"), "is required when crm = \"salesforce\"");
+                    return;
+                };
+                p.check(check_url(&key("salesforce.base_url"), &sf.base_url));
+                let host = sf.base_url.split("://").nth(1).unwrap_or_default();
+                if host.starts_with("login.salesforce.com") || host.starts_with("test.salesforce.com") {
+                    p.add(
+                        key("salesforce.base_url"),
+                        "the client-credentials flow needs the org's My Domain URL, not login/test.salesforce.com",
+                    );
+                }
+                p.check(check_version(&key("salesforce.api_version"), &sf.api_version, "60.0"));
+                p.check(check_secret(&key("salesforce.client_id"), Some(&sf.client_id)));
+                p.check(check_secret(&key("salesforce.client_secret"), Some(&sf.client_secret)));
+            }
+            CrmKind::Zendesk => {
+                let Some(zd) = &t.zendesk else {
+                    p.add(key("zendesk"), "is required when crm = \"zendesk\"");
+                    return;
+                };
+                p.check(check_url(&key("zendesk.base_url"), &zd.base_url));
+                let api_token = zd.email.is_some() || zd.api_token.is_some();
+                let bearer = zd.oauth_access_token.is_some();
+                let client = zd.oauth_client_id.is_some() || zd.oauth_client_secret.is_some();
+                match (api_token, bearer, client) {
+                    (true, false, false) => {
+                        if zd.email.as_deref().is_none_or(|e| !e.contains('@')) {
+                            p.add(key("zendesk.email"), "an email address is required with api_token");
+                        }
+                        p.check(check_secret(&key("zendesk.api_token"), zd.api_token.as_ref()));
+                    }
+                    (false, true, false) => p.check(check_secret(
+                        &key("zendesk.oauth_access_token"),
+                        zd.oauth_access_token.as_ref(),
+                    )),
+                    (false, false, true) => {
+                        p.check(check_secret(
+                            &key("zendesk.oauth_client_id"),
+                            zd.oauth_client_id.as_ref(),
+                        ));
+                        p.check(check_secret(
+                            &key("zendesk.oauth_client_secret"),
+                            zd.oauth_client_secret.as_ref(),
+                        ));
+                    }
+                    _ => {
+                        p.add(
+                            key("zendesk"),
+                            "set exactly one of: email + api_token, oauth_access_token, oauth_client_id + oauth_client_secret",
+                        );
+                    }
+                }
+                if zd.job_poll_interval_ms == 0 {
+                    p.add(key("zendesk.job_poll_interval_ms"), "must be positive");
+                }
+                if zd.job_timeout_ms < zd.job_poll_interval_ms {
+                    p.add(key("zendesk.job_timeout_ms"), "must be at least job_poll_interval_ms");
+                }
+                for (name, e) in &t.entities {
+                    let ekey = |field: &str| format!("tenants[{i}].entities.{name}.{field}");
+                    if !["users", "organizations", "tickets"].contains(&e.object.as_str()) {
+                        p.add(
+                            ekey("object"),
+                            "must be \"users\", \"organizations\" or \"tickets\" for Zendesk",
+                        );
+                    }
+                    if e.external_id_field != "external_id" {
+                        p.add(ekey("external_id_field"), "must be \"external_id\" for Zendesk");
+                    }
+                }
+            }
+            CrmKind::Dynamics => {
+                let Some(d) = &t.dynamics else {
+                    p.add(key("dynamics"), "is required when crm = \"dynamics\"");
+                    return;
+                };
+                p.check(check_url(&key("dynamics.org_url"), &d.org_url));
+                p.check(check_url(&key("dynamics.authority_url"), &d.authority_url));
+                if d.directory_id.trim().is_empty() || d.directory_id.contains('/') {
+                    p.add(key("dynamics.directory_id"), "must be a directory id or domain");
+                }
+                p.check(check_secret(&key("dynamics.client_id"), Some(&d.client_id)));
+                p.check(check_secret(&key("dynamics.client_secret"), Some(&d.client_secret)));
+                p.check(check_version(&key("dynamics.api_version"), &d.api_version, "9.2"));
+            }
+        }
+    }
+
+    fn check_grpc(&self, p: &mut Problems) {
+        let Some(g) = &self.grpc else { return };
         if g.addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ConfigError::invalid(
-                "grpc.addr",
-                "must be an IP address and port, e.g. 127.0.0.1:50051",
-            ));
+            p.add("grpc.addr", "must be an IP address and port, e.g. 127.0.0.1:50051");
         }
         if g.admin_token.is_none() && g.tenant_tokens.is_empty() {
-            return Err(ConfigError::invalid(
+            p.add(
                 "grpc",
                 "set grpc.admin_token or grpc.tenant_tokens: every call is authenticated",
-            ));
+            );
         }
         if let Some(t) = &g.admin_token {
-            check_secret("grpc.admin_token", Some(t))?;
+            p.check(check_secret("grpc.admin_token", Some(t)));
         }
         for (tenant, token) in &g.tenant_tokens {
             let key = format!("grpc.tenant_tokens.{tenant}");
             if self.tenant(tenant).is_none() {
-                return Err(ConfigError::invalid(key, "names no configured tenant"));
+                p.add(key.clone(), "names no configured tenant");
             }
-            check_secret(&key, Some(token))?;
+            p.check(check_secret(&key, Some(token)));
         }
         let mut tokens: Vec<&str> = g.tenant_tokens.values().map(Secret::expose).collect();
         tokens.extend(g.admin_token.as_ref().map(Secret::expose));
@@ -1194,40 +1280,36 @@ impl Config {
         tokens.sort_unstable();
         tokens.dedup();
         if tokens.len() != count {
-            return Err(ConfigError::invalid(
-                "grpc.tenant_tokens",
-                "every token must be different",
-            ));
+            p.add("grpc.tenant_tokens", "every token must be different");
         }
         if g.status_capacity == 0 {
-            return Err(ConfigError::invalid("grpc.status_capacity", "must be greater than 0"));
+            p.add("grpc.status_capacity", "must be greater than 0");
         }
         match (&g.tls_cert_path, &g.tls_key_path) {
             (None, None) => {}
             (Some(cert), Some(key)) => {
                 for (k, path) in [("grpc.tls_cert_path", cert), ("grpc.tls_key_path", key)] {
                     if std::fs::metadata(path).is_err() {
-                        return Err(ConfigError::invalid(k, format!("cannot read {path}")));
+                        p.add(k, format!("cannot read {path}"));
                     }
                 }
             }
             _ => {
-                return Err(ConfigError::invalid(
+                p.add(
                     "grpc.tls_cert_path",
                     "set both grpc.tls_cert_path and grpc.tls_key_path, or neither",
-                ))
+                );
             }
         }
-        Ok(())
     }
 
-    fn validate_notifier(&self) -> Result<(), ConfigError> {
+    fn check_notifier(&self, p: &mut Problems) {
         let n = &self.notifier;
         if n.dlq_topic.trim().is_empty() {
-            return Err(ConfigError::invalid("notifier.dlq_topic", "must not be empty"));
+            p.add("notifier.dlq_topic", "must not be empty");
         }
         if n.group_id.as_ref().is_some_and(|g| g.trim().is_empty()) {
-            return Err(ConfigError::invalid("notifier.group_id", "must not be empty when set"));
+            p.add("notifier.group_id", "must not be empty when set");
         }
         for (key, v) in [
             ("notifier.coalesce_window_ms", n.coalesce_window_ms),
@@ -1237,14 +1319,14 @@ impl Config {
             ("notifier.max_queued_per_endpoint", n.max_queued_per_endpoint as u64),
         ] {
             if v == 0 {
-                return Err(ConfigError::invalid(key, "must be greater than 0"));
+                p.add(key, "must be greater than 0");
             }
         }
         if n.retry_max_delay_ms < n.retry_base_delay_ms {
-            return Err(ConfigError::invalid(
+            p.add(
                 "notifier.retry_max_delay_ms",
                 "must be at least notifier.retry_base_delay_ms",
-            ));
+            );
         }
         let hooks = n
             .endpoints
@@ -1261,24 +1343,24 @@ impl Config {
             match reqwest::Url::parse(&hook.url) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
                 _ => {
-                    return Err(ConfigError::invalid(
-                        format!("{key}.url"),
-                        "must be an http:// or https:// URL",
-                    ))
+                    p.add(format!("{key}.url"), "must be an http:// or https:// URL");
                 }
             }
             if hook.secrets.is_empty() || hook.secrets.len() > 2 {
-                return Err(ConfigError::invalid(
+                p.add(
                     format!("{key}.secrets"),
                     "must list one secret, or two during a rotation",
-                ));
+                );
             }
             for (s, secret) in hook.secrets.iter().enumerate() {
-                crate::notifier::signing::SigningKey::parse(secret.expose())
-                    .map_err(|why| ConfigError::invalid(format!("{key}.secrets[{s}]"), why))?;
+                if secret.placeholder {
+                    continue;
+                }
+                if let Err(why) = crate::notifier::signing::SigningKey::parse(secret.expose()) {
+                    p.add(format!("{key}.secrets[{s}]"), why);
+                }
             }
         }
-        Ok(())
     }
 
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
@@ -1303,6 +1385,34 @@ fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// `host:port`, the host a name or an IP address (IPv6 in brackets); port 0 only where
+/// `any_port` (a listener that picks a free one).
+fn check_host_port(key: &str, value: &str, any_port: bool) -> Result<(), ConfigError> {
+    let fail = |why: &str| Err(ConfigError::invalid(key, format!("`{value}` {why}")));
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return fail("must be host:port");
+    };
+    match port.parse::<u16>() {
+        Ok(0) if !any_port => return fail("needs a port above 0"),
+        Ok(_) => {}
+        Err(_) => return fail("must end in a port number (0-65535)"),
+    }
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    if host_ok {
+        Ok(())
+    } else {
+        fail("must name a host (a DNS name or an IP address, IPv6 in brackets)")
+    }
+}
+
 fn check_version(key: &str, version: &str, example: &str) -> Result<(), ConfigError> {
     let ok = version
         .split_once('.')
@@ -1316,20 +1426,48 @@ fn check_version(key: &str, version: &str, example: &str) -> Result<(), ConfigEr
 
 fn check_secret(key: &str, secret: Option<&Secret>) -> Result<(), ConfigError> {
     match secret {
-        Some(s) if !s.expose().is_empty() => Ok(()),
+        Some(s) if s.placeholder || !s.expose().is_empty() => Ok(()),
         _ => Err(ConfigError::invalid(key, "must be set and not empty")),
     }
 }
 
+/// Reads a config file.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Whether a librdkafka property holds a secret (its value is kept out of the file).
+pub(crate) fn sensitive_client_property(name: &str) -> bool {
+    name.contains("password") || name.contains("secret") || matches!(name, "ssl.key.pem" | "sasl.oauthbearer.config")
+}
+
+/// Resolves `${VAR}` from `env` and `${file:/path}` from the file (one trailing newline
+/// dropped, as `kubectl create secret --from-file` and editors leave one); any other
+/// value is kept as written.
 fn resolve_secret(key: &str, value: &mut Secret, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
     let raw = value.expose();
-    if let Some(var) = raw.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
-        let resolved = env(var).ok_or_else(|| ConfigError::MissingEnv {
+    let Some(reference) = raw.strip_prefix("${").and_then(|r| r.strip_suffix('}')) else {
+        return Ok(());
+    };
+    let resolved = match reference.strip_prefix("file:") {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+                key: key.to_string(),
+                path: path.to_string(),
+                reason: e.kind().to_string(),
+            })?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            text.strip_suffix('\r').unwrap_or(text).to_string()
+        }
+        None => env(reference).ok_or_else(|| ConfigError::MissingEnv {
             key: key.to_string(),
-            var: var.to_string(),
-        })?;
-        *value = Secret(resolved);
-    }
+            var: reference.to_string(),
+        })?,
+    };
+    *value = Secret::new(resolved);
     Ok(())
 }
 
@@ -1389,6 +1527,117 @@ mod tests {
             err.contains("tenants[0].salesforce.client_secret") && err.contains("SF_SECRET"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_each_naming_its_key() {
+        let text = MINIMAL
+            .replace("group_id = \"g\"", "group_id = \"\"")
+            .replace(
+                "bootstrap_servers = \"localhost:9092\"",
+                "bootstrap_servers = \"localhost:notaport\"",
+            )
+            .replace("client_id = \"${SF_ID}\"", "client_id = \"${NOT_SET}\"")
+            .replace("[kafka]", "[service]\nhttp_addr = \"localhost:notaport\"\n[kafka]")
+            .replace("https://acme.my.salesforce.com", "acme.my.salesforce.com");
+        let err = parse(&text, &[("SF_SECRET", "s")]).unwrap_err().to_string();
+        for key in [
+            "service.http_addr",
+            "kafka.bootstrap_servers",
+            "kafka.group_id",
+            "tenants[0].salesforce.client_id",
+            "tenants[0].salesforce.base_url",
+        ] {
+            assert!(err.contains(&format!("`{key}`")), "{key} missing from: {err}");
+        }
+        assert!(err.starts_with("5 problems:"), "{err}");
+    }
+
+    #[test]
+    fn addresses_are_host_and_port() {
+        for (addr, ok) in [
+            ("127.0.0.1:9464", true),
+            ("0.0.0.0:0", true),
+            ("localhost:9464", true),
+            ("metrics.internal:80", true),
+            ("[::1]:9464", true),
+            ("localhost:notaport", false),
+            ("localhost:70000", false),
+            ("localhost", false),
+            (":9464", false),
+            ("bad host:9464", false),
+            ("[::zz]:9464", false),
+        ] {
+            let text = MINIMAL.replace("[kafka]", &format!("[service]\nhttp_addr = \"{addr}\"\n[kafka]"));
+            let result = parse(&text, &[("SF_ID", "i"), ("SF_SECRET", "s")]);
+            assert_eq!(result.is_ok(), ok, "{addr}: {:?}", result.err().map(|e| e.to_string()));
+        }
+        for (servers, ok) in [
+            ("b1:9092,b2:9092", true),
+            ("SASL_SSL://b1.example.com:9096", true),
+            ("b1", true),
+            ("[::1]:9092", true),
+            ("b1:0", false),
+            ("b1:x", false),
+            ("b1:9092,,b2:nope", false),
+        ] {
+            let text = MINIMAL.replace("localhost:9092", servers);
+            let result = parse(&text, &[("SF_ID", "i"), ("SF_SECRET", "s")]);
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "{servers}: {:?}",
+                result.err().map(|e| e.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_with_one_trailing_newline_dropped() {
+        let dir = std::env::temp_dir().join(format!("crm-sync-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("client_secret");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let text = MINIMAL.replace("${SF_SECRET}", &format!("${{file:{}}}", file.display()));
+        let c = parse(&text, &[("SF_ID", "i")]).unwrap();
+        assert_eq!(
+            c.tenants[0].salesforce.as_ref().unwrap().client_secret.expose(),
+            "from-a-file"
+        );
+
+        let missing = MINIMAL.replace("${SF_SECRET}", "${file:/nonexistent/crm-sync/secret}");
+        let err = parse(&missing, &[("SF_ID", "i")]).unwrap_err().to_string();
+        assert!(
+            err.contains("`tenants[0].salesforce.client_secret`") && err.contains("/nonexistent/crm-sync/secret"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_secrets_the_structure_is_checked_and_literal_secrets_are_named() {
+        let text = MINIMAL
+            .replace(
+                "[kafka]",
+                "[kafka.client]\n\"sasl.password\" = \"hunter2\"\n\"security.protocol\" = \"SASL_SSL\"\n[kafka]",
+            )
+            .replace("client_id = \"${SF_ID}\"", "client_id = \"literal-id\"");
+        let mut c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.literal_secrets(),
+            ["kafka.client.\"sasl.password\"", "tenants[0].salesforce.client_id"]
+        );
+        c.skip_secrets();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        // Without skipping, the unset variable is a problem.
+        let mut c = Config::parse(&text).unwrap();
+        let unresolved = c.resolve_env(|_| None);
+        assert_eq!(unresolved.len(), 1, "{unresolved:?}");
+        assert!(unresolved[0].to_string().contains("SF_SECRET"));
+        // A structural problem is still found without the secrets.
+        let mut broken = Config::parse(&text.replace("group_id = \"g\"", "group_id = \" \"")).unwrap();
+        broken.skip_secrets();
+        assert_eq!(broken.problems().len(), 1);
     }
 
     #[test]

@@ -33,13 +33,15 @@
 //! Partitions and tenants talk through the types in [`messages`], which both import, so
 //! neither imports the other.
 //!
-//! Cross-cutting: [`config`], [`headers`] (Kafka headers as bytes), [`telemetry`]
+//! Cross-cutting: [`config`] (and [`check`], which finds every problem of a
+//! configuration without starting), [`headers`] (Kafka headers as bytes), [`telemetry`]
 //! (metrics, health), [`supervise`] (turning panics into supervised restarts),
 //! [`offload`] (the I/O runtime that keeps CRM calls and state writes off the actor
 //! thread), [`shutdown`], [`pipeline`] (wiring it all into a running service),
 //! [`sandbox`] (local stand-ins for Kafka and the CRMs) and [`demo`] (the demo, and the
 //! chaos harness in [`demo::chaos`]).
 
+pub mod check;
 pub mod config;
 pub mod connectors;
 pub mod consume;

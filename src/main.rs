@@ -59,10 +59,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a configuration file and report every problem with the key at fault.
+    /// Check a configuration file and report every problem with the key at fault: keys and
+    /// types, cross-field rules, addresses, secret references, and the Kafka consumer and
+    /// producer settings (both clients are built, without waiting for a broker). Warns
+    /// about secrets written in the file. Exits 1 when there is a problem.
     CheckConfig {
         /// Path to the TOML configuration.
         file: PathBuf,
+        /// Check the structure without the secrets: `${VAR}` and `${file:/path}`
+        /// references are not resolved, so this runs where the secrets are not (CI).
+        #[arg(long)]
+        no_secrets: bool,
     },
     /// Send dead-lettered events back to their input topic after a fix: reads the DLQ with
     /// the service's Kafka settings, keeps what the filters select, skips events whose
@@ -471,21 +478,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(config) => {
-                println!(
-                    "{}: OK ({} tenant(s), input topics {:?})",
-                    file.display(),
-                    config.tenants.len(),
-                    config.kafka.input_topics
-                );
-                Ok(ExitCode::SUCCESS)
+        Command::CheckConfig { file, no_secrets } => {
+            let report = crm_sync::check::check(&file, no_secrets);
+            for warning in &report.warnings {
+                eprintln!("{}: warning: {warning}", file.display());
             }
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
-                Ok(ExitCode::FAILURE)
+            for problem in &report.problems {
+                eprintln!("{}: {problem}", file.display());
             }
-        },
+            match (&report.summary, report.problems.len()) {
+                (Some(summary), 0) => {
+                    let secrets = if no_secrets { ", secrets not resolved" } else { "" };
+                    println!("{}: OK ({summary}{secrets})", file.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                (_, n) => {
+                    eprintln!("{}: {n} problem(s)", file.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Sandbox(SandboxCommand::Salesforce {
             port,
             bind,

@@ -476,11 +476,7 @@ fn wire(
     committed: Arc<AtomicBool>,
     http_addr: SocketAddr,
 ) -> Result<Wired, StartError> {
-    let producer: FutureProducer = consume::client_config(&config.kafka)
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()?;
+    let producer: FutureProducer = consume::producer_config(&config.kafka).create()?;
     let state = StateStore::new(producer.clone(), &config.kafka.state_topic);
     let trail = Trail::new(
         producer.clone(),

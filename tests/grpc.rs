@@ -443,66 +443,7 @@ fn published_events_are_checked_answered_in_order_and_delivered() {
 fn the_server_speaks_tls_when_given_a_certificate() {
     let env = Env::new(1);
     let dir = tempfile::tempdir().unwrap();
-    // A test CA, and a server certificate for localhost it signed.
-    let path = |name: &str| dir.path().join(name).display().to_string();
-    let (ca, cert, key) = (path("ca.pem"), path("cert.pem"), path("key.pem"));
-    std::fs::write(
-        path("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    for args in [
-        vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            &path("ca.key"),
-            "-out",
-            &ca,
-        ],
-        vec![
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            &key,
-            "-out",
-            &path("leaf.csr"),
-        ],
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &path("leaf.csr"),
-            "-CA",
-            &ca,
-            "-CAkey",
-            &path("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &path("ext.cnf"),
-            "-out",
-            &cert,
-        ],
-    ] {
-        let made = std::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .expect("openssl runs");
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    }
+    let (ca, cert, key) = test_ca(dir.path());
     let status = unique("status");
     env.kafka.as_ref().unwrap().create_topic(&status, 1).unwrap();
     let mut config = config(&env, &status, &env.group);

@@ -133,6 +133,61 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("KAFKA_SASL_PASSWORD"));
 }
 
+/// `check-config` reports every problem in one run, each naming its key: cross-field
+/// rules, addresses, and what librdkafka refuses when the service's Kafka clients are
+/// built (a property's value, a SASL mechanism this build has no provider for). Secrets
+/// written in the file are named, never printed. `--no-secrets` checks the reference
+/// configuration where none of its secrets are set.
+#[test]
+fn check_config_reports_every_problem_at_once_and_runs_without_secrets() {
+    let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml");
+    let out = Command::new(BIN)
+        .args(["check-config", "--no-secrets", reference])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("OK") && stdout.contains("secrets not resolved"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(reference)
+        .unwrap()
+        .replace("http_addr = \"127.0.0.1:9464\"", "http_addr = \"localhost:notaport\"")
+        .replace("group_id = \"crm-sync\"", "group_id = \"\"")
+        .replace(
+            "\"sasl.mechanisms\" = \"SCRAM-SHA-512\"",
+            "\"sasl.mechanisms\" = \"GSSAPI\"",
+        )
+        .replace(
+            "\"sasl.password\" = \"${KAFKA_SASL_PASSWORD}\"",
+            "\"sasl.password\" = \"hunter2-literal\"\n\"compression.type\" = \"brotli\"",
+        );
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--no-secrets", path.to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for expected in [
+        "`service.http_addr`",
+        "`kafka.group_id`",
+        "`kafka.client.\"compression.type\"`",
+        "GSSAPI",
+        "warning: `kafka.client.\"sasl.password\"` is written in the file",
+    ] {
+        assert!(stderr.contains(expected), "{expected} missing from:\n{stderr}");
+    }
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "a literal secret was printed:\n{stderr}");
+}
+
 #[test]
 fn redrive_from_the_command_line_says_what_it_did_and_names_a_bad_flag() {
     let env = Env::new(1);

@@ -632,12 +632,36 @@ pub struct ConsumerSetup {
 }
 
 /// Connection settings every Kafka client of the service shares.
+///
+/// Over TLS with no CA named, the brokers' certificates are checked against the system's
+/// CA certificates (`ssl.ca.location = probe`): the OpenSSL built into the binary would
+/// otherwise look where it was built to, which holds none, and refuse every broker.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &kafka.client {
         c.set(k, v.expose());
     }
+    let tls = kafka
+        .client
+        .get("security.protocol")
+        .is_some_and(|p| p.expose().to_ascii_uppercase().contains("SSL"));
+    let ca_named = ["ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores"]
+        .iter()
+        .any(|k| kafka.client.contains_key(*k));
+    if tls && !ca_named {
+        c.set("ssl.ca.location", "probe");
+    }
     c.set("bootstrap.servers", &kafka.bootstrap_servers);
+    c
+}
+
+/// librdkafka settings of the service's producer (retry, DLQ, failures, state and trail
+/// topics): acknowledged by every in-sync replica.
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(kafka);
+    c.set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
     c
 }
 
@@ -936,5 +960,55 @@ fn hold_back(ctx: &LoopContext, key: &PartitionKey, offset: i64) -> bool {
             true
         }
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(client: &str) -> KafkaConfig {
+        let text = format!(
+            r#"
+            [kafka]
+            bootstrap_servers = "b1:9093"
+            group_id = "g"
+            input_topics = ["in"]
+            dlq_topic = "dlq"
+            failures_topic = "failures"
+            state_topic = "state"
+            [kafka.client]
+            {client}
+            [[tenants]]
+            name = "acme"
+            crm = "salesforce"
+            [tenants.salesforce]
+            base_url = "https://acme.my.salesforce.com"
+            client_id = "i"
+            client_secret = "s"
+            [tenants.entities.contact]
+            object = "Contact"
+            external_id_field = "External_Id__c"
+            fields = {{ LastName = "last_name" }}
+            "#
+        );
+        crate::config::Config::from_toml(&text).unwrap().kafka
+    }
+
+    #[test]
+    fn tls_without_a_named_ca_trusts_the_systems_cas() {
+        let probe = |client: &str| client_config(&kafka(client)).get("ssl.ca.location").map(str::to_string);
+        assert_eq!(probe(r#""security.protocol" = "SASL_SSL""#).as_deref(), Some("probe"));
+        assert_eq!(probe(r#""security.protocol" = "ssl""#).as_deref(), Some("probe"));
+        assert_eq!(
+            probe("\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/etc/ca.pem\"").as_deref(),
+            Some("/etc/ca.pem")
+        );
+        assert_eq!(
+            probe("\"security.protocol\" = \"SSL\"\n\"ssl.ca.pem\" = \"PEM\"").as_deref(),
+            None
+        );
+        assert_eq!(probe(r#""security.protocol" = "SASL_PLAINTEXT""#).as_deref(), None);
+        assert_eq!(probe("").as_deref(), None);
     }
 }

@@ -50,6 +50,19 @@ impl KafkaSandbox {
         self.cluster().create_topic(topic, partitions, 1)
     }
 
+    /// Makes broker `id` tell clients to reach it at `host:port` (its listener stays where
+    /// it is): for a proxy in front of it, such as a TLS and SASL listener in tests.
+    pub fn advertise(&self, id: i32, host: &str, port: u16) {
+        let host = std::ffi::CString::new(host).expect("a host name has no NUL byte");
+        // SAFETY: as in `start`: the mock cluster lives as long as `self.owner`; the call
+        // copies `host` under the cluster's lock.
+        unsafe {
+            let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(self.owner.client().native_ptr());
+            assert!(!cluster.is_null(), "the sandbox's client owns a mock cluster");
+            rdkafka::bindings::rd_kafka_mock_broker_set_host_port(cluster, id, host.as_ptr(), i32::from(port));
+        }
+    }
+
     /// Makes broker `id` the leader of every partition of `topic` (fault injection: a
     /// topic on a broker of its own can be taken down alone).
     pub fn set_leader(&self, topic: &str, partitions: i32, id: i32) -> KafkaResult<()> {

@@ -1,6 +1,7 @@
 //! A webhook receiver that verifies with the reference Standard Webhooks library (the
 //! `standardwebhooks` package from PyPI, run by `tests/support/webhook_receiver.py`), and
-//! the Python that runs it and the Python gRPC client (`grpcio`, `grpcio-tools`).
+//! the Python that runs it, the Python gRPC client (`grpcio`, `grpcio-tools`) and the
+//! secured Kafka listener's SCRAM (`scramp`).
 //! `.ci/run` installs the packages; when they are missing here, they are installed into
 //! `target/test-python` first, so the README's test command needs nothing by hand.
 
@@ -19,10 +20,11 @@ pub fn secret() -> String {
 }
 
 /// The PyPI packages the tests' Python needs, and a module of each to import.
-const PACKAGES: [(&str, &str); 3] = [
+const PACKAGES: [(&str, &str); 4] = [
     ("standardwebhooks", "standardwebhooks"),
     ("grpcio", "grpc"),
     ("grpcio-tools", "grpc_tools"),
+    ("scramp", "scramp"),
 ];
 
 /// `PYTHONPATH` under which the [`PACKAGES`] import, installing them if need be.

@@ -26,7 +26,7 @@ const RENEW_BEFORE: Duration = Duration::from_secs(60);
 pub enum Auth {
     /// A header value that never changes (API token or a given OAuth token).
     Fixed(Arc<Secret>),
-    ClientCredentials(TokenSource),
+    ClientCredentials(Box<TokenSource>),
 }
 
 pub struct TokenSource {
@@ -61,7 +61,7 @@ impl Auth {
         let (Some(client_id), Some(client_secret)) = (&config.oauth_client_id, &config.oauth_client_secret) else {
             unreachable!("validate() requires one form of Zendesk credentials")
         };
-        Auth::ClientCredentials(TokenSource {
+        Auth::ClientCredentials(Box::new(TokenSource {
             http,
             token_url: format!("{base_url}/oauth/tokens"),
             client_id: client_id.clone(),
@@ -69,7 +69,7 @@ impl Auth {
             scope: config.oauth_scope.clone(),
             meter,
             current: TokenCache::default(),
-        })
+        }))
     }
 
     /// The `Authorization` header value to send.
