@@ -104,6 +104,20 @@ pub struct ServiceConfig {
     /// the process exits anyway.
     #[serde(default = "default_shutdown_deadline_ms")]
     pub shutdown_deadline_ms: u64,
+    /// Log format on stdout: `auto` (text on a terminal, JSON lines otherwise), `json`
+    /// (one JSON object per line) or `text` (colour only on a terminal).
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written (`service.log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Json,
+    Text,
 }
 
 impl Default for ServiceConfig {
@@ -111,6 +125,7 @@ impl Default for ServiceConfig {
         ServiceConfig {
             http_addr: default_http_addr(),
             shutdown_deadline_ms: default_shutdown_deadline_ms(),
+            log_format: LogFormat::default(),
         }
     }
 }

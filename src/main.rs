@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use crm_sync::config::Config;
+use crm_sync::config::{Config, LogFormat};
 use crm_sync::consume::StopMode;
 use crm_sync::demo::workload::kafka_key;
 use crm_sync::grpc::{client, pb};
@@ -231,13 +231,37 @@ enum SandboxCommand {
     },
 }
 
-fn init_logging(default: &str) {
+/// Logs on stdout, filtered by `RUST_LOG` (else `default`): JSON lines when `format` says
+/// so, or when stdout is not a terminal and it says `auto`; text otherwise, coloured only
+/// on a terminal (no ANSI codes in files).
+fn init_logging(default: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    let terminal = std::io::stdout().is_terminal();
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !terminal,
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if json {
+        logs.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        logs.with_ansi(terminal).init();
+    }
+}
+
+/// The log format a command's configuration asks for; `auto` when it has none or it
+/// cannot be read (the command reports that itself, once logging is set up).
+fn log_format(command: &Command) -> LogFormat {
+    let path = match command {
+        Command::Run { config } | Command::Notify { config } | Command::Redrive { config, .. } => config,
+        _ => return LogFormat::Auto,
+    };
+    crm_sync::config::read(path)
+        .and_then(|text| Config::parse(&text))
+        .map_or(LogFormat::Auto, |c| c.service.log_format)
 }
 
 /// Exit status of `run` when the service died on its own (EX_SOFTWARE): an
@@ -249,10 +273,13 @@ const NOTIFIER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; its logs would only interleave with it.
-    init_logging(match cli.command {
-        Command::Demo { .. } => "warn,librdkafka=error,rdkafka=error",
-        _ => "info,librdkafka=warn,rdkafka=warn",
-    });
+    init_logging(
+        match cli.command {
+            Command::Demo { .. } => "warn,librdkafka=error,rdkafka=error",
+            _ => "info,librdkafka=warn,rdkafka=warn",
+        },
+        log_format(&cli.command),
+    );
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

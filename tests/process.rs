@@ -268,6 +268,59 @@ fn notify_runs_the_notifier_alone_and_stops_on_sigterm() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Logs written to a file are JSON lines with no ANSI codes (`log_format = "auto"` off a
+/// terminal); `log_format = "text"` writes plain text, still without ANSI codes.
+#[test]
+fn logs_off_a_terminal_are_json_lines_without_ansi_codes() {
+    let env = Env::new(1);
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["auto", "text"] {
+        let path = dir.path().join(format!("{format}.toml"));
+        let text = env.config_toml().replace(
+            "shutdown_deadline_ms = 8000",
+            &format!("shutdown_deadline_ms = 8000\nlog_format = \"{format}\""),
+        );
+        std::fs::write(&path, text).unwrap();
+        let log = dir.path().join(format!("{format}.log"));
+        let mut service = Proc(
+            Command::new(BIN)
+                .args(["run", "--config", path.to_str().unwrap()])
+                .env("SF_SECRET", CLIENT_SECRET)
+                .env("RUST_LOG", "info")
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let read = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            wait_until(Duration::from_secs(30), || read().contains("crm-sync running.")),
+            "{format}: {}",
+            read()
+        );
+        let pid = service.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        service.wait_exit(Duration::from_secs(20)).expect("exits after SIGTERM");
+        let written = read();
+        assert!(
+            !written.contains('\u{1b}'),
+            "{format}: ANSI codes in a file:\n{written}"
+        );
+        let lines: Vec<&str> = written.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 2, "{format}: {written}");
+        for line in &lines {
+            let parsed = serde_json::from_str::<serde_json::Value>(line);
+            if format == "auto" {
+                let object = parsed.unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                assert!(object["level"].is_string() && object["timestamp"].is_string(), "{line}");
+                assert!(object["message"].is_string(), "{line}");
+            } else {
+                assert!(parsed.is_err(), "text format wrote JSON: {line}");
+            }
+        }
+    }
+}
+
 fn start_service(config: &std::path::Path) -> Proc {
     Proc(
         Command::new(BIN)
