@@ -97,6 +97,22 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Stable, bounded reason code for DLQ headers and metric labels.
+    /// Every [`code`](Self::code).
+    pub const CODES: [&'static str; 12] = [
+        "too_large",
+        "empty_message",
+        "not_utf8",
+        "invalid_json",
+        "not_an_object",
+        "missing_field",
+        "wrong_type",
+        "unknown_op",
+        "unknown_tenant",
+        "unknown_entity",
+        "field_too_long",
+        "bad_retry_header",
+    ];
+
     pub fn code(&self) -> &'static str {
         match self {
             DecodeError::TooLarge { .. } => "too_large",

@@ -330,6 +330,8 @@ fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Option<RetryR
 
 /// Starts the service described by `config` (which must have passed `validate`).
 pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
+    telemetry::prometheus();
+    telemetry::register_counters(&config);
     let (started_tx, started_rx) = mpsc::channel::<Result<Control, StartError>>();
     let (finished_tx, finished_rx) = mpsc::channel();
     let stop = StopSignal::default();

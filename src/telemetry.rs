@@ -51,6 +51,7 @@ pub mod metric {
     pub const NOTIFICATION_ATTEMPT_FAILURES: &str = "crm_sync_notification_attempt_failures_total";
     pub const NOTIFIER_QUEUED: &str = "crm_sync_notifier_queued_notifications";
     pub const NOTIFIER_HELD: &str = "crm_sync_notifier_held_events";
+    pub const BUILD_INFO: &str = "crm_sync_build_info";
 }
 
 /// Final and intermediate outcomes of an event (the `outcome` label of
@@ -67,6 +68,7 @@ pub mod outcome {
 
 fn describe() {
     use metric::*;
+    describe_gauge!(BUILD_INFO, "1, labelled with the version of crm-sync running.");
     describe_counter!(EVENTS_CONSUMED, Unit::Count, "Messages read from the input topics.");
     describe_counter!(
         OUTCOMES,
@@ -127,21 +129,6 @@ fn describe() {
         "API requests the CRM says the tenant has left in its current window."
     );
     describe_counter!(TOKEN_REFRESHES, Unit::Count, "Access tokens fetched, by tenant.");
-    describe_gauge!(
-        IN_FLIGHT,
-        Unit::Count,
-        "Events received and not yet final, by topic and partition."
-    );
-    describe_gauge!(
-        CONSUMER_LAG,
-        Unit::Count,
-        "High watermark minus committed position, by topic and partition."
-    );
-    describe_gauge!(
-        COMMITTED_OFFSET,
-        Unit::Count,
-        "Offset stored for commit (next to consume), by topic and partition."
-    );
     describe_counter!(
         PARTITION_PAUSES,
         Unit::Count,
@@ -222,21 +209,236 @@ fn describe() {
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// The per-partition gauges (in-flight events, consumer lag, committed offset). They are
+/// kept here and rendered beside the recorder's output, because the recorder cannot drop
+/// a series: a partition that leaves this member must leave its `/metrics`, or
+/// `sum(crm_sync_consumer_lag_messages)` over the group counts it twice.
+pub fn partitions() -> &'static PartitionGauges {
+    static GAUGES: OnceLock<PartitionGauges> = OnceLock::new();
+    GAUGES.get_or_init(PartitionGauges::default)
+}
+
+type SeriesKey = (&'static str, Arc<str>, i32);
+
+/// See [`partitions`].
+#[derive(Default)]
+pub struct PartitionGauges {
+    series: std::sync::Mutex<std::collections::BTreeMap<SeriesKey, PartitionGauge>>,
+}
+
+/// One per-partition gauge: an `f64` set without a lock.
+#[derive(Clone, Default)]
+pub struct PartitionGauge(Arc<std::sync::atomic::AtomicU64>);
+
+impl PartitionGauge {
+    pub fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::Relaxed);
+    }
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl PartitionGauges {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<SeriesKey, PartitionGauge>> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The gauge `metric` of `topic`/`partition`, shown (from 0) until [`forget`](Self::forget).
+    pub fn gauge(&self, metric: &'static str, topic: &str, partition: i32) -> PartitionGauge {
+        self.lock()
+            .entry((metric, topic.into(), partition))
+            .or_default()
+            .clone()
+    }
+
+    /// Drops every series of `topic`/`partition`.
+    pub fn forget(&self, topic: &str, partition: i32) {
+        self.lock().retain(|(_, t, p), _| !(&**t == topic && *p == partition));
+    }
+
+    /// The series in Prometheus's text format, each metric with its HELP and TYPE.
+    fn render(&self) -> String {
+        let series = self.lock();
+        let mut out = String::new();
+        let mut current = "";
+        for ((metric, topic, partition), gauge) in series.iter() {
+            if *metric != current {
+                current = metric;
+                let help = PARTITION_GAUGE_HELP
+                    .iter()
+                    .find(|(m, _)| m == metric)
+                    .map_or("", |(_, h)| *h);
+                out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
+            }
+            let topic = topic.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            out.push_str(&format!(
+                "{metric}{{topic=\"{topic}\",partition=\"{partition}\"}} {}\n",
+                gauge.get()
+            ));
+        }
+        out
+    }
+}
+
+/// The standard process metrics (as Prometheus's client libraries name them), read from
+/// `/proc/self` at each scrape; nothing where there is no `/proc`.
+fn process_metrics() -> String {
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(user), Some(system)) = (field(14), field(15)) {
+            if ticks > 0 {
+                put(
+                    "process_cpu_seconds_total",
+                    "counter",
+                    "User and system CPU time spent, in seconds.",
+                    (user + system) / ticks as f64,
+                );
+            }
+        }
+        if let (Some(rss), true) = (field(24), page > 0) {
+            put(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+                rss * page as f64,
+            );
+        }
+        if let Some(vsize) = field(23) {
+            put(
+                "process_virtual_memory_bytes",
+                "gauge",
+                "Virtual memory size in bytes.",
+                vsize,
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        put(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    out
+}
+
+/// Registers every counter at zero for the label sets known at start (the configured
+/// tenants and topics, every outcome, state, reason and actor kind), so that `rate()` and
+/// `increase()` see them before their first event.
+pub fn register_counters(config: &crate::config::Config) {
+    use metric::*;
+    let zero = |name: &'static str, labels: Vec<(&'static str, String)>| {
+        metrics::counter!(name, &labels).increment(0);
+    };
+    for name in [
+        COMMIT_FAILURES,
+        STATE_WRITE_FAILURES,
+        STATE_RESTORED,
+        STATE_RESTORE_FAILURES,
+        DLQ_TRIMMED,
+    ] {
+        zero(name, Vec::new());
+    }
+    for actor in ["partition", "tenant", "retry_queue", "notifier"] {
+        zero(ACTOR_RESTARTS, vec![("actor", actor.into())]);
+    }
+    for reason in crate::event::DecodeError::CODES {
+        zero(DECODE_ERRORS, vec![("reason", reason.into())]);
+    }
+    let k = &config.kafka;
+    for topic in &k.input_topics {
+        zero(EVENTS_CONSUMED, vec![("topic", topic.clone())]);
+        zero(PARTITION_PAUSES, vec![("topic", topic.clone())]);
+    }
+    for topic in [Some(&k.dlq_topic), Some(&k.failures_topic), k.retry_topic.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        zero(DLQ_WRITE_FAILURES, vec![("topic", topic.clone())]);
+    }
+    for topic in [k.status_topic.as_ref(), k.audit_topic.as_ref()].into_iter().flatten() {
+        zero(TRAIL_WRITE_FAILURES, vec![("topic", topic.clone())]);
+    }
+    let outcomes = [
+        outcome::DELIVERED,
+        outcome::RETRIED,
+        outcome::DEAD_LETTERED,
+        outcome::PARKED,
+        outcome::HANDED_OVER,
+        "duplicate",
+        "unchanged",
+        "stale",
+        "superseded",
+    ];
+    for t in &config.tenants {
+        let tenant = || ("tenant", t.name.clone());
+        let crm = || ("crm", t.crm.as_str().to_string());
+        for o in outcomes {
+            zero(OUTCOMES, vec![tenant(), ("outcome", o.into())]);
+        }
+        for status in ["2xx", "3xx", "4xx", "5xx", "error"] {
+            zero(CRM_REQUESTS, vec![tenant(), crm(), ("status", status.into())]);
+        }
+        zero(TOKEN_REFRESHES, vec![tenant(), crm()]);
+        zero(TENANT_THROTTLES, vec![tenant()]);
+        zero(TENANT_PAUSES, vec![tenant()]);
+        for reason in ["share", "permit_wait"] {
+            zero(TENANT_WINDOW_PARKS, vec![tenant(), ("reason", reason.into())]);
+        }
+        for state in ["closed", "open", "half_open", "auth_failed", "paused"] {
+            zero(TENANT_TRANSITIONS, vec![tenant(), ("state", state.into())]);
+        }
+    }
+}
+
+/// HELP texts of the per-partition gauges.
+const PARTITION_GAUGE_HELP: [(&str, &str); 3] = [
+    (
+        metric::IN_FLIGHT,
+        "Events received and not yet final, by topic and partition.",
+    ),
+    (
+        metric::CONSUMER_LAG,
+        "High watermark minus committed position, by topic and partition (from assignment on; gone when the partition leaves this member).",
+    ),
+    (
+        metric::COMMITTED_OFFSET,
+        "Offset committed (next to consume), by topic and partition.",
+    ),
+];
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn prometheus() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
+            // Histograms everywhere (buckets aggregate across members; summaries do not).
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
-                )
-                .expect("the bucket list is a non-empty constant");
+                .set_buckets(&[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0])
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                        &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    )
+                })
+                .expect("the bucket lists are non-empty constants");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness); ours still renders.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            metrics::gauge!(metric::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
@@ -279,7 +481,8 @@ pub async fn serve(addr: &str, health: Health) -> std::io::Result<(SocketAddr, t
                 let h = handle.clone();
                 async move {
                     h.run_upkeep();
-                    ([("content-type", "text/plain; version=0.0.4")], h.render())
+                    let text = h.render() + &partitions().render() + &process_metrics();
+                    ([("content-type", "text/plain; version=0.0.4")], text)
                 }
             }),
         )
@@ -330,6 +533,32 @@ mod tests {
             rest = &tail[end..];
         }
         out
+    }
+
+    #[test]
+    fn a_partition_that_leaves_leaves_the_exposition() {
+        let gauges = super::PartitionGauges::default();
+        let lag = super::metric::CONSUMER_LAG;
+        gauges.gauge(lag, "in", 0).set(5.0);
+        gauges.gauge(lag, "in", 1).set(7.0);
+        gauges.gauge(super::metric::IN_FLIGHT, "in", 1).set(2.0);
+        let text = gauges.render();
+        assert!(
+            text.contains("crm_sync_consumer_lag_messages{topic=\"in\",partition=\"1\"} 7"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE crm_sync_consumer_lag_messages gauge").count(),
+            1,
+            "{text}"
+        );
+        gauges.forget("in", 1);
+        let text = gauges.render();
+        assert!(!text.contains("partition=\"1\""), "{text}");
+        assert!(
+            text.contains("crm_sync_consumer_lag_messages{topic=\"in\",partition=\"0\"} 5"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -137,6 +137,9 @@ impl Quota {
 pub struct QuotaCell {
     meter: Meter,
     latest: Mutex<Option<Quota>>,
+    /// The most requests left the CRM has reported: a floor for the window's size where
+    /// the limit is a documented default the CRM may exceed (Dataverse).
+    peak: std::sync::atomic::AtomicU64,
 }
 
 impl QuotaCell {
@@ -144,6 +147,7 @@ impl QuotaCell {
         QuotaCell {
             meter,
             latest: Mutex::new(None),
+            peak: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -153,10 +157,24 @@ impl QuotaCell {
             ("crm", self.meter.crm.to_string()),
         ];
         metrics::gauge!(metric::CRM_QUOTA_REMAINING, &labels).set(quota.remaining as f64);
-        if let Some(fraction) = quota.fraction_left() {
-            metrics::gauge!(metric::CRM_API_USAGE, &labels).set(1.0 - fraction);
+        if let Some(used) = self.usage(quota) {
+            metrics::gauge!(metric::CRM_API_USAGE, &labels).set(used);
         }
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(quota);
+    }
+
+    /// The share of the window used, 0 to 1: against the reported limit, or the most
+    /// requests left ever reported when that is more (a limit we only assume).
+    fn usage(&self, quota: Quota) -> Option<f64> {
+        let peak = self
+            .peak
+            .fetch_max(quota.remaining, std::sync::atomic::Ordering::Relaxed)
+            .max(quota.remaining);
+        let limit = Quota {
+            limit: quota.limit.map(|l| l.max(peak)),
+            ..quota
+        };
+        limit.fraction_left().map(|left| (1.0 - left).clamp(0.0, 1.0))
     }
 
     pub fn latest(&self) -> Option<Quota> {
@@ -173,6 +191,24 @@ pub fn header_u64(headers: &reqwest::header::HeaderMap, name: &str) -> Option<u6
 mod tests {
     use super::*;
     use percent_encoding::utf8_percent_encode;
+
+    #[test]
+    fn api_usage_stays_a_share_when_the_crm_reports_more_than_the_assumed_limit() {
+        let cell = QuotaCell::new(Meter {
+            tenant: "acme".into(),
+            crm: "dynamics",
+        });
+        let quota = |remaining| Quota {
+            remaining,
+            limit: Some(6000),
+            resets_in: None,
+        };
+        assert_eq!(cell.usage(quota(4500)), Some(0.25));
+        // Dataverse reported a million left against its documented 6000: was -166665.67.
+        assert_eq!(cell.usage(quota(1_000_000)), Some(0.0));
+        assert_eq!(cell.usage(quota(750_000)), Some(0.25));
+        assert_eq!(cell.usage(quota(0)), Some(1.0));
+    }
 
     #[test]
     fn retry_after_in_seconds() {

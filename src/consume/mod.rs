@@ -54,7 +54,7 @@ use crate::diff::Restore;
 use crate::messages::{PartitionShared, Partitions, Redispatch};
 use crate::retry::topic::RetryRoute;
 use crate::supervise::InjectPanic;
-use crate::telemetry::{metric, Health};
+use crate::telemetry::{self, metric, Health};
 
 /// A partition: (topic, partition number).
 pub type PartitionKey = (Arc<str>, i32);
@@ -211,8 +211,7 @@ impl ClientContext for LoopContext {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                metrics::gauge!(metric::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set(p.consumer_lag as f64);
+                self.show(metric::CONSUMER_LAG, topic, *partition, p.consumer_lag as f64);
             }
         }
     }
@@ -239,6 +238,7 @@ impl ConsumerContext for LoopContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = keys_of(tpl);
             tracing::info!(partitions = assigned.len(), "Partitions assigned.");
+            self.show_lag(consumer, &assigned);
             self.activate(consumer, assigned);
             self.health.set_ready(true);
         }
@@ -530,7 +530,7 @@ impl LoopContext {
                 continue;
             };
             match self.client(main, &first).store_and_commit(&tpl, mode) {
-                Ok(()) => record_committed(&tpl),
+                Ok(()) => self.record_committed(&tpl),
                 Err(e) if is_no_offset(&e) => {}
                 // Rejected during a rebalance: the next owner re-reads from the last commit.
                 Err(e) => {
@@ -593,10 +593,9 @@ impl LoopContext {
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {
             paused.remove(key);
-            // No longer this member's to report: a frozen lag would look like a stuck
-            // partition beside its new owner's figures.
-            metrics::gauge!(metric::CONSUMER_LAG, "topic" => key.0.to_string(), "partition" => key.1.to_string())
-                .set(0.0);
+            // No longer this member's to report: its series go, so that the group's sum
+            // counts the partition once, from its new owner.
+            telemetry::partitions().forget(&key.0, key.1);
             if let Some((_, entry)) = self.directory.remove(key) {
                 entry.shared.retired.store(true, Ordering::Release);
                 entry.addr.do_send(Retire);
@@ -605,11 +604,56 @@ impl LoopContext {
     }
 }
 
-fn record_committed(tpl: &TopicPartitionList) {
-    for e in tpl.elements() {
-        if let Offset::Offset(o) = e.offset() {
-            metrics::gauge!(metric::COMMITTED_OFFSET, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
-                .set(o as f64);
+/// How long an assignment may spend reading the new partitions' lag.
+const LAG_AT_ASSIGNMENT: Duration = Duration::from_secs(2);
+
+impl LoopContext {
+    /// Sets a per-partition gauge of a partition this member holds (one that has left
+    /// shows nothing, whatever a late statistics tick or commit answer says).
+    fn show(&self, metric: &'static str, topic: &str, partition: i32, value: f64) {
+        if self.directory.contains_key(&(Arc::from(topic), partition)) {
+            telemetry::partitions().gauge(metric, topic, partition).set(value);
+        }
+    }
+
+    fn record_committed(&self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                self.show(metric::COMMITTED_OFFSET, e.topic(), e.partition(), o as f64);
+            }
+        }
+    }
+
+    /// The lag of newly assigned partitions from the start, not from the first statistics
+    /// tick: high watermark minus the committed offset (the low watermark when none is
+    /// committed: reading starts at the earliest). What is not known within
+    /// [`LAG_AT_ASSIGNMENT`] shows from the next tick.
+    fn show_lag(&self, consumer: &BaseConsumer<Self>, assigned: &[PartitionKey]) {
+        let deadline = Instant::now() + LAG_AT_ASSIGNMENT;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in assigned {
+            tpl.add_partition(topic, *partition);
+        }
+        let committed = consumer.committed_offsets(tpl, LAG_AT_ASSIGNMENT).ok();
+        let gauges = telemetry::partitions();
+        for (topic, partition) in assigned {
+            let position = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(topic, *partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            if let Some(o) = position {
+                gauges.gauge(metric::COMMITTED_OFFSET, topic, *partition).set(o as f64);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok((low, high)) = consumer.fetch_watermarks(topic, *partition, left) {
+                let lag = high - position.unwrap_or(low);
+                gauges
+                    .gauge(metric::CONSUMER_LAG, topic, *partition)
+                    .set(lag.max(0) as f64);
+            }
         }
     }
 }

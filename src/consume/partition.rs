@@ -104,7 +104,7 @@ pub struct PartitionActor {
     panic_next: bool,
     /// Metric handles of this partition, registered once (not per event).
     consumed: metrics::Counter,
-    in_flight_gauge: metrics::Gauge,
+    in_flight_gauge: crate::telemetry::PartitionGauge,
 }
 
 impl PartitionActor {
@@ -122,7 +122,7 @@ impl PartitionActor {
             retired: false,
             panic_next: false,
             consumed: metrics::counter!(metric::EVENTS_CONSUMED, "topic" => topic.to_string()),
-            in_flight_gauge: metrics::gauge!(metric::IN_FLIGHT, "topic" => topic.to_string(), "partition" => partition.to_string()),
+            in_flight_gauge: crate::telemetry::partitions().gauge(metric::IN_FLIGHT, &topic, partition),
             topic,
         }
     }

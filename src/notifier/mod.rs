@@ -265,6 +265,10 @@ pub fn start(config: &Config, serve_http: bool) -> anyhow::Result<Option<Notifie
         tracing::info!("No webhook endpoint configured; the notifier does not run.");
         return Ok(None);
     }
+    crate::telemetry::prometheus();
+    for kind in ["dead_lettered", "tenant_state", "unreadable", "read_error"] {
+        metrics::counter!(metric::NOTIFIER_EVENTS, "kind" => kind).increment(0);
+    }
     let config = Arc::new(config.clone());
     let control = Arc::new(Control::default());
     let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -547,7 +551,7 @@ fn commit(consumer: &StreamConsumer<Rebalancing>, topic: &str, holds: &Holds, mo
         return;
     }
     if let Err(e) = consumer.commit(&list, mode) {
-        metrics::counter!(metric::COMMIT_FAILURES, "topic" => topic.to_string()).increment(1);
+        metrics::counter!(metric::COMMIT_FAILURES).increment(1);
         tracing::warn!(error = %e, "Could not commit the notifier's offsets; retrying.");
     }
 }
