@@ -239,7 +239,10 @@ fn serves_prometheus_metrics_and_health() {
             "bad value: {line}"
         );
         let name = series.split('{').next().unwrap();
-        assert!(name.starts_with("crm_sync_"), "unexpected metric: {line}");
+        assert!(
+            name.starts_with("crm_sync_") || name.starts_with("process_"),
+            "unexpected metric: {line}"
+        );
         assert!(
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "bad name: {line}"

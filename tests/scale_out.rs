@@ -164,3 +164,28 @@ fn a_write_in_flight_at_a_revoke_is_answered_before_the_handover() {
     a.stop(StopMode::Graceful);
     b.stop(StopMode::Graceful);
 }
+
+/// A member beyond the input topic's partition count is ready (its assignment is empty,
+/// and librdkafka still hands it over), so a rollout does not wait on a standby; it takes
+/// the partition over when the holder leaves. One partition, two members.
+#[test]
+fn a_standby_member_is_ready_and_takes_over_when_the_holder_leaves() {
+    let env = Env::new(1);
+    let first = pipeline::start(env.config()).unwrap();
+    assert!(wait_until(Duration::from_secs(40), || first.assigned_partitions() == 1));
+    let second = pipeline::start(env.config()).unwrap();
+    let ready = |m: &ServiceHandle| http_get(format!("http://{}/health/ready", m.http_addr())).0 == 200;
+    assert!(
+        wait_until(Duration::from_secs(40), || ready(&second)),
+        "the standby never became ready"
+    );
+    assert_eq!(first.assigned_partitions() + second.assigned_partitions(), 1);
+    let (holder, standby) = if first.assigned_partitions() == 1 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    holder.stop(StopMode::Graceful);
+    assert!(wait_until(Duration::from_secs(40), || standby.assigned_partitions() == 1));
+    standby.stop(StopMode::Graceful);
+}
