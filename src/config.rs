@@ -557,10 +557,12 @@ pub struct TenantConfig {
     pub name: String,
     /// The CRM this tenant's records go to.
     pub crm: CrmKind,
-    /// Ceiling on CRM requests per second for this tenant.
+    /// Ceiling on CRM requests per second for this tenant, for the whole consumer group:
+    /// each member paces at its share (the input partitions it holds over all of them).
     #[serde(default = "default_rate_limit_per_sec")]
     pub rate_limit_per_sec: f64,
-    /// Ceiling on CRM requests in flight at once for this tenant.
+    /// Ceiling on CRM requests in flight at once for this tenant, for the whole group
+    /// (each member's share rounded down, at least 1).
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
     /// Timeout of one CRM HTTP request (each attempt separately).

@@ -1,10 +1,11 @@
 //! The messages and shared types that the stages exchange: what a partition hands a
 //! tenant ([`Work`], [`Deliver`]), what comes back ([`Outcomes`] of an [`OutcomeKind`],
 //! through a [`PartitionLink`]), and the state a partition shares with the tenants that
-//! hold its events ([`PartitionShared`], [`Sending`]). Both stages import this module and
-//! neither imports the other.
+//! hold its events ([`PartitionShared`], [`Sending`]), and this member's share of the
+//! group's CRM limits ([`MemberShare`]). Both stages import this module and neither
+//! imports the other.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -128,6 +129,34 @@ pub struct PartitionShared {
     /// state topic): read again after a crash, they are not dead-lettered twice. Those
     /// below the first offset read are dropped then (see [`PartitionActor`]).
     dead_lettered: std::sync::Mutex<std::collections::BTreeSet<i64>>,
+}
+
+/// This member's share of the group's work: the input partitions it holds over all the
+/// input topics' partitions, set by the consumer thread at every rebalance and read by
+/// the tenants, whose rate and concurrency limits are for the whole group (each member
+/// paces its calls at its share of them). 1 until the first assignment.
+#[derive(Debug)]
+pub struct MemberShare(AtomicU64);
+
+impl Default for MemberShare {
+    fn default() -> Self {
+        MemberShare(AtomicU64::new(1.0_f64.to_bits()))
+    }
+}
+
+impl MemberShare {
+    /// `held` of `total` partitions (none known yet: the whole).
+    pub fn set(&self, held: usize, total: usize) {
+        let share = if total == 0 {
+            1.0
+        } else {
+            (held as f64 / total as f64).clamp(0.0, 1.0)
+        };
+        self.0.store(share.to_bits(), Ordering::Relaxed);
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
 }
 
 /// Counts events as being written at the CRM, for their partitions' `sending`, until

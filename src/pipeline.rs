@@ -506,6 +506,7 @@ fn wire(
     let directory_for_retry = tenant_directory.clone();
     let retry = Supervisor::start_in_arbiter(&actors.handle(), move |_| RetryQueueActor::new(directory_for_retry));
     let partitions = PartitionDirectory::default();
+    let share = Arc::new(crate::messages::MemberShare::default());
 
     let mut tenants = HashMap::new();
     let mut holds = HashMap::new();
@@ -529,6 +530,7 @@ fn wire(
             breaker: config.breaker.clone(),
             trail: trail.clone(),
             board: board.clone(),
+            share: share.clone(),
         };
         let tenant_config = Arc::new(tenant.clone());
         let addr = Supervisor::start_in_arbiter(&actors.handle(), move |_| {
@@ -570,6 +572,7 @@ fn wire(
     let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
     let setup = ConsumerSetup {
         kafka: config.kafka.clone(),
+        share,
         retry: retry_route,
         directory: partitions.clone(),
         deps,

@@ -180,6 +180,11 @@ struct Restoring {
 /// The consumer's callbacks: rebalances, commits, statistics.
 pub struct LoopContext {
     directory: PartitionDirectory,
+    /// This member's share of the group's CRM limits, and the input topics' partition
+    /// count it was last computed from.
+    share: Arc<crate::messages::MemberShare>,
+    input_topics: Vec<String>,
+    input_partitions: Mutex<usize>,
     deps: Arc<PartitionDeps>,
     /// Arbiter the partition actors run on.
     arbiter: ArbiterHandle,
@@ -235,6 +240,9 @@ impl ConsumerContext for LoopContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if !matches!(rebalance, Rebalance::Error(_)) {
+            self.update_share(consumer);
+        }
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = keys_of(tpl);
             tracing::info!(partitions = assigned.len(), "Partitions assigned.");
@@ -606,8 +614,41 @@ impl LoopContext {
 
 /// How long an assignment may spend reading the new partitions' lag.
 const LAG_AT_ASSIGNMENT: Duration = Duration::from_secs(2);
+/// How long a rebalance may wait for an input topic's partition count.
+const PARTITION_COUNT_WAIT: Duration = Duration::from_secs(1);
 
 impl LoopContext {
+    /// Sets this member's share of the group's CRM limits: the input partitions it holds
+    /// over all the input topics' partitions (counted from the broker's metadata at each
+    /// rebalance; the last count when the broker does not answer in time).
+    fn update_share(&self, consumer: &BaseConsumer<Self>) {
+        let counts: Option<Vec<usize>> = self
+            .input_topics
+            .iter()
+            .map(|topic| {
+                let metadata = consumer.fetch_metadata(Some(topic), PARTITION_COUNT_WAIT).ok()?;
+                let t = metadata.topics().first()?;
+                t.error().is_none().then(|| t.partitions().len())
+            })
+            .collect();
+        let mut total = self.input_partitions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(counts) = counts {
+            *total = counts.iter().sum();
+        }
+        let held = consumer.assignment().map_or(0, |a| {
+            a.elements()
+                .iter()
+                .filter(|e| self.input_topics.iter().any(|t| t == e.topic()))
+                .count()
+        });
+        self.share.set(held, *total);
+        tracing::info!(
+            held,
+            of = *total,
+            "This member's share of the tenants' rate and concurrency limits."
+        );
+    }
+
     /// Sets a per-partition gauge of a partition this member holds (one that has left
     /// shows nothing, whatever a late statistics tick or commit answer says).
     fn show(&self, metric: &'static str, topic: &str, partition: i32, value: f64) {
@@ -661,6 +702,8 @@ impl LoopContext {
 /// Everything the consumer thread needs to start.
 pub struct ConsumerSetup {
     pub kafka: KafkaConfig,
+    /// This member's share of the group's CRM limits, set at every rebalance.
+    pub share: Arc<crate::messages::MemberShare>,
     /// How parked events map onto the retry topic, when there is one.
     pub retry: Option<RetryRoute>,
     pub directory: PartitionDirectory,
@@ -750,6 +793,9 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
     };
     let context = LoopContext {
         directory: setup.directory.clone(),
+        share: setup.share.clone(),
+        input_topics: setup.kafka.input_topics.clone(),
+        input_partitions: Mutex::new(0),
         deps: setup.deps.clone(),
         arbiter: setup.arbiter.clone(),
         drain_timeout: setup.kafka.drain_timeout(),

@@ -77,6 +77,9 @@ pub struct TenantDeps {
     pub trail: crate::trail::Trail,
     /// Where the tenant shows its health, pace and outcomes.
     pub board: board::Board,
+    /// This member's share of the group's limits (`rate_limit_per_sec` and
+    /// `max_concurrency` are for the whole group).
+    pub share: Arc<crate::messages::MemberShare>,
 }
 
 /// An event and the copies of it that arrived meanwhile (a re-delivered copy of the
@@ -564,6 +567,16 @@ impl TenantActor {
                 self.ready.pop_front();
                 continue;
             };
+            // Events of partitions handed over since they were queued are dropped before
+            // they take a permit: after a revoke, a member would otherwise spend its pace
+            // on them, one permit each, while its own partitions wait.
+            let live = first.active.work.reply.is_live() || first.active.also.iter().any(|w| w.reply.is_live());
+            if !live {
+                if let Some(key) = self.ready.pop_front() {
+                    self.still_owned(&key, ctx);
+                }
+                continue;
+            }
             let group = batch_group(&first.data.request);
             let max = self
                 .config
@@ -587,6 +600,7 @@ impl TenantActor {
                 Ok(Some(probing)) => self.announce(probing, "probing the CRM with one call", ctx),
                 Ok(None) => {}
             }
+            self.pacer.set_share(self.deps.share.get());
             if let Err(wait) = self.pacer.try_acquire(now) {
                 self.wake_in(wait, ctx);
                 break;

@@ -19,6 +19,11 @@ const LOW_QUOTA: f64 = 0.1;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
+    /// The limits configured for the whole group.
+    group_rate: f64,
+    group_concurrency: usize,
+    /// This member's share of them (see [`set_share`](Self::set_share)).
+    share: f64,
     ceiling_rate: f64,
     rate_per_sec: f64,
     tokens: f64,
@@ -38,6 +43,9 @@ impl Pacer {
     /// worth) and `max_concurrency` calls at once.
     pub fn new(rate_per_sec: f64, max_concurrency: usize, now: Instant) -> Self {
         Pacer {
+            group_rate: rate_per_sec,
+            group_concurrency: max_concurrency.max(1),
+            share: 1.0,
             ceiling_rate: rate_per_sec,
             rate_per_sec,
             tokens: rate_per_sec.max(1.0),
@@ -48,6 +56,30 @@ impl Pacer {
             concurrency: max_concurrency.max(1) as f64,
             quota_cap: None,
         }
+    }
+
+    /// Paces at `share` (0 to 1) of the group's limits: the rate in proportion, the
+    /// concurrency rounded down (at least one call, so a member with a small share is
+    /// slowed, not stopped: the group can then exceed a concurrency limit smaller than
+    /// its member count). What pressure has taken off the current values stays off, in
+    /// proportion. Nothing changes when the share is the same.
+    pub fn set_share(&mut self, share: f64) {
+        let share = if share.is_finite() { share.clamp(0.0, 1.0) } else { 1.0 };
+        if share == self.share {
+            return;
+        }
+        self.share = share;
+        let rate = (self.group_rate * share).max(MIN_RATE_PER_SEC.min(self.group_rate));
+        let concurrency = ((self.group_concurrency as f64 * share).floor() as usize).max(1);
+        let (rate_left, concurrency_left) = (
+            self.rate_per_sec / self.ceiling_rate,
+            self.concurrency / self.ceiling_concurrency as f64,
+        );
+        self.ceiling_rate = rate;
+        self.ceiling_concurrency = concurrency;
+        self.rate_per_sec = (rate * rate_left).clamp(MIN_RATE_PER_SEC.min(rate), rate);
+        self.concurrency = (concurrency as f64 * concurrency_left).clamp(1.0, concurrency as f64);
+        self.tokens = self.tokens.min(self.rate().max(1.0));
     }
 
     /// Takes a permit for one call, or says how long to wait for one.
@@ -103,7 +135,8 @@ impl Pacer {
                 self.pause(now, reset);
                 floor
             }
-            Some(reset) => quota.remaining as f64 / reset.as_secs_f64(),
+            // The quota is the whole group's: this member's share of what is left.
+            Some(reset) => quota.remaining as f64 / reset.as_secs_f64() * self.share,
             None => self.ceiling_rate * left / LOW_QUOTA,
         };
         self.quota_cap = Some(cap.clamp(floor, self.ceiling_rate));
@@ -166,6 +199,30 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_of_the_group_limits_paces_at_that_share() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(30.0, 8, t0);
+        p.set_share(1.0 / 3.0);
+        assert_eq!((p.rate(), p.concurrency()), (10.0, 2));
+        // The burst is a second of the share, not of the group's rate.
+        let burst = (0..100).take_while(|_| p.try_acquire(t0).is_ok()).count();
+        assert!(burst <= 10, "{burst}");
+        // Pressure taken off stays off, in proportion, when the share changes.
+        p.on_throttle(t0, None);
+        p.set_share(2.0 / 3.0);
+        assert_eq!((p.rate(), p.concurrency()), (10.0, 2));
+        for _ in 0..1_000 {
+            p.on_success();
+        }
+        assert_eq!((p.rate(), p.concurrency()), (20.0, 5));
+        // A member holding nothing is slowed to the floor, not stopped; one call at a time.
+        p.set_share(0.0);
+        assert_eq!((p.rate(), p.concurrency()), (MIN_RATE_PER_SEC, 1));
+        p.set_share(f64::NAN);
+        assert_eq!((p.rate(), p.concurrency()), (30.0, 8));
+    }
 
     #[test]
     fn a_pause_no_clock_can_hold_is_capped_instead_of_panicking() {
