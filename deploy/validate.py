@@ -241,11 +241,6 @@ def check_kubernetes(docs):
         check(bool(features & {"ssl", "ssl-vendored", "gssapi", "gssapi-vendored"}),
               f"kafka.client security.protocol = {protocol}: Cargo.toml builds rdkafka with OpenSSL",
               f"rdkafka features {sorted(features)}: the service would refuse to start")
-        # The vendored OpenSSL looks for CA certificates under /usr/local/ssl, where no
-        # distribution keeps them: without ssl.ca.location no broker certificate verifies.
-        check("ssl.ca.location" in config["kafka"]["client"] or "ssl-vendored" not in features,
-              f"kafka.client security.protocol = {protocol}: \"ssl.ca.location\" is set (the vendored OpenSSL's "
-              "own CA path, /usr/local/ssl, is empty)")
 
     # Ports and probes.
     check(not is_loopback(http_host), f"service.http_addr ({http_addr}) is not loopback (probes and scrapes reach the pod's IP)")

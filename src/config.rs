@@ -905,8 +905,8 @@ impl Config {
 
     fn check_kafka(&self, p: &mut Problems) {
         let k = &self.kafka;
-        if k.bootstrap_servers.trim().is_empty() {
-            p.add("kafka.bootstrap_servers", "must not be empty");
+        if k.bootstrap_servers.split(',').all(|s| s.trim().is_empty()) {
+            p.add("kafka.bootstrap_servers", "must name at least one broker");
         }
         for server in k.bootstrap_servers.split(',').filter(|s| !s.trim().is_empty()) {
             // librdkafka takes `[protocol://]host[:port]`, port 9092 when left out.
@@ -1045,6 +1045,11 @@ impl Config {
         }
         if k.topic_replication < 1 {
             p.add("kafka.topic_replication", "must be at least 1");
+        }
+        for (name, value) in &k.client {
+            if !value.placeholder {
+                p.check(check_client_property(name, value.expose()));
+            }
         }
         for reserved in [
             "group.id",
@@ -1417,10 +1422,16 @@ fn check_host_port(key: &str, value: &str, any_port: bool) -> Result<(), ConfigE
     let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         v6.parse::<std::net::Ipv6Addr>().is_ok()
     } else {
-        !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|label| {
-                !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        // Underscores too (container and compose service names), and a root dot.
+        let name = host.strip_suffix('.').unwrap_or(host);
+        !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             })
     };
     if host_ok {
@@ -1458,7 +1469,27 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
 
 /// Whether a librdkafka property holds a secret (its value is kept out of the file).
 pub(crate) fn sensitive_client_property(name: &str) -> bool {
-    name.contains("password") || name.contains("secret") || matches!(name, "ssl.key.pem" | "sasl.oauthbearer.config")
+    ["password", "secret", "passphrase", "private.key", "jaas"]
+        .iter()
+        .any(|s| name.contains(s))
+        || matches!(name, "ssl.key.pem" | "sasl.oauthbearer.config")
+}
+
+/// Whether librdkafka takes the property's value (each property alone: a refusal names
+/// it, and the value of a secret property is never repeated).
+fn check_client_property(name: &str, value: &str) -> Result<(), ConfigError> {
+    let mut alone = rdkafka::ClientConfig::new();
+    alone.set(name, value);
+    match alone.create_native_config() {
+        Ok(_) => Ok(()),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, description, _, _)) if !sensitive_client_property(name) => {
+            Err(ConfigError::invalid(format!("kafka.client.\"{name}\""), description))
+        }
+        Err(_) => Err(ConfigError::invalid(
+            format!("kafka.client.\"{name}\""),
+            "librdkafka refuses this property or its value",
+        )),
+    }
 }
 
 /// Resolves `${VAR}` from `env` and `${file:/path}` from the file (one trailing newline
@@ -1470,6 +1501,14 @@ fn resolve_secret(key: &str, value: &mut Secret, env: &impl Fn(&str) -> Option<S
         return Ok(());
     };
     let resolved = match reference.strip_prefix("file:") {
+        // librdkafka's `*.location` properties take a path, and would show what they were
+        // given in their errors: the file's content must not be passed as one.
+        Some(_) if key.starts_with("kafka.client.") && key.ends_with(".location\"") => {
+            return Err(ConfigError::invalid(
+                key,
+                "takes the path of a file: write the path itself, not ${file:…}",
+            ));
+        }
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
                 key: key.to_string(),
@@ -1583,6 +1622,8 @@ mod tests {
             ("localhost", false),
             (":9464", false),
             ("bad host:9464", false),
+            ("kafka_1:9092", true),
+            ("broker.example.com.:9092", true),
             ("[::zz]:9464", false),
         ] {
             let text = MINIMAL.replace("[kafka]", &format!("[service]\nhttp_addr = \"{addr}\"\n[kafka]"));
@@ -1597,6 +1638,8 @@ mod tests {
             ("b1:0", false),
             ("b1:x", false),
             ("b1:9092,,b2:nope", false),
+            (" , ", false),
+            ("my_kafka:9092", true),
         ] {
             let text = MINIMAL.replace("localhost:9092", servers);
             let result = parse(&text, &[("SF_ID", "i"), ("SF_SECRET", "s")]);
@@ -1655,6 +1698,27 @@ mod tests {
         let mut broken = Config::parse(&text.replace("group_id = \"g\"", "group_id = \" \"")).unwrap();
         broken.skip_secrets();
         assert_eq!(broken.problems().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_secret_property_is_named_without_its_value() {
+        // A Java client's JAAS line, which librdkafka refuses, carries the password.
+        let text = MINIMAL.replace(
+            "[kafka]",
+            "[kafka.client]\n\"sasl.jaas.config\" = \"${JAAS}\"\n\"ssl.key.location\" = \"${file:/etc/crm-sync/client.key}\"\n[kafka]",
+        );
+        let jaas =
+            "org.apache.kafka.common.security.scram.ScramLoginModule required username='u' password='hunter2-jaas';";
+        let err = parse(&text, &[("SF_ID", "i"), ("SF_SECRET", "s"), ("JAAS", jaas)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`kafka.client.\"sasl.jaas.config\"`"), "{err}");
+        assert!(!err.contains("hunter2"), "the secret was repeated: {err}");
+        // A path property given a file's content would show the content in librdkafka's errors.
+        assert!(
+            err.contains("`kafka.client.\"ssl.key.location\"`: takes the path"),
+            "{err}"
+        );
     }
 
     #[test]

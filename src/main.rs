@@ -276,6 +276,9 @@ fn main() -> ExitCode {
     init_logging(
         match cli.command {
             Command::Demo { .. } => "warn,librdkafka=error,rdkafka=error",
+            // check-config reports what it finds itself; librdkafka's own lines about the
+            // clients it builds would only interleave with the report.
+            Command::CheckConfig { .. } => "error,librdkafka=off,rdkafka=off",
             _ => "info,librdkafka=warn,rdkafka=warn",
         },
         log_format(&cli.command),

@@ -351,7 +351,7 @@ pub fn register_counters(config: &crate::config::Config) {
     ] {
         zero(name, Vec::new());
     }
-    for actor in ["partition", "tenant", "retry_queue", "notifier"] {
+    for actor in ["partition", "tenant", "diff", "retry_queue", "notifier"] {
         zero(ACTOR_RESTARTS, vec![("actor", actor.into())]);
     }
     for reason in crate::event::DecodeError::CODES {
@@ -362,9 +362,16 @@ pub fn register_counters(config: &crate::config::Config) {
         zero(EVENTS_CONSUMED, vec![("topic", topic.clone())]);
         zero(PARTITION_PAUSES, vec![("topic", topic.clone())]);
     }
-    for topic in [Some(&k.dlq_topic), Some(&k.failures_topic), k.retry_topic.as_ref()]
-        .into_iter()
-        .flatten()
+    let notifier_dlq = (config.notifier.enabled && config.notifier.has_endpoints(&config.tenants))
+        .then_some(&config.notifier.dlq_topic);
+    for topic in [
+        Some(&k.dlq_topic),
+        Some(&k.failures_topic),
+        k.retry_topic.as_ref(),
+        notifier_dlq,
+    ]
+    .into_iter()
+    .flatten()
     {
         zero(DLQ_WRITE_FAILURES, vec![("topic", topic.clone())]);
     }

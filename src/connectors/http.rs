@@ -137,9 +137,6 @@ impl Quota {
 pub struct QuotaCell {
     meter: Meter,
     latest: Mutex<Option<Quota>>,
-    /// The most requests left the CRM has reported: a floor for the window's size where
-    /// the limit is a documented default the CRM may exceed (Dataverse).
-    peak: std::sync::atomic::AtomicU64,
 }
 
 impl QuotaCell {
@@ -147,7 +144,6 @@ impl QuotaCell {
         QuotaCell {
             meter,
             latest: Mutex::new(None),
-            peak: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -163,18 +159,10 @@ impl QuotaCell {
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(quota);
     }
 
-    /// The share of the window used, 0 to 1: against the reported limit, or the most
-    /// requests left ever reported when that is more (a limit we only assume).
+    /// The share of the window used, 0 to 1. More left than the limit (a documented
+    /// default the CRM's real allocation exceeds, as Dataverse's can) is none used.
     fn usage(&self, quota: Quota) -> Option<f64> {
-        let peak = self
-            .peak
-            .fetch_max(quota.remaining, std::sync::atomic::Ordering::Relaxed)
-            .max(quota.remaining);
-        let limit = Quota {
-            limit: quota.limit.map(|l| l.max(peak)),
-            ..quota
-        };
-        limit.fraction_left().map(|left| (1.0 - left).clamp(0.0, 1.0))
+        quota.fraction_left().map(|left| (1.0 - left).clamp(0.0, 1.0))
     }
 
     pub fn latest(&self) -> Option<Quota> {
@@ -206,7 +194,8 @@ mod tests {
         assert_eq!(cell.usage(quota(4500)), Some(0.25));
         // Dataverse reported a million left against its documented 6000: was -166665.67.
         assert_eq!(cell.usage(quota(1_000_000)), Some(0.0));
-        assert_eq!(cell.usage(quota(750_000)), Some(0.25));
+        // An outlier leaves nothing behind: the next answers read as they are.
+        assert_eq!(cell.usage(quota(4500)), Some(0.25));
         assert_eq!(cell.usage(quota(0)), Some(1.0));
     }
 

@@ -185,6 +185,9 @@ pub struct LoopContext {
     share: Arc<crate::messages::MemberShare>,
     input_topics: Vec<String>,
     input_partitions: Mutex<usize>,
+    /// The input partitions assigned to this member, live or held back (a restore that
+    /// has not succeeded yet): their lag is shown.
+    assigned: Mutex<std::collections::HashSet<PartitionKey>>,
     deps: Arc<PartitionDeps>,
     /// Arbiter the partition actors run on.
     arbiter: ArbiterHandle,
@@ -228,6 +231,11 @@ impl ConsumerContext for LoopContext {
             Rebalance::Revoke(tpl) => {
                 let revoked = keys_of(tpl);
                 tracing::info!(partitions = revoked.len(), "Partitions revoked; draining them.");
+                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+                for key in &revoked {
+                    assigned.remove(key);
+                }
+                drop(assigned);
                 self.forget_restoring(consumer, &revoked);
                 let mut keys = revoked.clone();
                 keys.extend(revoked.iter().filter_map(|k| self.retry_key(k)));
@@ -246,8 +254,12 @@ impl ConsumerContext for LoopContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let assigned = keys_of(tpl);
             tracing::info!(partitions = assigned.len(), "Partitions assigned.");
+            self.assigned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(assigned.iter().cloned());
+            self.activate(consumer, assigned.clone());
             self.show_lag(consumer, &assigned);
-            self.activate(consumer, assigned);
             self.health.set_ready(true);
         }
     }
@@ -649,10 +661,14 @@ impl LoopContext {
         );
     }
 
-    /// Sets a per-partition gauge of a partition this member holds (one that has left
-    /// shows nothing, whatever a late statistics tick or commit answer says).
+    /// Sets a per-partition gauge of a partition this member holds, live or held back
+    /// (one that has left shows nothing, whatever a late statistics tick or commit answer
+    /// says).
     fn show(&self, metric: &'static str, topic: &str, partition: i32, value: f64) {
-        if self.directory.contains_key(&(Arc::from(topic), partition)) {
+        let key: PartitionKey = (Arc::from(topic), partition);
+        let held =
+            self.directory.contains_key(&key) || self.assigned.lock().unwrap_or_else(|p| p.into_inner()).contains(&key);
+        if held {
             telemetry::partitions().gauge(metric, topic, partition).set(value);
         }
     }
@@ -675,12 +691,15 @@ impl LoopContext {
         for (topic, partition) in assigned {
             tpl.add_partition(topic, *partition);
         }
-        let committed = consumer.committed_offsets(tpl, LAG_AT_ASSIGNMENT).ok();
+        // Unknown committed offsets leave the lag to the statistics tick: taking none for
+        // "nothing committed" would show the whole retained log.
+        let Ok(committed) = consumer.committed_offsets(tpl, LAG_AT_ASSIGNMENT) else {
+            return;
+        };
         let gauges = telemetry::partitions();
         for (topic, partition) in assigned {
             let position = committed
-                .as_ref()
-                .and_then(|c| c.find_partition(topic, *partition))
+                .find_partition(topic, *partition)
                 .and_then(|e| match e.offset() {
                     Offset::Offset(o) => Some(o),
                     _ => None,
@@ -689,6 +708,9 @@ impl LoopContext {
                 gauges.gauge(metric::COMMITTED_OFFSET, topic, *partition).set(o as f64);
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
             if let Ok((low, high)) = consumer.fetch_watermarks(topic, *partition, left) {
                 let lag = high - position.unwrap_or(low);
                 gauges
@@ -719,15 +741,24 @@ pub struct ConsumerSetup {
 }
 
 /// Connection settings every Kafka client of the service shares.
-///
-/// Over TLS with no CA named, the brokers' certificates are checked against the system's
-/// CA certificates (`ssl.ca.location = probe`): the OpenSSL built into the binary would
-/// otherwise look where it was built to, which holds none, and refuse every broker.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &kafka.client {
         c.set(k, v.expose());
     }
+    if probe_for_cas(kafka, |var| std::env::var_os(var).is_some()) {
+        c.set("ssl.ca.location", "probe");
+    }
+    c.set("bootstrap.servers", &kafka.bootstrap_servers);
+    c
+}
+
+/// Whether the brokers' certificates are to be checked against the CA certificates
+/// librdkafka finds in the system's usual places (`ssl.ca.location = probe`): over TLS
+/// when no CA is named in the configuration nor by `SSL_CERT_FILE` or `SSL_CERT_DIR`
+/// (which OpenSSL's default paths honour). The OpenSSL built into the binary would
+/// otherwise look where it was built to, which holds none, and refuse every broker.
+fn probe_for_cas(kafka: &KafkaConfig, env_set: impl Fn(&str) -> bool) -> bool {
     let tls = kafka
         .client
         .get("security.protocol")
@@ -735,11 +766,7 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let ca_named = ["ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate.stores"]
         .iter()
         .any(|k| kafka.client.contains_key(*k));
-    if tls && !ca_named {
-        c.set("ssl.ca.location", "probe");
-    }
-    c.set("bootstrap.servers", &kafka.bootstrap_servers);
-    c
+    tls && !ca_named && !env_set("SSL_CERT_FILE") && !env_set("SSL_CERT_DIR")
 }
 
 /// librdkafka settings of the service's producer (retry, DLQ, failures, state and trail
@@ -796,6 +823,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         share: setup.share.clone(),
         input_topics: setup.kafka.input_topics.clone(),
         input_partitions: Mutex::new(0),
+        assigned: Mutex::new(std::collections::HashSet::new()),
         deps: setup.deps.clone(),
         arbiter: setup.arbiter.clone(),
         drain_timeout: setup.kafka.drain_timeout(),
@@ -1087,18 +1115,21 @@ mod tests {
 
     #[test]
     fn tls_without_a_named_ca_trusts_the_systems_cas() {
-        let probe = |client: &str| client_config(&kafka(client)).get("ssl.ca.location").map(str::to_string);
-        assert_eq!(probe(r#""security.protocol" = "SASL_SSL""#).as_deref(), Some("probe"));
-        assert_eq!(probe(r#""security.protocol" = "ssl""#).as_deref(), Some("probe"));
-        assert_eq!(
-            probe("\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/etc/ca.pem\"").as_deref(),
-            Some("/etc/ca.pem")
-        );
-        assert_eq!(
-            probe("\"security.protocol\" = \"SSL\"\n\"ssl.ca.pem\" = \"PEM\"").as_deref(),
-            None
-        );
-        assert_eq!(probe(r#""security.protocol" = "SASL_PLAINTEXT""#).as_deref(), None);
-        assert_eq!(probe("").as_deref(), None);
+        let probe = |client: &str| probe_for_cas(&kafka(client), |_| false);
+        assert!(probe(r#""security.protocol" = "SASL_SSL""#));
+        assert!(probe(r#""security.protocol" = "ssl""#));
+        assert!(!probe(
+            "\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/etc/ca.pem\""
+        ));
+        assert!(!probe("\"security.protocol\" = \"SSL\"\n\"ssl.ca.pem\" = \"PEM\""));
+        assert!(!probe(r#""security.protocol" = "SASL_PLAINTEXT""#));
+        assert!(!probe(""));
+        // A bundle named by OpenSSL's variables is used as OpenSSL would.
+        let sasl_ssl = kafka(r#""security.protocol" = "SASL_SSL""#);
+        assert!(!probe_for_cas(&sasl_ssl, |var| var == "SSL_CERT_FILE"));
+        assert!(!probe_for_cas(&sasl_ssl, |var| var == "SSL_CERT_DIR"));
+        // What is named reaches the client's settings.
+        let explicit = kafka("\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/etc/ca.pem\"");
+        assert_eq!(client_config(&explicit).get("ssl.ca.location"), Some("/etc/ca.pem"));
     }
 }
