@@ -24,6 +24,9 @@
 //! - `notifier`: webhook notifications/s to a local receiver that checks signatures, how
 //!   a storm coalesces, and the pipeline's throughput with the notifier on and off
 //!   (`notifier.rs`).
+//! - `traces` (not part of `all`, which runs without a trace layer): batched upserts with
+//!   OTLP traces off, then on (every span exported to a local receiver), in one run
+//!   (`traces.rs`).
 //! - `chaos` (not part of `all`): `crm-sync run` members of one group killed with SIGKILL
 //!   and started again at random moments, under CRM faults, with a slow tenant and
 //!   hostile messages; figures, and exit status 1 when an invariant failed (`chaos.rs`).
@@ -35,6 +38,7 @@ mod diff_memory;
 mod grpc;
 mod isolation;
 mod notifier;
+mod traces;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -106,6 +110,8 @@ enum Scenario {
     Notifier,
     Trail,
     Grpc,
+    /// Not part of `all`.
+    Traces,
     /// Not part of `all`.
     Chaos,
 }
@@ -563,6 +569,50 @@ fn trail(args: &Args) {
     );
 }
 
+/// `traces`: the trail scenario's shape, with OTLP traces off and on.
+fn traced(args: &Args, received: &traces::Received) {
+    use std::sync::atomic::Ordering;
+    let partitions = 12;
+    let messages = stream(args.events, 1, false);
+    println!("\n### traces: batched upserts (≤200 a call) with OTLP traces off and on\n\n{HEADER}");
+    let mut figures = Vec::new();
+    for (name, on) in [
+        ("warm-up, not compared", false),
+        ("traces off", false),
+        ("traces on (every span)", true),
+        ("traces off again", false),
+    ] {
+        let s = start_sandboxes(partitions, 0);
+        runtime()
+            .block_on(tools::produce(&s.bootstrap, TOPIC, &messages))
+            .expect("produce");
+        let config = config(&s, "load-traces", true, 1e6, 32, 200);
+        let before = received.requests.load(Ordering::Relaxed);
+        traces::ON.store(on, Ordering::Relaxed);
+        let f = run_pipeline(&s, config, partitions, messages.len());
+        traces::ON.store(false, Ordering::Relaxed);
+        print_run(name, &f, messages.len());
+        if on {
+            // The batch exporter sends every 5 s: what this run sent may still be on its way.
+            println!(
+                "\n(export requests to the receiver during the run: {}; bytes so far {})\n",
+                received.requests.load(Ordering::Relaxed) - before,
+                received.bytes.load(Ordering::Relaxed)
+            );
+        }
+        figures.push(f);
+    }
+    let rate = |f: &RunFigures| f.events as f64 / f.seconds;
+    let cpu = |f: &RunFigures| f.cpu_seconds / f.events as f64;
+    let (off, on, again) = (&figures[1], &figures[2], &figures[3]);
+    println!(
+        "\nTraces on, against the mean of the runs without: events/s {:.2}×, CPU per event {:.2}× (the two runs without differ by {:.2}×).",
+        rate(on) / ((rate(off) + rate(again)) / 2.0),
+        cpu(on) / ((cpu(off) + cpu(again)) / 2.0),
+        rate(again) / rate(off)
+    );
+}
+
 /// Batched upserts against a sandbox that answers every call after 50 ms: throughput
 /// against the ideal concurrency × batch size ÷ latency.
 fn latency(args: &Args) {
@@ -798,11 +848,16 @@ fn main() {
     // Warnings and errors of the service under test, to standard error (RUST_LOG to change).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,librdkafka=error,rdkafka=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    let exporter = if args.scenario == Scenario::Traces {
+        Some(traces::install(filter))
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+        None
+    };
     println!(
         "crm-sync load test — {} cores, {}",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -834,6 +889,10 @@ fn main() {
     }
     if matches!(args.scenario, Scenario::All | Scenario::Trail) {
         trail(&args);
+    }
+    if let Some((exporter, received)) = exporter {
+        traced(&args, &received);
+        exporter.shutdown();
     }
     if matches!(args.scenario, Scenario::All | Scenario::Notifier) {
         notifier::run(args.notifications, args.events);

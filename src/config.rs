@@ -108,6 +108,18 @@ pub struct ServiceConfig {
     /// (one JSON object per line) or `text` (colour only on a terminal).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// OTLP/HTTP endpoint traces are sent to (JSON encoding), e.g.
+    /// `http://otel-collector:4318`: spans go to `{otlp_endpoint}/v1/traces`. No traces
+    /// when left out.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces sent, from 0 to 1 (decided per trace).
+    #[serde(default = "default_otlp_sample_ratio")]
+    pub otlp_sample_ratio: f64,
+}
+
+fn default_otlp_sample_ratio() -> f64 {
+    1.0
 }
 
 /// How logs are written (`service.log_format`).
@@ -126,6 +138,8 @@ impl Default for ServiceConfig {
             http_addr: default_http_addr(),
             shutdown_deadline_ms: default_shutdown_deadline_ms(),
             log_format: LogFormat::default(),
+            otlp_endpoint: None,
+            otlp_sample_ratio: default_otlp_sample_ratio(),
         }
     }
 }
@@ -895,6 +909,15 @@ impl Config {
     pub fn problems(&self) -> Vec<ConfigError> {
         let mut p = Problems::default();
         p.check(check_host_port("service.http_addr", &self.service.http_addr, true));
+        if let Some(endpoint) = &self.service.otlp_endpoint {
+            match reqwest::Url::parse(endpoint) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => p.add("service.otlp_endpoint", "must be an http:// or https:// URL"),
+            }
+        }
+        if !(0.0..=1.0).contains(&self.service.otlp_sample_ratio) {
+            p.add("service.otlp_sample_ratio", "must be from 0 to 1");
+        }
         self.check_kafka(&mut p);
         self.check_retry_and_breaker(&mut p);
         self.check_tenants(&mut p);

@@ -34,7 +34,8 @@
 //! neither imports the other.
 //!
 //! Cross-cutting: [`config`] (and [`check`], which finds every problem of a
-//! configuration without starting), [`headers`] (Kafka headers as bytes), [`telemetry`]
+//! configuration without starting), [`traces`] (spans over OTLP), [`headers`] (Kafka
+//! headers as bytes), [`telemetry`]
 //! (metrics, health), [`supervise`] (turning panics into supervised restarts),
 //! [`offload`] (the I/O runtime that keeps CRM calls and state writes off the actor
 //! thread), [`shutdown`], [`pipeline`] (wiring it all into a running service),
@@ -62,4 +63,5 @@ pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
 pub mod tenant;
+pub mod traces;
 pub mod trail;

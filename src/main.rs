@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use crm_sync::config::{Config, LogFormat};
+use crm_sync::config::{Config, LogFormat, ServiceConfig};
 use crm_sync::consume::StopMode;
 use crm_sync::demo::workload::kafka_key;
 use crm_sync::grpc::{client, pb};
@@ -14,7 +14,7 @@ use crm_sync::sandbox::kafka::{tools, KafkaSandbox};
 use crm_sync::sandbox::salesforce::{SalesforceSandbox, SandboxOrg};
 use crm_sync::sandbox::zendesk::{ZendeskSandbox, ZendeskSetup};
 use crm_sync::sandbox::CrmSandbox;
-use crm_sync::{demo, notifier, pipeline, shutdown};
+use crm_sync::{demo, notifier, pipeline, shutdown, traces};
 
 /// mimalloc: the pipeline allocates per event (messages, payload maps, actor envelopes)
 /// across threads; measured against the system allocator in load-tests/README.md.
@@ -231,37 +231,53 @@ enum SandboxCommand {
     },
 }
 
-/// Logs on stdout, filtered by `RUST_LOG` (else `default`): JSON lines when `format` says
-/// so, or when stdout is not a terminal and it says `auto`; text otherwise, coloured only
-/// on a terminal (no ANSI codes in files).
-fn init_logging(default: &str, format: LogFormat) {
+/// Logs on stdout, filtered by `RUST_LOG` (else `default`): JSON lines when the format
+/// says so, or when stdout is not a terminal and it says `auto`; text otherwise, coloured
+/// only on a terminal (no ANSI codes in files). With `service.otlp_endpoint`, spans go
+/// there too ([`traces`]); the exporter is returned, to be flushed at exit.
+fn init_logging(default: &str, service: &ServiceConfig) -> anyhow::Result<Option<traces::Traces>> {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let terminal = std::io::stdout().is_terminal();
-    let json = match format {
+    let json = match service.log_format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !terminal,
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    if json {
-        logs.json().flatten_event(true).with_current_span(false).init();
+    let logs = tracing_subscriber::fmt::layer().with_target(false);
+    let logs = if json {
+        logs.json().flatten_event(true).with_current_span(false).boxed()
     } else {
-        logs.with_ansi(terminal).init();
+        logs.with_ansi(terminal).boxed()
+    };
+    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    match traces::layer(service)? {
+        Some((spans, exporter)) => {
+            registry.with(spans).init();
+            Ok(Some(exporter))
+        }
+        None => {
+            registry.init();
+            Ok(None)
+        }
     }
 }
 
-/// The log format a command's configuration asks for; `auto` when it has none or it
-/// cannot be read (the command reports that itself, once logging is set up).
-fn log_format(command: &Command) -> LogFormat {
+/// The service settings (log format, traces) a command's configuration asks for; the
+/// defaults when it has none or it cannot be read (the command reports that itself, once
+/// logging is set up).
+fn service_settings(command: &Command) -> ServiceConfig {
     let path = match command {
         Command::Run { config } | Command::Notify { config } | Command::Redrive { config, .. } => config,
-        _ => return LogFormat::Auto,
+        _ => return ServiceConfig::default(),
     };
     crm_sync::config::read(path)
         .and_then(|text| Config::parse(&text))
-        .map_or(LogFormat::Auto, |c| c.service.log_format)
+        .map_or_else(|_| ServiceConfig::default(), |c| c.service)
 }
 
 /// Exit status of `run` when the service died on its own (EX_SOFTWARE): an
@@ -273,7 +289,7 @@ const NOTIFIER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; its logs would only interleave with it.
-    init_logging(
+    let traces = init_logging(
         match cli.command {
             Command::Demo { .. } => "warn,librdkafka=error,rdkafka=error",
             // check-config reports what it finds itself; librdkafka's own lines about the
@@ -281,15 +297,26 @@ fn main() -> ExitCode {
             Command::CheckConfig { .. } => "error,librdkafka=off,rdkafka=off",
             _ => "info,librdkafka=warn,rdkafka=warn",
         },
-        log_format(&cli.command),
+        &service_settings(&cli.command),
     );
-    match run(cli) {
+    let traces = match traces {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: service.otlp_endpoint: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    };
+    if let Some(traces) = traces {
+        traces.shutdown();
     }
+    code
 }
 
 /// Pauses or resumes `tenant` on each member at `addrs`.

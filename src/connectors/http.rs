@@ -53,7 +53,18 @@ impl Meter {
     /// Sends `request`, records its metrics, and reads the whole answer.
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<Answer, DeliveryError> {
         let started = Instant::now();
-        let result = fetch(request).await;
+        let span = tracing::info_span!(
+            "crm.http",
+            tenant = %self.tenant,
+            crm = self.crm,
+            http.status_code = tracing::field::Empty,
+            error = tracing::field::Empty
+        );
+        let result = tracing::Instrument::instrument(fetch(request), span.clone()).await;
+        match &result {
+            Ok(answer) => span.record("http.status_code", answer.status.as_u16()),
+            Err(e) => span.record("error", e.code.as_str()),
+        };
         metrics::histogram!(metric::CRM_REQUEST_DURATION, "tenant" => self.tenant.to_string(), "crm" => self.crm)
             .record(started.elapsed().as_secs_f64());
         self.count(match result.as_ref().map(|a| a.status.as_u16()) {

@@ -265,14 +265,15 @@ impl DeliveryError {
     }
 }
 
-/// Runs a CRM call on the shared I/O runtime ([`crate::offload`]); the returned future
-/// only waits for the result. `lost` turns a task that died (it cannot panic, but the
-/// runtime may be shutting down) into the call's result.
+/// Runs a CRM call on the shared I/O runtime ([`crate::offload`]), in the span current
+/// when it is made (its `crm.write`); the returned future only waits for the result.
+/// `lost` turns a task that died (it cannot panic, but the runtime may be shutting down)
+/// into the call's result.
 pub fn on_io_runtime<T: Send + 'static>(
     call: impl std::future::Future<Output = T> + Send + 'static,
     lost: impl FnOnce(DeliveryError) -> T + Send + 'static,
 ) -> BoxFuture<'static, T> {
-    let task = crate::offload::spawn(call);
+    let task = crate::offload::spawn(tracing::Instrument::in_current_span(call));
     Box::pin(async move {
         task.await.unwrap_or_else(|e| {
             lost(DeliveryError {

@@ -256,13 +256,23 @@ impl Handler<Records> for PartitionActor {
             in_flight: self.tracker.in_flight(),
             held: self.held.clone(),
         };
-        let work = intake(
-            messages,
-            from_retry,
-            window,
-            self.link(ctx),
-            self.deps.clone(),
-            inject_panic,
+        let span = tracing::info_span!(
+            "intake",
+            topic = %self.topic,
+            partition = self.partition,
+            messages = messages.len(),
+            from_retry
+        );
+        let work = tracing::Instrument::instrument(
+            intake(
+                messages,
+                from_retry,
+                window,
+                self.link(ctx),
+                self.deps.clone(),
+                inject_panic,
+            ),
+            span,
         );
         let guarded = supervise::catch_future("partition", work);
         AtomicResponse::new(Box::pin(guarded.into_actor(self).map(|steps, act, ctx| {

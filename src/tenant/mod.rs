@@ -757,6 +757,7 @@ impl TenantActor {
         let mut sent = Vec::with_capacity(keys.len());
         let mut requests = Vec::with_capacity(keys.len());
         let mut guards = Vec::with_capacity(keys.len());
+        let mut attempt = 0;
         for key in keys {
             let Some(guard) = self.claim(&key, ctx) else {
                 continue;
@@ -766,6 +767,7 @@ impl TenantActor {
             };
             slot.phase = Phase::Sending;
             slot.data.attempts = slot.data.attempts.saturating_add(1);
+            attempt = attempt.max(slot.data.attempts);
             slot.data.last_attempt = Some(SystemTime::now());
             requests.push(slot.data.request.clone());
             guards.push(guard);
@@ -783,7 +785,16 @@ impl TenantActor {
         // on the I/O runtime ends (even if this actor stops waiting for it, a restart),
         // and then until the accepted ones' states are on their way (`flush_persists`).
         let n = requests.len();
-        let write = self.connector.write_batch(requests, calls_done);
+        let span = tracing::info_span!(
+            "crm.write",
+            tenant = %self.name,
+            crm = self.config.crm.as_str(),
+            records = n,
+            attempt,
+            status = tracing::field::Empty
+        );
+        // Made in the span: the connectors start their calls at once, on the I/O runtime.
+        let write = span.in_scope(|| self.connector.write_batch(requests, calls_done));
         let write = async move {
             let done = crate::offload::spawn(async move { (write.await, guards) }).await;
             // The runtime is shutting down: so is the service, and nothing was committed.
@@ -797,6 +808,16 @@ impl TenantActor {
             act.guarded(ctx, |act, ctx| act.pump(ctx));
         }));
         ctx.spawn(write.into_actor(self).map(move |(results, guards), act, ctx| {
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            span.record(
+                "status",
+                match failed {
+                    0 => "ok",
+                    f if f == results.len() => "failed",
+                    _ => "partial",
+                },
+            );
+            drop(span);
             if !act.guarded(ctx, |act, ctx| {
                 act.observe_health(&sent, &results, ctx);
                 act.adapt_pace(&results, ctx);
@@ -890,6 +911,7 @@ impl TenantActor {
                     return;
                 }
                 let attempts = slot.data.attempts;
+                let code = slot.data.last_error.as_ref().map_or("", |e| e.code.as_str());
                 let source = slot.active.work.source.clone();
                 if matches!(decision, Some(RetryDecision::RetryAfter(_))) && slot.active.work.reply.is_live() {
                     let entry = trail_entry(&slot.active.work, Status::Retrying, Some(&slot.data));
@@ -899,7 +921,17 @@ impl TenantActor {
                     Some(RetryDecision::RetryAfter(delay)) => {
                         self.count_outcome(outcome::RETRIED);
                         let parkable = self.deps.dead_letters.can_park(&source.origin);
-                        if parkable && self.deps.policy.should_park(attempts, delay) {
+                        let parked = parkable && self.deps.policy.should_park(attempts, delay);
+                        drop(tracing::info_span!(
+                            "retry",
+                            tenant = %self.name,
+                            crm = self.config.crm.as_str(),
+                            attempt = attempts,
+                            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                            parked,
+                            code
+                        ));
+                        if parked {
                             self.park(key, delay, ctx);
                         } else {
                             self.back_off(key, delay);
