@@ -59,7 +59,9 @@ pub fn install(logs: tracing_subscriber::EnvFilter) -> (crm_sync::traces::Traces
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .with_filter(logs);
-    let gate = tracing_subscriber::filter::filter_fn(|_| ON.load(Ordering::Relaxed));
+    // Asked at every span (a plain filter_fn's answer is cached per call site at its
+    // first use, in the warm-up run, with traces off).
+    let gate = tracing_subscriber::filter::dynamic_filter_fn(|_, _| ON.load(Ordering::Relaxed));
     tracing_subscriber::registry()
         .with(fmt)
         .with(spans.with_filter(gate))

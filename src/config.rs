@@ -952,6 +952,14 @@ impl Config {
         if k.input_topics.is_empty() || k.input_topics.iter().any(|t| t.trim().is_empty()) {
             p.add("kafka.input_topics", "must list at least one non-empty topic");
         }
+        if k.input_topics.iter().any(|t| t.starts_with('^')) {
+            // librdkafka would take it as a pattern; crm-sync counts partitions, checks the
+            // state and retry topics and co-partitions them by topic name.
+            p.add(
+                "kafka.input_topics",
+                "must name topics: a pattern (^…) is not supported",
+            );
+        }
         for (key, topic) in [
             ("kafka.dlq_topic", &k.dlq_topic),
             ("kafka.failures_topic", &k.failures_topic),

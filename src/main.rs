@@ -250,7 +250,11 @@ fn init_logging(default: &str, service: &ServiceConfig) -> anyhow::Result<Option
     };
     let logs = tracing_subscriber::fmt::layer().with_target(false);
     let logs = if json {
-        logs.json().flatten_event(true).with_current_span(false).boxed()
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed()
     } else {
         logs.with_ansi(terminal).boxed()
     };

@@ -22,14 +22,15 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::Subscriber;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
 use crate::config::ServiceConfig;
 
-/// How long an export may take before it is abandoned.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an export may take before it is abandoned (the flush at exit waits for at
+/// most 5 s more than the service's own stop).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The span exporter, to flush and stop at exit.
 pub struct Traces {
@@ -37,6 +38,13 @@ pub struct Traces {
 }
 
 impl Traces {
+    /// Sends what is batched now, and waits for it.
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            eprintln!("traces: spans could not be sent: {e}");
+        }
+    }
+
     /// Sends what is still batched, and stops the exporter's thread.
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown() {
@@ -78,9 +86,12 @@ where
         )
         .build();
     let tracer = provider.tracer("crm-sync");
+    // Spans only: the log lines inside them keep to RUST_LOG and stdout, rather than
+    // becoming span events at the collector.
     let spans = Targets::new()
         .with_target("crm_sync", LevelFilter::INFO)
-        .with_default(LevelFilter::OFF);
+        .with_default(LevelFilter::OFF)
+        .and(tracing_subscriber::filter::filter_fn(|meta| meta.is_span()));
     let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans);
     Ok(Some((layer, Traces { provider })))
 }

@@ -51,6 +51,11 @@ fn three_members_together_call_the_crm_at_the_tenants_rate() {
         m.stop(StopMode::Graceful);
     }
     let rate = calls as f64 / elapsed.as_secs_f64();
+    // Shown with --nocapture; load-tests/README.md reports it.
+    println!(
+        "{calls} calls in {:.1} s from three members: {rate:.1} calls/s (limit {RATE})",
+        elapsed.as_secs_f64()
+    );
     assert!(
         delivered < 900,
         "the work ran out before the window ended: {delivered} delivered"

@@ -205,3 +205,89 @@ fn every_sasl_mechanism_authenticates_over_tls_and_a_wrong_password_is_refused()
         assert!(metadata(&plaintext, REFUSED).is_err(), "{mechanism} without TLS");
     }
 }
+
+/// The reference configuration (`config/crm-sync.toml`: SASL_SSL, SCRAM-SHA-512, its
+/// topics, three tenants, the notifier and gRPC) starts with `crm-sync run` against the
+/// secured listener and becomes ready; the brokers' certificates are checked against the
+/// bundle `SSL_CERT_FILE` names, as in the container image.
+#[test]
+fn the_reference_configuration_runs_on_the_secured_listener() {
+    let kafka = crm_sync::sandbox::kafka::KafkaSandbox::start(1).unwrap();
+    let bootstrap = kafka.bootstrap_servers();
+    for (topic, partitions) in [
+        ("crm-events", 3),
+        ("crm-sync.dlq", 1),
+        ("crm-sync.failures", 1),
+        ("crm-sync.state", 3),
+        ("crm-sync.retry", 3),
+        ("crm-sync.status", 1),
+        ("crm-sync.audit", 1),
+        ("crm-sync.notifications.dlq", 1),
+    ] {
+        kafka.create_topic(topic, partitions).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_ca(dir.path());
+    let password = format!("scram-{}", rand::random::<u64>());
+    let proxy = Proxy::start(&bootstrap, (&cert, &key), "SCRAM-SHA-512", "crm-sync", &password);
+    kafka.advertise(1, "127.0.0.1", proxy.port);
+
+    let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml")).unwrap();
+    let text = reference
+        .replace("kafka-1.internal:9092,kafka-2.internal:9092", &proxy.addr())
+        .replace("http_addr = \"127.0.0.1:9464\"", "http_addr = \"127.0.0.1:0\"")
+        .replace("addr = \"0.0.0.0:50051\"", "addr = \"127.0.0.1:0\"");
+    assert_ne!(text, reference);
+    let path = dir.path().join("crm-sync.toml");
+    std::fs::write(&path, text).unwrap();
+    let log = dir.path().join("crm-sync.log");
+    let mut service = Command::new(env!("CARGO_BIN_EXE_crm-sync"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .envs([
+            ("KAFKA_SASL_PASSWORD", password.as_str()),
+            ("ACME_SF_CLIENT_ID", "id"),
+            ("ACME_SF_CLIENT_SECRET", "secret"),
+            ("GLOBEX_ZD_API_TOKEN", "token"),
+            ("INITECH_D365_CLIENT_ID", "id"),
+            ("INITECH_D365_CLIENT_SECRET", "secret"),
+            ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("CRM_SYNC_ADMIN_TOKEN", "admin"),
+            ("ACME_GRPC_TOKEN", "acme"),
+            ("SSL_CERT_FILE", ca.as_str()),
+            ("RUST_LOG", "info"),
+        ])
+        .env_remove("SSL_CERT_DIR")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The HTTP address it chose, from its (JSON) log line "crm-sync running.".
+    let http = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                (v["message"] == "crm-sync running.").then(|| v["http"].as_str().map(str::to_string))?
+            })
+    };
+    assert!(
+        wait_until(WAIT, || http().is_some()),
+        "did not start:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let ready = format!("http://{}/health/ready", http().unwrap());
+    let became_ready = wait_until(WAIT, || http_get(ready.clone()).0 == 200);
+    let _ = Command::new("kill").args(["-TERM", &service.id().to_string()]).status();
+    let status = service.wait().unwrap();
+    assert!(
+        became_ready,
+        "not ready on the secured listener: {:?}\n{}",
+        proxy.said,
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(status.success(), "{status:?}");
+    assert!(proxy.said("AUTH OK SCRAM-SHA-512 crm-sync") >= 2, "{:?}", proxy.said);
+    assert_eq!(proxy.said("AUTH FAILED"), 0, "{:?}", proxy.said);
+}

@@ -24,8 +24,9 @@ struct Span {
     attributes: HashMap<String, Value>,
 }
 
-/// An OTLP/HTTP receiver (JSON encoding) on a free port, keeping every span it is sent.
-fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
+/// An OTLP/HTTP receiver (JSON encoding) on a free port, keeping every request body it
+/// is sent (decoded by the test, so that a bad body fails the test, not the server).
+fn receiver() -> (u16, Arc<Mutex<Vec<axum::body::Bytes>>>) {
     let spans = Arc::new(Mutex::new(Vec::new()));
     let sink = spans.clone();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -40,8 +41,7 @@ fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
                 axum::routing::post(move |body: axum::body::Bytes| {
                     let sink = sink.clone();
                     async move {
-                        let request: Value = serde_json::from_slice(&body).expect("an OTLP JSON body");
-                        sink.lock().unwrap().extend(spans_of(&request));
+                        sink.lock().unwrap().push(body);
                         axum::Json(serde_json::json!({}))
                     }
                 }),
@@ -98,7 +98,7 @@ fn number(v: &Value) -> Option<i64> {
 #[test]
 fn spans_of_intake_crm_calls_and_retries_reach_the_otlp_endpoint() {
     let env = Env::new(1);
-    let (port, spans) = receiver();
+    let (port, bodies) = receiver();
     env.sf.set_faults(Faults {
         lock_error_rate: 0.3,
         seed: 7,
@@ -110,10 +110,14 @@ fn spans_of_intake_crm_calls_and_retries_reach_the_otlp_endpoint() {
     env.produce(&events);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crm-sync.toml");
-    let text = env.config_toml().replace(
-        "shutdown_deadline_ms = 8000",
-        &format!("shutdown_deadline_ms = 8000\notlp_endpoint = \"http://127.0.0.1:{port}\""),
-    );
+    // Enough attempts that no record is dead-lettered by row locks (0.3^20).
+    let text = env
+        .config_toml()
+        .replace(
+            "shutdown_deadline_ms = 8000",
+            &format!("shutdown_deadline_ms = 8000\notlp_endpoint = \"http://127.0.0.1:{port}\""),
+        )
+        .replace("max_attempts = 6", "max_attempts = 20");
     std::fs::write(&path, text).unwrap();
     let mut service = Command::new(BIN)
         .args(["run", "--config", path.to_str().unwrap()])
@@ -135,7 +139,12 @@ fn spans_of_intake_crm_calls_and_retries_reach_the_otlp_endpoint() {
     assert!(delivered, "not every event was delivered");
     assert!(status.success(), "{status:?}");
     // The exporter is flushed before the process exits.
-    let spans = spans.lock().unwrap().clone();
+    let spans: Vec<Span> = bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|body| spans_of(&serde_json::from_slice(body).expect("an OTLP JSON body")))
+        .collect();
     let named = |name: &str| spans.iter().filter(|s| s.name == name).cloned().collect::<Vec<_>>();
 
     let intake = named("intake");

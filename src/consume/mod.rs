@@ -185,6 +185,9 @@ pub struct LoopContext {
     share: Arc<crate::messages::MemberShare>,
     input_topics: Vec<String>,
     input_partitions: Mutex<usize>,
+    /// Set while the input partitions could not be counted (the broker's metadata did not
+    /// answer): the share is then tried again every [`PARTITION_COUNT_WAIT`].
+    share_unknown_since: Mutex<Option<Instant>>,
     /// The input partitions assigned to this member, live or held back (a restore that
     /// has not succeeded yet): their lag is shown.
     assigned: Mutex<std::collections::HashSet<PartitionKey>>,
@@ -644,8 +647,13 @@ impl LoopContext {
             })
             .collect();
         let mut total = self.input_partitions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(counts) = counts {
-            *total = counts.iter().sum();
+        let mut unknown = self.share_unknown_since.lock().unwrap_or_else(|p| p.into_inner());
+        match counts {
+            Some(counts) => {
+                *total = counts.iter().sum();
+                *unknown = None;
+            }
+            None => *unknown = Some(Instant::now()),
         }
         let held = consumer.assignment().map_or(0, |a| {
             a.elements()
@@ -653,12 +661,33 @@ impl LoopContext {
                 .filter(|e| self.input_topics.iter().any(|t| t == e.topic()))
                 .count()
         });
-        self.share.set(held, *total);
-        tracing::info!(
-            held,
-            of = *total,
-            "This member's share of the tenants' rate and concurrency limits."
-        );
+        if *total == 0 {
+            // Never counted: no share is known to be safe, so the least until it is.
+            self.share.set(0, 1);
+            tracing::warn!(
+                "The input topics' partitions could not be counted; the tenants pace at their floor until they are."
+            );
+        } else {
+            self.share.set(held, *total);
+            tracing::info!(
+                held,
+                of = *total,
+                "This member's share of the tenants' rate and concurrency limits."
+            );
+        }
+    }
+
+    /// Counts the input partitions again when the last count failed, once per
+    /// [`PARTITION_COUNT_WAIT`].
+    fn retry_share(&self, consumer: &BaseConsumer<Self>) {
+        let due = self
+            .share_unknown_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|since| since.elapsed() >= PARTITION_COUNT_WAIT);
+        if due {
+            self.update_share(consumer);
+        }
     }
 
     /// Sets a per-partition gauge of a partition this member holds, live or held back
@@ -823,6 +852,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
         share: setup.share.clone(),
         input_topics: setup.kafka.input_topics.clone(),
         input_partitions: Mutex::new(0),
+        share_unknown_since: Mutex::new(None),
         assigned: Mutex::new(std::collections::HashSet::new()),
         deps: setup.deps.clone(),
         arbiter: setup.arbiter.clone(),
@@ -855,6 +885,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
             }
         }
         consumer.context().retry_restores();
+        consumer.context().retry_share(&consumer);
         sync_pauses(&consumer);
         if last_commit.elapsed() >= commit_interval {
             consumer.context().commit_watermarks(&consumer, None, CommitMode::Async);

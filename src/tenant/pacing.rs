@@ -58,18 +58,19 @@ impl Pacer {
         }
     }
 
-    /// Paces at `share` (0 to 1) of the group's limits: the rate in proportion, the
-    /// concurrency rounded down (at least one call, so a member with a small share is
-    /// slowed, not stopped: the group can then exceed a concurrency limit smaller than
-    /// its member count). What pressure has taken off the current values stays off, in
-    /// proportion. Nothing changes when the share is the same.
+    /// Paces at `share` (0 to 1) of the group's limits: the rate in proportion (a member
+    /// with no share at a thousandth of the group's rate, so that it is slowed, not
+    /// stopped), the concurrency rounded down (at least one call: the group can then
+    /// exceed a concurrency limit smaller than its member count). What pressure has taken
+    /// off the current values stays off, in proportion. Nothing changes when the share is
+    /// the same.
     pub fn set_share(&mut self, share: f64) {
         let share = if share.is_finite() { share.clamp(0.0, 1.0) } else { 1.0 };
         if share == self.share {
             return;
         }
         self.share = share;
-        let rate = (self.group_rate * share).max(MIN_RATE_PER_SEC.min(self.group_rate));
+        let rate = (self.group_rate * share).max(self.group_rate / 1000.0);
         let concurrency = ((self.group_concurrency as f64 * share).floor() as usize).max(1);
         let (rate_left, concurrency_left) = (
             self.rate_per_sec / self.ceiling_rate,
@@ -217,9 +218,13 @@ mod tests {
             p.on_success();
         }
         assert_eq!((p.rate(), p.concurrency()), (20.0, 5));
-        // A member holding nothing is slowed to the floor, not stopped; one call at a time.
+        // A member holding nothing is slowed to a thousandth, not stopped; one call at a time.
         p.set_share(0.0);
-        assert_eq!((p.rate(), p.concurrency()), (MIN_RATE_PER_SEC, 1));
+        assert!((p.rate() - 0.03).abs() < 1e-9 && p.concurrency() == 1, "{}", p.rate());
+        // Six members of a group limited to 1 call/s: a sixth each, no floor above it.
+        let mut low = Pacer::new(1.0, 1, t0);
+        low.set_share(1.0 / 6.0);
+        assert!((low.rate() - 1.0 / 6.0).abs() < 1e-9, "{}", low.rate());
         p.set_share(f64::NAN);
         assert_eq!((p.rate(), p.concurrency()), (30.0, 8));
     }
