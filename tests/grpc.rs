@@ -337,6 +337,14 @@ fn a_paused_tenant_writes_nothing_until_resumed_and_redrive_answers_over_grpc() 
         .unwrap()
         .into_inner();
     assert_eq!(resumed.state, "closed");
+    // An operator's pause is not the tenant's to lift.
+    run(admin(ADMIN).pause_tenant(pb::PauseTenantRequest { tenant: "acme".into() })).unwrap();
+    let refused = run(admin(ACME).resume_tenant(pb::ResumeTenantRequest { tenant: "acme".into() }));
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let resumed = run(admin(ADMIN).resume_tenant(pb::ResumeTenantRequest { tenant: "acme".into() }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state, "closed");
     assert!(
         wait_until(WAIT, || env.contact("H-1").is_some()),
         "delivered once resumed"
@@ -476,5 +484,22 @@ fn the_server_speaks_tls_when_given_a_certificate() {
     });
     let plain: Result<(), Box<dyn std::error::Error>> = plain;
     assert!(plain.is_err(), "a plaintext client got an answer");
+    // The command line over TLS: an https:// address and the CA in CRM_SYNC_CA.
+    let cli = |ca: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_crm-sync"));
+        c.args(["tenants", "--addr", &format!("https://localhost:{}", a.port())])
+            .env("CRM_SYNC_TOKEN", ADMIN)
+            .env_remove("CRM_SYNC_CA");
+        if let Some(ca) = ca {
+            c.env("CRM_SYNC_CA", ca);
+        }
+        c.output().unwrap()
+    };
+    let listed = cli(Some(&ca));
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("acme"));
+    let unset = cli(None);
+    assert!(!unset.status.success());
+    assert!(String::from_utf8_lossy(&unset.stderr).contains("CRM_SYNC_CA"));
     service.stop(StopMode::Graceful);
 }

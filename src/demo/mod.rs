@@ -182,8 +182,11 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .create_topic(retry, INPUT_PARTITIONS)
             .map_err(setup("creating topics"))?;
     }
-    if let Some(status) = &config.kafka.status_topic {
-        kafka.create_topic(status, 3).map_err(setup("creating topics"))?;
+    for trail in [&config.kafka.status_topic, &config.kafka.audit_topic]
+        .into_iter()
+        .flatten()
+    {
+        kafka.create_topic(trail, 3).map_err(setup("creating topics"))?;
     }
 
     // 2. One sandbox per tenant, on the tenant's CRM, each with its own faults.
@@ -473,10 +476,22 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .iter()
             .find(|(_, want)| matches!(want, Expected::Present(_)))
             .map(|(id, _)| id.clone());
-        let asked = [("delivered", delivered), ("rejected", rejected)]
-            .into_iter()
-            .filter_map(|(what, id)| Some((what, id?)))
-            .collect();
+        let superseded = config
+            .kafka
+            .audit_topic
+            .as_deref()
+            .and_then(|audit| superseded_version(&bootstrap, audit));
+        if let Some((_, version)) = &superseded {
+            println!("  the audit topic says version {version} of the record below was superseded by a newer one before it was written:");
+        }
+        let asked = [
+            ("delivered", delivered),
+            ("rejected", rejected),
+            ("superseded", superseded.map(|(id, _)| id)),
+        ]
+        .into_iter()
+        .filter_map(|(what, id)| Some((what, id?)))
+        .collect();
         lookups(&runtime, addr, token.expose(), asked);
     }
     let report = service.stop(StopMode::Graceful);
@@ -552,6 +567,20 @@ fn lookups(
             }
         }
     });
+}
+
+/// A record one of whose versions was superseded (a newer version arrived while it
+/// waited, so it was never written), from the audit topic: its identity and that version.
+fn superseded_version(bootstrap: &str, audit: &str) -> Option<((String, String, String), u64)> {
+    let lines = tools::read_all(bootstrap, audit, 3, Duration::from_secs(20)).ok()?;
+    lines.iter().find_map(|m| {
+        let line: serde_json::Value = serde_json::from_slice(m.payload.as_deref()?).ok()?;
+        if line["status"] != "skipped" || line["reason"] != "superseded" {
+            return None;
+        }
+        let s = |k: &str| line[k].as_str().map(str::to_string);
+        Some(((s("tenant")?, s("entity")?, s("key")?), line["version"].as_u64()?))
+    })
 }
 
 /// Whether `group` has committed every message of `topic`. Committed offsets are read

@@ -1,6 +1,7 @@
 //! The command line's gRPC client (`crm-sync status`, `watch`, `tenants`): what a support
 //! engineer types when a customer asks. The token comes from `CRM_SYNC_TOKEN` (not a flag:
-//! flags show in process lists and shell history).
+//! flags show in process lists and shell history). An `https://` address speaks TLS,
+//! checking the server against the CA certificate (PEM) in the file `CRM_SYNC_CA` names.
 
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -59,8 +60,18 @@ async fn open(addr: &str, token: &str) -> anyhow::Result<(Channel, Bearer)> {
     } else {
         format!("http://{addr}")
     };
-    let channel = Channel::from_shared(url)
-        .map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?
+    let mut endpoint = Channel::from_shared(url.clone()).map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?;
+    if url.starts_with("https://") {
+        let path = std::env::var("CRM_SYNC_CA").map_err(|_| {
+            anyhow::anyhow!("{addr} speaks TLS: set CRM_SYNC_CA to the file of its CA certificate (PEM)")
+        })?;
+        let pem = std::fs::read(&path).map_err(|e| anyhow::anyhow!("CRM_SYNC_CA {path}: {e}"))?;
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("CRM_SYNC_CA {path}: {e}"))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;

@@ -131,12 +131,32 @@ impl TenantService for Tenants {
 
 struct Admin {
     tenants: Tenants,
+    /// Tenants paused with the admin token on this member: only the admin token resumes
+    /// them (a tenant's own token may pause and resume its tenant otherwise).
+    paused_by_admin: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Admin {
     /// Pauses or resumes the tenant's actor, and answers once it has done so.
     async fn hold(&self, principal: &Principal, tenant: &str, held: bool) -> Result<pb::Tenant, Status> {
         principal.may(tenant)?;
+        {
+            let mut by_admin = self.paused_by_admin.lock().unwrap_or_else(|p| p.into_inner());
+            match (principal, held) {
+                (Principal::Admin, true) => {
+                    by_admin.insert(tenant.to_string());
+                }
+                (Principal::Admin, false) => {
+                    by_admin.remove(tenant);
+                }
+                (_, false) if by_admin.contains(tenant) => {
+                    return Err(Status::permission_denied(
+                        "an operator paused this tenant: only the admin token resumes it",
+                    ));
+                }
+                _ => {}
+            }
+        }
         let actor = self
             .tenants
             .board
@@ -348,6 +368,7 @@ pub fn router(
                 config: config.clone(),
                 board,
             },
+            paused_by_admin: Default::default(),
         }),
         check(tokens.clone()),
     );
