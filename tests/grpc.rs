@@ -431,10 +431,26 @@ fn published_events_are_checked_answered_in_order_and_delivered() {
             ("bad-json", false, "invalid_json"),
             ("ok-2", true, ""),
             ("unknown-entity", false, "unknown_entity"),
-            ("foreign", false, "unknown_tenant"),
+            // A tenant's token is not told whether another tenant exists.
+            ("foreign", false, "permission_denied"),
             ("not-yours", false, "permission_denied"),
         ]
     );
+    // The admin token is.
+    let mut admin = IngestServiceClient::with_interceptor(channel(a), with_token(Some(ADMIN)));
+    let unknown = run(async {
+        let foreign = request(
+            "foreign",
+            retenant(upsert("o2", "O-2", 1, "Other", "Tenant").1, "globex"),
+        );
+        let mut stream = admin
+            .publish(tokio_stream::iter(vec![foreign]))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap()
+    });
+    assert_eq!((unknown.accepted, unknown.reason.as_str()), (false, "unknown_tenant"));
     assert_eq!(answers[0].topic, env.topic);
     assert!(wait_until(WAIT, || env.contact("P-1").is_some() && env.contact("P-2").is_some()));
     assert_eq!(

@@ -259,7 +259,24 @@ impl Ingest {
             ..Default::default()
         };
         let checked = crate::event::decode(Some(&request.event), self.max_bytes, self.routes.as_ref())
-            .map_err(|e| refuse(request.id.clone(), e.code(), e.to_string()))
+            .map_err(|e| {
+                // A tenant's token learns nothing of other tenants: not whether they exist,
+                // nor what they map.
+                let other = match (&who, &e) {
+                    (Principal::Tenant(own), crate::event::DecodeError::UnknownTenant(t)) => t != own,
+                    (Principal::Tenant(own), crate::event::DecodeError::UnknownEntity { tenant, .. }) => tenant != own,
+                    _ => false,
+                };
+                if other {
+                    refuse(
+                        request.id.clone(),
+                        "permission_denied",
+                        "this token may not publish for that tenant".into(),
+                    )
+                } else {
+                    refuse(request.id.clone(), e.code(), e.to_string())
+                }
+            })
             .and_then(|event| {
                 // The consumer counts the key too.
                 let r = &event.record;
