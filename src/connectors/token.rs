@@ -4,7 +4,8 @@
 //! that a token fetched meanwhile by another call survives).
 //!
 //! How a token is fetched (the CRM's identity provider, its form, its errors) stays with
-//! each connector's `auth.rs`; when to fetch one lives here.
+//! each connector's `auth.rs`; when to fetch one lives here, and so does the one replay
+//! of a request whose token the CRM refused ([`send_with_token`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,8 +13,40 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use super::http::MAX_CRM_WAIT;
+use super::http::{Answer, MAX_CRM_WAIT};
 use super::DeliveryError;
+
+/// Sends a request made with the current token (`get`); when `refused` says the answer
+/// refused that token, drops it (`invalidate`) and sends once more with a new one. The
+/// second answer is the answer, refused or not: the caller classifies it. Every
+/// connector's 401 handling goes through here; what counts as a refused token is each
+/// CRM's (an expired Salesforce session, a Zendesk token that can be renewed, any
+/// Dataverse 401).
+///
+/// The closures take the token by value (an `Arc`), so that the futures they make borrow
+/// nothing of this function's and stay `Send` for the I/O runtime.
+pub async fn send_with_token<T, Get, GetF, Drop, DropF, Send, SendF>(
+    get: Get,
+    invalidate: Drop,
+    send: Send,
+    refused: impl Fn(&Answer) -> bool,
+) -> Result<Answer, DeliveryError>
+where
+    Get: Fn() -> GetF,
+    GetF: Future<Output = Result<Arc<T>, DeliveryError>>,
+    Drop: Fn(Arc<T>) -> DropF,
+    DropF: Future<Output = ()>,
+    Send: Fn(Arc<T>) -> SendF,
+    SendF: Future<Output = Result<Answer, DeliveryError>>,
+{
+    let token = get().await?;
+    let answer = send(token.clone()).await?;
+    if !refused(&answer) {
+        return Ok(answer);
+    }
+    invalidate(token).await;
+    send(get().await?).await
+}
 
 /// A cached token of type `T`.
 pub struct TokenCache<T> {
@@ -63,6 +96,54 @@ impl<T> TokenCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_refused_token_is_dropped_and_the_request_sent_once_more() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let answer = |status: u16| Answer {
+            status: reqwest::StatusCode::from_u16(status).unwrap(),
+            headers: Default::default(),
+            retry_after: None,
+            body: Vec::new(),
+        };
+        // Each fetch gives a new token; the CRM refuses the first `refusals` requests.
+        let run = |refusals: u32| async move {
+            let cache: TokenCache<u32> = TokenCache::default();
+            let (fetched, sent, invalidated) = (AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0));
+            let got = send_with_token(
+                || cache.get(|| async { Ok((fetched.fetch_add(1, Ordering::SeqCst), None)) }),
+                |stale| {
+                    invalidated.fetch_add(1, Ordering::SeqCst);
+                    let cache = &cache;
+                    async move { cache.invalidate(&stale).await }
+                },
+                |token| {
+                    let n = sent.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let _ = token;
+                        Ok(answer(if n < refusals { 401 } else { 200 }))
+                    }
+                },
+                |a| a.status == reqwest::StatusCode::UNAUTHORIZED,
+            )
+            .await
+            .unwrap();
+            let counts = |a: &AtomicU32| a.load(Ordering::SeqCst);
+            (
+                got.status.as_u16(),
+                counts(&fetched),
+                counts(&sent),
+                counts(&invalidated),
+            )
+        };
+        assert_eq!(run(0).await, (200, 1, 1, 0), "accepted: one send");
+        assert_eq!(run(1).await, (200, 2, 2, 1), "refused once: a new token and one replay");
+        assert_eq!(
+            run(5).await,
+            (401, 2, 2, 1),
+            "refused again: that is the answer, no loop"
+        );
+    }
 
     #[tokio::test]
     async fn shares_a_token_renews_when_due_and_drops_only_the_refused_one() {

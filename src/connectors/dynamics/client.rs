@@ -49,9 +49,8 @@ impl DynamicsClient {
     /// Sends a request built by `build` (given the bearer token) with the OData headers;
     /// a 401 gets a new token and one replay.
     pub(super) async fn call(&self, build: impl Fn(&str) -> reqwest::RequestBuilder) -> Result<Answer, DeliveryError> {
-        let mut replayed = false;
-        loop {
-            let token = self.auth.get().await?;
+        let build = &build;
+        let send = |token: std::sync::Arc<crate::config::Secret>| async move {
             let request = build(token.expose())
                 .header("Accept", "application/json")
                 .header("OData-MaxVersion", "4.0")
@@ -64,14 +63,22 @@ impl DynamicsClient {
                     resets_in: None,
                 });
             }
-            if answer.status == StatusCode::UNAUTHORIZED && !replayed {
+            Ok(answer)
+        };
+        let refused = |answer: &Answer| {
+            let refused = answer.status == StatusCode::UNAUTHORIZED;
+            if refused {
                 tracing::debug!(tenant = %self.meter.tenant, "Dataverse refused the token; fetching a new one.");
-                self.auth.invalidate(&token).await;
-                replayed = true;
-                continue;
             }
-            return Ok(answer);
-        }
+            refused
+        };
+        crate::connectors::token::send_with_token(
+            || self.auth.get(),
+            |stale| async move { self.auth.invalidate(&stale).await },
+            send,
+            refused,
+        )
+        .await
     }
 
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOk, DeliveryError> {

@@ -6,6 +6,7 @@
 //! `INVALID_SESSION_ID` ("Session expired or invalid") gets a new token and one replay.
 //! Every response's `Sforce-Limit-Info: api-usage=USED/MAX` is the tenant's quota.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::utf8_percent_encode;
@@ -44,9 +45,8 @@ impl SalesforceClient {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Answer, DeliveryError> {
-        let mut replayed = false;
-        loop {
-            let token = self.auth.get().await?;
+        let method = &method;
+        let send = |token: Arc<super::auth::Token>| async move {
             let url = format!("{}/services/data/v{}{path}", token.instance_url, self.api_version);
             let mut builder = self
                 .http
@@ -58,14 +58,22 @@ impl SalesforceClient {
             }
             let answer = self.meter.send(builder).await?;
             self.record_limit_info(&answer.headers);
-            if answer.status == StatusCode::UNAUTHORIZED && !replayed && errors::is_expired_session(&answer.body) {
+            Ok(answer)
+        };
+        let expired = |answer: &Answer| {
+            let expired = answer.status == StatusCode::UNAUTHORIZED && errors::is_expired_session(&answer.body);
+            if expired {
                 tracing::debug!(tenant = %self.meter.tenant, "Salesforce session expired; fetching a new token.");
-                self.auth.invalidate(&token).await;
-                replayed = true;
-                continue;
             }
-            return Ok(answer);
-        }
+            expired
+        };
+        crate::connectors::token::send_with_token(
+            || self.auth.get(),
+            |stale| async move { self.auth.invalidate(&stale).await },
+            send,
+            expired,
+        )
+        .await
     }
 
     /// Upserts or deletes one record by external id.

@@ -59,12 +59,11 @@ impl ZendeskClient {
         idempotency_key: Option<&str>,
     ) -> Result<Answer, DeliveryError> {
         let url = format!("{}/api/v2{path}", self.base_url);
-        let mut replayed = false;
-        loop {
-            let auth: Arc<Secret> = self.auth.header().await?;
+        let (method, url) = (&method, &url);
+        let send = |auth: Arc<Secret>| async move {
             let mut builder = self
                 .http
-                .request(method.clone(), &url)
+                .request(method.clone(), url)
                 .header(AUTHORIZATION, authorization(&auth)?)
                 .header("Accept", "application/json");
             match body {
@@ -80,14 +79,22 @@ impl ZendeskClient {
             if let Some(q) = parse_rate_limit(&answer.headers) {
                 self.quota.report(q);
             }
-            if answer.status == StatusCode::UNAUTHORIZED && !replayed && self.auth.renewable() {
+            Ok(answer)
+        };
+        let refused = |answer: &Answer| {
+            let refused = answer.status == StatusCode::UNAUTHORIZED && self.auth.renewable();
+            if refused {
                 tracing::debug!(tenant = %self.meter.tenant, "Zendesk token refused; fetching a new one.");
-                self.auth.invalidate(&auth).await;
-                replayed = true;
-                continue;
             }
-            return Ok(answer);
-        }
+            refused
+        };
+        crate::connectors::token::send_with_token(
+            || self.auth.header(),
+            |stale| async move { self.auth.invalidate(&stale).await },
+            send,
+            refused,
+        )
+        .await
     }
 
     pub(super) fn classify(&self, answer: &Answer) -> DeliveryError {
