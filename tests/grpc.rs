@@ -341,6 +341,11 @@ fn a_paused_tenant_writes_nothing_until_resumed_and_redrive_answers_over_grpc() 
     run(admin(ADMIN).pause_tenant(pb::PauseTenantRequest { tenant: "acme".into() })).unwrap();
     let refused = run(admin(ACME).resume_tenant(pb::ResumeTenantRequest { tenant: "acme".into() }));
     assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    // A tenant this member does not serve.
+    let missing = run(admin(ADMIN).pause_tenant(pb::PauseTenantRequest {
+        tenant: "nobody".into(),
+    }));
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
     let resumed = run(admin(ADMIN).resume_tenant(pb::ResumeTenantRequest { tenant: "acme".into() }))
         .unwrap()
         .into_inner();
@@ -384,6 +389,7 @@ fn published_events_are_checked_answered_in_order_and_delivered() {
     let mut beta = config.tenants[0].clone();
     beta.name = "beta".into();
     config.tenants.push(beta);
+    let max = config.kafka.max_message_bytes;
     let service = pipeline::start(config).unwrap();
     let a = service.grpc_addr().unwrap();
     let request = |id: &str, event: Vec<u8>| pb::PublishRequest { id: id.into(), event };
@@ -410,6 +416,12 @@ fn published_events_are_checked_answered_in_order_and_delivered() {
             "not-yours",
             retenant(upsert("b1", "B-1", 1, "Beta", "Tenant").1, "beta"),
         ),
+        // Within the limit alone, over it with its key: refused for the tenant, not for
+        // its size (which would tell acme's token that beta exists and maps contacts).
+        request("not-yours-large", {
+            let base = retenant(upsert("b2", "B-2", 1, "Beta", "").1, "beta").len();
+            retenant(upsert("b2", "B-2", 1, "Beta", &"x".repeat(max - 5 - base)).1, "beta")
+        }),
     ];
     let mut client = IngestServiceClient::with_interceptor(channel(a), with_token(Some(ACME)));
     let answers: Vec<pb::PublishResponse> = run(async {
@@ -434,6 +446,7 @@ fn published_events_are_checked_answered_in_order_and_delivered() {
             // A tenant's token is not told whether another tenant exists.
             ("foreign", false, "permission_denied"),
             ("not-yours", false, "permission_denied"),
+            ("not-yours-large", false, "permission_denied"),
         ]
     );
     // The admin token is.
@@ -501,9 +514,9 @@ fn the_server_speaks_tls_when_given_a_certificate() {
     let plain: Result<(), Box<dyn std::error::Error>> = plain;
     assert!(plain.is_err(), "a plaintext client got an answer");
     // The command line over TLS: an https:// address and the CA in CRM_SYNC_CA.
-    let cli = |ca: Option<&str>| {
+    let cli_at = |addr: String, ca: Option<&str>| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_crm-sync"));
-        c.args(["tenants", "--addr", &format!("https://localhost:{}", a.port())])
+        c.args(["tenants", "--addr", &addr])
             .env("CRM_SYNC_TOKEN", ADMIN)
             .env_remove("CRM_SYNC_CA");
         if let Some(ca) = ca {
@@ -511,11 +524,19 @@ fn the_server_speaks_tls_when_given_a_certificate() {
         }
         c.output().unwrap()
     };
+    let cli = |ca: Option<&str>| cli_at(format!("https://localhost:{}", a.port()), ca);
     let listed = cli(Some(&ca));
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
     assert!(String::from_utf8_lossy(&listed.stdout).contains("acme"));
     let unset = cli(None);
     assert!(!unset.status.success());
     assert!(String::from_utf8_lossy(&unset.stderr).contains("CRM_SYNC_CA"));
+    // With a CA set, a plaintext address is refused before the token is sent; a bare
+    // host:port is taken as https.
+    let plaintext = cli_at(format!("http://localhost:{}", a.port()), Some(&ca));
+    assert!(!plaintext.status.success());
+    assert!(String::from_utf8_lossy(&plaintext.stderr).contains("in clear"));
+    let bare = cli_at(format!("localhost:{}", a.port()), Some(&ca));
+    assert!(bare.status.success(), "{}", String::from_utf8_lossy(&bare.stderr));
     service.stop(StopMode::Graceful);
 }

@@ -481,9 +481,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
             .audit_topic
             .as_deref()
             .and_then(|audit| superseded_version(&bootstrap, audit));
-        if let Some((_, version)) = &superseded {
-            println!("  the audit topic says version {version} of the record below was superseded by a newer one before it was written:");
-        }
+        let superseded_note = superseded.as_ref().map(|(_, version)| {
+            format!("  (the audit topic says version {version} of the superseded one was superseded by a newer version before it was written)")
+        });
         let asked = [
             ("delivered", delivered),
             ("rejected", rejected),
@@ -493,6 +493,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
         .filter_map(|(what, id)| Some((what, id?)))
         .collect();
         lookups(&runtime, addr, token.expose(), asked);
+        if let Some(note) = superseded_note {
+            println!("{note}");
+        }
     }
     let report = service.stop(StopMode::Graceful);
     println!("  shutdown: committed={} closed={}", report.committed, report.closed);

@@ -55,14 +55,20 @@ async fn open(addr: &str, token: &str) -> anyhow::Result<(Channel, Bearer)> {
         MetadataValue::try_from(format!("Bearer {token}"))
             .map_err(|_| anyhow::anyhow!("CRM_SYNC_TOKEN is not a valid header value"))?,
     );
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+    // With a CA to check the server against, TLS: a bare host:port is https, and a
+    // plaintext address is refused rather than sent the token in clear.
+    let ca = std::env::var("CRM_SYNC_CA").ok();
+    let url = match (addr.split_once("://"), &ca) {
+        (None, None) => format!("http://{addr}"),
+        (None, Some(_)) => format!("https://{addr}"),
+        (Some((scheme, _)), Some(_)) if !scheme.eq_ignore_ascii_case("https") => {
+            anyhow::bail!("CRM_SYNC_CA is set but {addr} is not an https:// address: the token would go in clear")
+        }
+        _ => addr.to_string(),
     };
     let mut endpoint = Channel::from_shared(url.clone()).map_err(|e| anyhow::anyhow!("--addr {addr:?}: {e}"))?;
-    if url.starts_with("https://") {
-        let path = std::env::var("CRM_SYNC_CA").map_err(|_| {
+    if url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")) {
+        let path = ca.ok_or_else(|| {
             anyhow::anyhow!("{addr} speaks TLS: set CRM_SYNC_CA to the file of its CA certificate (PEM)")
         })?;
         let pem = std::fs::read(&path).map_err(|e| anyhow::anyhow!("CRM_SYNC_CA {path}: {e}"))?;

@@ -133,29 +133,21 @@ struct Admin {
     tenants: Tenants,
     /// Tenants paused with the admin token on this member: only the admin token resumes
     /// them (a tenant's own token may pause and resume its tenant otherwise).
-    paused_by_admin: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Held across the check, the actor's answer and the update, so that pauses and
+    /// resumes of this member take effect in the order they are decided.
+    paused_by_admin: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Admin {
     /// Pauses or resumes the tenant's actor, and answers once it has done so.
     async fn hold(&self, principal: &Principal, tenant: &str, held: bool) -> Result<pb::Tenant, Status> {
         principal.may(tenant)?;
-        {
-            let mut by_admin = self.paused_by_admin.lock().unwrap_or_else(|p| p.into_inner());
-            match (principal, held) {
-                (Principal::Admin, true) => {
-                    by_admin.insert(tenant.to_string());
-                }
-                (Principal::Admin, false) => {
-                    by_admin.remove(tenant);
-                }
-                (_, false) if by_admin.contains(tenant) => {
-                    return Err(Status::permission_denied(
-                        "an operator paused this tenant: only the admin token resumes it",
-                    ));
-                }
-                _ => {}
-            }
+        let mut by_admin = self.paused_by_admin.lock().await;
+        let admin = matches!(principal, Principal::Admin);
+        if !admin && !held && by_admin.contains(tenant) {
+            return Err(Status::permission_denied(
+                "an operator paused this tenant: only the admin token resumes it",
+            ));
         }
         let actor = self
             .tenants
@@ -166,6 +158,17 @@ impl Admin {
             .send(crate::tenant::Hold(held))
             .await
             .map_err(|_| Status::unavailable("the tenant is restarting; try again"))?;
+        // Recorded once the actor has done it: a call that failed changes nothing.
+        match (admin, held) {
+            (true, true) => {
+                by_admin.insert(tenant.to_string());
+            }
+            (true, false) => {
+                by_admin.remove(tenant);
+            }
+            _ => {}
+        }
+        drop(by_admin);
         self.tenants
             .tenant(tenant)
             .ok_or_else(|| Status::not_found("no such tenant"))
@@ -278,6 +281,15 @@ impl Ingest {
                 }
             })
             .and_then(|event| {
+                // Permission first: a tenant's token learns nothing of another tenant's
+                // events, not even that they would be too large.
+                who.may(&event.record.tenant).map_err(|_| {
+                    refuse(
+                        request.id.clone(),
+                        "permission_denied",
+                        "this token may not publish for that tenant".into(),
+                    )
+                })?;
                 // The consumer counts the key too.
                 let r = &event.record;
                 let key = crate::demo::workload::kafka_key(&r.tenant, &r.entity, &r.key);
@@ -289,15 +301,6 @@ impl Ingest {
                     ));
                 }
                 Ok(event)
-            })
-            .and_then(|event| {
-                who.may(&event.record.tenant).map(|()| event).map_err(|_| {
-                    refuse(
-                        request.id.clone(),
-                        "permission_denied",
-                        "this token may not publish for that tenant".into(),
-                    )
-                })
             });
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
         // A refused event's bytes are not kept while its answer waits its turn.
