@@ -69,7 +69,8 @@ where
         .with_endpoint(&url)
         .with_timeout(EXPORT_TIMEOUT)
         .build()
-        .with_context(|| format!("the OTLP exporter for {url}"))?;
+        // Not the URL itself: it may carry a collector's credentials.
+        .context("the OTLP exporter cannot be built")?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(

@@ -216,6 +216,7 @@ async fn write(producer: &FutureProducer, topic: Arc<str>, key: String, value: S
                     return;
                 }
                 tracing::error!(topic = %topic, error = %e, "Could not write to the trail; retrying.");
+                // Backoff before the next attempt: the broker is down or refusing for now.
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }

@@ -87,18 +87,8 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
             "check-config",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config/crm-sync.toml"),
         ])
-        .envs([
-            ("KAFKA_SASL_PASSWORD", "x"),
-            ("ACME_SF_CLIENT_ID", "id"),
-            ("ACME_SF_CLIENT_SECRET", "secret"),
-            ("GLOBEX_ZD_API_TOKEN", "token"),
-            ("INITECH_D365_CLIENT_ID", "id"),
-            ("INITECH_D365_CLIENT_SECRET", "secret"),
-            ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            ("CRM_SYNC_ADMIN_TOKEN", "admin"),
-            ("ACME_GRPC_TOKEN", "acme"),
-        ])
+        .envs(REFERENCE_SECRETS)
+        .env("KAFKA_SASL_PASSWORD", "x")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -113,18 +103,8 @@ fn check_config_accepts_the_reference_and_names_the_wrong_key() {
     .unwrap();
     let out = Command::new(BIN)
         .args(["check-config", path.to_str().unwrap()])
-        .envs([
-            ("KAFKA_SASL_PASSWORD", "x"),
-            ("ACME_SF_CLIENT_ID", "id"),
-            ("ACME_SF_CLIENT_SECRET", "s"),
-            ("GLOBEX_ZD_API_TOKEN", "t"),
-            ("INITECH_D365_CLIENT_ID", "i"),
-            ("INITECH_D365_CLIENT_SECRET", "s"),
-            ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            ("CRM_SYNC_ADMIN_TOKEN", "admin"),
-            ("ACME_GRPC_TOKEN", "acme"),
-        ])
+        .envs(REFERENCE_SECRETS)
+        .env("KAFKA_SASL_PASSWORD", "x")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -243,17 +243,9 @@ fn the_reference_configuration_runs_on_the_secured_listener() {
     let log = dir.path().join("crm-sync.log");
     let mut service = Command::new(env!("CARGO_BIN_EXE_crm-sync"))
         .args(["run", "--config", path.to_str().unwrap()])
+        .envs(REFERENCE_SECRETS)
         .envs([
             ("KAFKA_SASL_PASSWORD", password.as_str()),
-            ("ACME_SF_CLIENT_ID", "id"),
-            ("ACME_SF_CLIENT_SECRET", "secret"),
-            ("GLOBEX_ZD_API_TOKEN", "token"),
-            ("INITECH_D365_CLIENT_ID", "id"),
-            ("INITECH_D365_CLIENT_SECRET", "secret"),
-            ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            ("CRM_SYNC_ADMIN_TOKEN", "admin"),
-            ("ACME_GRPC_TOKEN", "acme"),
             ("SSL_CERT_FILE", ca.as_str()),
             ("RUST_LOG", "info"),
         ])

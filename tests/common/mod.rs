@@ -380,3 +380,17 @@ pub fn test_ca(dir: &std::path::Path) -> (String, String, String) {
     }
     (ca, cert, key)
 }
+
+/// Stand-in values for the secrets `config/crm-sync.toml` references, but the Kafka
+/// password (`KAFKA_SASL_PASSWORD`), which each test gives as it needs.
+pub const REFERENCE_SECRETS: [(&str, &str); 9] = [
+    ("ACME_SF_CLIENT_ID", "id"),
+    ("ACME_SF_CLIENT_SECRET", "secret"),
+    ("GLOBEX_ZD_API_TOKEN", "token"),
+    ("INITECH_D365_CLIENT_ID", "id"),
+    ("INITECH_D365_CLIENT_SECRET", "secret"),
+    ("OPS_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ("ACME_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+    ("CRM_SYNC_ADMIN_TOKEN", "admin"),
+    ("ACME_GRPC_TOKEN", "acme"),
+];
