@@ -911,6 +911,10 @@ impl Config {
         p.check(check_host_port("service.http_addr", &self.service.http_addr, true));
         if let Some(endpoint) = &self.service.otlp_endpoint {
             match reqwest::Url::parse(endpoint) {
+                Ok(url) if !url.username().is_empty() || url.password().is_some() => p.add(
+                    "service.otlp_endpoint",
+                    "must not carry credentials: the exporter's error messages show the URL",
+                ),
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
                 _ => p.add("service.otlp_endpoint", "must be an http:// or https:// URL"),
             }
@@ -931,7 +935,21 @@ impl Config {
         if k.bootstrap_servers.split(',').all(|s| s.trim().is_empty()) {
             p.add("kafka.bootstrap_servers", "must name at least one broker");
         }
-        for server in k.bootstrap_servers.split(',').filter(|s| !s.trim().is_empty()) {
+        let servers = k.bootstrap_servers.split(',').filter(|s| !s.trim().is_empty()).count();
+        if servers > MAX_BOOTSTRAP_SERVERS {
+            p.add(
+                "kafka.bootstrap_servers",
+                format!(
+                    "lists {servers} brokers; at most {MAX_BOOTSTRAP_SERVERS} (a few are enough to find the cluster)"
+                ),
+            );
+        }
+        for server in k
+            .bootstrap_servers
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .take(MAX_BOOTSTRAP_SERVERS)
+        {
             // librdkafka takes `[protocol://]host[:port]`, port 9092 when left out.
             let server = server.trim();
             let address = server.split_once("://").map_or(server, |(_, rest)| rest);
@@ -1498,6 +1516,32 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// Most bytes a secret file may hold: secrets are short, and a path to a device or a huge
+/// file must not be read into memory.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// A secret file's text: a regular file (a symlink to one, as Kubernetes mounts them) of
+/// at most [`MAX_SECRET_FILE_BYTES`], never a device or a pipe, which could block or never
+/// end.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.kind().to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.kind().to_string())?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!("more than {MAX_SECRET_FILE_BYTES} bytes"));
+    }
+    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".into())
+}
+
+/// Most brokers `kafka.bootstrap_servers` may list: librdkafka starts a thread for each.
+const MAX_BOOTSTRAP_SERVERS: usize = 100;
+
 /// Whether a librdkafka property holds a secret (its value is kept out of the file).
 pub(crate) fn sensitive_client_property(name: &str) -> bool {
     ["password", "secret", "passphrase", "private.key", "jaas"]
@@ -1541,10 +1585,10 @@ fn resolve_secret(key: &str, value: &mut Secret, env: &impl Fn(&str) -> Option<S
             ));
         }
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::SecretFile {
+            let text = read_secret_file(path).map_err(|reason| ConfigError::SecretFile {
                 key: key.to_string(),
                 path: path.to_string(),
-                reason: e.kind().to_string(),
+                reason,
             })?;
             let text = text.strip_suffix('\n').unwrap_or(&text);
             text.strip_suffix('\r').unwrap_or(text).to_string()
@@ -1661,7 +1705,25 @@ mod tests {
             let result = parse(&text, &[("SF_ID", "i"), ("SF_SECRET", "s")]);
             assert_eq!(result.is_ok(), ok, "{addr}: {:?}", result.err().map(|e| e.to_string()));
         }
+        // An OTLP endpoint with credentials in it would show them in the exporter's errors.
+        for (endpoint, ok) in [
+            ("http://collector:4318", true),
+            ("http://user:secret@collector:4318", false),
+            ("collector:4318", false),
+        ] {
+            let text = MINIMAL.replace(
+                "[kafka]",
+                &format!("[service]\notlp_endpoint = \"{endpoint}\"\n[kafka]"),
+            );
+            let result = parse(&text, &[("SF_ID", "i"), ("SF_SECRET", "s")]);
+            assert_eq!(result.is_ok(), ok, "{endpoint}");
+            if let Err(e) = result {
+                assert!(!e.to_string().contains("secret@"), "{e}");
+            }
+        }
+        let many = vec!["b:9092"; 101].join(",");
         for (servers, ok) in [
+            (many.as_str(), false),
             ("b1:9092,b2:9092", true),
             ("SASL_SSL://b1.example.com:9096", true),
             ("b1", true),
@@ -1689,6 +1751,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("client_secret");
         std::fs::write(&file, "from-a-file\n").unwrap();
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'x'; 70_000]).unwrap();
         let text = MINIMAL.replace("${SF_SECRET}", &format!("${{file:{}}}", file.display()));
         let c = parse(&text, &[("SF_ID", "i")]).unwrap();
         assert_eq!(
@@ -1696,6 +1760,15 @@ mod tests {
             "from-a-file"
         );
 
+        // A device is not read (it could block, or never end), nor a file past 64 KiB.
+        for (path, why) in [
+            ("/dev/zero", "not a regular file"),
+            (big.to_str().unwrap(), "more than 65536 bytes"),
+        ] {
+            let text = MINIMAL.replace("${SF_SECRET}", &format!("${{file:{path}}}"));
+            let err = parse(&text, &[("SF_ID", "i")]).unwrap_err().to_string();
+            assert!(err.contains(why), "{path}: {err}");
+        }
         let missing = MINIMAL.replace("${SF_SECRET}", "${file:/nonexistent/crm-sync/secret}");
         let err = parse(&missing, &[("SF_ID", "i")]).unwrap_err().to_string();
         assert!(

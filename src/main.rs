@@ -541,11 +541,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { file, no_secrets } => {
             let report = crm_sync::check::check(&file, no_secrets);
+            // A key or value in the file may hold control characters: shown escaped, so
+            // that the report cannot drive the terminal.
+            let shown = |line: &str| -> String {
+                line.chars()
+                    .flat_map(|c| {
+                        let escaped: Vec<char> = if c.is_control() {
+                            c.escape_unicode().collect()
+                        } else {
+                            vec![c]
+                        };
+                        escaped
+                    })
+                    .collect()
+            };
             for warning in &report.warnings {
-                eprintln!("{}: warning: {warning}", file.display());
+                eprintln!("{}: warning: {}", file.display(), shown(warning));
             }
             for problem in &report.problems {
-                eprintln!("{}: {problem}", file.display());
+                eprintln!("{}: {}", file.display(), shown(problem));
             }
             match (&report.summary, report.problems.len()) {
                 (Some(summary), 0) => {

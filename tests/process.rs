@@ -155,7 +155,7 @@ fn check_config_reports_every_problem_at_once_and_runs_without_secrets() {
         )
         .replace(
             "\"sasl.password\" = \"${KAFKA_SASL_PASSWORD}\"",
-            "\"sasl.password\" = \"hunter2-literal\"\n\"compression.type\" = \"brotli\"",
+            "\"sasl.password\" = \"hunter2-literal\"\n\"compression.type\" = \"brotli\"\n\"bad\\u001b[31mkey\" = \"1\"",
         );
     std::fs::write(&path, text).unwrap();
     let out = Command::new(BIN)
@@ -174,8 +174,12 @@ fn check_config_reports_every_problem_at_once_and_runs_without_secrets() {
     ] {
         assert!(stderr.contains(expected), "{expected} missing from:\n{stderr}");
     }
-    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+    assert!(stderr.contains("5 problem(s)"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "a literal secret was printed:\n{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "a control character reached the terminal:\n{stderr}"
+    );
 }
 
 #[test]
