@@ -16,7 +16,8 @@ and authenticates each connection with SASL before anything else reaches the bro
 Usage: kafka_secure_proxy.py --upstream HOST:PORT [--tls-cert F --tls-key F]
        [--mechanism M --username U --password P]
 Prints "LISTENING <port>" when ready, then one line per connection outcome
-("AUTH OK <mechanism> <user>", "AUTH FAILED <mechanism> <why>", "TLS FAILED <why>").
+("AUTH OK <mechanism> <user>", "AUTH FAILED <mechanism> <why>", "AUTH ABANDONED
+<mechanism> <why>" when the client hung up mid-exchange, "TLS FAILED <why>").
 """
 
 import argparse
@@ -229,7 +230,14 @@ async def serve_connection(reader, writer, args):
             writer.close()
             upstream_writer.close()
             return
-    except (asyncio.IncompleteReadError, ConnectionError, struct.error, UnicodeDecodeError, AssertionError) as e:
+    except (asyncio.IncompleteReadError, ConnectionError) as e:
+        # The client hung up before the exchange ended (a producer dropped while one of
+        # its connections was still authenticating): nothing was refused.
+        say(f"AUTH ABANDONED {args.mechanism} {type(e).__name__}")
+        writer.close()
+        upstream_writer.close()
+        return
+    except (struct.error, UnicodeDecodeError, AssertionError) as e:
         say(f"AUTH FAILED {args.mechanism} {type(e).__name__}")
         writer.close()
         upstream_writer.close()
