@@ -15,8 +15,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_crm-sync");
 
 /// Taken by the tests that run a whole service with its own broker and sandboxes under
 /// load (the demo, the kill -9 run), so that on a 2-core machine they do not run beside
-/// each other: the demo's `retry.max_age_ms` is 3 s, and a record whose retries age past
-/// it on a starved machine is dead-lettered (seen once in 5 full runs).
+/// each other: the demo's `retry.max_age_ms` is 3 s, and before the age bound waited for
+/// half the attempts, a record whose retries aged past it on a starved machine was
+/// dead-lettered (seen once in 5 full runs).
 static WHOLE_SERVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn whole_service() -> std::sync::MutexGuard<'static, ()> {

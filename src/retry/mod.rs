@@ -82,7 +82,8 @@ impl RetryPolicy {
     }
 
     /// Decides after `attempts_made` failed attempts, the first of which failed at
-    /// `first_failure`. A `retry_after` from the CRM replaces the backoff.
+    /// `first_failure`. A `retry_after` from the CRM replaces the backoff. The age bound
+    /// gives up on an event only once it has used half its attempts.
     pub fn decide(
         &self,
         attempts_made: u32,
@@ -95,7 +96,10 @@ impl RetryPolicy {
             return RetryDecision::GiveUp(GiveUpReason::Attempts);
         }
         let delay = retry_after.unwrap_or_else(|| self.backoff(attempts_made, rng));
-        if now.saturating_duration_since(first_failure).saturating_add(delay) > self.max_age {
+        // Age alone (a backlog on the retry topic, a starved machine) does not end a record
+        // that was barely tried: the age bound applies from half the attempts on.
+        let tried_enough = attempts_made >= self.max_attempts.div_ceil(2);
+        if tried_enough && now.saturating_duration_since(first_failure).saturating_add(delay) > self.max_age {
             return RetryDecision::GiveUp(GiveUpReason::MaxAge);
         }
         RetryDecision::RetryAfter(delay)
@@ -325,7 +329,26 @@ mod tests {
         );
         let later = now + Duration::from_secs(59);
         assert_eq!(
-            policy().decide(2, now, later, Some(Duration::from_secs(5)), &mut rng),
+            policy().decide(3, now, later, Some(Duration::from_secs(5)), &mut rng),
+            RetryDecision::GiveUp(GiveUpReason::MaxAge)
+        );
+    }
+
+    /// A record that failed twice, an hour apart (a starved machine, a backlog on the
+    /// retry topic), is tried again: of five attempts it has used fewer than half.
+    #[test]
+    fn age_alone_does_not_end_a_record_tried_fewer_than_half_its_attempts() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(3_600);
+        let mut rng = StdRng::seed_from_u64(1);
+        for attempts in 1..=2 {
+            assert!(matches!(
+                policy().decide(attempts, now, later, None, &mut rng),
+                RetryDecision::RetryAfter(_)
+            ));
+        }
+        assert_eq!(
+            policy().decide(3, now, later, None, &mut rng),
             RetryDecision::GiveUp(GiveUpReason::MaxAge)
         );
     }
