@@ -6,6 +6,12 @@
 //! broker refuses is retried until it succeeds; until then the offset stays uncommitted,
 //! so a crash meanwhile means re-delivery, not loss. Credentials never reach either topic.
 //!
+//! One DLQ record per message, even across a `kill -9`: a marker on the state topic says
+//! that a message's dead-lettering has begun (and where its record goes) before the
+//! record is written, and another that it is done after; the next owner of a message
+//! whose dead-lettering began and did not end looks for its record in the DLQ
+//! ([`find_written`]) instead of writing it again.
+//!
 //! A write that can never succeed is not retried. A record too large for the producer
 //! (`message.max.bytes`) is dead-lettered *trimmed*: error context and a reference to the
 //! source offset, the payload cut ([`TRIMMED_PAYLOAD_BYTES`]). Strings echoed from input
@@ -14,16 +20,21 @@
 //! parked copy that can never be written is reported to the caller, which keeps the
 //! retry in memory.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::diff::store::DeadLettered;
+use crate::diff::store::{DeadLettered, DeadLettering};
 use crate::event::Event;
 use crate::headers::{HeaderList, RawHeader};
 use crate::retry::topic::{Origin, RetryRoute, RetryState};
@@ -113,11 +124,21 @@ pub struct Failure {
 pub struct DeadLetters {
     producer: FutureProducer,
     dlq_topic: Arc<str>,
+    /// The DLQ topic's partitions: an event's DLQ record goes to its origin partition's
+    /// number modulo this, so that its begun marker can say where to look for it.
+    dlq_partitions: i32,
+    /// Per DLQ partition, an offset at or below that of the next record written to it,
+    /// and when it was learnt (see [`DeadLetters::lower_bound`]).
+    bounds: Arc<Mutex<HashMap<i32, (i64, Instant)>>>,
     failures_topic: Arc<str>,
     retry: Option<RetryRoute>,
     /// Where a dead-lettered message's marker goes (see [`DeadLettered`]).
     state_topic: Arc<str>,
 }
+
+/// How old a DLQ partition's known lower bound may be before it is read again: what a
+/// next owner scans after a crash is at most this long of the group's DLQ records.
+const BOUND_FRESH_FOR: Duration = Duration::from_secs(30);
 
 fn rfc3339(t: SystemTime) -> String {
     DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -126,7 +147,7 @@ fn rfc3339(t: SystemTime) -> String {
 impl DeadLetters {
     pub fn new(
         producer: FutureProducer,
-        dlq_topic: &str,
+        (dlq_topic, dlq_partitions): (&str, i32),
         failures_topic: &str,
         retry: Option<RetryRoute>,
         state_topic: &str,
@@ -134,6 +155,8 @@ impl DeadLetters {
         DeadLetters {
             producer,
             dlq_topic: dlq_topic.into(),
+            dlq_partitions: dlq_partitions.max(1),
+            bounds: Arc::default(),
             failures_topic: failures_topic.into(),
             retry,
             state_topic: state_topic.into(),
@@ -171,6 +194,7 @@ impl DeadLetters {
             Some(&headers),
         )
         .await
+        .map(|_| ())
     }
 
     /// Writes the DLQ record and the failure event, retrying until both are acknowledged.
@@ -231,40 +255,121 @@ impl DeadLetters {
         })
         .to_string();
 
-        let dlq_record = async {
-            let whole = self
-                .produce(
-                    &self.dlq_topic,
-                    None,
-                    source.key.as_deref(),
-                    source.payload.as_deref(),
-                    Some(&headers),
-                )
-                .await;
-            if let Err(why) = whole {
-                metrics::counter!(metric::DLQ_TRIMMED).increment(1);
-                tracing::warn!(topic = %self.dlq_topic, error = %why, source_topic = %origin.topic, source_partition = origin.partition, source_offset = origin.offset, "Dead-letter record cannot be written whole; writing it trimmed.");
-                let (key, payload, headers) = trimmed(source, context);
-                self.produce_until_acked(&self.dlq_topic, key.as_deref(), Some(&payload), Some(&headers))
-                    .await;
-            }
-        };
-        // Capped strings and a capped key: always small enough.
-        let key = source.key.as_deref().map(|k| &k[..k.len().min(ECHO_BYTES)]);
-        let failure = self.produce_until_acked(&self.failures_topic, key, Some(failure_event.as_bytes()), None);
-        // Both at once: the time between the DLQ record being durable and its marker (a
-        // crash then gives a second record) is one write, not two.
-        futures::future::join(dlq_record, failure).await;
-        // Last: a crash before it means a second DLQ record at worst, never none.
+        // Exactly one DLQ record per message, even across a kill -9: first a marker that
+        // the dead-lettering has begun (where its record goes, and from which offset a
+        // next owner must look for it), then the failure event, then the record, then
+        // the marker that it is done. A crash before the record leaves a begun marker
+        // and no record, so the next owner writes it; a crash after, a begun marker and
+        // a record, which the next owner finds ([`find_written`]).
+        let dlq_partition = origin.partition.rem_euclid(self.dlq_partitions);
         let marker = DeadLettered {
             topic: source.topic.to_string(),
             partition: source.partition,
             offset: source.offset,
         };
-        let (key, value) = marker.encode();
         let state_partition = self.state_partition_of(&source.topic, source.partition);
+        let begun = DeadLettering {
+            message: marker.clone(),
+            origin: (origin.topic.to_string(), origin.partition, origin.offset),
+            dlq_partition,
+            from_offset: self.lower_bound(dlq_partition).await,
+        };
+        let (key, value) = begun.encode();
         self.produce_to(&self.state_topic, state_partition, key.as_bytes(), Some(&value))
             .await;
+        // Capped strings and a capped key: always small enough.
+        let key = source.key.as_deref().map(|k| &k[..k.len().min(ECHO_BYTES)]);
+        self.produce_until_acked(&self.failures_topic, None, key, Some(failure_event.as_bytes()), None)
+            .await;
+        let whole = self
+            .produce(
+                &self.dlq_topic,
+                Some(dlq_partition),
+                source.key.as_deref(),
+                source.payload.as_deref(),
+                Some(&headers),
+            )
+            .await;
+        let written = match whole {
+            Ok(at) => at,
+            Err(why) => {
+                metrics::counter!(metric::DLQ_TRIMMED).increment(1);
+                tracing::warn!(topic = %self.dlq_topic, error = %why, source_topic = %origin.topic, source_partition = origin.partition, source_offset = origin.offset, "Dead-letter record cannot be written whole; writing it trimmed.");
+                let (key, payload, headers) = trimmed(source, context);
+                self.produce_until_acked(
+                    &self.dlq_topic,
+                    Some(dlq_partition),
+                    key.as_deref(),
+                    Some(&payload),
+                    Some(&headers),
+                )
+                .await
+            }
+        };
+        self.learn_bound(dlq_partition, written + 1);
+        let (key, value) = marker.encode();
+        self.produce_to(&self.state_topic, state_partition, key.as_bytes(), Some(&value))
+            .await;
+    }
+
+    /// An offset of DLQ partition `partition` at or below that of the next record written
+    /// to it: the offset after this member's last record there, or the partition's end
+    /// as read from the broker when that is older than [`BOUND_FRESH_FOR`]. Offsets only
+    /// grow, so an old bound is still a bound (only a longer scan for the next owner).
+    async fn lower_bound(&self, partition: i32) -> i64 {
+        let known = self
+            .bounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&partition)
+            .copied();
+        if let Some((offset, _)) = known.filter(|(_, at)| at.elapsed() < BOUND_FRESH_FOR) {
+            return offset;
+        }
+        let (producer, topic) = (self.producer.clone(), self.dlq_topic.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        })
+        .await;
+        match read {
+            Ok(Ok((_, high))) => {
+                self.learn_bound(partition, high);
+                high
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %self.dlq_topic, partition, error = %e, "Could not read the DLQ partition's end; its marker names an older offset.");
+                known.map_or(0, |(offset, _)| offset)
+            }
+            Err(_) => known.map_or(0, |(offset, _)| offset),
+        }
+    }
+
+    fn learn_bound(&self, partition: i32, offset: i64) {
+        let mut bounds = self.bounds.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = bounds.entry(partition).or_insert((offset, Instant::now()));
+        *entry = (entry.0.max(offset), Instant::now());
+    }
+
+    pub fn dlq_topic(&self) -> &str {
+        &self.dlq_topic
+    }
+
+    /// Deletes the begun markers of dead-letterings that never wrote their record (its
+    /// message will be read again and decided afresh). Enqueued, not awaited: they are
+    /// ordered before any marker written for the same messages later.
+    pub fn forget_begun(&self, begun: &[DeadLettering]) {
+        for b in begun {
+            let key = b.message.key();
+            let state_partition = self.state_partition_of(&b.message.topic, b.message.partition);
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.state_topic)
+                .partition(state_partition)
+                .key(key.as_bytes());
+            if let Err((e, _)) = self.producer.send_result(record) {
+                tracing::warn!(error = %e, "Could not delete a dead-lettering marker; it will be looked into again at the next restore.");
+            }
+        }
     }
 
     /// Writes a tenant's change of health to the failures topic (keyed by the tenant):
@@ -280,8 +385,14 @@ impl DeadLetters {
         })
         .to_string();
         let key = cap(tenant);
-        self.produce_until_acked(&self.failures_topic, Some(key.as_bytes()), Some(event.as_bytes()), None)
-            .await;
+        self.produce_until_acked(
+            &self.failures_topic,
+            None,
+            Some(key.as_bytes()),
+            Some(event.as_bytes()),
+            None,
+        )
+        .await;
     }
 
     /// The state partition that holds the markers of `topic`/`partition`: its own number
@@ -323,13 +434,14 @@ impl DeadLetters {
     async fn produce_until_acked(
         &self,
         topic: &str,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: Option<&[RawHeader]>,
-    ) {
+    ) -> i64 {
         loop {
-            match self.produce(topic, None, key, payload, headers).await {
-                Ok(()) => return,
+            match self.produce(topic, partition, key, payload, headers).await {
+                Ok(offset) => return offset,
                 Err(e) => {
                     metrics::counter!(metric::DLQ_WRITE_FAILURES, "topic" => topic.to_string()).increment(1);
                     tracing::error!(topic, error = %e, "Could not write even a small record; retrying.");
@@ -340,7 +452,7 @@ impl DeadLetters {
     }
 
     /// Produces one record, retrying transient failures with backoff until acknowledged;
-    /// returns the failures that repeating cannot cure.
+    /// returns its offset, or the failures that repeating cannot cure.
     async fn produce(
         &self,
         topic: &str,
@@ -348,7 +460,7 @@ impl DeadLetters {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: Option<&[RawHeader]>,
-    ) -> Result<(), Unwritable> {
+    ) -> Result<i64, Unwritable> {
         let mut delay = Duration::from_millis(100);
         loop {
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
@@ -369,7 +481,7 @@ impl DeadLetters {
                 record = record.headers(list.into_owned());
             }
             match self.producer.send(record, Duration::from_secs(30)).await {
-                Ok(_) => return Ok(()),
+                Ok(delivery) => return Ok(delivery.offset),
                 Err((e, _)) => {
                     if let Some(why) = Unwritable::classify(&e) {
                         return Err(why);
@@ -383,6 +495,79 @@ impl DeadLetters {
             }
         }
     }
+}
+
+/// Of dead-letterings begun by an earlier owner and not marked done, those whose DLQ
+/// record was written after all (a record naming the same source, at or after the begun
+/// marker's offset of its DLQ partition), as done markers; and those whose record was
+/// not, to be decided afresh. Blocking: run where a restore runs, before the partition's
+/// messages are handled. A DLQ partition that cannot be read to its end is an error, so
+/// that the partition is not started on a guess.
+pub fn find_written(
+    client: &ClientConfig,
+    dlq_topic: &str,
+    begun: Vec<DeadLettering>,
+    timeout: Duration,
+) -> KafkaResult<(Vec<DeadLettered>, Vec<DeadLettering>)> {
+    if begun.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("enable.auto.commit", "false")
+        .set("group.id", "crm-sync-dlq-lookup")
+        .create()?;
+    let deadline = Instant::now() + timeout;
+    let wanted: HashSet<(String, i32, i64)> = begun.iter().map(|b| b.origin.clone()).collect();
+    let mut seen = HashSet::new();
+    let mut partitions: HashMap<i32, i64> = HashMap::new();
+    for b in &begun {
+        let from = partitions.entry(b.dlq_partition).or_insert(b.from_offset);
+        *from = (*from).min(b.from_offset);
+    }
+    for (partition, from) in partitions {
+        let (low, high) = consumer.fetch_watermarks(dlq_topic, partition, timeout)?;
+        let from = from.max(low);
+        if from >= high {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(dlq_topic, partition, Offset::Offset(from))?;
+        consumer.assign(&tpl)?;
+        loop {
+            if Instant::now() > deadline {
+                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            }
+            let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message?;
+            let headers = crate::headers::read(message.headers());
+            let header = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k == name.as_bytes())
+                    .and_then(|(_, v)| v.as_deref())
+                    .and_then(|v| std::str::from_utf8(v).ok())
+            };
+            let source = (
+                header("crm-sync.source.topic"),
+                header("crm-sync.source.partition").and_then(|p| p.parse().ok()),
+                header("crm-sync.source.offset").and_then(|o| o.parse().ok()),
+            );
+            if let (Some(topic), Some(partition), Some(offset)) = source {
+                let source = (topic.to_string(), partition, offset);
+                if wanted.contains(&source) {
+                    seen.insert(source);
+                }
+            }
+            if message.offset() + 1 >= high {
+                break;
+            }
+        }
+    }
+    let (written, unwritten): (Vec<_>, Vec<_>) = begun.into_iter().partition(|b| seen.contains(&b.origin));
+    Ok((written.into_iter().map(|b| b.message).collect(), unwritten))
 }
 
 /// Why a record can never be written as it is.

@@ -261,7 +261,14 @@ pub(crate) async fn create_topics(kafka: &KafkaConfig, topics: &[&str]) -> Resul
 /// forever, holding its partition), the state topic needs a partition for every input
 /// partition number, since each record's state goes to its source partition's, and the
 /// retry topic one for every input partition (see [`RetryRoute`]), which is returned.
-fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Option<RetryRoute>, StartError> {
+/// What the start learns of the topics: the retry topic's route, and how many
+/// partitions the DLQ topic has.
+struct Topics {
+    retry: Option<RetryRoute>,
+    dlq_partitions: i32,
+}
+
+fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Topics, StartError> {
     let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
     let partitions = |name: &str| {
@@ -315,8 +322,12 @@ fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Option<RetryR
         ),
         None => None,
     };
+    let dlq_partitions = partitions(&kafka.dlq_topic).map_or(1, |n| i32::try_from(n).unwrap_or(i32::MAX));
     match partitions(&kafka.state_topic) {
-        Some(have) if have >= needed => Ok(route),
+        Some(have) if have >= needed => Ok(Topics {
+            retry: route,
+            dlq_partitions,
+        }),
         Some(have) => Err(StartError::Topic(format!(
             "`kafka.state_topic` ({}) has {have} partitions; it needs at least {needed}, as many as the largest input topic",
             kafka.state_topic
@@ -419,8 +430,8 @@ async fn run_service(
             tracing::warn!(error = %e, "Could not check or create topics.");
         }
     }
-    let route = match check_topics(&config.kafka, Duration::from_millis(config.retry.max_age_ms)) {
-        Ok(route) => route,
+    let topics = match check_topics(&config.kafka, Duration::from_millis(config.retry.max_age_ms)) {
+        Ok(topics) => topics,
         Err(e) => {
             let _ = started.send(Err(e));
             http_task.abort();
@@ -430,7 +441,7 @@ async fn run_service(
     let mut end = End::Stopped;
     match wire(
         &config,
-        route,
+        topics,
         board,
         health.clone(),
         stop.clone(),
@@ -471,7 +482,7 @@ type Wired = (
 
 fn wire(
     config: &Config,
-    retry_route: Option<RetryRoute>,
+    topics: Topics,
     board: Board,
     health: Health,
     stop: StopSignal,
@@ -485,9 +496,10 @@ fn wire(
         config.kafka.status_topic.as_deref(),
         config.kafka.audit_topic.as_deref(),
     );
+    let retry_route = topics.retry;
     let dead_letters = DeadLetters::new(
         producer,
-        &config.kafka.dlq_topic,
+        (&config.kafka.dlq_topic, topics.dlq_partitions),
         &config.kafka.failures_topic,
         retry_route.clone(),
         &config.kafka.state_topic,

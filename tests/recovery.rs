@@ -156,6 +156,90 @@ fn a_message_dead_lettered_before_a_crash_is_not_dead_lettered_again() {
     service.stop(StopMode::Graceful);
 }
 
+/// A member killed between a message's DLQ record and the marker that says it is done
+/// leaves only the marker that it began: the next owner looks in the DLQ, finds the
+/// record and writes no second one. Killed before the record, it leaves the begun marker
+/// alone: the next owner finds no record and dead-letters the message, once.
+#[test]
+fn a_crash_between_a_dlq_record_and_its_marker_neither_repeats_nor_loses_it() {
+    use crm_sync::diff::store::{DeadLettered, DeadLettering};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = Env::new(1);
+    env.produce(&[
+        ("junk-0".into(), b"{not json".to_vec()),
+        ("junk-1".into(), b"{not json".to_vec()),
+    ]);
+    // What the killed member left: a begun marker for both messages, and the DLQ record
+    // of the first (with the source headers a DLQ record carries).
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap)
+        .create()
+        .unwrap();
+    block(async {
+        for offset in [0, 1] {
+            let begun = DeadLettering {
+                message: DeadLettered {
+                    topic: env.topic.clone(),
+                    partition: 0,
+                    offset,
+                },
+                origin: (env.topic.clone(), 0, offset),
+                dlq_partition: 0,
+                from_offset: 0,
+            };
+            let (key, value) = begun.encode();
+            producer
+                .send(
+                    FutureRecord::to(&env.state).partition(0).key(&key).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+        let headers = [
+            ("crm-sync.source.topic", env.topic.as_str()),
+            ("crm-sync.source.partition", "0"),
+            ("crm-sync.source.offset", "0"),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+        producer
+            .send(
+                FutureRecord::to(&env.dlq)
+                    .partition(0)
+                    .key("junk-0")
+                    .payload("{not json")
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    });
+
+    let service = pipeline::start(env.config()).unwrap();
+    assert!(env.wait_all_committed(Duration::from_secs(60)));
+    let mut sources: Vec<String> = env
+        .read_dlq()
+        .iter()
+        .map(|m| m.header("crm-sync.source.offset").unwrap_or("none").to_string())
+        .collect();
+    sources.sort();
+    assert_eq!(sources, ["0", "1"], "one DLQ record per message");
+    assert_eq!(
+        env.read_failures().len(),
+        1,
+        "the failure event of the message dead-lettered now"
+    );
+    service.stop(StopMode::Graceful);
+}
+
 /// The same without a crash: a partition actor that restarts re-reads its undecided
 /// messages from its watermark, among them one it had already dead-lettered. It must
 /// not dead-letter it twice.

@@ -439,13 +439,26 @@ impl LoopContext {
             |chunk| diff.do_send(Restore(chunk)),
             &mut markers,
         )?;
+        // Dead-letterings an earlier owner began and did not mark done: those whose DLQ
+        // record it wrote count as done, the others are decided afresh.
+        let begun = std::mem::take(&mut markers.dead_lettering);
+        let (written, unwritten) = crate::dead_letter::find_written(
+            &self.client,
+            self.deps.dead_letters.dlq_topic(),
+            begun,
+            Duration::from_secs(60),
+        )?;
+        self.deps.dead_letters.forget_begun(&unwritten);
         tracing::debug!(
             partitions = partitions.len(),
             records,
             dead_lettered = markers.dead_lettered.len(),
+            begun_and_written = written.len(),
+            begun_and_unwritten = unwritten.len(),
             holds = markers.holds.len(),
             "Restored confirmed states."
         );
+        markers.dead_lettered.extend(written);
         // Before any of these partitions' events is handed to a tenant: a write that an
         // earlier owner gave up on may still land, and its record is held here too.
         for holds in self.deps.holds.values() {

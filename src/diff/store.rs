@@ -9,6 +9,7 @@
 //! committed; and a partition's new owner reads that state partition back before it
 //! handles the partition's first message.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -69,29 +70,58 @@ pub struct DeadLettered {
     pub offset: i64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct MarkerRecord {
-    dead_lettered: DeadLettered,
+/// A dead-lettering begun: written under the same key as [`DeadLettered`] *before* the
+/// DLQ record, naming the DLQ partition that record goes to and an offset of it at or
+/// below the record's. A member killed between the DLQ record and its `DeadLettered`
+/// leaves this behind; the next owner looks for the record from `from_offset` on (by the
+/// source coordinates it carries) and so never writes it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLettering {
+    pub message: DeadLettered,
+    /// The coordinates the DLQ record names as its source (the event's origin).
+    pub origin: (String, i32, i64),
+    pub dlq_partition: i32,
+    pub from_offset: i64,
 }
 
+#[derive(Serialize, Deserialize)]
+enum MarkerRecord {
+    #[serde(rename = "dead_lettered")]
+    Done(DeadLettered),
+    #[serde(rename = "dead_lettering")]
+    Begun(DeadLettering),
+}
+
+const DEAD_LETTER_KEY: &str = "\u{1f}dead-lettered\u{1f}";
+
 impl DeadLettered {
+    /// The key of this message's markers (begun, done, or a tombstone) on the state topic.
+    pub fn key(&self) -> String {
+        format!(
+            "{DEAD_LETTER_KEY}{}\u{1f}{}\u{1f}{}",
+            self.topic, self.partition, self.offset
+        )
+    }
+
     /// Key and value on the state topic.
     pub fn encode(&self) -> (String, Vec<u8>) {
-        let key = format!(
-            "\u{1f}dead-lettered\u{1f}{}\u{1f}{}\u{1f}{}",
-            self.topic, self.partition, self.offset
-        );
-        let value = serde_json::to_vec(&MarkerRecord {
-            dead_lettered: self.clone(),
-        })
-        .unwrap_or_default();
-        (key, value)
+        let value = serde_json::to_vec(&MarkerRecord::Done(self.clone())).unwrap_or_default();
+        (self.key(), value)
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        serde_json::from_slice::<MarkerRecord>(bytes)
-            .ok()
-            .map(|m| m.dead_lettered)
+        match serde_json::from_slice(bytes).ok()? {
+            MarkerRecord::Done(m) => Some(m),
+            MarkerRecord::Begun(_) => None,
+        }
+    }
+}
+
+impl DeadLettering {
+    /// Key and value on the state topic.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        let value = serde_json::to_vec(&MarkerRecord::Begun(self.clone())).unwrap_or_default();
+        (self.message.key(), value)
     }
 }
 
@@ -116,6 +146,8 @@ fn decode_hold(bytes: &[u8]) -> Option<HoldMarker> {
 #[derive(Debug, Default)]
 pub struct Markers {
     pub dead_lettered: Vec<DeadLettered>,
+    /// Dead-letterings begun and not known to have ended (see [`DeadLettering`]).
+    pub dead_lettering: Vec<DeadLettering>,
     pub holds: Vec<HoldMarker>,
 }
 
@@ -296,6 +328,9 @@ pub fn restore(
     consumer.assign(&tpl)?;
     let deadline = std::time::Instant::now() + timeout;
     let mut chunk = Vec::new();
+    // The latest dead-letter marker of each message: a later one replaces an earlier,
+    // a tombstone deletes it.
+    let mut dead_letters: HashMap<Vec<u8>, MarkerRecord> = HashMap::new();
     while !ends.is_empty() {
         if std::time::Instant::now() > deadline {
             return Err(rdkafka::error::KafkaError::MessageConsumption(
@@ -318,14 +353,23 @@ pub fn restore(
             if chunk.len() >= RESTORE_CHUNK {
                 sink(std::mem::take(&mut chunk));
             }
-        } else if let Some(marker) = message.payload().and_then(DeadLettered::decode) {
-            markers.dead_lettered.push(marker);
+        } else if let Some(key) = message.key().filter(|k| k.starts_with(DEAD_LETTER_KEY.as_bytes())) {
+            match message.payload().and_then(|p| serde_json::from_slice(p).ok()) {
+                Some(marker) => dead_letters.insert(key.to_vec(), marker),
+                None => dead_letters.remove(key),
+            };
         } else if let Some(hold) = message.payload().and_then(decode_hold) {
             markers.holds.push(hold);
         }
     }
     if !chunk.is_empty() {
         sink(chunk);
+    }
+    for marker in dead_letters.into_values() {
+        match marker {
+            MarkerRecord::Done(m) => markers.dead_lettered.push(m),
+            MarkerRecord::Begun(m) => markers.dead_lettering.push(m),
+        }
     }
     Ok(read)
 }
