@@ -543,9 +543,12 @@ pub fn find_written(
             };
             let message = message?;
             let headers = crate::headers::read(message.headers());
+            // The last of a name: crm-sync's context follows the original headers, which
+            // may carry forged `crm-sync.source.*` ones.
             let header = |name: &str| {
                 headers
                     .iter()
+                    .rev()
                     .find(|(k, _)| k == name.as_bytes())
                     .and_then(|(_, v)| v.as_deref())
                     .and_then(|v| std::str::from_utf8(v).ok())

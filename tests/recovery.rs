@@ -198,7 +198,10 @@ fn a_crash_between_a_dlq_record_and_its_marker_neither_repeats_nor_loses_it() {
                 .await
                 .unwrap();
         }
+        // The message's own headers come first, and may forge crm-sync's: this one
+        // names the other message.
         let headers = [
+            ("crm-sync.source.offset", "1"),
             ("crm-sync.source.topic", env.topic.as_str()),
             ("crm-sync.source.partition", "0"),
             ("crm-sync.source.offset", "0"),
