@@ -189,6 +189,12 @@ pub struct KafkaConfig {
     /// for volume.
     #[serde(default)]
     pub audit_topic: Option<String>,
+    /// Pause topic (compacted): tenants paused by an operator or by their own token (see
+    /// `tenant::pauses`), read by every member, so that a pause holds on the whole group
+    /// and across restarts. None: a pause holds on the member that took it, until it
+    /// restarts.
+    #[serde(default)]
+    pub pause_topic: Option<String>,
     /// Consumer-group session timeout. A member that misses heartbeats this long is
     /// removed from the group.
     #[serde(default = "default_session_timeout_ms")]
@@ -1000,19 +1006,23 @@ impl Config {
                 );
             }
         }
-        for (key, topic) in [
+        let optional = [
             ("kafka.status_topic", &k.status_topic),
             ("kafka.audit_topic", &k.audit_topic),
-        ] {
+            ("kafka.pause_topic", &k.pause_topic),
+        ];
+        for (i, (key, topic)) in optional.iter().enumerate() {
             let Some(topic) = topic else { continue };
             let others = [&k.dlq_topic, &k.failures_topic, &k.state_topic];
+            let earlier = optional[..i].iter().any(|(_, other)| other.as_ref() == Some(topic));
             if topic.trim().is_empty()
                 || k.input_topics.contains(topic)
                 || others.contains(&topic)
                 || k.retry_topic.as_ref() == Some(topic)
+                || (earlier && *key == "kafka.pause_topic")
             {
                 p.add(
-                    key,
+                    *key,
                     "must be a topic of its own, not empty and not another crm-sync topic",
                 );
             }
@@ -1823,6 +1833,28 @@ mod tests {
             err.contains("`kafka.client.\"ssl.key.location\"`: takes the path"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_pause_topic_is_a_topic_of_its_own() {
+        for other in ["failures", "crm-sync.status"] {
+            let text = MINIMAL.replace(
+                "failures_topic = \"failures\"",
+                &format!(
+                    "failures_topic = \"failures\"\nstatus_topic = \"crm-sync.status\"\npause_topic = \"{other}\""
+                ),
+            );
+            let err = parse(&text, &[("SF_ID", "x"), ("SF_SECRET", "y")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("kafka.pause_topic"), "{other}: {err}");
+        }
+        let text = MINIMAL.replace(
+            "failures_topic = \"failures\"",
+            "failures_topic = \"failures\"\npause_topic = \"crm-sync.pauses\"",
+        );
+        let config = parse(&text, &[("SF_ID", "x"), ("SF_SECRET", "y")]).unwrap();
+        assert_eq!(config.kafka.pause_topic.as_deref(), Some("crm-sync.pauses"));
     }
 
     #[test]

@@ -126,8 +126,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         status: Vec<String>,
     },
-    /// Pause a tenant: its events wait, without ageing, until it is resumed. A pause acts
-    /// on the members named: give every member's --addr (token in CRM_SYNC_TOKEN).
+    /// Pause a tenant: its events wait, without ageing, until it is resumed. With
+    /// kafka.pause_topic the pause is the group's; without it, it acts on the members
+    /// named: give every member's --addr (token in CRM_SYNC_TOKEN).
     Pause {
         #[arg(long = "addr", default_value = "127.0.0.1:50051")]
         addrs: Vec<String>,

@@ -27,6 +27,7 @@ use crate::retry::{RetryPolicy, RetryQueueActor, TenantDirectory, TenantLink};
 use crate::supervise::InjectPanic;
 use crate::telemetry::{self, Health};
 use crate::tenant::board::Board;
+use crate::tenant::pauses::Pauses;
 use crate::tenant::{TenantActor, TenantDeps};
 use crate::trail::Trail;
 
@@ -211,6 +212,7 @@ async fn ensure_topics(kafka: &KafkaConfig) -> Result<(), rdkafka::error::KafkaE
         .chain(kafka.retry_topic.as_ref())
         .chain(kafka.status_topic.as_ref())
         .chain(kafka.audit_topic.as_ref())
+        .chain(kafka.pause_topic.as_ref())
         .map(String::as_str)
         .collect();
     create_topics(kafka, &topics).await
@@ -230,14 +232,22 @@ pub(crate) async fn create_topics(kafka: &KafkaConfig, topics: &[&str]) -> Resul
     let new: Vec<NewTopic<'_>> = wanted
         .iter()
         .map(|t| {
-            // The retry topic has a partition for every input partition (co-partitioned).
+            // The retry topic has a partition for every input partition (co-partitioned);
+            // the pause topic, a few records, has one.
             let partitions = if kafka.retry_topic.as_deref() == Some(*t) {
                 kafka.topic_partitions * kafka.input_topics.len() as i32
+            } else if kafka.pause_topic.as_deref() == Some(*t) {
+                1
             } else {
                 kafka.topic_partitions
             };
             let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(kafka.topic_replication));
-            if *t == kafka.state_topic || kafka.status_topic.as_deref() == Some(*t) {
+            let compacted = [
+                Some(&kafka.state_topic),
+                kafka.status_topic.as_ref(),
+                kafka.pause_topic.as_ref(),
+            ];
+            if compacted.contains(&Some(&t.to_string())) {
                 topic.set("cleanup.policy", "compact")
             } else {
                 topic
@@ -282,6 +292,7 @@ fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Topics, Start
         ("kafka.retry_topic", &kafka.retry_topic),
         ("kafka.status_topic", &kafka.status_topic),
         ("kafka.audit_topic", &kafka.audit_topic),
+        ("kafka.pause_topic", &kafka.pause_topic),
     ]
     .into_iter()
     .filter_map(|(key, topic)| topic.as_ref().map(|t| (key, t)));
@@ -354,17 +365,19 @@ pub fn start(config: Config) -> Result<ServiceHandle, StartError> {
     let died = Arc::new(tokio::sync::Notify::new());
     let (thread_health, thread_died) = (health.clone(), died.clone());
     let board = Board::default();
+    let pauses = Pauses::new(&config.kafka, board.clone())?;
     // Before the service: a gRPC address that cannot be had stops the start, not a
     // service already consuming.
-    let grpc = crate::grpc::start(&config, board.clone()).map_err(|e| StartError::Grpc(e.to_string()))?;
-    let thread_board = board.clone();
+    let grpc =
+        crate::grpc::start(&config, board.clone(), pauses.clone()).map_err(|e| StartError::Grpc(e.to_string()))?;
+    let thread_pauses = pauses.clone();
     std::thread::Builder::new()
         .name("crm-sync-actors".into())
         .spawn(move || {
             let system = System::new();
             let end = run_service(
                 config,
-                thread_board,
+                thread_pauses,
                 thread_health,
                 thread_stop,
                 thread_committed,
@@ -409,7 +422,7 @@ enum End {
 
 async fn run_service(
     config: Config,
-    board: Board,
+    pauses: Pauses,
     health: Health,
     stop: StopSignal,
     committed: Arc<AtomicBool>,
@@ -442,7 +455,7 @@ async fn run_service(
     match wire(
         &config,
         topics,
-        board,
+        pauses,
         health.clone(),
         stop.clone(),
         committed,
@@ -483,12 +496,13 @@ type Wired = (
 fn wire(
     config: &Config,
     topics: Topics,
-    board: Board,
+    pauses: Pauses,
     health: Health,
     stop: StopSignal,
     committed: Arc<AtomicBool>,
     http_addr: SocketAddr,
 ) -> Result<Wired, StartError> {
+    let board = pauses.board().clone();
     let producer: FutureProducer = consume::producer_config(&config.kafka).create()?;
     let state = StateStore::new(producer.clone(), &config.kafka.state_topic);
     let trail = Trail::new(
@@ -581,6 +595,10 @@ fn wire(
         commands: commands_tx.clone(),
         holds,
     });
+    // Before any event: the tenants paused on the group's pause topic are paused here.
+    pauses
+        .follow(&config.kafka, stop.clone())
+        .map_err(|e| StartError::Topic(format!("`kafka.pause_topic`: {e}")))?;
     let deadline = Duration::from_millis(config.service.shutdown_deadline_ms);
     let setup = ConsumerSetup {
         kafka: config.kafka.clone(),

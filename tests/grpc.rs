@@ -540,3 +540,85 @@ fn the_server_speaks_tls_when_given_a_certificate() {
     assert!(bare.status.success(), "{}", String::from_utf8_lossy(&bare.stderr));
     service.stop(StopMode::Graceful);
 }
+
+/// With `kafka.pause_topic`, a pause taken through one member holds on every member of
+/// the group, on a member started after it, and after a restart; the tenant's own token
+/// cannot lift an operator's pause through another member; and the admin's resume
+/// through any member lets everything through.
+#[test]
+fn a_pause_holds_on_every_member_and_after_a_restart() {
+    use crm_sync::grpc::pb::admin_service_client::AdminServiceClient;
+    let env = Env::new(2);
+    let status = unique("status");
+    let pauses = unique("pauses");
+    let broker = env.kafka.as_ref().unwrap();
+    broker.create_topic(&status, 1).unwrap();
+    broker.create_topic(&pauses, 1).unwrap();
+    let member = || {
+        let mut config = config(&env, &status, &env.group);
+        config.kafka.retry_topic = Some(env.retry.clone());
+        config.kafka.pause_topic = Some(pauses.clone());
+        pipeline::start(config).unwrap()
+    };
+    let state = |addr, token: &str| {
+        run(tenant_client(addr, Some(token)).get_tenant(pb::GetTenantRequest { tenant: "acme".into() }))
+            .map(|t| t.into_inner().state)
+            .unwrap_or_default()
+    };
+    let admin = |addr, token: &str| AdminServiceClient::with_interceptor(channel(addr), with_token(Some(token)));
+    let (a, b) = (member(), member());
+    let (a_addr, b_addr) = (a.grpc_addr().unwrap(), b.grpc_addr().unwrap());
+    let paused = run(admin(a_addr, ADMIN).pause_tenant(pb::PauseTenantRequest { tenant: "acme".into() }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state, "paused");
+    assert!(
+        wait_until(WAIT, || state(b_addr, ADMIN) == "paused"),
+        "the other member follows the pause: {}",
+        state(b_addr, ADMIN)
+    );
+    // Events on both partitions, whichever member holds them: all parked, none written.
+    env.produce_to(0, &[upsert("p0", "P-0", 1, "Paused", "Zero")]);
+    env.produce_to(1, &[upsert("p1", "P-1", 1, "Paused", "One")]);
+    assert!(env.wait_all_committed(WAIT), "parked while paused");
+    assert!(
+        env.contact("P-0").is_none() && env.contact("P-1").is_none(),
+        "written while paused"
+    );
+
+    // A member restarted, and one started after the pause: both paused before any event.
+    b.stop(StopMode::Graceful);
+    let c = member();
+    let c_addr = c.grpc_addr().unwrap();
+    assert!(
+        wait_until(WAIT, || state(c_addr, ADMIN) == "paused"),
+        "{}",
+        state(c_addr, ADMIN)
+    );
+    env.produce_to(1, &[upsert("p2", "P-2", 1, "Paused", "Two")]);
+    assert!(env.wait_all_committed(WAIT));
+    assert!(
+        env.contact("P-2").is_none(),
+        "written by a member started after the pause"
+    );
+
+    // The tenant's token cannot lift the operator's pause through another member; the
+    // admin's resume through that member ends it everywhere.
+    let refused = run(admin(c_addr, ACME).resume_tenant(pb::ResumeTenantRequest { tenant: "acme".into() }));
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let resumed = run(admin(c_addr, ADMIN).resume_tenant(pb::ResumeTenantRequest { tenant: "acme".into() }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state, "closed");
+    assert!(
+        wait_until(WAIT, || state(a_addr, ADMIN) == "closed"),
+        "{}",
+        state(a_addr, ADMIN)
+    );
+    assert!(
+        wait_until(WAIT, || ["P-0", "P-1", "P-2"].iter().all(|k| env.contact(k).is_some())),
+        "delivered once resumed"
+    );
+    a.stop(StopMode::Graceful);
+    c.stop(StopMode::Graceful);
+}

@@ -222,6 +222,7 @@ fn the_reference_configuration_runs_on_the_secured_listener() {
         ("crm-sync.retry", 3),
         ("crm-sync.status", 1),
         ("crm-sync.audit", 1),
+        ("crm-sync.pauses", 1),
         ("crm-sync.notifications.dlq", 1),
     ] {
         kafka.create_topic(topic, partitions).unwrap();

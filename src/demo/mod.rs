@@ -188,6 +188,9 @@ pub fn run(options: &DemoOptions) -> Result<bool, DemoError> {
     {
         kafka.create_topic(trail, 3).map_err(setup("creating topics"))?;
     }
+    if let Some(pauses) = &config.kafka.pause_topic {
+        kafka.create_topic(pauses, 1).map_err(setup("creating topics"))?;
+    }
 
     // 2. One sandbox per tenant, on the tenant's CRM, each with its own faults.
     let mut sandboxes: Vec<(String, Box<dyn CrmSandbox>)> = Vec::new();

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::tenant::board::Board;
+use crate::tenant::pauses::Pauses;
 
 /// The generated messages, services and clients (generated code: not linted).
 #[allow(clippy::all)]
@@ -86,7 +87,7 @@ impl Stopping {
 }
 
 /// Starts the server when `[grpc]` is configured.
-pub fn start(config: &Config, board: Board) -> anyhow::Result<Option<GrpcHandle>> {
+pub fn start(config: &Config, board: Board, pauses: Pauses) -> anyhow::Result<Option<GrpcHandle>> {
     let Some(grpc) = config.grpc.clone() else {
         return Ok(None);
     };
@@ -120,7 +121,7 @@ pub fn start(config: &Config, board: Board) -> anyhow::Result<Option<GrpcHandle>
                     }
                 };
                 let view = view::StatusView::start(&config, grpc.status_capacity);
-                let router = match services::router(&config, view.clone(), board) {
+                let router = match services::router(&config, view.clone(), board, pauses) {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = started_tx.send(Err(e));

@@ -18,7 +18,8 @@ use super::pb::status_service_server::{StatusService, StatusServiceServer};
 use super::pb::tenant_service_server::{TenantService, TenantServiceServer};
 use super::view::StatusView;
 use crate::config::Config;
-use crate::tenant::board::Board;
+use crate::tenant::board::{Board, PausedBy};
+use crate::tenant::pauses::Pauses;
 
 struct Status_ {
     view: Arc<StatusView>,
@@ -131,44 +132,35 @@ impl TenantService for Tenants {
 
 struct Admin {
     tenants: Tenants,
-    /// Tenants paused with the admin token on this member: only the admin token resumes
-    /// them (a tenant's own token may pause and resume its tenant otherwise).
-    /// Held across the check, the actor's answer and the update, so that pauses and
-    /// resumes of this member take effect in the order they are decided.
-    paused_by_admin: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    /// Where pause flags are kept (the pause topic, or this member).
+    pauses: Pauses,
 }
 
 impl Admin {
-    /// Pauses or resumes the tenant's actor, and answers once it has done so.
+    /// Pauses or resumes the tenant, and answers once this member's tenant actor has
+    /// followed. The tenant's own token sets and clears its own flag; the admin token
+    /// pauses with its flag and resumes by clearing both (see `tenant::pauses`).
     async fn hold(&self, principal: &Principal, tenant: &str, held: bool) -> Result<pb::Tenant, Status> {
         principal.may(tenant)?;
-        let mut by_admin = self.paused_by_admin.lock().await;
+        let board = &self.tenants.board;
+        if board.actor(tenant).is_none() {
+            return Err(Status::not_found("no such tenant on this member"));
+        }
         let admin = matches!(principal, Principal::Admin);
-        if !admin && !held && by_admin.contains(tenant) {
+        if !admin && !held && board.paused_by(tenant, PausedBy::Admin) {
             return Err(Status::permission_denied(
                 "an operator paused this tenant: only the admin token resumes it",
             ));
         }
-        let actor = self
-            .tenants
-            .board
-            .actor(tenant)
-            .ok_or_else(|| Status::not_found("no such tenant on this member"))?;
-        actor
-            .send(crate::tenant::Hold(held))
+        let flags: &[PausedBy] = match (admin, held) {
+            (true, true) => &[PausedBy::Admin],
+            (true, false) => &[PausedBy::Admin, PausedBy::Tenant],
+            (false, _) => &[PausedBy::Tenant],
+        };
+        self.pauses
+            .set(tenant, flags, held)
             .await
-            .map_err(|_| Status::unavailable("the tenant is restarting; try again"))?;
-        // Recorded once the actor has done it: a call that failed changes nothing.
-        match (admin, held) {
-            (true, true) => {
-                by_admin.insert(tenant.to_string());
-            }
-            (true, false) => {
-                by_admin.remove(tenant);
-            }
-            _ => {}
-        }
-        drop(by_admin);
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         self.tenants
             .tenant(tenant)
             .ok_or_else(|| Status::not_found("no such tenant"))
@@ -370,6 +362,7 @@ pub fn router(
     config: &Arc<Config>,
     view: Arc<StatusView>,
     board: Board,
+    pauses: Pauses,
 ) -> anyhow::Result<tonic::transport::server::Router> {
     let grpc = config.grpc.as_ref().expect("started only with [grpc]");
     let tokens = Tokens::new(grpc);
@@ -388,7 +381,7 @@ pub fn router(
                 config: config.clone(),
                 board,
             },
-            paused_by_admin: Default::default(),
+            pauses,
         }),
         check(tokens.clone()),
     );

@@ -20,11 +20,62 @@ pub struct View {
     pub outcomes: BTreeMap<&'static str, u64>,
 }
 
-/// Every tenant's view, and where to ask each tenant actor to pause; cheap to clone.
+/// Who paused a tenant: an operator with the admin token, or the tenant's own token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PausedBy {
+    Admin,
+    Tenant,
+}
+
+impl PausedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PausedBy::Admin => "admin",
+            PausedBy::Tenant => "tenant",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PausedBy> {
+        match s {
+            "admin" => Some(PausedBy::Admin),
+            "tenant" => Some(PausedBy::Tenant),
+            _ => None,
+        }
+    }
+}
+
+/// Every tenant's view, where to ask each tenant actor to follow its pause flags, and
+/// those flags (see `tenant::pauses`); cheap to clone.
 #[derive(Clone, Default)]
-pub struct Board(Arc<DashMap<Arc<str>, View>>, Arc<DashMap<String, Recipient<Hold>>>);
+pub struct Board(
+    Arc<DashMap<Arc<str>, View>>,
+    Arc<DashMap<String, Recipient<Hold>>>,
+    Arc<DashMap<(String, PausedBy), bool>>,
+);
 
 impl Board {
+    /// Sets one of `tenant`'s pause flags; returns whether the tenant's paused state
+    /// (either flag set) changed.
+    pub fn set_paused(&self, tenant: &str, by: PausedBy, paused: bool) -> bool {
+        let before = self.paused(tenant);
+        if paused {
+            self.2.insert((tenant.to_string(), by), true);
+        } else {
+            self.2.remove(&(tenant.to_string(), by));
+        }
+        before != self.paused(tenant)
+    }
+
+    /// Whether `tenant` is paused by `by`.
+    pub fn paused_by(&self, tenant: &str, by: PausedBy) -> bool {
+        self.2.contains_key(&(tenant.to_string(), by))
+    }
+
+    /// Whether `tenant` is paused (by either).
+    pub fn paused(&self, tenant: &str) -> bool {
+        self.paused_by(tenant, PausedBy::Admin) || self.paused_by(tenant, PausedBy::Tenant)
+    }
+
     /// Where `tenant`'s actor takes pause and resume requests.
     pub fn register(&self, tenant: &str, actor: Recipient<Hold>) {
         self.1.insert(tenant.to_string(), actor);

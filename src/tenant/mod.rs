@@ -29,6 +29,7 @@ pub mod board;
 pub mod breaker;
 pub mod mapping;
 pub mod pacing;
+pub mod pauses;
 pub mod slots;
 
 use std::collections::{HashMap, VecDeque};
@@ -1255,17 +1256,20 @@ fn same_event(a: &Event, b: &Event) -> bool {
     a.event_id == b.event_id && a.version == b.version
 }
 
-/// An operator pauses (`true`) or resumes (`false`) the tenant on this member: while
-/// paused its writes wait as when its breaker is open (parked, without ageing), and
-/// nothing is sent or probed.
+/// The tenant's pause flags changed (see [`pauses`]): it follows them, paused while
+/// either is set. While paused its writes wait as when its breaker is open (parked,
+/// without ageing), and nothing is sent or probed. The flags are read when this is
+/// handled, so that however such messages interleave, the last one leaves the actor as
+/// the flags are.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
-pub struct Hold(pub bool);
+pub struct Hold;
 
 impl Handler<Hold> for TenantActor {
     type Result = ();
 
-    fn handle(&mut self, Hold(held): Hold, ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Hold, ctx: &mut Self::Context) {
+        let held = self.deps.board.paused(&self.name);
         if held == self.breaker.is_held() {
             return;
         }
@@ -1317,6 +1321,9 @@ impl Actor for TenantActor {
             .board
             .pace(&self.name, self.pacer.rate(), self.pacer.concurrency());
         self.publish_state(Instant::now());
+        if self.deps.board.paused(&self.name) {
+            ctx.notify(Hold);
+        }
     }
 }
 
