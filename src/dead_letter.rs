@@ -221,12 +221,16 @@ impl DeadLetters {
             ("crm-sync.source.partition", &partition),
             ("crm-sync.source.offset", &offset),
         ];
+        // Unique to this dead-lettering (see `DeadLettering`): the last header, so that
+        // a forged one among the original headers is never taken for it.
+        let id = format!("{:032x}", rand::random::<u128>());
         if let Some(s) = &status {
             context.push(("crm-sync.crm.status", s));
         }
         if let Some(c) = &crm_code {
             context.push(("crm-sync.crm.code", c));
         }
+        context.push((DEAD_LETTER_ID, &id));
         let context: Vec<RawHeader> = context
             .into_iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec())))
@@ -261,7 +265,7 @@ impl DeadLetters {
         // the marker that it is done. A crash before the record leaves a begun marker
         // and no record, so the next owner writes it; a crash after, a begun marker and
         // a record, which the next owner finds ([`find_written`]).
-        let dlq_partition = origin.partition.rem_euclid(self.dlq_partitions);
+        let mut dlq_partition = origin.partition.rem_euclid(self.dlq_partitions);
         let marker = DeadLettered {
             topic: source.topic.to_string(),
             partition: source.partition,
@@ -270,7 +274,7 @@ impl DeadLetters {
         let state_partition = self.state_partition_of(&source.topic, source.partition);
         let begun = DeadLettering {
             message: marker.clone(),
-            origin: (origin.topic.to_string(), origin.partition, origin.offset),
+            id: id.clone(),
             dlq_partition,
             from_offset: self.lower_bound(dlq_partition).await,
         };
@@ -281,15 +285,24 @@ impl DeadLetters {
         let key = source.key.as_deref().map(|k| &k[..k.len().min(ECHO_BYTES)]);
         self.produce_until_acked(&self.failures_topic, None, key, Some(failure_event.as_bytes()), None)
             .await;
-        let whole = self
-            .produce(
+        let produce_whole = |partition| {
+            self.produce(
                 &self.dlq_topic,
-                Some(dlq_partition),
+                Some(partition),
                 source.key.as_deref(),
                 source.payload.as_deref(),
                 Some(&headers),
             )
-            .await;
+        };
+        let mut whole = produce_whole(dlq_partition).await;
+        if whole == Err(Unwritable::NoSuchPartition) && dlq_partition != 0 {
+            // The DLQ has fewer partitions than at start (recreated): partition 0 is
+            // always there. The begun marker names the other, so a crash now can give a
+            // second record, never none.
+            tracing::warn!(topic = %self.dlq_topic, partition = dlq_partition, "The DLQ has no such partition any more; writing to partition 0.");
+            dlq_partition = 0;
+            whole = produce_whole(dlq_partition).await;
+        }
         let written = match whole {
             Ok(at) => at,
             Err(why) => {
@@ -326,23 +339,36 @@ impl DeadLetters {
         if let Some((offset, _)) = known.filter(|(_, at)| at.elapsed() < BOUND_FRESH_FOR) {
             return offset;
         }
-        let (producer, topic) = (self.producer.clone(), self.dlq_topic.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-        })
-        .await;
-        match read {
-            Ok(Ok((_, high))) => {
-                self.learn_bound(partition, high);
-                high
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let (producer, topic) = (self.producer.clone(), self.dlq_topic.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            })
+            .await;
+            match read {
+                Ok(Ok((_, high))) => {
+                    self.learn_bound(partition, high);
+                    return high;
+                }
+                failed => {
+                    // An old bound is still a bound; with none, the event waits (a bound
+                    // of 0 would have a next owner read the whole DLQ partition).
+                    if let Some((offset, _)) = known {
+                        return offset;
+                    }
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(topic = %self.dlq_topic, partition, error, "Could not read the DLQ partition's end; retrying.");
+                    tokio::time::sleep(delay).await; // backoff; the event waits undecided
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(topic = %self.dlq_topic, partition, error = %e, "Could not read the DLQ partition's end; its marker names an older offset.");
-                known.map_or(0, |(offset, _)| offset)
-            }
-            Err(_) => known.map_or(0, |(offset, _)| offset),
         }
     }
 
@@ -356,18 +382,27 @@ impl DeadLetters {
         &self.dlq_topic
     }
 
-    /// Deletes the begun markers of dead-letterings that never wrote their record (its
-    /// message will be read again and decided afresh). Enqueued, not awaited: they are
-    /// ordered before any marker written for the same messages later.
-    pub fn forget_begun(&self, begun: &[DeadLettering]) {
-        for b in begun {
-            let key = b.message.key();
-            let state_partition = self.state_partition_of(&b.message.topic, b.message.partition);
-            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.state_topic)
+    /// Settles the begun markers a restore found: those whose DLQ record was written get
+    /// their done marker (so that no later restore looks for them again), the others are
+    /// deleted (their messages will be read again and decided afresh). Enqueued, not
+    /// awaited: the producer is idempotent, so they land before any marker written for
+    /// the same messages later.
+    pub fn settle_begun(&self, written: &[DeadLettered], unwritten: &[DeadLettering]) {
+        let done = written.iter().map(|m| {
+            let (key, value) = m.encode();
+            (m, key, Some(value))
+        });
+        let deleted = unwritten.iter().map(|b| (&b.message, b.message.key(), None));
+        for (message, key, value) in done.chain(deleted) {
+            let state_partition = self.state_partition_of(&message.topic, message.partition);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.state_topic)
                 .partition(state_partition)
                 .key(key.as_bytes());
+            if let Some(v) = &value {
+                record = record.payload(v);
+            }
             if let Err((e, _)) = self.producer.send_result(record) {
-                tracing::warn!(error = %e, "Could not delete a dead-lettering marker; it will be looked into again at the next restore.");
+                tracing::warn!(error = %e, "Could not settle a dead-lettering marker; it will be looked into again at the next restore.");
             }
         }
     }
@@ -497,12 +532,15 @@ impl DeadLetters {
     }
 }
 
+/// The header naming a dead-lettering's id (see [`DeadLettering`]).
+pub const DEAD_LETTER_ID: &str = "crm-sync.dead-letter.id";
+
 /// Of dead-letterings begun by an earlier owner and not marked done, those whose DLQ
-/// record was written after all (a record naming the same source, at or after the begun
-/// marker's offset of its DLQ partition), as done markers; and those whose record was
-/// not, to be decided afresh. Blocking: run where a restore runs, before the partition's
-/// messages are handled. A DLQ partition that cannot be read to its end is an error, so
-/// that the partition is not started on a guess.
+/// record was written after all (a record carrying the begun marker's id as its last
+/// `crm-sync.dead-letter.id`, at or after the marker's offset of its DLQ partition), as
+/// done markers; and those whose record was not, to be decided afresh. Blocking: run
+/// where a restore runs, before the partition's messages are handled; the whole look
+/// takes at most `timeout`, and an error is for the caller to decide on.
 pub fn find_written(
     client: &ClientConfig,
     dlq_topic: &str,
@@ -515,18 +553,22 @@ pub fn find_written(
     let consumer: BaseConsumer = client
         .clone()
         .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
         .set("group.id", "crm-sync-dlq-lookup")
         .create()?;
     let deadline = Instant::now() + timeout;
-    let wanted: HashSet<(String, i32, i64)> = begun.iter().map(|b| b.origin.clone()).collect();
-    let mut seen = HashSet::new();
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let timed_out = || KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut);
+    // Each id, and the offset from which its record may be.
+    let wanted: HashMap<&str, i64> = begun.iter().map(|b| (b.id.as_str(), b.from_offset)).collect();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut partitions: HashMap<i32, i64> = HashMap::new();
     for b in &begun {
         let from = partitions.entry(b.dlq_partition).or_insert(b.from_offset);
         *from = (*from).min(b.from_offset);
     }
     for (partition, from) in partitions {
-        let (low, high) = consumer.fetch_watermarks(dlq_topic, partition, timeout)?;
+        let (low, high) = consumer.fetch_watermarks(dlq_topic, partition, left())?;
         let from = from.max(low);
         if from >= high {
             continue;
@@ -535,33 +577,26 @@ pub fn find_written(
         tpl.add_partition_offset(dlq_topic, partition, Offset::Offset(from))?;
         consumer.assign(&tpl)?;
         loop {
-            if Instant::now() > deadline {
-                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            if left().is_zero() {
+                return Err(timed_out());
             }
             let Some(message) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
             let message = message?;
+            if message.partition() != partition {
+                continue;
+            }
             let headers = crate::headers::read(message.headers());
-            // The last of a name: crm-sync's context follows the original headers, which
-            // may carry forged `crm-sync.source.*` ones.
-            let header = |name: &str| {
-                headers
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| k == name.as_bytes())
-                    .and_then(|(_, v)| v.as_deref())
-                    .and_then(|v| std::str::from_utf8(v).ok())
-            };
-            let source = (
-                header("crm-sync.source.topic"),
-                header("crm-sync.source.partition").and_then(|p| p.parse().ok()),
-                header("crm-sync.source.offset").and_then(|o| o.parse().ok()),
-            );
-            if let (Some(topic), Some(partition), Some(offset)) = source {
-                let source = (topic.to_string(), partition, offset);
-                if wanted.contains(&source) {
-                    seen.insert(source);
+            let id = headers
+                .iter()
+                .rev()
+                .find(|(k, _)| k == DEAD_LETTER_ID.as_bytes())
+                .and_then(|(_, v)| v.as_deref())
+                .and_then(|v| std::str::from_utf8(v).ok());
+            if let Some(id) = id {
+                if wanted.get(id).is_some_and(|from| message.offset() >= *from) {
+                    seen.insert(id.to_string());
                 }
             }
             if message.offset() + 1 >= high {
@@ -569,7 +604,7 @@ pub fn find_written(
             }
         }
     }
-    let (written, unwritten): (Vec<_>, Vec<_>) = begun.into_iter().partition(|b| seen.contains(&b.origin));
+    let (written, unwritten): (Vec<_>, Vec<_>) = begun.into_iter().partition(|b| seen.contains(&b.id));
     Ok((written.into_iter().map(|b| b.message).collect(), unwritten))
 }
 

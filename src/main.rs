@@ -134,7 +134,8 @@ enum Command {
         addrs: Vec<String>,
         tenant: String,
     },
-    /// Resume a paused tenant on the members named (token in CRM_SYNC_TOKEN).
+    /// Resume a paused tenant: the group's with kafka.pause_topic, otherwise on the members
+    /// named (token in CRM_SYNC_TOKEN).
     Resume {
         #[arg(long = "addr", default_value = "127.0.0.1:50051")]
         addrs: Vec<String>,
@@ -324,7 +325,8 @@ fn main() -> ExitCode {
     code
 }
 
-/// Pauses or resumes `tenant` on each member at `addrs`.
+/// Pauses or resumes `tenant` through each member at `addrs` (one is enough with
+/// kafka.pause_topic: the pause is the group's).
 fn hold(addrs: &[String], tenant: String, pause: bool) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {

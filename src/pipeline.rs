@@ -267,10 +267,6 @@ pub(crate) async fn create_topics(kafka: &KafkaConfig, topics: &[&str]) -> Resul
     Ok(())
 }
 
-/// The topics crm-sync writes to must exist (a write to a missing one would be retried
-/// forever, holding its partition), the state topic needs a partition for every input
-/// partition number, since each record's state goes to its source partition's, and the
-/// retry topic one for every input partition (see [`RetryRoute`]), which is returned.
 /// What the start learns of the topics: the retry topic's route, and how many
 /// partitions the DLQ topic has.
 struct Topics {
@@ -278,6 +274,10 @@ struct Topics {
     dlq_partitions: i32,
 }
 
+/// The topics crm-sync writes to must exist (a write to a missing one would be retried
+/// forever, holding its partition), the state topic needs a partition for every input
+/// partition number, since each record's state goes to its source partition's, and the
+/// retry topic one for every input partition (see [`RetryRoute`]), which is returned.
 fn check_topics(kafka: &KafkaConfig, max_wait: Duration) -> Result<Topics, StartError> {
     let admin: AdminClient<DefaultClientContext> = consume::client_config(kafka).create()?;
     let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10))?;
@@ -480,6 +480,8 @@ async fn run_service(
             }
         }
         Err(e) => {
+            // What the start did spawn (the pause topic's reader) ends with it.
+            stop.request(StopMode::Abort);
             let _ = started.send(Err(e));
         }
     }

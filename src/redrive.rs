@@ -12,13 +12,13 @@
 //! delivered; one made before the service has processed the first run's events sends
 //! them again, which the service skips as duplicates. `--dry-run` only counts, by reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -82,14 +82,14 @@ impl Routes for Configured<'_> {
     }
 }
 
-/// A DLQ record as read.
+/// A DLQ record's headers, as read (its key and payload are borrowed from the message).
 struct Dead {
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
     headers: Vec<RawHeader>,
 }
 
 impl Dead {
+    /// The last header of `name`: crm-sync's context follows the original headers, which
+    /// may carry forged `crm-sync.*` ones.
     fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
@@ -100,12 +100,26 @@ impl Dead {
     }
 }
 
-/// Runs a redrive; `dry_run` only counts.
+/// A DLQ record the filters selected that is an event, without its payload.
+struct Selected {
+    /// Its partition and offset in the DLQ.
+    at: (i32, i64),
+    record: RecordKey,
+    version: u64,
+    /// The input topic and partition it came from, if it names a valid one.
+    target: Option<(String, i32)>,
+}
+
+/// Runs a redrive; `dry_run` only counts. Memory holds no payload: the DLQ is read once
+/// to select (keeping, per selected event, its record, version and place) and once more
+/// to send the chosen ones; of the state topic, only the selected records' versions are
+/// kept.
 pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Result<Report> {
     let client = client_config(&config.kafka);
     let timeout = Duration::from_secs(60);
-    let dead = read_topic(&client, &config.kafka.dlq_topic, timeout)?;
-    let confirmed = confirmed_versions(&client, &config.kafka.state_topic, timeout)?;
+    let dlq = config.kafka.dlq_topic.as_str();
+    // The DLQ as it is now: what is dead-lettered during the run is not this run's.
+    let extents = extents(&client, dlq, timeout)?;
     let input_partitions: HashMap<String, i32> = config
         .kafka
         .input_topics
@@ -113,39 +127,31 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
         .map(|t| Ok((t.clone(), partitions_of(&client, t, timeout)?.len() as i32)))
         .collect::<anyhow::Result<_>>()?;
     let routes = Configured(config);
-    let mut report = Report {
-        read: dead.len(),
-        ..Report::default()
-    };
-    let producer: Option<FutureProducer> = if dry_run {
-        None
-    } else {
-        Some(client.clone().set("acks", "all").create()?)
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let now = DateTime::<Utc>::from(SystemTime::now()).to_rfc3339_opts(SecondsFormat::Millis, true);
-    let decoded: Vec<Option<event::Event>> = dead
-        .iter()
-        .map(|d| event::decode(d.payload.as_deref(), usize::MAX, &routes).ok())
-        .collect();
-    // The newest dead-lettered version of each record (the first seen of equal ones).
-    let mut newest: HashMap<RecordKey, (u64, usize)> = HashMap::new();
-    for (i, e) in decoded.iter().enumerate() {
-        if let Some(e) = e {
-            let slot = newest.entry(e.record.clone()).or_insert((e.version, i));
+    let mut report = Report::default();
+
+    // 1. What the filters select, and the newest dead-lettered version of each record
+    //    (the first seen of equal ones), whether selected or not.
+    let mut selected: Vec<Selected> = Vec::new();
+    let mut newest: HashMap<RecordKey, (u64, (i32, i64))> = HashMap::new();
+    scan(&client, dlq, &extents, timeout, |m| {
+        report.read += 1;
+        let d = Dead {
+            headers: headers::read(m.headers()),
+        };
+        let at = (m.partition(), m.offset());
+        let event = event::decode(m.payload(), usize::MAX, &routes).ok();
+        if let Some(e) = &event {
+            let slot = newest.entry(e.record.clone()).or_insert((e.version, at));
             if e.version > slot.0 {
-                *slot = (e.version, i);
+                *slot = (e.version, at);
             }
         }
-    }
-    for (i, d) in dead.iter().enumerate() {
         let stage = d.header("crm-sync.stage");
         let code = d.header("crm-sync.error.code").unwrap_or_else(|| "?".into());
         let last = d
             .header("crm-sync.last-failure")
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc));
-        let event = decoded[i].as_ref();
         let matches = filter.stage.as_ref().is_none_or(|s| stage.as_ref() == Some(s))
             && filter.error_code.as_ref().is_none_or(|c| *c == code)
             && filter.since.is_none_or(|s| last.is_some_and(|l| l >= s))
@@ -159,48 +165,82 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
                 .as_ref()
                 .is_none_or(|en| event.as_ref().is_some_and(|e| *e.record.entity == **en));
         if !matches {
-            continue;
+            return;
         }
         report.selected += 1;
         *report.by_reason.entry(code).or_default() += 1;
         let Some(event) = event else {
             report.not_an_event += 1;
-            continue;
+            return;
         };
-        if newest.get(&event.record).is_some_and(|(_, first)| *first != i) {
+        // Back where it came from: its topic, and its partition, which holds its record's
+        // state (a producer's own partitioner might pick another).
+        let partition = d
+            .header("crm-sync.source.partition")
+            .and_then(|p| p.parse::<i32>().ok());
+        let target = d.header("crm-sync.source.topic").and_then(|t| {
+            let count = *input_partitions.get(&t)?;
+            partition.filter(|p| (0..count).contains(p)).map(|p| (t, p))
+        });
+        selected.push(Selected {
+            at,
+            record: event.record,
+            version: event.version,
+            target,
+        });
+    })?;
+
+    // 2. Never backwards: the selected records' confirmed versions.
+    let wanted: HashSet<&RecordKey> = selected.iter().map(|s| &s.record).collect();
+    // The whole state topic is read: more time than for one partition.
+    let confirmed = confirmed_versions(&client, &config.kafka.state_topic, &wanted, timeout * 5)?;
+    let mut chosen: HashMap<(i32, i64), (String, i32)> = HashMap::new();
+    for s in selected {
+        if newest.get(&s.record).is_some_and(|(_, at)| *at != s.at) {
             report.duplicate += 1;
             continue;
         }
-        match confirmed.get(&event.record) {
-            Some(v) if *v > event.version => {
+        match confirmed.get(&s.record) {
+            Some(v) if *v > s.version => {
                 report.superseded += 1;
                 continue;
             }
-            Some(v) if *v == event.version => {
+            Some(v) if *v == s.version => {
                 report.already_delivered += 1;
                 continue;
             }
             _ => {}
         }
-        // Back where it came from: its topic, and its partition, which holds its record's
-        // state (a producer's own partitioner might pick another).
-        let source = d.header("crm-sync.source.topic");
-        let partition = d
-            .header("crm-sync.source.partition")
-            .and_then(|p| p.parse::<i32>().ok());
-        let target = source.and_then(|t| {
-            let count = *input_partitions.get(&t)?;
-            partition.filter(|p| (0..count).contains(p)).map(|p| (t, p))
-        });
-        let Some((topic, partition)) = target else {
+        let Some(target) = s.target else {
             report.unknown_source += 1;
             continue;
         };
         report.redriven += 1;
-        let Some(producer) = &producer else { continue };
+        chosen.insert(s.at, target);
+    }
+    if dry_run || chosen.is_empty() {
+        return Ok(report);
+    }
+
+    // 3. The chosen records, read again, go back to their input partitions.
+    let producer: FutureProducer = client.clone().set("acks", "all").create()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let now = DateTime::<Utc>::from(SystemTime::now()).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let mut sent = 0;
+    let mut error = None;
+    scan(&client, dlq, &extents, timeout, |m| {
+        if error.is_some() {
+            return;
+        }
+        let Some((topic, partition)) = chosen.get(&(m.partition(), m.offset())) else {
+            return;
+        };
         // The original headers, without what crm-sync added to them.
         let mut out = OwnedHeaders::new();
-        for (k, v) in d.headers.iter().filter(|(k, _)| !k.starts_with(b"crm-sync.")) {
+        for (k, v) in headers::read(m.headers())
+            .iter()
+            .filter(|(k, _)| !k.starts_with(b"crm-sync."))
+        {
             out = out.insert(Header {
                 key: &String::from_utf8_lossy(k),
                 value: v.as_deref(),
@@ -210,18 +250,21 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             key: REDRIVEN,
             value: Some(now.as_bytes()),
         });
-        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).partition(partition).headers(out);
-        if let Some(k) = &d.key {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).partition(*partition).headers(out);
+        if let Some(k) = m.key() {
             record = record.key(k);
         }
-        if let Some(p) = &d.payload {
+        if let Some(p) = m.payload() {
             record = record.payload(p);
         }
-        if let Err((e, _)) = runtime.block_on(producer.send(record, Duration::from_secs(30))) {
-            report.redriven -= 1;
-            report.error = Some(format!("producing to {topic}/{partition}: {e}"));
-            break;
+        match runtime.block_on(producer.send(record, Duration::from_secs(30))) {
+            Ok(_) => sent += 1,
+            Err((e, _)) => error = Some(format!("producing to {topic}/{partition}: {e}")),
         }
+    })?;
+    if error.is_some() || sent != report.redriven {
+        report.redriven = sent;
+        report.error = error.or_else(|| Some("some chosen DLQ records were gone when read again".into()));
     }
     Ok(report)
 }
@@ -242,51 +285,74 @@ fn partitions_of(client: &ClientConfig, topic: &str, timeout: Duration) -> anyho
     Ok(t.partitions().iter().map(|p| p.id()).collect())
 }
 
-/// Every message of `topic`, all partitions, from the first kept to the current end.
-fn read_topic(client: &ClientConfig, topic: &str, timeout: Duration) -> anyhow::Result<Vec<Dead>> {
+/// Each partition of `topic` that holds messages, with its first kept offset and its end.
+fn extents(client: &ClientConfig, topic: &str, timeout: Duration) -> anyhow::Result<HashMap<i32, (i64, i64)>> {
+    let consumer: BaseConsumer = client.clone().set("group.id", "crm-sync-redrive").create()?;
+    let mut out = HashMap::new();
+    for p in partitions_of(client, topic, timeout)? {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            out.insert(p, (low, high));
+        }
+    }
+    Ok(out)
+}
+
+/// Hands every message of `topic` within `extents` to `visit`, one at a time. Fails when
+/// no message comes for `stall` (a broker gone, or a partition trimmed under the read).
+fn scan(
+    client: &ClientConfig,
+    topic: &str,
+    extents: &HashMap<i32, (i64, i64)>,
+    stall: Duration,
+    mut visit: impl FnMut(&BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    if extents.is_empty() {
+        return Ok(());
+    }
     let consumer: BaseConsumer = client
         .clone()
         .set("group.id", "crm-sync-redrive")
         .set("enable.auto.commit", "false")
         .create()?;
-    let partitions = partitions_of(client, topic, timeout)?;
     let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for p in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
-            ends.insert(p, high);
-        }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
+    for (p, (low, _)) in extents {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*low))?;
     }
     consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + timeout;
+    let mut ends: HashMap<i32, i64> = extents.iter().map(|(p, (_, high))| (*p, *high)).collect();
+    let mut last_progress = std::time::Instant::now();
     while !ends.is_empty() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "reading {topic} timed out");
+        anyhow::ensure!(
+            last_progress.elapsed() < stall,
+            "reading {topic}: no message for {} s",
+            stall.as_secs()
+        );
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let m = message?;
-        if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+        last_progress = std::time::Instant::now();
+        let Some(end) = ends.get(&m.partition()).copied() else {
+            continue;
+        };
+        if m.offset() >= end {
+            ends.remove(&m.partition());
+            continue;
+        }
+        if m.offset() + 1 >= end {
             ends.remove(&m.partition());
         }
-        out.push(Dead {
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
-            headers: headers::read(m.headers()),
-        });
+        visit(&m);
     }
-    Ok(out)
+    Ok(())
 }
 
-/// Each record's confirmed version, from the whole state topic.
+/// The confirmed versions of the `wanted` records, from the whole state topic.
 fn confirmed_versions(
     client: &ClientConfig,
     topic: &str,
+    wanted: &HashSet<&RecordKey>,
     timeout: Duration,
 ) -> anyhow::Result<HashMap<RecordKey, u64>> {
     // A state topic that cannot be read is an error: without it, nothing would stop an
@@ -301,8 +367,10 @@ fn confirmed_versions(
         timeout,
         |chunk| {
             for (record, state) in chunk {
-                let v = versions.entry(record).or_insert(state.version);
-                *v = (*v).max(state.version);
+                if wanted.contains(&record) {
+                    let v = versions.entry(record).or_insert(state.version);
+                    *v = (*v).max(state.version);
+                }
             }
         },
         &mut markers,

@@ -158,8 +158,10 @@ fn a_message_dead_lettered_before_a_crash_is_not_dead_lettered_again() {
 
 /// A member killed between a message's DLQ record and the marker that says it is done
 /// leaves only the marker that it began: the next owner looks in the DLQ, finds the
-/// record and writes no second one. Killed before the record, it leaves the begun marker
-/// alone: the next owner finds no record and dead-letters the message, once.
+/// record (by the id the marker and the record's last `crm-sync.dead-letter.id` share)
+/// and writes no second one. Killed before the record, it leaves the begun marker alone:
+/// the next owner finds no record and dead-letters the message, once. Both markers are
+/// then settled, so that no later restore looks in the DLQ for them again.
 #[test]
 fn a_crash_between_a_dlq_record_and_its_marker_neither_repeats_nor_loses_it() {
     use crm_sync::diff::store::{DeadLettered, DeadLettering};
@@ -185,7 +187,7 @@ fn a_crash_between_a_dlq_record_and_its_marker_neither_repeats_nor_loses_it() {
                     partition: 0,
                     offset,
                 },
-                origin: (env.topic.clone(), 0, offset),
+                id: format!("dead-lettering-{offset}"),
                 dlq_partition: 0,
                 from_offset: 0,
             };
@@ -199,12 +201,13 @@ fn a_crash_between_a_dlq_record_and_its_marker_neither_repeats_nor_loses_it() {
                 .unwrap();
         }
         // The message's own headers come first, and may forge crm-sync's: this one
-        // names the other message.
+        // names the other message's dead-lettering.
         let headers = [
-            ("crm-sync.source.offset", "1"),
+            ("crm-sync.dead-letter.id", "dead-lettering-1"),
             ("crm-sync.source.topic", env.topic.as_str()),
             ("crm-sync.source.partition", "0"),
             ("crm-sync.source.offset", "0"),
+            ("crm-sync.dead-letter.id", "dead-lettering-0"),
         ]
         .into_iter()
         .fold(OwnedHeaders::new(), |h, (key, value)| {
@@ -241,6 +244,14 @@ fn a_crash_between_a_dlq_record_and_its_marker_neither_repeats_nor_loses_it() {
         "the failure event of the message dead-lettered now"
     );
     service.stop(StopMode::Graceful);
+    // Read back as the next owner would: no dead-lettering is left begun.
+    let client = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap)
+        .clone();
+    let mut markers = crm_sync::diff::store::Markers::default();
+    crm_sync::diff::store::restore(&client, &env.state, &[0], Duration::from_secs(20), |_| {}, &mut markers).unwrap();
+    assert!(markers.dead_lettering.is_empty(), "{:?}", markers.dead_lettering);
+    assert_eq!(markers.dead_lettered.len(), 2, "{:?}", markers.dead_lettered);
 }
 
 /// The same without a crash: a partition actor that restarts re-reads its undecided

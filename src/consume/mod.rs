@@ -328,8 +328,7 @@ impl LoopContext {
             // go: its retries wait in memory instead (see `DeadLetters::can_park`).
             tracing::error!(partitions = ?unroutable, "Input partitions beyond the retry topic's partitions; their retries wait in memory. Add retry-topic partitions and restart.");
         }
-        let partitions: Vec<i32> = assigned.iter().map(|(_, p)| *p).collect();
-        match self.restore_state(&partitions) {
+        match self.restore_state(&assigned) {
             Ok(markers) => {
                 let unstarted: Vec<PartitionKey> = assigned
                     .into_iter()
@@ -375,11 +374,11 @@ impl LoopContext {
         if restoring.partitions.is_empty() || restoring.next_attempt.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        let partitions: Vec<i32> = restoring.partitions.iter().map(|(_, p)| *p).collect();
-        match self.restore_state(&partitions) {
+        let keys: Vec<PartitionKey> = restoring.partitions.to_vec();
+        match self.restore_state(&keys) {
             Ok(markers) => {
                 tracing::info!(
-                    partitions = partitions.len(),
+                    partitions = keys.len(),
                     "Confirmed states read back; starting the partitions."
                 );
                 // A started partition's pause is lifted by `sync_pauses`, which seeks back
@@ -422,8 +421,8 @@ impl LoopContext {
     /// is handled: this runs on the consumer thread, inside the rebalance or before the
     /// partitions start), streaming them into the diff cache. Returns the dead-letter
     /// markers found beside them.
-    fn restore_state(&self, partitions: &[i32]) -> KafkaResult<Vec<DeadLettered>> {
-        let mut partitions = partitions.to_vec();
+    fn restore_state(&self, keys: &[PartitionKey]) -> KafkaResult<Vec<DeadLettered>> {
+        let mut partitions: Vec<i32> = keys.iter().map(|(_, p)| *p).collect();
         partitions.sort_unstable();
         partitions.dedup();
         let mut markers = store::Markers::default();
@@ -439,16 +438,34 @@ impl LoopContext {
             |chunk| diff.do_send(Restore(chunk)),
             &mut markers,
         )?;
-        // Dead-letterings an earlier owner began and did not mark done: those whose DLQ
-        // record it wrote count as done, the others are decided afresh.
-        let begun = std::mem::take(&mut markers.dead_lettering);
-        let (written, unwritten) = crate::dead_letter::find_written(
+        // Dead-letterings an earlier owner began and did not mark done, of these
+        // partitions (a state partition also holds those of other input topics' partitions
+        // of the same number, which other members may own): those whose DLQ record it
+        // wrote are marked done, the others are decided afresh. A DLQ that cannot be read
+        // decides them all afresh: a second DLQ record at worst, and no partition held.
+        let ours = |topic: &str, partition: i32| {
+            keys.iter().any(|k| {
+                (*k.0 == *topic && k.1 == partition)
+                    || self.retry_key(k).is_some_and(|r| *r.0 == *topic && r.1 == partition)
+            })
+        };
+        let begun: Vec<_> = std::mem::take(&mut markers.dead_lettering)
+            .into_iter()
+            .filter(|b| ours(&b.message.topic, b.message.partition))
+            .collect();
+        let (written, unwritten) = match crate::dead_letter::find_written(
             &self.client,
             self.deps.dead_letters.dlq_topic(),
-            begun,
+            begun.clone(),
             Duration::from_secs(60),
-        )?;
-        self.deps.dead_letters.forget_begun(&unwritten);
+        ) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(topic = %self.deps.dead_letters.dlq_topic(), error = %e, "Could not look in the DLQ for dead-letterings a crashed owner began; they are decided afresh (a second DLQ record at worst).");
+                (Vec::new(), begun)
+            }
+        };
+        self.deps.dead_letters.settle_begun(&written, &unwritten);
         tracing::debug!(
             partitions = partitions.len(),
             records,
@@ -815,7 +832,10 @@ fn probe_for_cas(kafka: &KafkaConfig, env_set: impl Fn(&str) -> bool) -> bool {
 /// topics): acknowledged by every in-sync replica.
 pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = client_config(kafka);
+    // Idempotent: a retried batch never lands after a later one (a state or marker
+    // record must not be overtaken by an older one of its key).
     c.set("acks", "all")
+        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000");
     c

@@ -74,12 +74,13 @@ pub struct DeadLettered {
 /// DLQ record, naming the DLQ partition that record goes to and an offset of it at or
 /// below the record's. A member killed between the DLQ record and its `DeadLettered`
 /// leaves this behind; the next owner looks for the record from `from_offset` on (by the
-/// source coordinates it carries) and so never writes it twice.
+/// id it carries) and so never writes it twice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLettering {
     pub message: DeadLettered,
-    /// The coordinates the DLQ record names as its source (the event's origin).
-    pub origin: (String, i32, i64),
+    /// Unique to this dead-lettering, and carried by its DLQ record
+    /// (`crm-sync.dead-letter.id`): what the next owner looks for.
+    pub id: String,
     pub dlq_partition: i32,
     pub from_offset: i64,
 }

@@ -2,9 +2,10 @@
 //!
 //! Classification (is this failure retryable?) belongs to each connector; the policy here
 //! decides when and how often, for every CRM alike. Backoff is exponential with jitter, a
-//! CRM's `Retry-After` wins over it, and an event never waits longer than `max_age_ms`
-//! from its first failure: a waiting retry holds its partition's committed offset, so the
-//! age bound is also the bound on how far commits can fall behind.
+//! CRM's `Retry-After` wins over it, and an event that has used half its attempts is not
+//! retried past `max_age_ms` from its first failure. A retry waiting in memory holds its
+//! partition's committed offset, so with no retry topic, commits can fall behind by the
+//! age bound plus the backoffs of the first half of the attempts.
 //!
 //! Retries that would wait long are parked on the retry topic instead ([`topic`]: its
 //! format, and how it is co-partitioned with the input so that the owner of a record's

@@ -1277,7 +1277,7 @@ impl Handler<Hold> for TenantActor {
         let before = self.shown_state.unwrap_or("closed");
         if held {
             self.breaker.hold(now);
-            tracing::warn!(tenant = %self.name, "An operator paused the tenant; its events wait, without ageing, until it is resumed.");
+            tracing::warn!(tenant = %self.name, "The tenant is paused (AdminService); its events wait, without ageing, until it is resumed.");
             // As when its breaker opens: the waiting writes are parked, due again after a
             // while (then parked again while the hold lasts).
             self.pacer
@@ -1288,7 +1288,7 @@ impl Handler<Hold> for TenantActor {
             if self.breaker.release() {
                 self.unfreeze_ages(now);
             }
-            tracing::warn!(tenant = %self.name, "An operator resumed the tenant.");
+            tracing::warn!(tenant = %self.name, "The tenant is resumed (AdminService).");
         }
         self.publish_state(now);
         let after = self.shown_state.unwrap_or("closed");
@@ -1298,9 +1298,9 @@ impl Handler<Hold> for TenantActor {
             let sink = self.deps.dead_letters.clone();
             let tenant = self.name.to_string();
             let reason = if held {
-                "paused by an operator"
+                "paused through the AdminService"
             } else {
-                "resumed by an operator"
+                "resumed through the AdminService"
             };
             drop(crate::offload::spawn(async move {
                 sink.tenant_state(&tenant, before, after, reason).await;
@@ -1322,7 +1322,8 @@ impl Actor for TenantActor {
             .pace(&self.name, self.pacer.rate(), self.pacer.concurrency());
         self.publish_state(Instant::now());
         if self.deps.board.paused(&self.name) {
-            ctx.notify(Hold);
+            // At once, before any message in the mailbox is handled.
+            <Self as Handler<Hold>>::handle(self, Hold, ctx);
         }
     }
 }

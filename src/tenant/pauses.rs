@@ -57,8 +57,12 @@ struct PauseTopic {
 pub enum PauseError {
     #[error("the pause topic did not take the change: {0}")]
     Write(String),
-    #[error("this member did not read the change back from the pause topic in time")]
+    #[error(
+        "the change is on the pause topic (the other members follow it), but this member did not read it back in time"
+    )]
     NotReadBack,
+    #[error("the change was not done in time; ask again")]
+    TimedOut,
 }
 
 impl Pauses {
@@ -87,6 +91,13 @@ impl Pauses {
     /// (then waits until this member has read them back), and has this member's tenant
     /// actor follow.
     pub async fn set(&self, tenant: &str, by: &[PausedBy], paused: bool) -> Result<(), PauseError> {
+        // Writes, the read back and the actor's answer: bounded together.
+        tokio::time::timeout(ANSWER_WITHIN * 3, self.set_unbounded(tenant, by, paused))
+            .await
+            .unwrap_or(Err(PauseError::TimedOut))
+    }
+
+    async fn set_unbounded(&self, tenant: &str, by: &[PausedBy], paused: bool) -> Result<(), PauseError> {
         match &self.topic {
             Some(topic) => {
                 let mut written = Vec::with_capacity(by.len());
@@ -143,6 +154,9 @@ impl Pauses {
             .set("group.id", format!("{}.pauses", config.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // A flag is never skipped: a partition trimmed under the read restarts it at
+            // the first record kept.
+            .set("auto.offset.reset", "earliest")
             .create()
             .map_err(|e| e.to_string())?;
         let metadata = consumer
@@ -173,12 +187,15 @@ impl Pauses {
         consumer.assign(&assignment).map_err(|e| e.to_string())?;
         let board = self.board.clone();
         let (caught_up_tx, caught_up) = std::sync::mpsc::channel();
+        // Set when the start gives up on catching up: the thread then ends too.
+        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread_given_up = given_up.clone();
         std::thread::Builder::new()
             .name("crm-sync-pauses".into())
             .spawn(move || {
                 let mut caught_up_tx = Some(caught_up_tx);
                 let mut applied = starts;
-                while stop.mode().is_none() {
+                while stop.mode().is_none() && !thread_given_up.load(std::sync::atomic::Ordering::Relaxed) {
                     let behind = ends.iter().any(|(p, end)| applied.get(p).copied().unwrap_or(0) < *end);
                     if !behind {
                         if let Some(tx) = caught_up_tx.take() {
@@ -203,9 +220,10 @@ impl Pauses {
                 }
             })
             .map_err(|e| e.to_string())?;
-        caught_up
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| "the pause topic could not be read to its end within 30 s".to_string())
+        caught_up.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            given_up.store(true, std::sync::atomic::Ordering::Relaxed);
+            "the pause topic could not be read to its end within 30 s".to_string()
+        })
     }
 }
 
