@@ -80,6 +80,10 @@ struct Args {
     /// run can fill it and show memory once it turns over.
     #[arg(long)]
     backlog_diff_capacity: Option<usize>,
+    /// `kafka.max_in_flight_per_partition` in the backlog scenario (default 1,000): the
+    /// undecided events a member holds are at most this many per partition.
+    #[arg(long)]
+    backlog_in_flight: Option<usize>,
     /// Changed records per CRM in the `crms` scenario.
     #[arg(long, default_value_t = 10_000)]
     crm_records: usize,
@@ -698,9 +702,12 @@ fn backlog(args: &Args) {
     if let Some(capacity) = args.backlog_diff_capacity {
         config.diff.capacity = capacity;
     }
+    if let Some(window) = args.backlog_in_flight {
+        config.kafka.max_in_flight_per_partition = window;
+    }
     println!(
-        "\n### backlog: {produced} events wait in Kafka ({ends} retained), tenant limited to {} requests/s, diff cache capacity {}\n",
-        args.backlog_rate, config.diff.capacity
+        "\n### backlog: {produced} events wait in Kafka ({ends} retained), tenant limited to {} requests/s, diff cache capacity {}, in-flight window {} per partition\n",
+        args.backlog_rate, config.diff.capacity, config.kafka.max_in_flight_per_partition
     );
     let rss_before = status_kib("VmRSS:");
     let service = pipeline::start(config).expect("start");
