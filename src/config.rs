@@ -210,10 +210,12 @@ pub struct KafkaConfig {
     pub drain_timeout_ms: u64,
     /// Events of one partition that may be undecided at once; at this number the partition
     /// is paused until half of them are decided. Memory held by the pipeline is about
-    /// assigned partitions × this × 4 KiB (for ~250-byte events). 250 by default: under a
-    /// backlog on 48 partitions, 1,000 held up to 48,000 events and RSS moved between
-    /// 293 and 421 MiB over 10 minutes, 250 held it within 3% of 170 MiB at the same
-    /// rate (load-tests/README.md).
+    /// assigned partitions × this × 4 KiB (for ~250-byte events), and how much it moves
+    /// under a backlog follows it: on 48 partitions, 1,000 moved RSS between 293 and
+    /// 421 MiB over 10 minutes, 250 between 164 and 183 MiB (load-tests/README.md). It
+    /// must hold well over what a tenant has at its CRM at once (`max_concurrency` ×
+    /// `batch_size`, spread over the partitions), or a slow tenant's calls pause the
+    /// partitions for the others.
     #[serde(default = "default_max_in_flight_per_partition")]
     pub max_in_flight_per_partition: usize,
     /// Messages larger than this many bytes (key, value and headers together) are
@@ -248,7 +250,7 @@ fn default_drain_timeout_ms() -> u64 {
     5_000
 }
 fn default_max_in_flight_per_partition() -> usize {
-    250
+    1_000
 }
 fn default_max_message_bytes() -> usize {
     983_040

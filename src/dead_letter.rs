@@ -340,7 +340,7 @@ impl DeadLetters {
             return offset;
         }
         let mut delay = Duration::from_millis(100);
-        loop {
+        for attempt in 1.. {
             let (producer, topic) = (self.producer.clone(), self.dlq_topic.clone());
             let read = tokio::task::spawn_blocking(move || {
                 producer
@@ -354,10 +354,15 @@ impl DeadLetters {
                     return high;
                 }
                 failed => {
-                    // An old bound is still a bound; with none, the event waits (a bound
-                    // of 0 would have a next owner read the whole DLQ partition).
+                    // An old bound is still a bound. With none, the event waits a little;
+                    // then 0 (a next owner would read the whole DLQ partition, but only
+                    // after a crash, and finds the record by its id all the same).
                     if let Some((offset, _)) = known {
                         return offset;
+                    }
+                    if attempt >= 5 {
+                        tracing::warn!(topic = %self.dlq_topic, partition, "The DLQ partition's end cannot be read; its marker names offset 0.");
+                        return 0;
                     }
                     let error = match failed {
                         Ok(Err(e)) => e.to_string(),
@@ -370,6 +375,7 @@ impl DeadLetters {
                 }
             }
         }
+        0
     }
 
     fn learn_bound(&self, partition: i32, offset: i64) {
@@ -384,15 +390,13 @@ impl DeadLetters {
 
     /// Settles the begun markers a restore found: those whose DLQ record was written get
     /// their done marker (so that no later restore looks for them again), the others are
-    /// deleted (their messages will be read again and decided afresh). Enqueued, not
-    /// awaited: the producer is idempotent, so they land before any marker written for
-    /// the same messages later.
+    /// deleted (their messages will be read again and decided afresh). Blocking, and
+    /// awaited before the partitions start: no marker written for the same messages
+    /// later can be overtaken by these.
     pub fn settle_begun(&self, written: &[DeadLettered], unwritten: &[DeadLettering]) {
-        let done = written.iter().map(|m| {
-            let (key, value) = m.encode();
-            (m, key, Some(value))
-        });
+        let done = written.iter().map(|m| (m, m.key(), Some(m.encode().1)));
         let deleted = unwritten.iter().map(|b| (&b.message, b.message.key(), None));
+        let mut sent = Vec::new();
         for (message, key, value) in done.chain(deleted) {
             let state_partition = self.state_partition_of(&message.topic, message.partition);
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.state_topic)
@@ -401,8 +405,19 @@ impl DeadLetters {
             if let Some(v) = &value {
                 record = record.payload(v);
             }
-            if let Err((e, _)) = self.producer.send_result(record) {
-                tracing::warn!(error = %e, "Could not settle a dead-lettering marker; it will be looked into again at the next restore.");
+            match self.producer.send_result(record) {
+                Ok(delivery) => sent.push(delivery),
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, "Could not settle a dead-lettering marker; it will be looked into again at the next restore.")
+                }
+            }
+        }
+        // Each ends within the producer's message.timeout.ms.
+        for result in futures::executor::block_on(futures::future::join_all(sent)) {
+            if !matches!(result, Ok(Ok(_))) {
+                tracing::warn!(
+                    "Could not settle a dead-lettering marker; it will be looked into again at the next restore."
+                );
             }
         }
     }
@@ -568,7 +583,11 @@ pub fn find_written(
         *from = (*from).min(b.from_offset);
     }
     for (partition, from) in partitions {
-        let (low, high) = consumer.fetch_watermarks(dlq_topic, partition, left())?;
+        // A partition the DLQ no longer has (recreated smaller) holds none of them.
+        let (low, high) = match consumer.fetch_watermarks(dlq_topic, partition, left()) {
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition)) => continue,
+            other => other?,
+        };
         let from = from.max(low);
         if from >= high {
             continue;

@@ -165,13 +165,13 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
                 .as_ref()
                 .is_none_or(|en| event.as_ref().is_some_and(|e| *e.record.entity == **en));
         if !matches {
-            return;
+            return Visit::Next;
         }
         report.selected += 1;
         *report.by_reason.entry(code).or_default() += 1;
         let Some(event) = event else {
             report.not_an_event += 1;
-            return;
+            return Visit::Next;
         };
         // Back where it came from: its topic, and its partition, which holds its record's
         // state (a producer's own partitioner might pick another).
@@ -188,6 +188,7 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             version: event.version,
             target,
         });
+        Visit::Next
     })?;
 
     // 2. Never backwards: the selected records' confirmed versions.
@@ -226,14 +227,16 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
     let producer: FutureProducer = client.clone().set("acks", "all").create()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let now = DateTime::<Utc>::from(SystemTime::now()).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let to_send = chosen.len();
     let mut sent = 0;
     let mut error = None;
-    scan(&client, dlq, &extents, timeout, |m| {
+    let read = scan(&client, dlq, &extents, timeout, |m| {
         if error.is_some() {
-            return;
+            return Visit::Stop;
         }
-        let Some((topic, partition)) = chosen.get(&(m.partition(), m.offset())) else {
-            return;
+        // Taken, so that a message read twice is never sent twice.
+        let Some((topic, partition)) = chosen.remove(&(m.partition(), m.offset())) else {
+            return Visit::Next;
         };
         // The original headers, without what crm-sync added to them.
         let mut out = OwnedHeaders::new();
@@ -250,7 +253,7 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             key: REDRIVEN,
             value: Some(now.as_bytes()),
         });
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).partition(*partition).headers(out);
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).partition(partition).headers(out);
         if let Some(k) = m.key() {
             record = record.key(k);
         }
@@ -261,7 +264,16 @@ pub fn redrive(config: &Config, filter: &Filter, dry_run: bool) -> anyhow::Resul
             Ok(_) => sent += 1,
             Err((e, _)) => error = Some(format!("producing to {topic}/{partition}: {e}")),
         }
-    })?;
+        if error.is_some() || sent == to_send {
+            Visit::Stop
+        } else {
+            Visit::Next
+        }
+    });
+    // What was sent is reported, whatever stopped the run.
+    if let Err(e) = read {
+        error.get_or_insert(e.to_string());
+    }
     if error.is_some() || sent != report.redriven {
         report.redriven = sent;
         report.error = error.or_else(|| Some("some chosen DLQ records were gone when read again".into()));
@@ -298,14 +310,21 @@ fn extents(client: &ClientConfig, topic: &str, timeout: Duration) -> anyhow::Res
     Ok(out)
 }
 
-/// Hands every message of `topic` within `extents` to `visit`, one at a time. Fails when
-/// no message comes for `stall` (a broker gone, or a partition trimmed under the read).
+/// Whether [`scan`] goes on.
+enum Visit {
+    Next,
+    Stop,
+}
+
+/// Hands every message of `topic` within `extents` to `visit`, one at a time, until it
+/// says stop. Fails when no message of a partition still being read comes for `stall`
+/// (a broker gone); the time `visit` takes does not count.
 fn scan(
     client: &ClientConfig,
     topic: &str,
     extents: &HashMap<i32, (i64, i64)>,
     stall: Duration,
-    mut visit: impl FnMut(&BorrowedMessage<'_>),
+    mut visit: impl FnMut(&BorrowedMessage<'_>) -> Visit,
 ) -> anyhow::Result<()> {
     if extents.is_empty() {
         return Ok(());
@@ -314,6 +333,8 @@ fn scan(
         .clone()
         .set("group.id", "crm-sync-redrive")
         .set("enable.auto.commit", "false")
+        // A partition trimmed under the read goes on from its first kept message.
+        .set("auto.offset.reset", "earliest")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for (p, (low, _)) in extents {
@@ -332,7 +353,6 @@ fn scan(
             continue;
         };
         let m = message?;
-        last_progress = std::time::Instant::now();
         let Some(end) = ends.get(&m.partition()).copied() else {
             continue;
         };
@@ -343,7 +363,11 @@ fn scan(
         if m.offset() + 1 >= end {
             ends.remove(&m.partition());
         }
-        visit(&m);
+        let next = visit(&m);
+        last_progress = std::time::Instant::now();
+        if matches!(next, Visit::Stop) {
+            break;
+        }
     }
     Ok(())
 }

@@ -832,10 +832,7 @@ fn probe_for_cas(kafka: &KafkaConfig, env_set: impl Fn(&str) -> bool) -> bool {
 /// topics): acknowledged by every in-sync replica.
 pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = client_config(kafka);
-    // Idempotent: a retried batch never lands after a later one (a state or marker
-    // record must not be overtaken by an older one of its key).
     c.set("acks", "all")
-        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000");
     c

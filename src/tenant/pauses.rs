@@ -61,7 +61,7 @@ pub enum PauseError {
         "the change is on the pause topic (the other members follow it), but this member did not read it back in time"
     )]
     NotReadBack,
-    #[error("the change was not done in time; ask again")]
+    #[error("the change was not confirmed in time: it may still be applied; check the tenant's state")]
     TimedOut,
 }
 
