@@ -115,6 +115,9 @@ pub struct PartitionShared {
     /// Set while the in-flight window is full; the consumer thread pauses the partition.
     pub pause_wanted: AtomicBool,
     pub in_flight: AtomicUsize,
+    /// Messages the consumer thread has handed to the actor that it has not taken in yet
+    /// (in its mailbox): with `in_flight`, what the partition's window holds.
+    pub queued: AtomicUsize,
     /// Set by the consumer thread when the partition is handed back.
     pub retired: AtomicBool,
     /// Set while the window is half full or more and more than one tenant is configured:
@@ -185,6 +188,18 @@ impl Drop for Sending {
 }
 
 impl PartitionShared {
+    /// What the partition's window holds: undecided events and messages on their way in.
+    pub fn in_window(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+    }
+
+    /// `n` messages handed to the actor were taken in (or dropped by it).
+    pub fn taken_in(&self, n: usize) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| Some(q.saturating_sub(n)));
+    }
+
     /// Adds offsets that were already dead-lettered.
     pub fn remember_dead_lettered(&self, offsets: impl IntoIterator<Item = i64>) {
         self.dead_lettered

@@ -258,7 +258,7 @@ impl PartitionGauges {
     }
 
     /// The series in Prometheus's text format, each metric with its HELP and TYPE.
-    fn render(&self) -> String {
+    pub fn render(&self) -> String {
         let series = self.lock();
         let mut out = String::new();
         let mut current = "";

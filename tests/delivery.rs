@@ -397,3 +397,69 @@ fn dot_segment_keys_are_never_normalised_away() {
     );
     service.stop(StopMode::Graceful);
 }
+
+/// The in-flight window bounds what a partition holds in memory: its undecided events and
+/// the messages handed to its actor, not yet taken in. Before it counted the latter, a
+/// partition whose tenant was slow held a whole intake batch (up to 512 messages) past a
+/// window of 20, and up to two more waited in its actor's mailbox.
+#[test]
+fn a_partition_holds_no_more_than_its_window_behind_a_slow_tenant() {
+    const WINDOW: usize = 20;
+    const EVENTS: usize = 300;
+    let env = Env::new(1);
+    let mut config = single_record_calls(&env);
+    config.kafka.max_in_flight_per_partition = WINDOW;
+    config.tenants[0].max_concurrency = 1;
+    // 1. Everything is waiting in Kafka (so the first fetch brings far more than a
+    //    window) and the CRM takes half a second a call, one call at a time.
+    let events: Vec<_> = (0..EVENTS)
+        .map(|i| upsert(&format!("w{i}"), &format!("W-{i}"), 1, "Win", "Dow"))
+        .collect();
+    env.produce(&events);
+    env.slow_crm(500);
+    let service = pipeline::start(config).unwrap();
+    let series = format!("crm_sync_in_flight_events{{topic=\"{}\",partition=\"0\"}} ", env.topic);
+    let in_flight = || {
+        crm_sync::telemetry::partitions()
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&series).and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or(0.0) as usize
+    };
+    // 2. While the first calls go through, the partition never holds more than its
+    //    window.
+    let mut most = 0;
+    assert!(
+        wait_until(WAIT, || {
+            most = most.max(in_flight());
+            env.sf.records("Contact").len() >= 4
+        }),
+        "the slow CRM received nothing"
+    );
+    assert!(most > 0, "the window was never seen in use");
+    assert!(
+        most <= WINDOW,
+        "the partition held {most} undecided events, past its window of {WINDOW}"
+    );
+    // 3. The partition actor restarts with its window full (it panics in its next batch)
+    //    and the partition neither stalls nor loses anything: at full speed again, every
+    //    event is delivered.
+    let restarts = || {
+        crm_sync::demo::metric_total(
+            &crm_sync::telemetry::prometheus().render(),
+            crm_sync::telemetry::metric::ACTOR_RESTARTS,
+            Some(("actor", "partition")),
+        )
+    };
+    let before = restarts();
+    service.inject_panic(crm_sync::pipeline::ActorKind::Partition);
+    env.slow_crm(0);
+    assert!(
+        env.wait_all_committed(Duration::from_secs(120)),
+        "not all offsets committed"
+    );
+    assert!(restarts() > before, "the partition actor was not restarted");
+    assert_eq!(env.sf.records("Contact").len(), EVENTS);
+    assert!(env.read_dlq().is_empty());
+    service.stop(StopMode::Graceful);
+}

@@ -931,7 +931,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
                     None => break,
                     Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error (retry topic)."),
                     Some(Ok(message)) => {
-                        intake.add(consumer.context(), &message);
+                        intake.add(&consumer, &message);
                         timeout = Duration::ZERO;
                     }
                 }
@@ -941,7 +941,7 @@ pub fn run(setup: ConsumerSetup, committed: &AtomicBool) -> Result<(), KafkaErro
             match consumer.poll(timeout) {
                 None => break,
                 Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error."),
-                Some(Ok(message)) => intake.add(consumer.context(), &message),
+                Some(Ok(message)) => intake.add(&consumer, &message),
             }
             timeout = Duration::ZERO;
         }
@@ -995,7 +995,11 @@ struct Intake {
 }
 
 impl Intake {
-    fn add(&mut self, ctx: &LoopContext, message: &BorrowedMessage<'_>) {
+    /// Takes `message` into its partition's batch, unless the partition is paused or its
+    /// window has no room left: then it is held back (and the partition paused), to be
+    /// read again when the window has room.
+    fn add(&mut self, consumer: &BaseConsumer<LoopContext>, message: &BorrowedMessage<'_>) {
+        let ctx = consumer.context();
         let index = match self
             .batches
             .iter()
@@ -1009,9 +1013,20 @@ impl Intake {
                 self.batches.len() - 1
             }
         };
-        let (key, _, batch) = &mut self.batches[index];
+        let (key, taken_for, batch) = &mut self.batches[index];
         if hold_back(ctx, key, message.offset()) {
             return;
+        }
+        if let Some(shared) = taken_for {
+            // Without this, the window bounded only what the actor had taken in: up to
+            // two more batches waited in its mailbox, and the batch taken before the
+            // actor's pause request, so a partition held up to 2.5 windows of 1,000.
+            if shared.in_window() + batch.len() >= ctx.deps.max_in_flight {
+                shared.pause_wanted.store(true, Ordering::Relaxed);
+                if pause(consumer, key) && hold_back(ctx, key, message.offset()) {
+                    return;
+                }
+            }
         }
         batch.push(SourceMessage::new(
             key.0.clone(),
@@ -1035,10 +1050,16 @@ impl Intake {
             // guard while blocking is safe: only this thread changes the map.
             let same_actor = |entry: &PartitionEntry| taken_for.as_ref().is_some_and(|t| Arc::ptr_eq(t, &entry.shared));
             if let Some(entry) = ctx.directory.get(&key).filter(|e| same_actor(e)) {
+                let n = batch.len();
+                entry.shared.queued.fetch_add(n, Ordering::Relaxed);
                 // Fast path without a thread park; when the partition's mailbox is full,
                 // block until it has room, so intake follows processing.
-                if let Err(SendError::Full(records)) = entry.addr.try_send(Records(batch)) {
-                    let _ = futures::executor::block_on(entry.addr.send(records));
+                let sent = match entry.addr.try_send(Records(batch)) {
+                    Err(SendError::Full(records)) => futures::executor::block_on(entry.addr.send(records)).is_ok(),
+                    other => other.is_ok(),
+                };
+                if !sent {
+                    entry.shared.taken_in(n);
                 }
             }
         }
@@ -1108,10 +1129,7 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
         let client = ctx.client(consumer, &key.0);
         let tpl = tpl_of(std::slice::from_ref(&key));
         if wanted {
-            if client.pause_partitions(&tpl).is_ok() {
-                metrics::counter!(metric::PARTITION_PAUSES, "topic" => key.0.to_string()).increment(1);
-                paused.insert(key, None);
-            }
+            pause_in(consumer, &key, &mut paused);
         } else {
             if let Some(Some(first_held_back)) = paused.get(&key) {
                 if let Err(e) = client.seek_partition(&key.0, key.1, Offset::Offset(*first_held_back)) {
@@ -1125,6 +1143,27 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
             }
         }
     }
+}
+
+/// Pauses a partition whose window is full; whether it is paused.
+fn pause(consumer: &BaseConsumer<LoopContext>, key: &PartitionKey) -> bool {
+    let mut paused = consumer.context().paused.lock().unwrap_or_else(|p| p.into_inner());
+    paused.contains_key(key) || pause_in(consumer, key, &mut paused)
+}
+
+/// [`pause`] with the paused partitions at hand.
+fn pause_in(
+    consumer: &BaseConsumer<LoopContext>,
+    key: &PartitionKey,
+    paused: &mut HashMap<PartitionKey, Option<i64>>,
+) -> bool {
+    let client = consumer.context().client(consumer, &key.0);
+    if client.pause_partitions(&tpl_of(std::slice::from_ref(key))).is_err() {
+        return false;
+    }
+    metrics::counter!(metric::PARTITION_PAUSES, "topic" => key.0.to_string()).increment(1);
+    paused.insert(key.clone(), None);
+    true
 }
 
 /// Whether a message must be held back because its partition is paused; remembers the

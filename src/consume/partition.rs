@@ -7,8 +7,10 @@
 //! slows intake instead of growing memory. A batch costs the same few actor messages as
 //! a single event did; per event they were the ceiling of the pipeline. Outcomes come
 //! back in any order; the [`OffsetTracker`] turns them into the watermark the consumer
-//! thread stores and commits. At `max_in_flight_per_partition` undecided events the
-//! partition asks to be paused.
+//! thread stores and commits. The window, `max_in_flight_per_partition`, counts the
+//! undecided events and the messages handed to the actor and not yet taken in: the
+//! consumer thread hands over no more than it has room for and pauses the partition when
+//! it is full; the actor asks for the pause to end once it is half empty.
 //!
 //! On restart the actor forgets what it held and asks the consumer thread to seek the
 //! partition back to its last watermark: everything undecided is read from Kafka again
@@ -149,6 +151,19 @@ impl PartitionActor {
         }
     }
 
+    /// Asks the consumer thread to keep the partition paused while its window is full,
+    /// and to resume it once the window is half empty. The consumer thread pauses a full
+    /// window itself, counting what it has handed over and this actor has not taken in
+    /// yet; the same count decides here.
+    fn follow_window(&self) {
+        let in_window = self.shared.in_window();
+        if in_window >= self.deps.max_in_flight {
+            self.shared.pause_wanted.store(true, Ordering::Relaxed);
+        } else if in_window <= self.deps.max_in_flight / 2 {
+            self.shared.pause_wanted.store(false, Ordering::Relaxed);
+        }
+    }
+
     fn publish(&mut self) {
         if let Some(wm) = self.tracker.watermark() {
             self.shared.watermark.store(wm, Ordering::Release);
@@ -156,13 +171,7 @@ impl PartitionActor {
         }
         let in_flight = self.tracker.in_flight();
         self.shared.in_flight.store(in_flight, Ordering::Relaxed);
-        let full = in_flight >= self.deps.max_in_flight;
-        let low = in_flight <= self.deps.max_in_flight / 2;
-        if full {
-            self.shared.pause_wanted.store(true, Ordering::Relaxed);
-        } else if low {
-            self.shared.pause_wanted.store(false, Ordering::Relaxed);
-        }
+        self.follow_window();
         // With one tenant there is nobody to make room for. With more, a window held by
         // one of them pauses the partition for all, and their events wait unseen in
         // Kafka (so whether they hold events here says nothing).
@@ -185,7 +194,7 @@ impl Actor for PartitionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // One batch waiting, and one more past capacity from the consumer thread (its
-        // only sender): at most two intake batches wait beyond the in-flight window.
+        // only sender); both count in the window (`PartitionShared::queued`).
         ctx.set_mailbox_capacity(1);
     }
 }
@@ -223,7 +232,14 @@ impl Handler<Records> for PartitionActor {
     /// One batch at a time, in offset order: decode each message, ask the diff actor about
     /// all of them in one message, then hand each tenant its events in one message.
     fn handle(&mut self, Records(messages): Records, ctx: &mut Self::Context) -> Self::Result {
-        if self.awaiting_resync || self.retired {
+        self.shared.taken_in(messages.len());
+        if self.retired {
+            return AtomicResponse::new(Box::pin(fut::ready(())));
+        }
+        if self.awaiting_resync {
+            // Dropped, and out of the window: the consumer thread may have paused the
+            // partition counting them, and nothing else would ask it to resume.
+            self.follow_window();
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
         let messages: Vec<SourceMessage> = messages
@@ -231,6 +247,7 @@ impl Handler<Records> for PartitionActor {
             .filter(|m| self.tracker.received(m.offset))
             .collect();
         if messages.is_empty() {
+            self.follow_window();
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
         self.consumed.increment(messages.len() as u64);
