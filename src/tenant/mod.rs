@@ -40,7 +40,7 @@ use actix::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::config::TenantConfig;
+use crate::config::{EntityConfig, TenantConfig};
 use crate::connectors::{CallsDone, Connector, DeliveryError, WriteOk, WriteRequest};
 use crate::dead_letter::{DeadLetters, Failure, SourceMessage};
 use crate::diff::store::StateStore;
@@ -96,9 +96,10 @@ impl slots::Item for Work {
     }
 }
 
-/// What the tenant keeps of a record's active write, beside its [`Phase`].
+/// What the tenant keeps of a record's active write, beside its [`Phase`]. The request
+/// itself is built from the event each time it is sent: kept here, its mapped fields
+/// doubled what a record waiting for a permit holds.
 struct Write {
-    request: WriteRequest,
     payload: Option<PayloadHash>,
     attempts: u32,
     first_failure: Option<(Instant, SystemTime)>,
@@ -254,7 +255,7 @@ impl TenantActor {
     /// Takes a record's slot for `pending` (state `Checking`); returns the hash of the
     /// payload it would write.
     fn take_slot(&mut self, key: RecordKey, pending: Pending) -> Option<PayloadHash> {
-        let (request, payload) = self.build_request(&pending.work.event, pending.work.source.origin.partition);
+        let payload = self.payload_hash(&pending.work.event);
         // An event back from the retry topic goes on counting its attempts and age.
         let retried = pending.work.source.retried;
         let first_failure = retried.map(|r| {
@@ -265,7 +266,6 @@ impl TenantActor {
             )
         });
         let write = Write {
-            request,
             payload,
             attempts: retried.map_or(0, |r| r.attempts),
             first_failure,
@@ -360,26 +360,9 @@ impl TenantActor {
         );
     }
 
-    /// `state_partition`: the input partition of the record's state (its origin's).
-    fn build_request(&self, event: &Event, state_partition: i32) -> (WriteRequest, Option<PayloadHash>) {
-        // Indexing cannot fail: decode only accepts entities this tenant maps.
-        let entity = &self.config.entities[&*event.record.entity];
-        let fields = match event.op {
-            Op::Upsert => mapping::map_fields(&event.data, &entity.fields),
-            Op::Delete => serde_json::Map::new(),
-        };
-        let payload = (event.op == Op::Upsert).then(|| canonical_hash(&fields));
-        let request = WriteRequest {
-            op: event.op,
-            object: entity.object.clone(),
-            external_id_field: entity.external_id_field.clone(),
-            external_id: event.record.key.to_string(),
-            fields,
-            event_id: event.event_id.clone(),
-            version: event.version,
-            state_partition,
-        };
-        (request, payload)
+    /// The hash of what an upsert would write: its mapped fields.
+    fn payload_hash(&self, event: &Event) -> Option<PayloadHash> {
+        (event.op == Op::Upsert).then(|| canonical_hash(&mapped_fields(&self.config, event)))
     }
 
     fn after_check(&mut self, key: RecordKey, result: CheckResult, ctx: &mut Context<Self>) {
@@ -578,7 +561,7 @@ impl TenantActor {
                 }
                 continue;
             }
-            let group = batch_group(&first.data.request);
+            let group = batch_group(&self.config, &first.active.work.event);
             let max = self
                 .config
                 .batch_size
@@ -659,9 +642,9 @@ impl TenantActor {
             .iter()
             .take(max.saturating_mul(4))
             .filter(|k| {
-                self.records
-                    .get(k)
-                    .is_some_and(|s| matches!(s.phase, Phase::Ready) && in_group(&s.data.request, group))
+                self.records.get(k).is_some_and(|s| {
+                    matches!(s.phase, Phase::Ready) && in_group(&self.config, &s.active.work.event, group)
+                })
             })
             .take(max)
             .count()
@@ -676,10 +659,11 @@ impl TenantActor {
         let mut taken = Vec::with_capacity(max);
         let mut kept = Vec::with_capacity(scan);
         for key in head {
-            let slot = self
-                .records
-                .get_mut(&key)
-                .filter(|s| taken.len() < max && matches!(s.phase, Phase::Ready) && in_group(&s.data.request, group));
+            let slot = self.records.get_mut(&key).filter(|s| {
+                taken.len() < max
+                    && matches!(s.phase, Phase::Ready)
+                    && in_group(&self.config, &s.active.work.event, group)
+            });
             match slot {
                 Some(slot) => {
                     // Taken now, so that a second entry for the record in the queue
@@ -770,7 +754,16 @@ impl TenantActor {
             slot.data.attempts = slot.data.attempts.saturating_add(1);
             attempt = attempt.max(slot.data.attempts);
             slot.data.last_attempt = Some(SystemTime::now());
-            requests.push(slot.data.request.clone());
+            let request = build_request(
+                &self.config,
+                &slot.active.work.event,
+                slot.active.work.source.origin.partition,
+            );
+            // What is confirmed on success is what this request writes: the lead copy
+            // may have changed since the check (a copy of the same event id and version
+            // whose data differs would otherwise be recorded under the other's hash).
+            slot.data.payload = (request.op == Op::Upsert).then(|| canonical_hash(&request.fields));
+            requests.push(request);
             guards.push(guard);
             sent.push(key);
         }
@@ -1244,12 +1237,45 @@ const LONG_WAIT_SCAN: usize = 256;
 /// What records must share to go in one batch: op, object, external id field.
 type BatchGroup = (Op, String, String);
 
-fn batch_group(request: &WriteRequest) -> BatchGroup {
-    (request.op, request.object.clone(), request.external_id_field.clone())
+fn batch_group(config: &TenantConfig, event: &Event) -> BatchGroup {
+    let entity = entity_of(config, event);
+    (event.op, entity.object.clone(), entity.external_id_field.clone())
 }
 
-fn in_group(request: &WriteRequest, group: &BatchGroup) -> bool {
-    request.op == group.0 && request.object == group.1 && request.external_id_field == group.2
+fn in_group(config: &TenantConfig, event: &Event, group: &BatchGroup) -> bool {
+    let entity = entity_of(config, event);
+    event.op == group.0 && entity.object == group.1 && entity.external_id_field == group.2
+}
+
+/// The write of `event` as it goes to the CRM; `state_partition`: the input partition of
+/// the record's state (its origin's).
+fn build_request(config: &TenantConfig, event: &Event, state_partition: i32) -> WriteRequest {
+    let entity = entity_of(config, event);
+    let fields = match event.op {
+        Op::Upsert => mapped_fields(config, event),
+        Op::Delete => serde_json::Map::new(),
+    };
+    WriteRequest {
+        op: event.op,
+        object: entity.object.clone(),
+        external_id_field: entity.external_id_field.clone(),
+        external_id: event.record.key.to_string(),
+        fields,
+        event_id: event.event_id.clone(),
+        version: event.version,
+        state_partition,
+    }
+}
+
+/// The tenant's mapping of the event's entity. Indexing cannot fail: decode only accepts
+/// entities this tenant maps.
+fn entity_of<'a>(config: &'a TenantConfig, event: &Event) -> &'a EntityConfig {
+    &config.entities[&*event.record.entity]
+}
+
+/// The CRM fields an upsert of `event` sets.
+fn mapped_fields(config: &TenantConfig, event: &Event) -> serde_json::Map<String, serde_json::Value> {
+    mapping::map_fields(&event.data, &entity_of(config, event).fields)
 }
 
 fn same_event(a: &Event, b: &Event) -> bool {
