@@ -112,8 +112,7 @@ pub struct Redispatch {
 pub struct PartitionShared {
     /// Next offset to commit; -1 before the first outcome.
     pub watermark: AtomicI64,
-    /// Set while the in-flight window is full; the consumer thread pauses the partition.
-    pub pause_wanted: AtomicBool,
+    /// Undecided events (see `OffsetTracker`), published by the partition actor.
     pub in_flight: AtomicUsize,
     /// Messages the consumer thread has handed to the actor that it has not taken in yet
     /// (in its mailbox): with `in_flight`, what the partition's window holds.

@@ -189,3 +189,55 @@ fn a_standby_member_is_ready_and_takes_over_when_the_holder_leaves() {
     assert!(wait_until(Duration::from_secs(40), || standby.assigned_partitions() == 1));
     standby.stop(StopMode::Graceful);
 }
+
+/// A partition that is paused (its window full behind a slow CRM) when it is revoked, and
+/// that comes back to the same member later, is fetched again: librdkafka keeps an
+/// application's pause across an unassign, so the member has to lift it as it hands the
+/// partition over.
+#[test]
+fn a_partition_paused_at_a_revoke_is_fetched_again_when_it_comes_back() {
+    let env = Env::new(2);
+    let mut config = env.config();
+    config.kafka.max_in_flight_per_partition = 5;
+    config.tenants[0].batch_size = 1;
+    config.tenants[0].max_concurrency = 1;
+    let wave = |from: usize, to: usize| {
+        for i in from..to {
+            let event = upsert(&format!("p{i}"), &format!("P-{i}"), 1, "Pau", "Sed");
+            env.produce_to((i % 2) as i32, &[event]);
+        }
+    };
+    // 1. A alone, both windows full behind a CRM that takes 2 s a call: both partitions
+    //    paused.
+    wave(0, 60);
+    env.slow_crm(2_000);
+    let a = pipeline::start(config.clone()).unwrap();
+    let pauses = || {
+        crm_sync::demo::metric_total(
+            &crm_sync::telemetry::prometheus().render(),
+            crm_sync::telemetry::metric::PARTITION_PAUSES,
+            Some(("topic", env.topic.as_str())),
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(40), || a.assigned_partitions() == 2 && pauses() >= 2.0),
+        "the partitions were not both paused"
+    );
+    // 2. B joins and takes one partition, paused at A, then leaves: it comes back to A.
+    let b = pipeline::start(config.clone()).unwrap();
+    wait_for_split(&[&a, &b]);
+    b.stop(StopMode::Graceful);
+    assert!(wait_until(Duration::from_secs(40), || a.assigned_partitions() == 2));
+    // 3. More events on both partitions, and the CRM at full speed: A delivers all of
+    //    them, those of the partition that went away and came back too.
+    wave(60, 80);
+    env.slow_crm(0);
+    assert!(
+        env.wait_all_committed(Duration::from_secs(120)),
+        "a partition was never fetched again"
+    );
+    for i in 0..80 {
+        assert!(env.contact(&format!("P-{i}")).is_some(), "P-{i} never delivered");
+    }
+    a.stop(StopMode::Graceful);
+}

@@ -645,7 +645,13 @@ impl LoopContext {
         self.commit_watermarks(consumer, Some(keys), CommitMode::Sync);
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {
-            paused.remove(key);
+            if paused.remove(key).is_some() {
+                // librdkafka keeps an application's pause across an unassign: assigned
+                // here again later, the partition would never be fetched.
+                let _ = self
+                    .client(consumer, &key.0)
+                    .resume_partitions(&tpl_of(std::slice::from_ref(key)));
+            }
             // No longer this member's to report: its series go, so that the group's sum
             // counts the partition once, from its new owner.
             telemetry::partitions().forget(&key.0, key.1);
@@ -1017,16 +1023,13 @@ impl Intake {
         if hold_back(ctx, key, message.offset()) {
             return;
         }
-        if let Some(shared) = taken_for {
-            // Without this, the window bounded only what the actor had taken in: up to
-            // two more batches waited in its mailbox, and the batch taken before the
-            // actor's pause request, so a partition held up to 2.5 windows of 1,000.
-            if shared.in_window() + batch.len() >= ctx.deps.max_in_flight {
-                shared.pause_wanted.store(true, Ordering::Relaxed);
-                if pause(consumer, key) && hold_back(ctx, key, message.offset()) {
-                    return;
-                }
-            }
+        // The window counts what waits in the actor's mailbox and this batch too: counted
+        // only once the actor had taken them in, a window of 1,000 held up to 2,500.
+        let full = taken_for
+            .as_ref()
+            .is_some_and(|shared| shared.in_window() + batch.len() >= ctx.deps.max_in_flight);
+        if full && pause(consumer, key) && hold_back(ctx, key, message.offset()) {
+            return;
         }
         batch.push(SourceMessage::new(
             key.0.clone(),
@@ -1117,30 +1120,37 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
     Ok(())
 }
 
+/// Pauses the partitions whose window is full and resumes those whose window is half
+/// empty again. This thread alone pauses and resumes (here and in [`Intake::add`]), from
+/// the counts the partition actors publish: with a flag that both sides set, an actor's
+/// "resume" could be overwritten by a "pause" decided from an older count, and nothing
+/// would ask again.
 fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
     let ctx = consumer.context();
+    let max = ctx.deps.max_in_flight;
     let mut paused = ctx.paused.lock().unwrap_or_else(|p| p.into_inner());
     for entry in ctx.directory.iter() {
         let key = entry.key().clone();
-        let wanted = entry.shared.pause_wanted.load(Ordering::Relaxed);
-        if wanted == paused.contains_key(&key) {
+        let in_window = entry.shared.in_window();
+        if !paused.contains_key(&key) {
+            if in_window >= max {
+                pause_in(consumer, &key, &mut paused);
+            }
+            continue;
+        }
+        if in_window > max / 2 {
             continue;
         }
         let client = ctx.client(consumer, &key.0);
-        let tpl = tpl_of(std::slice::from_ref(&key));
-        if wanted {
-            pause_in(consumer, &key, &mut paused);
-        } else {
-            if let Some(Some(first_held_back)) = paused.get(&key) {
-                if let Err(e) = client.seek_partition(&key.0, key.1, Offset::Offset(*first_held_back)) {
-                    // Resuming without the seek would skip what was held back: stay paused.
-                    tracing::warn!(topic = %key.0, partition = key.1, error = %e, "Seek before resume failed; retrying.");
-                    continue;
-                }
+        if let Some(Some(first_held_back)) = paused.get(&key) {
+            if let Err(e) = client.seek_partition(&key.0, key.1, Offset::Offset(*first_held_back)) {
+                // Resuming without the seek would skip what was held back: stay paused.
+                tracing::warn!(topic = %key.0, partition = key.1, error = %e, "Seek before resume failed; retrying.");
+                continue;
             }
-            if client.resume_partitions(&tpl).is_ok() {
-                paused.remove(&key);
-            }
+        }
+        if client.resume_partitions(&tpl_of(std::slice::from_ref(&key))).is_ok() {
+            paused.remove(&key);
         }
     }
 }

@@ -9,8 +9,9 @@
 //! back in any order; the [`OffsetTracker`] turns them into the watermark the consumer
 //! thread stores and commits. The window, `max_in_flight_per_partition`, counts the
 //! undecided events and the messages handed to the actor and not yet taken in: the
-//! consumer thread hands over no more than it has room for and pauses the partition when
-//! it is full; the actor asks for the pause to end once it is half empty.
+//! consumer thread hands over no more than it has room for, pauses the partition when it
+//! is full and resumes it once it is half empty (it alone decides, from the counts this
+//! actor publishes).
 //!
 //! On restart the actor forgets what it held and asks the consumer thread to seek the
 //! partition back to its last watermark: everything undecided is read from Kafka again
@@ -151,19 +152,6 @@ impl PartitionActor {
         }
     }
 
-    /// Asks the consumer thread to keep the partition paused while its window is full,
-    /// and to resume it once the window is half empty. The consumer thread pauses a full
-    /// window itself, counting what it has handed over and this actor has not taken in
-    /// yet; the same count decides here.
-    fn follow_window(&self) {
-        let in_window = self.shared.in_window();
-        if in_window >= self.deps.max_in_flight {
-            self.shared.pause_wanted.store(true, Ordering::Relaxed);
-        } else if in_window <= self.deps.max_in_flight / 2 {
-            self.shared.pause_wanted.store(false, Ordering::Relaxed);
-        }
-    }
-
     fn publish(&mut self) {
         if let Some(wm) = self.tracker.watermark() {
             self.shared.watermark.store(wm, Ordering::Release);
@@ -171,7 +159,6 @@ impl PartitionActor {
         }
         let in_flight = self.tracker.in_flight();
         self.shared.in_flight.store(in_flight, Ordering::Relaxed);
-        self.follow_window();
         // With one tenant there is nobody to make room for. With more, a window held by
         // one of them pauses the partition for all, and their events wait unseen in
         // Kafka (so whether they hold events here says nothing).
@@ -212,7 +199,6 @@ impl Supervised for PartitionActor {
         self.panic_next = false;
         let watermark = self.shared.watermark.load(Ordering::Acquire);
         self.shared.in_flight.store(0, Ordering::Relaxed);
-        self.shared.pause_wanted.store(false, Ordering::Relaxed);
         if watermark >= 0 {
             // Read everything undecided again from Kafka.
             self.awaiting_resync = true;
@@ -232,22 +218,21 @@ impl Handler<Records> for PartitionActor {
     /// One batch at a time, in offset order: decode each message, ask the diff actor about
     /// all of them in one message, then hand each tenant its events in one message.
     fn handle(&mut self, Records(messages): Records, ctx: &mut Self::Context) -> Self::Result {
-        self.shared.taken_in(messages.len());
-        if self.retired {
-            return AtomicResponse::new(Box::pin(fut::ready(())));
-        }
-        if self.awaiting_resync {
-            // Dropped, and out of the window: the consumer thread may have paused the
-            // partition counting them, and nothing else would ask it to resume.
-            self.follow_window();
+        let handed = messages.len();
+        if self.awaiting_resync || self.retired {
+            self.shared.taken_in(handed);
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
         let messages: Vec<SourceMessage> = messages
             .into_iter()
             .filter(|m| self.tracker.received(m.offset))
             .collect();
+        // Counted as undecided before they stop counting as on their way in, so that the
+        // window never looks emptier than it is to the consumer thread (the batch is
+        // published again once handled).
+        self.shared.in_flight.store(self.tracker.in_flight(), Ordering::Relaxed);
+        self.shared.taken_in(handed);
         if messages.is_empty() {
-            self.follow_window();
             return AtomicResponse::new(Box::pin(fut::ready(())));
         }
         self.consumed.increment(messages.len() as u64);
