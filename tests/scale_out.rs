@@ -220,7 +220,8 @@ fn a_partition_paused_at_a_revoke_is_fetched_again_when_it_comes_back() {
         )
     };
     assert!(
-        wait_until(Duration::from_secs(40), || a.assigned_partitions() == 2 && pauses() >= 2.0),
+        wait_until(Duration::from_secs(40), || a.assigned_partitions() == 2
+            && pauses() >= 2.0),
         "the partitions were not both paused"
     );
     // 2. B joins and takes one partition, paused at A, then leaves: it comes back to A.

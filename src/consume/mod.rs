@@ -1023,11 +1023,16 @@ impl Intake {
         if hold_back(ctx, key, message.offset()) {
             return;
         }
-        // The window counts what waits in the actor's mailbox and this batch too: counted
-        // only once the actor had taken them in, a window of 1,000 held up to 2,500.
+        // The window counts what waits in the actor's mailbox: counted only once the actor
+        // had taken them in, a window of 1,000 held up to 2,500. A batch begun while there
+        // is room is finished, though, so a partition holds at most its window and one
+        // batch: cut at the window, each round after a resume (a seek and a fetch) would
+        // take in only what a quarter of the window frees, and a partition churning
+        // through a slow tenant's events (parking them) kept a fast tenant's waiting for
+        // seconds (measured: p99 ×3.7 against the fast tenant alone, ×1.1 with the batch).
         let full = taken_for
             .as_ref()
-            .is_some_and(|shared| shared.in_window() + batch.len() >= ctx.deps.max_in_flight);
+            .is_some_and(|shared| shared.in_window() >= ctx.deps.max_in_flight);
         if full && pause(consumer, key) && hold_back(ctx, key, message.offset()) {
             return;
         }
@@ -1120,14 +1125,19 @@ fn handle_command(consumer: &BaseConsumer<LoopContext>, command: ConsumerCommand
     Ok(())
 }
 
-/// Pauses the partitions whose window is full and resumes those whose window is half
-/// empty again. This thread alone pauses and resumes (here and in [`Intake::add`]), from
-/// the counts the partition actors publish: with a flag that both sides set, an actor's
-/// "resume" could be overwritten by a "pause" decided from an older count, and nothing
-/// would ask again.
+/// Pauses the partitions whose window is full and resumes those whose window is a
+/// quarter free again. This thread alone pauses and resumes (here and in
+/// [`Intake::add`]), from the counts the partition actors publish: with a flag that both
+/// sides set, an actor's "resume" could be overwritten by a "pause" decided from an older
+/// count, and nothing would ask again.
+///
+/// Not half empty: a slow tenant may hold its share of the window (half of it with two
+/// tenants, `PartitionDeps::tenant_share`), and the others' events would then wait for
+/// its calls to end before the partition resumed.
 fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
     let ctx = consumer.context();
     let max = ctx.deps.max_in_flight;
+    let resume_at = max - max.div_ceil(4);
     let mut paused = ctx.paused.lock().unwrap_or_else(|p| p.into_inner());
     for entry in ctx.directory.iter() {
         let key = entry.key().clone();
@@ -1138,7 +1148,7 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
             }
             continue;
         }
-        if in_window > max / 2 {
+        if in_window > resume_at {
             continue;
         }
         let client = ctx.client(consumer, &key.0);

@@ -9,9 +9,9 @@
 //! back in any order; the [`OffsetTracker`] turns them into the watermark the consumer
 //! thread stores and commits. The window, `max_in_flight_per_partition`, counts the
 //! undecided events and the messages handed to the actor and not yet taken in: the
-//! consumer thread hands over no more than it has room for, pauses the partition when it
-//! is full and resumes it once it is half empty (it alone decides, from the counts this
-//! actor publishes).
+//! consumer thread starts no batch (≤ 512 messages) without room for one more message,
+//! pauses the partition when the window is full and resumes it once a quarter of it is
+//! free (it alone decides, from the counts this actor publishes).
 //!
 //! On restart the actor forgets what it held and asks the consumer thread to seek the
 //! partition back to its last watermark: everything undecided is read from Kafka again
