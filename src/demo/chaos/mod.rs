@@ -150,8 +150,8 @@ impl Stop {
     }
 }
 
-/// The memory bound of a member: its in-flight windows (partitions × 500 events × ~4 KiB,
-/// 24 MiB at 12 partitions), librdkafka's prefetch (16 MiB) and the service's own heap,
+/// The memory bound of a member: its in-flight windows (partitions × (500 + a 512-message
+/// batch) events × ~4 KiB, 47 MiB at 12 partitions), librdkafka's prefetch (16 MiB) and the service's own heap,
 /// with room for the huge messages it reads and writes again.
 pub const RSS_LIMIT_MIB: u64 = 256;
 
