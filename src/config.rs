@@ -208,14 +208,14 @@ pub struct KafkaConfig {
     /// ([`TenantConfig::longest_write`]), below `max.poll.interval.ms`.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
-    /// Events of one partition that may be undecided at once; at this number the partition
-    /// is paused until half of them are decided. Memory held by the pipeline is about
-    /// assigned partitions × this × 4 KiB (for ~250-byte events), and how much it moves
-    /// under a backlog follows it: on 48 partitions, 1,000 moved RSS between 293 and
-    /// 421 MiB over 10 minutes, 250 between 164 and 183 MiB (load-tests/README.md). It
-    /// must hold well over what a tenant has at its CRM at once (`max_concurrency` ×
-    /// `batch_size`, spread over the partitions), or a slow tenant's calls pause the
-    /// partitions for the others.
+    /// Events of one partition that may be undecided at once, messages on their way to its
+    /// actor included; at this number the partition is paused until a quarter of them are
+    /// decided. A batch of messages (at most 512) begun while there was room is finished,
+    /// so a partition holds at most this plus 512. Memory held by the pipeline follows it:
+    /// a 10-minute backlog on 48 partitions of ~220-byte events held 178–193 MiB in all at
+    /// 1,000, the diff cache full (load-tests/README.md). It must hold well over what a
+    /// tenant has at its CRM at once (`max_concurrency` × `batch_size`, spread over the
+    /// partitions), or a slow tenant's calls pause the partitions for the others.
     #[serde(default = "default_max_in_flight_per_partition")]
     pub max_in_flight_per_partition: usize,
     /// Messages larger than this many bytes (key, value and headers together) are

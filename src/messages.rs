@@ -188,15 +188,20 @@ impl Drop for Sending {
 
 impl PartitionShared {
     /// What the partition's window holds: undecided events and messages on their way in.
+    ///
+    /// `queued` is read first: the actor counts a batch as undecided before it lowers
+    /// `queued` ([`taken_in`](Self::taken_in), release), so a lowered `queued` seen here
+    /// comes with the raised `in_flight`, and the sum never misses a batch.
     pub fn in_window(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed) + self.queued.load(Ordering::Relaxed)
+        let queued = self.queued.load(Ordering::Acquire);
+        queued + self.in_flight.load(Ordering::Acquire)
     }
 
     /// `n` messages handed to the actor were taken in (or dropped by it).
     pub fn taken_in(&self, n: usize) {
         let _ = self
             .queued
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| Some(q.saturating_sub(n)));
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |q| Some(q.saturating_sub(n)));
     }
 
     /// Adds offsets that were already dead-lettered.

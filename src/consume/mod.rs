@@ -207,10 +207,12 @@ pub struct LoopContext {
     /// the rebalance callbacks can hand it the retry partitions; dropped with the main
     /// consumer.
     retry: Option<RetryReader>,
-    /// Partitions currently paused because their window is full, each with the first
-    /// offset that arrived after the pause (librdkafka still hands out what it had
-    /// prefetched). Such messages are not delivered; the partition is seeked back to that
-    /// offset before it resumes, so the window really bounds memory and nothing is skipped.
+    /// Partitions currently paused, because their window is full or while their restore
+    /// has not succeeded, each with the first offset held back: the message that found the
+    /// window full, or one librdkafka still handed out from what it had prefetched (or,
+    /// after an actor's restart, where it re-reads from). Such messages are not delivered;
+    /// the partition is seeked back to that offset before it resumes, so the window really
+    /// bounds memory and nothing is skipped.
     paused: Mutex<HashMap<PartitionKey, Option<i64>>>,
     restoring: Mutex<Restoring>,
 }

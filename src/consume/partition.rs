@@ -230,7 +230,7 @@ impl Handler<Records> for PartitionActor {
         // Counted as undecided before they stop counting as on their way in, so that the
         // window never looks emptier than it is to the consumer thread (the batch is
         // published again once handled).
-        self.shared.in_flight.store(self.tracker.in_flight(), Ordering::Relaxed);
+        self.shared.in_flight.store(self.tracker.in_flight(), Ordering::Release);
         self.shared.taken_in(handed);
         if messages.is_empty() {
             return AtomicResponse::new(Box::pin(fut::ready(())));
