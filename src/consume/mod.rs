@@ -1011,9 +1011,27 @@ impl Intake {
         let index = match self
             .batches
             .iter()
-            .position(|((t, p), _, _)| *p == message.partition() && **t == *message.topic())
+            .rposition(|((t, p), _, _)| *p == message.partition() && **t == *message.topic())
         {
-            Some(i) => i,
+            // A rebalance since this batch was begun may have replaced its actor: what is
+            // read now belongs to the new one, in a batch of its own (added to the old
+            // one, it would be dropped with it while the new actor went on past it).
+            Some(i) => {
+                let (key, taken_for, _) = &self.batches[i];
+                let entry = ctx.directory.get(key);
+                let same = match (taken_for, &entry) {
+                    (Some(a), Some(e)) => Arc::ptr_eq(a, &e.shared),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if same {
+                    i
+                } else {
+                    let (key, current) = (key.clone(), entry.map(|e| e.shared.clone()));
+                    self.batches.push((key, current, Vec::new()));
+                    self.batches.len() - 1
+                }
+            }
             None => {
                 let key = (Arc::<str>::from(message.topic()), message.partition());
                 let shared = ctx.directory.get(&key).map(|e| e.shared.clone());
