@@ -1185,10 +1185,11 @@ fn sync_pauses(consumer: &BaseConsumer<LoopContext>) {
     }
 }
 
-/// Pauses a partition whose window is full; whether it is paused.
+/// Pauses a partition whose window is full (not paused yet: its messages would have been
+/// held back); whether it is paused now.
 fn pause(consumer: &BaseConsumer<LoopContext>, key: &PartitionKey) -> bool {
     let mut paused = consumer.context().paused.lock().unwrap_or_else(|p| p.into_inner());
-    paused.contains_key(key) || pause_in(consumer, key, &mut paused)
+    pause_in(consumer, key, &mut paused)
 }
 
 /// [`pause`] with the paused partitions at hand.
